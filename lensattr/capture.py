@@ -1,0 +1,151 @@
+"""One forward and one activation backward over a batch, with frozen parameters.
+
+For each requested layer ``l`` this yields ``z_in`` (``blocks.{l}.hook_resid_pre``), ``z_out``
+(``blocks.{l}.hook_resid_post``) and ``g = d loss_x / d z_out``, where ``loss_x`` is the mean
+negative log-likelihood of the response tokens of example ``x``. The batch loss is
+``sum_x loss_x``: an example's gradient never depends on its batch-mates or on padding.
+
+The language-model head is applied only at the positions that predict a response token, and the
+backward pass stops at the lowest requested layer (its input is cut from the graph there).
+"""
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lensattr.models import Model
+from lensattr.render import Batch
+from lensattr.sites import envoy, module_paths
+from lensattr.types import Acts, Mask
+
+
+@dataclass
+class LayerActs:
+    """Captured activations of one layer for a batch (what a phi function receives).
+
+    Attributes:
+        z_in: block input, ``blocks.{l}.hook_resid_pre``.
+        z_out: block output, ``blocks.{l}.hook_resid_post``.
+        grad: ``d loss_x / d z_out`` (``None`` for a forward-only capture).
+        mask: True at the response positions.
+        attn_out: ``blocks.{l}.hook_attn_out``, when a statistic asked for it.
+        mlp_out: ``blocks.{l}.hook_mlp_out``, when a statistic asked for it.
+    """
+
+    z_in: Acts
+    z_out: Acts
+    grad: Acts | None
+    mask: Mask
+    attn_out: Acts | None = None
+    mlp_out: Acts | None = None
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) or hasattr(x, "to_tuple") else x  # tuple / ModelOutput
+
+
+def response_loss(
+    hidden: torch.Tensor, model: Model, input_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_x loss_x, [loss_x])`` with the LM head applied only where a response token is predicted.
+
+    ``hidden`` is the final normalised residual stream; position ``p - 1`` predicts token ``p``.
+    """
+    pred = mask[:, 1:]
+    rows = pred.nonzero()[:, 0]
+    head = model.hf.get_output_embeddings()
+    logits = F.linear(hidden[:, :-1][pred], head.weight, getattr(head, "bias", None)).float()
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    nll = F.cross_entropy(logits, input_ids[:, 1:][pred], reduction="none")
+    n_tokens = mask.sum(1).clamp(min=1)
+    per_example = torch.zeros(mask.shape[0], dtype=nll.dtype, device=nll.device)
+    per_example = per_example.index_add(0, rows, nll) / n_tokens
+    return per_example.sum(), per_example
+
+
+def _forward_kwargs(model: Model, batch: Batch) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"position_ids": batch.position_ids}
+    params = inspect.signature(model.hf.forward).parameters
+    if "logits_to_keep" in params:  # the full head is not needed: the loss recomputes it sparsely
+        kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
+def capture(
+    model: Model,
+    batch: Batch,
+    layers: Sequence[int],
+    *,
+    grad: bool = True,
+    sites: Sequence[str] = (),
+) -> dict[int, LayerActs]:
+    """Capture ``z_in``, ``z_out`` and (if ``grad``) ``g`` at ``layers`` for one batch.
+
+    Args:
+        model: from :func:`lensattr.load_model`.
+        batch: from :func:`lensattr.render.collate`.
+        layers: block indices.
+        grad: run the activation backward (default); ``False`` for a forward-only capture.
+        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"``.
+
+    Examples:
+        >>> from lensattr import load_model
+        >>> from lensattr.data import Example
+        >>> from lensattr.render import collate, encode
+        >>> m = load_model("tiny-random")
+        >>> b = collate([encode(m.tokenizer, Example.from_prompt("a", "Hi", "Yo"))], m.pad_id)
+        >>> acts = capture(m, b, [1, 3])
+        >>> acts[3].grad.shape == acts[3].z_out.shape
+        True
+    """
+    if model.backend == "bridge":
+        from lensattr.bridge import capture_bridge
+
+        return capture_bridge(model, batch, layers, grad=grad, sites=sites)
+    layers = sorted(set(layers))
+    paths = module_paths(model.hf)
+    lm = model.lm
+    z_in: dict[int, torch.Tensor] = {}
+    z_out: dict[int, torch.Tensor] = {}
+    extra: dict[tuple[int, str], torch.Tensor] = {}
+    grads: dict[int, torch.Tensor] = {}
+    lowest = layers[0]
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    with torch.set_grad_enabled(grad), lm.trace(inputs, **_forward_kwargs(model, batch)):
+        for layer in layers:
+            block = envoy(lm, paths.layers)[layer]
+            x = block.input
+            if grad and layer == lowest:
+                # Cut the graph here: parameters are frozen, so the backward pass need not go
+                # below the lowest requested layer, and this leaf makes it have a graph at all.
+                x = x.detach().requires_grad_(True)
+                block.input = x
+            z_in[layer] = x.save()
+            if "attn_out" in sites:
+                extra[layer, "attn_out"] = _first(getattr(block, paths.attn).output).save()
+            if "mlp_out" in sites:
+                extra[layer, "mlp_out"] = _first(getattr(block, paths.mlp).output).save()
+            z_out[layer] = _first(block.output).save()
+        if grad:
+            hidden = _first(envoy(lm, paths.base).output)
+            loss, _ = response_loss(hidden, model, batch.input_ids, batch.mask)
+            with loss.backward():
+                for layer in reversed(layers):
+                    grads[layer] = z_out[layer].grad.save()
+    return {
+        layer: LayerActs(
+            z_in=z_in[layer].detach(),
+            z_out=z_out[layer].detach(),
+            grad=grads[layer].detach() if grad else None,
+            mask=batch.mask,
+            attn_out=extra.get((layer, "attn_out")),
+            mlp_out=extra.get((layer, "mlp_out")),
+        )
+        for layer in layers
+    }

