@@ -48,6 +48,10 @@ def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) or hasattr(x, "to_tuple") else x  # tuple / ModelOutput
 
 
+def _detach(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
+
+
 def response_loss(
     hidden: torch.Tensor, model: Model, input_ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +148,8 @@ def capture(
             z_out=z_out[layer].detach(),
             grad=grads[layer].detach() if grad else None,
             mask=batch.mask,
-            attn_out=extra.get((layer, "attn_out")),
-            mlp_out=extra.get((layer, "mlp_out")),
+            attn_out=_detach(extra.get((layer, "attn_out"))),
+            mlp_out=_detach(extra.get((layer, "mlp_out"))),
         )
         for layer in layers
     }

@@ -143,6 +143,11 @@ def _smollm2_dir() -> Path:
     logger.info("dequantizing %s into %s (once)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized fp32 now; drop the GGUF marker that blocks save_pretrained.
+    hf.hf_quantizer = None
+    hf.is_quantized = False
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
@@ -162,6 +167,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    backend: str = "nnsight",
 ) -> Model:
     """Load a chat model for attribution, with frozen parameters.
 
@@ -174,14 +180,30 @@ def load_model(
         dtype: default fp32 on CPU, bf16 on GPU.
         trust_remote_code: passed to ``transformers``; off unless you turn it on.
         attn_implementation: e.g. ``"eager"`` or ``"sdpa"`` for models loaded here.
+        backend: ``"nnsight"`` (default) or ``"bridge"``: wrap a model loaded here (or a built
+            ``transformers`` model, modified in place) in a TransformerLens ``TransformerBridge``
+            (needs ``pip install 'lensattr[tl]'``). A given ``TransformerBridge`` always uses the
+            bridge backend.
 
     Examples:
         >>> model = load_model("tiny-random")
         >>> model.n_layers, model.d_model
         (4, 32)
+        >>> load_model("tiny-random", backend="bridge").backend
+        'bridge'
     """
     if isinstance(spec, Model):
         return spec
+    if backend not in ("nnsight", "bridge"):
+        raise ValueError(f"backend must be 'nnsight' or 'bridge', not {backend!r}")
+
+    def wrap(name: str, hf: Any, tok: Any) -> Model:
+        if backend == "bridge":
+            from lensattr.bridge import bridge_from_hf, wrap_bridge
+
+            return wrap_bridge(bridge_from_hf(hf, tok, name=name))
+        return _wrap_nnsight(name, hf, tok)
+
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if device is None and isinstance(spec, (str, Path)):
@@ -201,12 +223,12 @@ def load_model(
         if tokenizer is None:
             raise ValueError("a built transformers model needs its tokenizer: load_model(m, tok)")
         name = getattr(spec.config, "name_or_path", "") or type(spec).__name__
-        return _wrap_nnsight(name, _freeze(spec, device, dtype), tokenizer)
+        return wrap(name, _freeze(spec, device, dtype), tokenizer)
     if spec == TINY:
         from lensattr.testing import tiny_hf_model, tiny_tokenizer
 
         hf = tiny_hf_model(attn_implementation=attn_implementation or "eager")
-        return _wrap_nnsight(TINY, _freeze(hf, device, dtype), tokenizer or tiny_tokenizer())
+        return wrap(TINY, _freeze(hf, device, dtype), tokenizer or tiny_tokenizer())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _smollm2_dir() if spec == SMOLLM2 else spec
@@ -215,4 +237,4 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tok = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return _wrap_nnsight(str(spec), _freeze(hf, device, None), tok)
+    return wrap(str(spec), _freeze(hf, device, None), tok)

@@ -28,6 +28,7 @@ class Query:
         psi: the registered psi name; ``stat``: the phi it is compared with by default.
         model: the model fingerprint (checked against a cache's manifest when ranking).
         n_pairs: how many pairs went in.
+        cv: per-layer held-out accuracy on the query pairs (see :func:`heldout_accuracy`).
     """
 
     vectors: dict[int, torch.Tensor]
@@ -35,6 +36,14 @@ class Query:
     stat: str
     model: dict[str, str]
     n_pairs: int
+    cv: dict[int, float] | None = None
+
+    def best_layer(self) -> int:
+        """The layer whose query best separates held-out query pairs (:func:`heldout_accuracy`);
+        ties go to the deeper layer."""
+        if not self.cv:
+            return self.layers[len(self.layers) // 2]
+        return max(self.layers, key=lambda k: (self.cv.get(k, -1.0), k))  # type: ignore[union-attr]
 
     @property
     def layers(self) -> list[int]:
@@ -48,7 +57,7 @@ class Query:
     def save(self, path: str | Path) -> None:
         """Write the query as safetensors (vectors) with JSON metadata."""
         meta = {"psi": self.psi, "stat": self.stat, "model": json.dumps(self.model),
-                "n_pairs": str(self.n_pairs)}
+                "n_pairs": str(self.n_pairs), "cv": json.dumps(self.cv)}
         save_file({f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}, str(path), meta)
 
     @classmethod
@@ -59,7 +68,8 @@ class Query:
             meta = fh.metadata()
         vectors = {int(k.split("/")[1]): v for k, v in load_file(str(path)).items()}
         return cls(vectors=vectors, psi=meta["psi"], stat=meta["stat"],
-                   model=json.loads(meta["model"]), n_pairs=int(meta["n_pairs"]))
+                   model=json.loads(meta["model"]), n_pairs=int(meta["n_pairs"]),
+                   cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()})
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -118,20 +128,54 @@ def behavior_query(
     if not pair_list:
         raise ValueError("no pairs to build the query from")
     layer_list = resolve_layers(layers, model.n_layers)
-    sums = {layer: torch.zeros(model.d_model, dtype=torch.float64) for layer in layer_list}
+    contribs = pair_contributions(model, pair_list, spec.fn, phi, layer_list, batch_size,
+                                  max_length, padding_side, progress, desc=f"query {psi}")
+    vectors = {layer: _unit(c.double().mean(0)).float() for layer, c in contribs.items()}
+    return Query(vectors=vectors, psi=psi, stat=phi.name, model=model.fingerprint(),
+                 n_pairs=len(pair_list), cv={k: heldout_accuracy(c) for k, c in contribs.items()})
+
+
+def pair_contributions(model: Model, pairs: Sequence[Pair], fn: Any, phi: Any,
+                       layers: list[int], batch_size: int = 8, max_length: int | None = 512,
+                       padding_side: str = "right", progress: bool | None = None,
+                       desc: str = "pairs") -> dict[int, torch.Tensor]:
+    """``{layer: [n_pairs, d_model]}`` per-pair contributions ``fn(x'_j, x_j)`` (fp32, CPU)."""
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     disable = None if progress is None else not progress
-    for i in tqdm(range(0, len(pair_list), batch_size), desc=f"query {psi}", disable=disable):
-        chunk = pair_list[i : i + batch_size]
-        sides = [p.sides() for p in chunk]
+    for i in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=disable):
+        sides = [p.sides() for p in pairs[i : i + batch_size]]
         encs = [encode(model.tokenizer, ex, max_length) for pair in sides for ex in pair]
         batch = collate(encs, model.pad_id, padding_side, str(model.device))
-        acts = capture(model, batch, layer_list, grad=phi.needs_grad, sites=phi.sites)
+        acts = capture(model, batch, layers, grad=phi.needs_grad, sites=phi.sites)
         for layer, a in acts.items():
             t, c = _split(a)
-            sums[layer] += spec.fn(t, c, phi).double().sum(0).cpu()
-    vectors = {layer: _unit(s / len(pair_list)).float() for layer, s in sums.items()}
-    return Query(vectors=vectors, psi=psi, stat=phi.name, model=model.fingerprint(),
-                 n_pairs=len(pair_list))
+            out[layer].append(fn(t, c, phi).float().cpu())
+    return {layer: torch.cat(v) for layer, v in out.items()}
+
+
+def heldout_accuracy(contribs: torch.Tensor, folds: int = 2) -> float:
+    """How well a query separates pairs it was not built from (uses the query pairs alone).
+
+    For each of ``folds`` interleaved folds, build ``psi`` from the other folds and count the
+    held-out pairs whose contribution points along it (``<f_j, psi> > 0``, i.e. the treatment
+    scores above its control under the dot score). Used to choose a layer without peeking at
+    plants or held-out behaviour data.
+
+    Examples:
+        >>> heldout_accuracy(torch.tensor([[1.0, 0.0], [2.0, 0.1], [1.5, -0.1], [0.5, 0.0]]))
+        1.0
+    """
+    n = contribs.shape[0]
+    if n < 2:
+        return float("nan")
+    hits = 0
+    for k in range(min(folds, n)):
+        test = torch.arange(k, n, min(folds, n))
+        train = torch.ones(n, dtype=torch.bool)
+        train[test] = False
+        psi = contribs[train].double().mean(0)
+        hits += int((contribs[test].double() @ psi > 0).sum())
+    return hits / n
 
 
 def _split(acts: Any) -> tuple[Any, Any]:

@@ -1,0 +1,55 @@
+"""An independent reference: plain torch forward hooks + autograd, no nnsight, no lensattr capture.
+
+The loss is taken from the model's own full logits (not lensattr's sparse head), per example,
+and every statistic is computed token by token from its definition.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_capture(hf, input_ids, attention_mask, position_ids, mask, layers):
+    """Return {layer: (z_in, z_out, grad)} from hooks + torch.autograd.grad."""
+    z_in, z_out = {}, {}
+    handles = []
+    for layer in layers:
+        def hook(mod, args, kwargs, out, layer=layer):
+            z_in[layer] = args[0] if args else kwargs["hidden_states"]
+            z_out[layer] = out[0] if isinstance(out, tuple) else out
+
+        handles.append(hf.model.layers[layer].register_forward_hook(hook, with_kwargs=True))
+
+    def embed_hook(mod, args, out):
+        return out.detach().requires_grad_(True)
+
+    handles.append(hf.model.embed_tokens.register_forward_hook(embed_hook))
+    try:
+        with torch.enable_grad():
+            logits = hf(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids).logits.float()
+            loss = 0.0
+            for b in range(input_ids.shape[0]):
+                pos = mask[b].nonzero()[:, 0]
+                nll = F.cross_entropy(logits[b, pos - 1], input_ids[b, pos])
+                loss = loss + nll
+            grads = torch.autograd.grad(loss, [z_out[layer] for layer in layers])
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: (z_in[layer].detach(), z_out[layer].detach(), g)
+            for layer, g in zip(layers, grads)}
+
+
+def reference_stats(z_in, z_out, grad, mask):
+    """Every built-in statistic from its per-token definition, one example at a time."""
+    out = {"residual_change": [], "residual_change_exact": [], "resid_post": [], "grad": []}
+    for b in range(z_in.shape[0]):
+        pos = mask[b].nonzero()[:, 0]
+        zi, zo, g = z_in[b, pos], z_out[b, pos], grad[b, pos]
+        t = torch.stack([-zi[p] * torch.dot(zi[p], g[p]) for p in range(len(pos))])
+        exact = torch.stack([-torch.dot(zi[p], zi[p]) * g[p] for p in range(len(pos))])
+        out["residual_change"].append(t.mean(0))
+        out["residual_change_exact"].append(exact.mean(0))
+        out["resid_post"].append(zo.mean(0))
+        out["grad"].append(g.mean(0))
+    return {k: torch.stack(v) for k, v in out.items()}

@@ -1,0 +1,97 @@
+"""Queries, ranking and explanations against direct computations."""
+
+import pytest
+import torch
+
+from lensattr import (
+    CacheError,
+    behavior_query,
+    build_cache,
+    explain,
+    load_examples,
+    load_model,
+    load_pairs,
+    rank,
+)
+from lensattr.query import Query
+from lensattr.registry import get_phi
+from lensattr.render import collate, encode
+from reference import reference_capture, reference_stats
+
+
+def stat_of(model, examples, stat, layer):
+    encs = [encode(model.tokenizer, ex, 512) for ex in examples]
+    b = collate(encs, model.pad_id)
+    ref = reference_capture(model.hf, b.input_ids, b.attention_mask, b.position_ids, b.mask,
+                            [layer])
+    return reference_stats(*ref[layer], b.mask)[stat]
+
+
+@pytest.mark.parametrize(("psi", "stat"), [("residual_change", "residual_change"),
+                                           ("residual_diff", "resid_post"),
+                                           ("contrast", "residual_change_exact"),
+                                           ("contrast", "grad")])
+def test_contrast_query_equals_direct_computation(tiny, pair_records, psi, stat):
+    kwargs = {"stat": stat} if psi == "contrast" else {}
+    q = behavior_query(tiny, pair_records, psi=psi, layers=[1, 3], batch_size=4, **kwargs)
+    assert q.stat == stat and q.n_pairs == len(pair_records)
+    pairs = load_pairs(pair_records)
+    for layer in (1, 3):
+        t = stat_of(tiny, [p.sides()[0] for p in pairs], stat, layer)
+        c = stat_of(tiny, [p.sides()[1] for p in pairs], stat, layer)
+        want = (t - c).mean(0)
+        want = want / want.norm()
+        assert torch.allclose(q.vector(layer), want, atol=1e-5)
+        assert 0.0 <= q.cv[layer] <= 1.0
+
+
+def test_query_save_load_round_trip(tiny, pair_records, tmp_path):
+    q = behavior_query(tiny, pair_records, layers=[0, 2])
+    q.save(tmp_path / "q.safetensors")
+    back = Query.load(tmp_path / "q.safetensors")
+    assert back.layers == [0, 2] and back.psi == q.psi and back.model == q.model
+    assert back.cv == q.cv
+    assert torch.equal(back.vector(2), q.vector(2))
+
+
+@pytest.fixture(scope="module")
+def built(tiny, train_records, pair_records, tmp_path_factory):
+    cache = build_cache(tiny, train_records, out=tmp_path_factory.mktemp("c"), layers=[1, 2],
+                        shard_size=5, progress=False)
+    q = behavior_query(tiny, pair_records, layers=[1, 2])
+    return cache, q
+
+
+@pytest.mark.parametrize("g", ["cosine", "dot", "projection"])
+def test_rank_streams_to_the_same_order_as_a_full_sort(built, g):
+    cache, q = built
+    rows = cache.stat("residual_change", 2)[:].float()
+    psi = q.vector(2)
+    direct = {"dot": rows @ psi, "projection": rows @ psi / psi.norm(),
+              "cosine": torch.nn.functional.cosine_similarity(rows, psi[None], dim=1)}[g]
+    r = rank(cache, q, layer=2, g=g, top_k=5, chunk_rows=3)
+    assert r.ids == [cache.ids[i] for i in torch.topk(direct, 5).indices.tolist()]
+    assert torch.allclose(r.scores, torch.topk(direct, 5).values, atol=1e-5)
+    low = rank(cache, q, layer=2, g=g, top_k=4, bottom=True, chunk_rows=5)
+    assert torch.allclose(low.scores, torch.topk(-direct, 4).values.neg(), atol=1e-5)
+    assert len(rank(cache, q, layer=2, g=g, top_k=None)) == len(cache)
+
+
+def test_rank_refuses_a_query_from_another_model(built, pair_records):
+    cache, _ = built
+    other = load_model(__import__("lensattr.testing", fromlist=["x"]).tiny_hf_model(seed=1),
+                       __import__("lensattr.testing", fromlist=["x"]).tiny_tokenizer())
+    q = behavior_query(other, pair_records, layers=[2])
+    with pytest.raises(CacheError, match="weights_sha256"):
+        rank(cache, q, layer=2)
+
+
+def test_explain_contributions_average_to_the_score(tiny, built, train_records):
+    _, q = built
+    ex = load_examples(train_records)[4]
+    e = explain(tiny, ex, q, 2)
+    phi = get_phi("residual_change")
+    full = stat_of(tiny, [ex], "residual_change", 2)[0]
+    assert len(e.tokens) == encode(tiny.tokenizer, ex).n_response
+    assert abs(e.total - float(full @ q.vector(2))) < 1e-5 * max(1.0, float(full.norm()))
+    assert phi.name == q.stat

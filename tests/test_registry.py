@@ -1,0 +1,84 @@
+"""Registries: decorators, duplicates, entry-point plugins, custom methods end to end."""
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lensattr
+from lensattr import registry
+from lensattr.builtins import pool
+
+
+def test_builtins_are_registered():
+    registry.load_plugins()
+    assert {"residual_change", "residual_change_exact", "resid_post", "grad"} <= set(registry.PHI)
+    assert {"contrast", "residual_change", "residual_diff", "persona"} <= set(registry.PSI)
+    assert {"cosine", "dot", "projection"} <= set(registry.SCORE)
+
+
+@pytest.mark.parametrize("deco", [registry.register_phi, registry.register_score])
+def test_duplicate_names_are_refused(deco):
+    with pytest.raises(ValueError, match="already registered"):
+        deco("resid_post" if deco is registry.register_phi else "cosine")(lambda *a: None)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_psi("residual_diff", stat="resid_post")(lambda *a: None)
+
+
+def test_unknown_name_lists_the_registered_ones():
+    with pytest.raises(KeyError, match="residual_change"):
+        registry.get_phi("nope")
+
+
+def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_records, tmp_path):
+    @lensattr.register_phi("test_attn_pooled", needs_grad=False, sites=("attn_out",))
+    def attn_pooled(acts):
+        return pool(acts.attn_out, acts.mask)
+
+    @lensattr.register_psi("test_treatment_only", stat="test_attn_pooled")
+    def treatment_only(treatment, control, stat):
+        return stat.fn(treatment)
+
+    try:
+        cache = lensattr.build_cache(tiny, train_records, out=tmp_path, layers=[1],
+                                     stats=["test_attn_pooled", "resid_post"], progress=False)
+        q = lensattr.behavior_query(tiny, pair_records, psi="test_treatment_only", layers=[1])
+        assert q.stat == "test_attn_pooled"
+        r = lensattr.rank(cache, q, layer=1, top_k=3)
+        # independent: cosine of the stored rows with the query vector
+        rows = cache.stat("test_attn_pooled", 1)[:].float()
+        cos = torch.nn.functional.cosine_similarity(rows, q.vector(1)[None], dim=1)
+        assert r.ids == [cache.ids[i] for i in torch.topk(cos, 3).indices.tolist()]
+    finally:
+        registry.PHI.pop("test_attn_pooled")
+        registry.PSI.pop("test_treatment_only")
+
+
+def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, train_records):
+    pkg = tmp_path / "myplugin.py"
+    pkg.write_text(textwrap.dedent("""
+        from lensattr import register_phi
+        from lensattr.builtins import pool
+        LOADS = [1]
+
+        @register_phi("plugin_zin")
+        def plugin_zin(acts):
+            return pool(acts.z_in, acts.mask)
+    """))
+    dist = tmp_path / "myplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[lensattr.methods]\nmine = myplugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_loaded", False)
+    try:
+        assert registry.get_phi("plugin_zin").name == "plugin_zin"
+        registry.load_plugins()  # a second load is a no-op, not a duplicate error
+        assert sys.modules["myplugin"].LOADS == [1]
+        cache = lensattr.build_cache(tiny, train_records[:3], out=tmp_path / "c", layers=[2],
+                                     stats=["plugin_zin"], progress=False)
+        assert cache.stat("plugin_zin", 2).shape == (3, tiny.d_model)
+    finally:
+        registry.PHI.pop("plugin_zin", None)
+        sys.modules.pop("myplugin", None)
