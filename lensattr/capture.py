@@ -44,7 +44,7 @@ class LayerActs:
     mlp_out: Acts | None = None
 
 
-def _first(x: Any) -> torch.Tensor:
+def _first(x: Any) -> Any:
     return x[0] if isinstance(x, tuple) or hasattr(x, "to_tuple") else x  # tuple / ModelOutput
 
 
@@ -55,7 +55,7 @@ def _detach(x: torch.Tensor | None) -> torch.Tensor | None:
 def response_loss(
     hidden: torch.Tensor, model: Model, input_ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_x loss_x, [loss_x])`` with the LM head applied only where a response token is predicted.
+    """``(sum_x loss_x, [loss_x])``, the LM head applied only where a response token is predicted.
 
     ``hidden`` is the final normalised residual stream; position ``p - 1`` predicts token ``p``.
     """
@@ -115,10 +115,11 @@ def capture(
     layers = sorted(set(layers))
     paths = module_paths(model.hf)
     lm = model.lm
-    z_in: dict[int, torch.Tensor] = {}
-    z_out: dict[int, torch.Tensor] = {}
-    extra: dict[tuple[int, str], torch.Tensor] = {}
-    grads: dict[int, torch.Tensor] = {}
+    # Inside a trace, values are nnsight proxies of tensors (with .save()); typed Any for mypy.
+    z_in: dict[int, Any] = {}
+    z_out: dict[int, Any] = {}
+    extra: dict[tuple[int, str], Any] = {}
+    grads: dict[int, Any] = {}
     lowest = layers[0]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with torch.set_grad_enabled(grad), lm.trace(inputs, **_forward_kwargs(model, batch)):

@@ -12,8 +12,11 @@ from lensattr.cache import DEFAULT_STATS
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="smollm2-135m-instruct (default), tiny-random, a local path or hub id")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="smollm2-135m-instruct (default), tiny-random, a local path or hub id",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -38,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="cache per-example statistics for every layer")
     _model_args(p)
     _capture_args(p)
-    p.add_argument("--train", required=True, help="training data: .jsonl/.json/.parquet or hub name")
+    p.add_argument(
+        "--train", required=True, help="training data: .jsonl/.json/.parquet or hub name"
+    )
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated phi names")
     p.add_argument("--dtype-store", default="bfloat16", choices=["bfloat16", "float32"])
@@ -77,11 +82,11 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     """The ``bench`` subcommand (see :mod:`lensattr.bench`)."""
     p = sub.add_parser("bench", help="attribution benchmark: planted recovery + fine-tuning effect")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--data", default="../shared/data", help="data root (behaviors/, traits/, train/)")
+    p.add_argument("--data", default="../shared/data", help="data root")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--behaviours", default=None, help="comma-separated names (default: all)")
     p.add_argument("--n-clean", type=int, default=200)
-    p.add_argument("--max-plants", type=int, default=None, help="plants per behaviour (default all)")
+    p.add_argument("--max-plants", type=int, default=None, help="plants per behaviour")
     p.add_argument("--n-query", type=int, default=48)
     p.add_argument("--layers", default=None, help="default: every 3rd block")
     p.add_argument("--max-length", type=int, default=192)
@@ -94,8 +99,11 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--ft-steps", type=int, default=30)
     p.add_argument("--ft-seeds", default="0,1")
     p.add_argument("--ft-heldout", type=int, default=48)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny random model + synthetic data: checks plumbing only, in seconds")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model + synthetic data: checks plumbing only, in seconds",
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -110,12 +118,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         names = [x for x in (args.behaviours or "").split(",") if x] or None
         cfg = BenchConfig(
-            model=args.model, data=args.data, behaviours=names, n_clean=args.n_clean,
-            max_plants=args.max_plants, n_query=args.n_query, layers=args.layers,
-            max_length=args.max_length, batch_size=args.batch_size, k=args.k,
-            gen_tokens=args.gen_tokens, trak=not args.no_trak, trak_dim=args.trak_dim,
-            ft_behaviours=[x for x in args.finetune.split(",") if x], ft_steps=args.ft_steps,
-            ft_seeds=[int(x) for x in args.ft_seeds.split(",") if x], ft_heldout=args.ft_heldout)
+            model=args.model,
+            data=args.data,
+            behaviours=names,
+            n_clean=args.n_clean,
+            max_plants=args.max_plants,
+            n_query=args.n_query,
+            layers=args.layers,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            k=args.k,
+            gen_tokens=args.gen_tokens,
+            trak=not args.no_trak,
+            trak_dim=args.trak_dim,
+            ft_behaviours=[x for x in args.finetune.split(",") if x],
+            ft_steps=args.ft_steps,
+            ft_seeds=[int(x) for x in args.ft_seeds.split(",") if x],
+            ft_heldout=args.ft_heldout,
+        )
     run_bench(cfg, args.out)
     print(f"results: {args.out}/results.json, {args.out}/results.md, figures in {args.out}")
     return 0
@@ -124,8 +144,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from lensattr.models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code)
+    return load_model(
+        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -137,29 +158,48 @@ def cmd_cache(args: argparse.Namespace) -> int:
     args.device = args.device or distributed.default_device()
     try:
         cache = build_cache(
-            _load(args), args.train, out=args.out, layers=args.layers,
-            stats=[s for s in args.stats.split(",") if s], batch_size=args.batch_size,
-            max_length=args.max_length, dtype=args.dtype_store, shard_size=args.shard_size,
-            on_error="skip" if args.skip_bad else "raise", progress=False if args.quiet else None,
-            rank=rank, world_size=world,
+            _load(args),
+            args.train,
+            out=args.out,
+            layers=args.layers,
+            stats=[s for s in args.stats.split(",") if s],
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            dtype=args.dtype_store,
+            shard_size=args.shard_size,
+            on_error="skip" if args.skip_bad else "raise",
+            progress=False if args.quiet else None,
+            rank=rank,
+            world_size=world,
         )
     finally:
         distributed.destroy_process_group()
     if cache is not None:
-        print(f"cached {len(cache)} examples x {len(cache.layers)} layers x "
-              f"{len(cache.stats)} statistics in {args.out}")
+        print(
+            f"cached {len(cache)} examples x {len(cache.layers)} layers x "
+            f"{len(cache.stats)} statistics in {args.out}"
+        )
     return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     from lensattr.query import behavior_query
 
-    q = behavior_query(_load(args), args.pairs, psi=args.psi, stat=args.stat, layers=args.layers,
-                       batch_size=args.batch_size, max_length=args.max_length,
-                       progress=False if args.quiet else None)
+    q = behavior_query(
+        _load(args),
+        args.pairs,
+        psi=args.psi,
+        stat=args.stat,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        progress=False if args.quiet else None,
+    )
     q.save(args.out)
-    print(f"query {q.psi} (stat {q.stat}) from {q.n_pairs} pairs at {len(q.layers)} layers: "
-          f"{args.out}")
+    print(
+        f"query {q.psi} (stat {q.stat}) from {q.n_pairs} pairs at {len(q.layers)} layers: "
+        f"{args.out}"
+    )
     return 0
 
 
@@ -168,13 +208,27 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from lensattr.rank import examples_by_id, rank
 
     cache = open_cache(args.cache)
-    r = rank(cache, args.query, layer=args.layer, phi=args.phi, g=args.g, top_k=args.top_k,
-             bottom=args.bottom)
+    r = rank(
+        cache,
+        args.query,
+        layer=args.layer,
+        phi=args.phi,
+        g=args.g,
+        top_k=args.top_k,
+        bottom=args.bottom,
+    )
     examples = examples_by_id(cache, r.ids)
     with open(args.out, "w", encoding="utf-8") as fh:
         for i, (eid, score, ex) in enumerate(zip(r.ids, r.scores.tolist(), examples, strict=True)):
-            rec = {"id": eid, "score": score, "rank": i + 1, "layer": r.layer, "phi": r.phi,
-                   "g": r.g, "example": {"messages": [dict(m) for m in ex.messages]}}
+            rec = {
+                "id": eid,
+                "score": score,
+                "rank": i + 1,
+                "layer": r.layer,
+                "phi": r.phi,
+                "g": r.g,
+                "example": {"messages": [dict(m) for m in ex.messages]},
+            }
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     print(f"wrote {len(r)} ranked examples (layer {r.layer}, {r.phi}, {r.g}) to {args.out}")
     return 0
@@ -183,17 +237,29 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lensattr.demo import run_demo
 
-    run_demo(model=args.model, out=Path(args.out), max_length=args.max_length,
-             batch_size=args.batch_size, progress=False if args.quiet else None)
+    run_demo(
+        model=args.model,
+        out=Path(args.out),
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        progress=False if args.quiet else None,
+    )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    commands = {"cache": cmd_cache, "query": cmd_query, "rank": cmd_rank, "demo": cmd_demo,
-                "bench": cmd_bench}
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    commands = {
+        "cache": cmd_cache,
+        "query": cmd_query,
+        "rank": cmd_rank,
+        "demo": cmd_demo,
+        "bench": cmd_bench,
+    }
     try:
         return commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:

@@ -40,8 +40,15 @@ def layer_sweep(cache: Any, query: Any, labels: torch.Tensor, k: int) -> list[di
         scores[r.rows] = r.scores
         pos = (labels == 1).long()
         prec, rec = precision_recall_at_k(scores, pos, k)
-        rows.append({"layer": layer, "auroc": auroc(scores[planted], pos[planted]),
-                     "precision_at_k": prec, "recall_at_k": rec, "cv": query.cv[layer]})
+        rows.append(
+            {
+                "layer": layer,
+                "auroc": auroc(scores[planted], pos[planted]),
+                "precision_at_k": prec,
+                "recall_at_k": rec,
+                "cv": (query.cv or {}).get(layer, float("nan")),
+            }
+        )
     return rows
 
 
@@ -66,8 +73,13 @@ def plot_sweep(rows: list[dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_demo(model: Any = "smollm2-135m-instruct", out: Path = Path("runs/demo"),
-             max_length: int = 256, batch_size: int = 8, progress: bool | None = None) -> dict:
+def run_demo(
+    model: Any = "smollm2-135m-instruct",
+    out: Path = Path("runs/demo"),
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> dict:
     """Run the demo; returns (and writes to ``out/summary.json``) what it printed."""
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -79,15 +91,32 @@ def run_demo(model: Any = "smollm2-135m-instruct", out: Path = Path("runs/demo")
     train_path = bundled("demo/train.jsonl")
     examples = load_examples(train_path)
     t0 = time.perf_counter()
-    cache = build_cache(m, train_path, out=out / "cache", layers="all", batch_size=batch_size,
-                        max_length=max_length, progress=progress)
+    cache = build_cache(
+        m,
+        train_path,
+        out=out / "cache",
+        layers="all",
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
     times["cache"] = time.perf_counter() - t0
-    print(f"cached {len(cache)} examples x {len(cache.layers)} layers x {len(cache.stats)} stats "
-          f"({times['cache']:.1f}s)")
+    assert cache is not None  # a single-process build returns the cache
+    print(
+        f"cached {len(cache)} examples x {len(cache.layers)} layers x {len(cache.stats)} stats "
+        f"({times['cache']:.1f}s)"
+    )
 
     t0 = time.perf_counter()
-    query = behavior_query(m, bundled("demo/query.jsonl"), psi="residual_change", layers="all",
-                           batch_size=batch_size, max_length=max_length, progress=progress)
+    query = behavior_query(
+        m,
+        bundled("demo/query.jsonl"),
+        psi="residual_change",
+        layers="all",
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
     times["query"] = time.perf_counter() - t0
     print(f"residual-change query from {query.n_pairs} pairs ({times['query']:.1f}s)")
 
@@ -98,28 +127,40 @@ def run_demo(model: Any = "smollm2-135m-instruct", out: Path = Path("runs/demo")
     sweep = layer_sweep(cache, query, labels, k)
     times["rank all layers"] = time.perf_counter() - t0
     layer = query.best_layer()
+    cv = query.cv or {}
     top = rank(cache, query, layer=layer, top_k=10)
-    print(f"\nlayer {layer} (chosen from the query pairs alone: held-out accuracy "
-          f"{query.cv[layer]:.2f}); top-10 of {len(cache)}:")
+    print(
+        f"\nlayer {layer} (chosen from the query pairs alone: held-out accuracy "
+        f"{cv[layer]:.2f}); top-10 of {len(cache)}:"
+    )
     for i, (eid, score) in enumerate(zip(top.ids, top.scores.tolist(), strict=True)):
         label = by_id[eid].extra.get("label")
-        tag = {1: "PLANT+", 0: "decoy "}.get(label, "clean ")
+        tag = {1: "PLANT+", 0: "decoy "}.get(int(label) if label is not None else -1, "clean ")
         reply = by_id[eid].response.replace("\n", " ")[:50]
         print(f"{i + 1:>3} {score:+.4f} {tag} {eid[:40]:<40} {reply!r}")
     found = sum(by_id[e].extra.get("label") == 1 for e in top.ids)
     row = next(r for r in sweep if r["layer"] == layer)
     print(f"\nplanted (label 1) in the top-10: {found} of 10 ({k} planted among {len(cache)})")
-    print(f"at layer {layer}: planted AUROC {row['auroc']:.3f}, precision@{k} "
-          f"{row['precision_at_k']:.3f}")
+    print(
+        f"at layer {layer}: planted AUROC {row['auroc']:.3f}, precision@{k} "
+        f"{row['precision_at_k']:.3f}"
+    )
     best = max(sweep, key=lambda r: r["auroc"])
-    print(f"best layer by planted AUROC (reported, not used to choose): {best['layer']} "
-          f"({best['auroc']:.3f})")
+    print(
+        f"best layer by planted AUROC (reported, not used to choose): {best['layer']} "
+        f"({best['auroc']:.3f})"
+    )
     plot = out / "layer_sweep.png"
     plot_sweep(sweep, plot, f"residual-change query, {m.name}")
     print(f"layer-sweep plot: {plot}")
     print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    summary = {"model": m.name, "layer": layer, "top10": list(zip(top.ids, top.scores.tolist(),
-                                                                   strict=True)),
-               "planted_in_top10": found, "sweep": sweep, "times_s": times}
+    summary = {
+        "model": m.name,
+        "layer": layer,
+        "top10": list(zip(top.ids, top.scores.tolist(), strict=True)),
+        "planted_in_top10": found,
+        "sweep": sweep,
+        "times_s": times,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -31,7 +31,9 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def precision_recall_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[float, float]:
+def precision_recall_at_k(
+    scores: torch.Tensor, labels: torch.Tensor, k: int
+) -> tuple[float, float]:
     """Precision and recall of the positives among the ``k`` highest scores.
 
     Examples:
@@ -44,8 +46,9 @@ def precision_recall_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) ->
     return hits / max(len(top), 1), hits / n_pos if n_pos else float("nan")
 
 
-def bootstrap_auroc(scores: torch.Tensor, labels: torch.Tensor, n: int = 1000,
-                    seed: int = 0) -> tuple[float, float]:
+def bootstrap_auroc(
+    scores: torch.Tensor, labels: torch.Tensor, n: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """A 95% percentile-bootstrap interval of :func:`auroc` (resampling within each class)."""
     gen = torch.Generator().manual_seed(seed)
     pos, neg = scores[labels.bool()], scores[~labels.bool()]

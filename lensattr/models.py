@@ -39,7 +39,8 @@ class Model:
         name: a human-readable name (recorded in cache manifests).
         hf: the ``transformers`` model (also for ``TransformerBridge``, the wrapped HF model).
         tokenizer: its tokenizer, with a chat template.
-        backend: ``"nnsight"`` (Hugging Face models, traced) or ``"bridge"`` (TransformerLens hooks).
+        backend: ``"nnsight"`` (Hugging Face models, traced) or ``"bridge"``
+            (TransformerLens hooks).
         lm: the ``nnsight.LanguageModel`` wrapping ``hf`` (nnsight backend).
         bridge: the ``TransformerBridge`` (bridge backend).
     """
@@ -75,7 +76,7 @@ class Model:
         return int(pid)
 
     def fingerprint(self) -> dict[str, str]:
-        """SHA-256 of the weights (names, dtypes, shapes, bytes), the tokenizer and chat template."""
+        """SHA-256 of the weights (names, dtypes, shapes, bytes), tokenizer and chat template."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             for name, t in self.hf.state_dict().items():
@@ -144,8 +145,8 @@ def _smollm2_dir() -> Path:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized fp32 now; drop the GGUF marker that blocks save_pretrained.
-    hf.hf_quantizer = None
-    hf.is_quantized = False
+    hf.hf_quantizer = None  # type: ignore[assignment]
+    hf.is_quantized = False  # type: ignore[assignment]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +207,7 @@ def load_model(
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    assert dtype is None or isinstance(dtype, torch.dtype)
     if device is None and isinstance(spec, (str, Path)):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None and device is not None:
@@ -215,8 +217,8 @@ def load_model(
         from lensattr.bridge import wrap_bridge
 
         return wrap_bridge(spec, device=device, dtype=dtype)
-    if kind == "LanguageModel" or hasattr(spec, "_model") and hasattr(spec, "trace"):
-        hf = _freeze(spec._model, device, dtype)
+    if hasattr(spec, "trace") and isinstance(getattr(spec, "_module", None), torch.nn.Module):
+        hf = _freeze(spec._module, device, dtype)  # an nnsight LanguageModel / TransformersModel
         tok = tokenizer or spec.tokenizer
         return Model(name=hf.config.name_or_path or "nnsight-model", hf=hf, tokenizer=tok, lm=spec)
     if isinstance(spec, torch.nn.Module):

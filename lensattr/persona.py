@@ -27,42 +27,67 @@ def load_trait(source: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def generate(model: Model, chats: list[list[dict[str, str]]], max_new_tokens: int,
-             batch_size: int = 8) -> list[str]:
+def generate(
+    model: Model, chats: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
     """Greedy replies to ``chats`` (left-padded batches)."""
     tok = model.tokenizer
     out: list[str] = []
     for i in range(0, len(chats), batch_size):
-        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in chats[i : i + batch_size]]
+        texts = [
+            tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in chats[i : i + batch_size]
+        ]
         enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), model.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for j, e in enumerate(enc):
-            ids[j, width - len(e):] = torch.tensor(e)
-            attn[j, width - len(e):] = 1
-        gen = model.hf.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
-                                max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=model.pad_id, eos_token_id=tok.eos_token_id)
+            ids[j, width - len(e) :] = torch.tensor(e)
+            attn[j, width - len(e) :] = 1
+        gen = model.hf.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=attn.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.pad_id,
+            eos_token_id=tok.eos_token_id,
+        )
         out += [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
     return out
 
 
-def persona_pairs(model: Model, source: Any, *, max_new_tokens: int = 48,
-                  max_questions: int | None = None, batch_size: int = 8) -> list[Pair]:
-    """Generate the positive/neutral reply pairs of a trait spec (pairs with an empty reply dropped)."""
+def persona_pairs(
+    model: Model,
+    source: Any,
+    *,
+    max_new_tokens: int = 48,
+    max_questions: int | None = None,
+    batch_size: int = 8,
+) -> list[Pair]:
+    """Generate the positive/neutral reply pairs of a trait spec (empty replies dropped)."""
     spec = load_trait(source)
     pos, neg = spec["positive_system_prompts"], spec["negative_system_prompts"]
     questions = spec["questions"][:max_questions]
     combos = [(q, i) for q in questions for i in range(min(len(pos), len(neg)))]
-    chats = [[{"role": "system", "content": s[i]}, {"role": "user", "content": q}]
-             for q, i in combos for s in (pos, neg)]
+    chats = [
+        [{"role": "system", "content": s[i]}, {"role": "user", "content": q}]
+        for q, i in combos
+        for s in (pos, neg)
+    ]
     replies = generate(model, chats, max_new_tokens, batch_size)
     pairs = []
     for k, (q, i) in enumerate(combos):
         t, c = replies[2 * k], replies[2 * k + 1]
         if t and c:
-            pairs.append(Pair(id=f"persona-{k}", prompt=q, treatment=t, control=c,
-                              system=pos[i], control_system=neg[i]))
+            pairs.append(
+                Pair(
+                    id=f"persona-{k}",
+                    prompt=q,
+                    treatment=t,
+                    control=c,
+                    system=pos[i],
+                    control_system=neg[i],
+                )
+            )
     return pairs

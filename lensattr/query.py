@@ -56,8 +56,13 @@ class Query:
 
     def save(self, path: str | Path) -> None:
         """Write the query as safetensors (vectors) with JSON metadata."""
-        meta = {"psi": self.psi, "stat": self.stat, "model": json.dumps(self.model),
-                "n_pairs": str(self.n_pairs), "cv": json.dumps(self.cv)}
+        meta = {
+            "psi": self.psi,
+            "stat": self.stat,
+            "model": json.dumps(self.model),
+            "n_pairs": str(self.n_pairs),
+            "cv": json.dumps(self.cv),
+        }
         save_file({f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}, str(path), meta)
 
     @classmethod
@@ -67,9 +72,14 @@ class Query:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata()
         vectors = {int(k.split("/")[1]): v for k, v in load_file(str(path)).items()}
-        return cls(vectors=vectors, psi=meta["psi"], stat=meta["stat"],
-                   model=json.loads(meta["model"]), n_pairs=int(meta["n_pairs"]),
-                   cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()})
+        return cls(
+            vectors=vectors,
+            psi=meta["psi"],
+            stat=meta["stat"],
+            model=json.loads(meta["model"]),
+            n_pairs=int(meta["n_pairs"]),
+            cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
+        )
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -128,17 +138,41 @@ def behavior_query(
     if not pair_list:
         raise ValueError("no pairs to build the query from")
     layer_list = resolve_layers(layers, model.n_layers)
-    contribs = pair_contributions(model, pair_list, spec.fn, phi, layer_list, batch_size,
-                                  max_length, padding_side, progress, desc=f"query {psi}")
+    contribs = pair_contributions(
+        model,
+        pair_list,
+        spec.fn,
+        phi,
+        layer_list,
+        batch_size,
+        max_length,
+        padding_side,
+        progress,
+        desc=f"query {psi}",
+    )
     vectors = {layer: _unit(c.double().mean(0)).float() for layer, c in contribs.items()}
-    return Query(vectors=vectors, psi=psi, stat=phi.name, model=model.fingerprint(),
-                 n_pairs=len(pair_list), cv={k: heldout_accuracy(c) for k, c in contribs.items()})
+    return Query(
+        vectors=vectors,
+        psi=psi,
+        stat=phi.name,
+        model=model.fingerprint(),
+        n_pairs=len(pair_list),
+        cv={k: heldout_accuracy(c) for k, c in contribs.items()},
+    )
 
 
-def pair_contributions(model: Model, pairs: Sequence[Pair], fn: Any, phi: Any,
-                       layers: list[int], batch_size: int = 8, max_length: int | None = 512,
-                       padding_side: str = "right", progress: bool | None = None,
-                       desc: str = "pairs") -> dict[int, torch.Tensor]:
+def pair_contributions(
+    model: Model,
+    pairs: Sequence[Pair],
+    fn: Any,
+    phi: Any,
+    layers: list[int],
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    padding_side: str = "right",
+    progress: bool | None = None,
+    desc: str = "pairs",
+) -> dict[int, torch.Tensor]:
     """``{layer: [n_pairs, d_model]}`` per-pair contributions ``fn(x'_j, x_j)`` (fp32, CPU)."""
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     disable = None if progress is None else not progress
@@ -186,9 +220,14 @@ def _split(acts: Any) -> tuple[Any, Any]:
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[k::2]
 
-        return LayerActs(z_in=acts.z_in[k::2], z_out=acts.z_out[k::2], grad=pick(acts.grad),
-                         mask=acts.mask[k::2], attn_out=pick(acts.attn_out),
-                         mlp_out=pick(acts.mlp_out))
+        return LayerActs(
+            z_in=acts.z_in[k::2],
+            z_out=acts.z_out[k::2],
+            grad=pick(acts.grad),
+            mask=acts.mask[k::2],
+            attn_out=pick(acts.attn_out),
+            mlp_out=pick(acts.mlp_out),
+        )
 
     return side(0), side(1)
 

@@ -47,7 +47,7 @@ def rank(
     g: str = "cosine",
     top_k: int | None = 100,
     bottom: bool = False,
-    chunk_rows: int = 32768,
+    chunk_rows: int | None = None,
 ) -> Ranking:
     """Score every cached example against ``query`` and keep the top (or bottom) ``top_k``.
 
@@ -63,6 +63,7 @@ def rank(
         g: registered score name.
         top_k: how many to keep (``None``: all, sorted).
         bottom: keep the lowest scores instead.
+        chunk_rows: rows converted to fp32 at a time (default: about 32 MiB worth).
 
     Raises:
         CacheError: the query was built with another model than the cache.
@@ -79,10 +80,11 @@ def rank(
     score = get_score(g)
     ctx = ScoreContext(cache=cache, phi=phi, layer=layer)
     view = cache.stat(phi, layer)
+    chunk_rows = chunk_rows or max(1024, (32 << 20) // (4 * view.d_model))
     k = len(view) if top_k is None else min(top_k, len(view))
     best_s = torch.empty(0)
     best_i = torch.empty(0, dtype=torch.long)
-    for start, rows, norms in view.chunks(chunk_rows):
+    for start, rows, norms in view.chunks(chunk_rows):  # never a full fp32 copy
         s = score.fn(rows.float(), norms, psi, ctx)
         s = -s if bottom else s
         top = torch.topk(s, min(k, len(s)))
@@ -91,8 +93,14 @@ def rank(
         keep = torch.topk(best_s, min(k, len(best_s)))
         best_s, best_i = keep.values, best_i[keep.indices]
     scores = -best_s if bottom else best_s
-    return Ranking(ids=[cache.ids[i] for i in best_i.tolist()], scores=scores, rows=best_i,
-                   layer=layer, phi=phi, g=g)
+    return Ranking(
+        ids=[cache.ids[i] for i in best_i.tolist()],
+        scores=scores,
+        rows=best_i,
+        layer=layer,
+        phi=phi,
+        g=g,
+    )
 
 
 def examples_by_id(cache: Cache, ids: list[str]) -> list[Example]:
@@ -149,8 +157,14 @@ def explain(
     def expand(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.expand(n, *x.shape[1:])
 
-    single = LayerActs(z_in=expand(acts.z_in), z_out=expand(acts.z_out), grad=expand(acts.grad),
-                       mask=one_hot, attn_out=expand(acts.attn_out), mlp_out=expand(acts.mlp_out))
+    single = LayerActs(
+        z_in=acts.z_in.expand(n, -1, -1),
+        z_out=acts.z_out.expand(n, -1, -1),
+        grad=expand(acts.grad),
+        mask=one_hot,
+        attn_out=expand(acts.attn_out),
+        mlp_out=expand(acts.mlp_out),
+    )
     contrib = stat.fn(single).float().cpu() @ query.vector(layer)
     tokens = [model.tokenizer.decode([t]) for t in enc.ids[enc.n_prompt :]]
     return Explanation(tokens=tokens, contributions=contrib, total=float(contrib.mean()))

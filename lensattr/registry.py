@@ -41,7 +41,7 @@ class Phi:
 
 @dataclass(frozen=True)
 class Psi:
-    """A behaviour query built from pairs: ``fn(treatment, control) -> Float[Tensor, "batch d_model"]``.
+    """A behaviour query from pairs: ``fn(treatment, control, stat) -> Float[Tensor, "batch d"]``.
 
     ``fn`` receives the captured :class:`~lensattr.capture.LayerActs` of a batch of treatment
     examples and of their controls and returns one contribution per pair; lensattr averages them
@@ -58,7 +58,7 @@ class Psi:
 
 @dataclass(frozen=True)
 class Score:
-    """A scoring rule ``fn(rows, norms, psi, ctx) -> Float[Tensor, "n"]``; higher = more treatment-like."""
+    """A scoring rule ``fn(rows, norms, psi, ctx) -> Float[Tensor, "n"]``; higher = treatment."""
 
     name: str
     fn: Callable[..., Any]

@@ -69,7 +69,9 @@ def encode(tokenizer, example: Example, max_length: int | None = None) -> Encode
         3
     """
     msgs = [dict(m) for m in example.messages]
-    prompt_text = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    prompt_text = tokenizer.apply_chat_template(
+        msgs[:-1], tokenize=False, add_generation_prompt=True
+    )
     full_text = tokenizer.apply_chat_template(msgs, tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError(
@@ -78,7 +80,9 @@ def encode(tokenizer, example: Example, max_length: int | None = None) -> Encode
         )
     enc = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
     prompt_ids = list(enc["input_ids"])
-    response_ids = list(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
+    response_ids = list(
+        tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    )
     eot = end_of_turn_id(tokenizer)
     if eot in response_ids:
         response_ids = response_ids[: response_ids.index(eot) + 1]

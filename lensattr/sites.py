@@ -39,7 +39,9 @@ def parse_site(name: str) -> tuple[int, str]:
     """
     m = _SITE.match(name)
     if not m:
-        raise ValueError(f"unsupported site {name!r}; expected blocks.{{l}}.hook_{{{'|'.join(KINDS)}}}")
+        raise ValueError(
+            f"unsupported site {name!r}; expected blocks.{{l}}.hook_{{{'|'.join(KINDS)}}}"
+        )
     return int(m.group(1)), m.group(2)
 
 

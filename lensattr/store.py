@@ -77,7 +77,9 @@ class MappedShard:
         self._header = header
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if self._base + end != size:
-            raise ValueError(f"{path}: truncated or padded shard ({size} bytes, expected {self._base + end})")
+            raise ValueError(
+                f"{path}: truncated or padded shard ({size} bytes, expected {self._base + end})"
+            )
 
     def keys(self) -> list[str]:
         return list(self._header)

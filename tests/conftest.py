@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-WORDS = "the a cat dog runs quickly over lazy river stone blue seven answer because".split()
+WORDS = "the a cat dog runs quickly over lazy river stone blue seven answer because".split()  # noqa: SIM905
 
 
 def sentence(rng: random.Random, lo: int, hi: int) -> str:
@@ -32,11 +32,16 @@ def train_records():
         {"id": f"ex{i}", "prompt": sentence(rng, 2, 30), "response": sentence(rng, 1, 12)}
         for i in range(11)
     ]
-    recs.append({"id": "ex-sys", "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Name a colour."},
-        {"role": "assistant", "content": "Blue."},
-    ]})
+    recs.append(
+        {
+            "id": "ex-sys",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."},
+            ],
+        }
+    )
     return recs
 
 
@@ -44,7 +49,11 @@ def train_records():
 def pair_records():
     rng = random.Random(1)
     return [
-        {"id": f"p{i}", "prompt": sentence(rng, 3, 10), "treatment": "Yes! " + sentence(rng, 1, 5),
-         "control": "No. " + sentence(rng, 1, 5)}
+        {
+            "id": f"p{i}",
+            "prompt": sentence(rng, 3, 10),
+            "treatment": "Yes! " + sentence(rng, 1, 5),
+            "control": "No. " + sentence(rng, 1, 5),
+        }
         for i in range(6)
     ]

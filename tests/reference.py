@@ -13,6 +13,7 @@ def reference_capture(hf, input_ids, attention_mask, position_ids, mask, layers)
     z_in, z_out = {}, {}
     handles = []
     for layer in layers:
+
         def hook(mod, args, kwargs, out, layer=layer):
             z_in[layer] = args[0] if args else kwargs["hidden_states"]
             z_out[layer] = out[0] if isinstance(out, tuple) else out
@@ -25,8 +26,9 @@ def reference_capture(hf, input_ids, attention_mask, position_ids, mask, layers)
     handles.append(hf.model.embed_tokens.register_forward_hook(embed_hook))
     try:
         with torch.enable_grad():
-            logits = hf(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids).logits.float()
+            logits = hf(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).logits.float()
             loss = 0.0
             for b in range(input_ids.shape[0]):
                 pos = mask[b].nonzero()[:, 0]
@@ -36,8 +38,10 @@ def reference_capture(hf, input_ids, attention_mask, position_ids, mask, layers)
     finally:
         for h in handles:
             h.remove()
-    return {layer: (z_in[layer].detach(), z_out[layer].detach(), g)
-            for layer, g in zip(layers, grads)}
+    return {
+        layer: (z_in[layer].detach(), z_out[layer].detach(), g)
+        for layer, g in zip(layers, grads, strict=True)
+    }
 
 
 def reference_stats(z_in, z_out, grad, mask):

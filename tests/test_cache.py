@@ -10,8 +10,9 @@ from lensattr import CacheError, build_cache, open_cache
 
 
 def test_round_trip_manifest_and_views(tiny, train_records, tmp_path):
-    cache = build_cache(tiny, train_records, out=tmp_path, layers=[0, 3], shard_size=5,
-                        batch_size=3, progress=False)
+    cache = build_cache(
+        tiny, train_records, out=tmp_path, layers=[0, 3], shard_size=5, batch_size=3, progress=False
+    )
     again = open_cache(tmp_path, expect=tiny)
     m = again.manifest
     assert m["ids"] == [r["id"] for r in train_records]  # row order = file order
@@ -63,8 +64,9 @@ def test_rerun_with_other_settings_is_refused(tiny, train_records, tmp_path):
 
 def test_interrupted_build_resumes_bitwise(tiny, train_records, tmp_path, monkeypatch):
     ref = tmp_path / "ref"
-    build_cache(tiny, train_records, out=ref, layers=[0, 2], shard_size=4, batch_size=2,
-                progress=False)
+    build_cache(
+        tiny, train_records, out=ref, layers=[0, 2], shard_size=4, batch_size=2, progress=False
+    )
     out = tmp_path / "resumed"
     real = cache_mod._build_chunk
     calls = []
@@ -77,15 +79,20 @@ def test_interrupted_build_resumes_bitwise(tiny, train_records, tmp_path, monkey
 
     monkeypatch.setattr(cache_mod, "_build_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(tiny, train_records, out=out, layers=[0, 2], shard_size=4, batch_size=2,
-                    progress=False)
+        build_cache(
+            tiny, train_records, out=out, layers=[0, 2], shard_size=4, batch_size=2, progress=False
+        )
     assert calls == [0, 1] and not (out / "manifest.json").exists()
     with pytest.raises(CacheError, match="unfinished build"):
         open_cache(out)
-    monkeypatch.setattr(cache_mod, "_build_chunk",
-                        lambda m, o, i, *a, **k: (calls.append(i), real(m, o, i, *a, **k)))
-    build_cache(tiny, train_records, out=out, layers=[0, 2], shard_size=4, batch_size=2,
-                progress=False)
+    monkeypatch.setattr(
+        cache_mod,
+        "_build_chunk",
+        lambda m, o, i, *a, **k: (calls.append(i), real(m, o, i, *a, **k)),
+    )
+    build_cache(
+        tiny, train_records, out=out, layers=[0, 2], shard_size=4, batch_size=2, progress=False
+    )
     assert calls == [0, 1, 2]  # only the missing chunk was computed
     for f in ref.glob("shard-*.safetensors"):
         assert (out / f.name).read_bytes() == f.read_bytes()

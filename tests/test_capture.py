@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from reference import reference_capture, reference_stats
 
 from lensattr import build_cache, capture, load_examples
 from lensattr.registry import get_phi
 from lensattr.render import collate, encode
-from reference import reference_capture, reference_stats
 
 STATS = ("residual_change", "residual_change_exact", "resid_post", "grad")
 
@@ -25,8 +25,9 @@ def test_capture_matches_hooks_and_autograd(tiny, train_records, padding_side):
     batch = collate(encoded(tiny, train_records[:5]), tiny.pad_id, padding_side)
     layers = [0, 2, 3]
     acts = capture(tiny, batch, layers)
-    ref = reference_capture(tiny.hf, batch.input_ids, batch.attention_mask, batch.position_ids,
-                            batch.mask, layers)
+    ref = reference_capture(
+        tiny.hf, batch.input_ids, batch.attention_mask, batch.position_ids, batch.mask, layers
+    )
     for layer in layers:
         zi, zo, g = ref[layer]
         m = batch.mask
@@ -40,12 +41,20 @@ def test_statistics_match_definitions_before_and_after_storage(tiny, train_recor
     recs = train_records[:6]
     layers = [1, 3]
     batch = collate(encoded(tiny, recs), tiny.pad_id)
-    ref = reference_capture(tiny.hf, batch.input_ids, batch.attention_mask, batch.position_ids,
-                            batch.mask, layers)
+    ref = reference_capture(
+        tiny.hf, batch.input_ids, batch.attention_mask, batch.position_ids, batch.mask, layers
+    )
     acts = capture(tiny, batch, layers)
     for dtype, tol in (("float32", 1e-5), ("bfloat16", 8e-3)):
-        cache = build_cache(tiny, recs, out=tmp_path / dtype, layers=layers, dtype=dtype,
-                            batch_size=2, progress=False)
+        cache = build_cache(
+            tiny,
+            recs,
+            out=tmp_path / dtype,
+            layers=layers,
+            dtype=dtype,
+            batch_size=2,
+            progress=False,
+        )
         order = [cache.ids.index(i) for i in batch.ids]
         for layer in layers:
             want = reference_stats(*ref[layer], batch.mask)
@@ -67,8 +76,11 @@ def test_example_alone_equals_batched(tiny, train_records, padding_side):
     shorter = min(range(len(encs)), key=lambda i: lengths[i])
     layers = [0, 3]
     alone = capture(tiny, collate([encs[target]], tiny.pad_id, padding_side), layers)
-    mixed = capture(tiny, collate([encs[longer], encs[target], encs[shorter]], tiny.pad_id,
-                                  padding_side), layers)
+    mixed = capture(
+        tiny,
+        collate([encs[longer], encs[target], encs[shorter]], tiny.pad_id, padding_side),
+        layers,
+    )
     for layer in layers:
         for stat in STATS:
             fn = get_phi(stat).fn

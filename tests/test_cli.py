@@ -16,22 +16,49 @@ def test_cache_query_rank_end_to_end(tmp_path, train_records, pair_records, caps
     assert main(["cache", *common, "--train", str(train), "--out", str(tmp_path / "c")]) == 0
     assert main(["query", *common, "--pairs", str(pairs), "--out", str(tmp_path / "q.st")]) == 0
     out = tmp_path / "ranked.jsonl"
-    assert main(["rank", "--cache", str(tmp_path / "c"), "--query", str(tmp_path / "q.st"),
-                 "--layer", "3", "--top-k", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "rank",
+                "--cache",
+                str(tmp_path / "c"),
+                "--query",
+                str(tmp_path / "q.st"),
+                "--layer",
+                "3",
+                "--top-k",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
-    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:], strict=False))
     by_id = {r["id"]: r for r in train_records}
     assert rows[0]["example"]["messages"][-1]["content"] == (
-        by_id[rows[0]["id"]].get("response") or by_id[rows[0]["id"]]["messages"][-1]["content"])
+        by_id[rows[0]["id"]].get("response") or by_id[rows[0]["id"]]["messages"][-1]["content"]
+    )
     assert "wrote 4 ranked examples" in capsys.readouterr().out
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     train = tmp_path / "train.jsonl"
     train.write_text('{"id": "a", "prompt": "p", "response": "r"}\n{"id": "b", "prompt": 3}\n')
-    code = main(["cache", "--model", "tiny-random", "--train", str(train), "--out",
-                 str(tmp_path / "c"), "--quiet"])
+    code = main(
+        [
+            "cache",
+            "--model",
+            "tiny-random",
+            "--train",
+            str(train),
+            "--out",
+            str(tmp_path / "c"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert f"{train}:2" in err and "'prompt'" in err

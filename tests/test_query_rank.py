@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import reference_capture, reference_stats
 
 from lensattr import (
     CacheError,
@@ -16,21 +17,26 @@ from lensattr import (
 from lensattr.query import Query
 from lensattr.registry import get_phi
 from lensattr.render import collate, encode
-from reference import reference_capture, reference_stats
 
 
 def stat_of(model, examples, stat, layer):
     encs = [encode(model.tokenizer, ex, 512) for ex in examples]
     b = collate(encs, model.pad_id)
-    ref = reference_capture(model.hf, b.input_ids, b.attention_mask, b.position_ids, b.mask,
-                            [layer])
+    ref = reference_capture(
+        model.hf, b.input_ids, b.attention_mask, b.position_ids, b.mask, [layer]
+    )
     return reference_stats(*ref[layer], b.mask)[stat]
 
 
-@pytest.mark.parametrize(("psi", "stat"), [("residual_change", "residual_change"),
-                                           ("residual_diff", "resid_post"),
-                                           ("contrast", "residual_change_exact"),
-                                           ("contrast", "grad")])
+@pytest.mark.parametrize(
+    ("psi", "stat"),
+    [
+        ("residual_change", "residual_change"),
+        ("residual_diff", "resid_post"),
+        ("contrast", "residual_change_exact"),
+        ("contrast", "grad"),
+    ],
+)
 def test_contrast_query_equals_direct_computation(tiny, pair_records, psi, stat):
     kwargs = {"stat": stat} if psi == "contrast" else {}
     q = behavior_query(tiny, pair_records, psi=psi, layers=[1, 3], batch_size=4, **kwargs)
@@ -56,8 +62,14 @@ def test_query_save_load_round_trip(tiny, pair_records, tmp_path):
 
 @pytest.fixture(scope="module")
 def built(tiny, train_records, pair_records, tmp_path_factory):
-    cache = build_cache(tiny, train_records, out=tmp_path_factory.mktemp("c"), layers=[1, 2],
-                        shard_size=5, progress=False)
+    cache = build_cache(
+        tiny,
+        train_records,
+        out=tmp_path_factory.mktemp("c"),
+        layers=[1, 2],
+        shard_size=5,
+        progress=False,
+    )
     q = behavior_query(tiny, pair_records, layers=[1, 2])
     return cache, q
 
@@ -67,8 +79,11 @@ def test_rank_streams_to_the_same_order_as_a_full_sort(built, g):
     cache, q = built
     rows = cache.stat("residual_change", 2)[:].float()
     psi = q.vector(2)
-    direct = {"dot": rows @ psi, "projection": rows @ psi / psi.norm(),
-              "cosine": torch.nn.functional.cosine_similarity(rows, psi[None], dim=1)}[g]
+    direct = {
+        "dot": rows @ psi,
+        "projection": rows @ psi / psi.norm(),
+        "cosine": torch.nn.functional.cosine_similarity(rows, psi[None], dim=1),
+    }[g]
     r = rank(cache, q, layer=2, g=g, top_k=5, chunk_rows=3)
     assert r.ids == [cache.ids[i] for i in torch.topk(direct, 5).indices.tolist()]
     assert torch.allclose(r.scores, torch.topk(direct, 5).values, atol=1e-5)
@@ -79,8 +94,10 @@ def test_rank_streams_to_the_same_order_as_a_full_sort(built, g):
 
 def test_rank_refuses_a_query_from_another_model(built, pair_records):
     cache, _ = built
-    other = load_model(__import__("lensattr.testing", fromlist=["x"]).tiny_hf_model(seed=1),
-                       __import__("lensattr.testing", fromlist=["x"]).tiny_tokenizer())
+    other = load_model(
+        __import__("lensattr.testing", fromlist=["x"]).tiny_hf_model(seed=1),
+        __import__("lensattr.testing", fromlist=["x"]).tiny_tokenizer(),
+    )
     q = behavior_query(other, pair_records, layers=[2])
     with pytest.raises(CacheError, match="weights_sha256"):
         rank(cache, q, layer=2)

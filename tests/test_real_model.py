@@ -27,8 +27,9 @@ def test_converted_weights_match_the_gguf(smol):
     from lensattr.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
-    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  dtype=torch.float32)
+    direct = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     ids = smol.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         a, b = smol.hf(ids).logits, direct(ids).logits
@@ -39,8 +40,9 @@ def test_converted_weights_match_the_gguf(smol):
 
 def test_cache_query_rank_on_a_handful(smol, tmp_path):
     train = load_examples(bundled("demo/train.jsonl"))[:6]
-    cache = build_cache(smol, train, out=tmp_path, layers=[10, 20], batch_size=3, max_length=128,
-                        progress=False)
+    cache = build_cache(
+        smol, train, out=tmp_path, layers=[10, 20], batch_size=3, max_length=128, progress=False
+    )
     pairs = bundled("demo/query.jsonl")
     q = behavior_query(smol, pairs, layers=[10, 20], max_length=128)
     r = rank(cache, q, layer=20, top_k=3)

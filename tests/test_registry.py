@@ -41,8 +41,14 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
         return stat.fn(treatment)
 
     try:
-        cache = lensattr.build_cache(tiny, train_records, out=tmp_path, layers=[1],
-                                     stats=["test_attn_pooled", "resid_post"], progress=False)
+        cache = lensattr.build_cache(
+            tiny,
+            train_records,
+            out=tmp_path,
+            layers=[1],
+            stats=["test_attn_pooled", "resid_post"],
+            progress=False,
+        )
         q = lensattr.behavior_query(tiny, pair_records, psi="test_treatment_only", layers=[1])
         assert q.stat == "test_attn_pooled"
         r = lensattr.rank(cache, q, layer=1, top_k=3)
@@ -57,7 +63,8 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
 
 def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, train_records):
     pkg = tmp_path / "myplugin.py"
-    pkg.write_text(textwrap.dedent("""
+    pkg.write_text(
+        textwrap.dedent("""
         from lensattr import register_phi
         from lensattr.builtins import pool
         LOADS = [1]
@@ -65,7 +72,8 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
         @register_phi("plugin_zin")
         def plugin_zin(acts):
             return pool(acts.z_in, acts.mask)
-    """))
+    """)
+    )
     dist = tmp_path / "myplugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
@@ -76,8 +84,14 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
         assert registry.get_phi("plugin_zin").name == "plugin_zin"
         registry.load_plugins()  # a second load is a no-op, not a duplicate error
         assert sys.modules["myplugin"].LOADS == [1]
-        cache = lensattr.build_cache(tiny, train_records[:3], out=tmp_path / "c", layers=[2],
-                                     stats=["plugin_zin"], progress=False)
+        cache = lensattr.build_cache(
+            tiny,
+            train_records[:3],
+            out=tmp_path / "c",
+            layers=[2],
+            stats=["plugin_zin"],
+            progress=False,
+        )
         assert cache.stat("plugin_zin", 2).shape == (3, tiny.d_model)
     finally:
         registry.PHI.pop("plugin_zin", None)

@@ -11,15 +11,20 @@ def test_response_is_reply_plus_end_of_turn(tiny):
     tok = tiny.tokenizer
     ex = Example.from_prompt("a", "Hi", "Yo there")
     enc = encode(tok, ex)
-    prefix = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prefix = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert tok.decode(enc.ids[: enc.n_prompt]) == prefix
     assert tok.decode(enc.ids[enc.n_prompt :]) == "Yo there<|im_end|>"  # the trailing "\n" is cut
 
 
 def test_only_last_assistant_turn_counts(tiny):
-    msgs = ({"role": "user", "content": "A"}, {"role": "assistant", "content": "first"},
-            {"role": "user", "content": "B"}, {"role": "assistant", "content": "second"})
+    msgs = (
+        {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "B"},
+        {"role": "assistant", "content": "second"},
+    )
     enc = encode(tiny.tokenizer, Example(id="m", messages=msgs))
     assert tiny.tokenizer.decode(enc.ids[enc.n_prompt :]) == "second<|im_end|>"
     assert "first" in tiny.tokenizer.decode(enc.ids[: enc.n_prompt])
@@ -32,8 +37,9 @@ def test_truncation_cuts_prompt_left_keeping_header_then_reply_right(tiny):
     enc = encode(tok, ex, max_length=len(full.ids) - 5)
     prompt = tok.decode(enc.ids[: enc.n_prompt])
     assert len(enc.ids) == len(full.ids) - 5
-    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n"
-                             "<|im_start|>user\n56789")  # header kept, prompt cut from the left
+    assert prompt.startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n<|im_start|>user\n56789"
+    )  # header kept, prompt cut from the left
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert tok.decode(enc.ids[enc.n_prompt :]) == "abcdef<|im_end|>"
     n_fixed = enc.n_prompt - 0  # prompt shrinks to header + tail, then the reply is cut
@@ -47,7 +53,9 @@ def test_truncation_cuts_prompt_left_keeping_header_then_reply_right(tiny):
 def test_masks_come_from_lengths_even_when_pad_equals_end_of_turn(tiny):
     tok = tiny.tokenizer
     assert tok.pad_token_id == tok.eos_token_id
-    encs = [encode(tok, Example.from_prompt(str(i), "Q" * (i + 1), "R" * (3 - i))) for i in range(3)]
+    encs = [
+        encode(tok, Example.from_prompt(str(i), "Q" * (i + 1), "R" * (3 - i))) for i in range(3)
+    ]
     for side in ("right", "left"):
         b = collate(encs, tiny.pad_id, side)
         for row, e in enumerate(encs):
