@@ -173,18 +173,27 @@ def pair_contributions(
     progress: bool | None = None,
     desc: str = "pairs",
 ) -> dict[int, torch.Tensor]:
-    """``{layer: [n_pairs, d_model]}`` per-pair contributions ``fn(x'_j, x_j)`` (fp32, CPU)."""
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    """``{layer: [n_pairs, d_model]}`` per-pair contributions ``fn(x'_j, x_j)`` (fp32, CPU).
+
+    ``batch_size`` counts sequences, as in :func:`~lensattr.build_cache`: a batch holds
+    ``batch_size // 2`` pairs, grouped by length to limit padding.
+    """
+    encs = [[encode(model.tokenizer, ex, max_length) for ex in pair.sides()] for pair in pairs]
+    longest = [max(len(e.ids) for e in pair) for pair in encs]
+    order = sorted(range(len(pairs)), key=lambda i: -longest[i])
+    per = max(1, batch_size // 2)
+    out = {layer: torch.empty((len(pairs), model.d_model)) for layer in layers}
     disable = None if progress is None else not progress
-    for i in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=disable):
-        sides = [p.sides() for p in pairs[i : i + batch_size]]
-        encs = [encode(model.tokenizer, ex, max_length) for pair in sides for ex in pair]
-        batch = collate(encs, model.pad_id, padding_side, str(model.device))
+    for i in tqdm(range(0, len(order), per), desc=desc, disable=disable):
+        idx = order[i : i + per]
+        batch = collate(
+            [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
+        )
         acts = capture(model, batch, layers, grad=phi.needs_grad, sites=phi.sites)
         for layer, a in acts.items():
             t, c = _split(a)
-            out[layer].append(fn(t, c, phi).float().cpu())
-    return {layer: torch.cat(v) for layer, v in out.items()}
+            out[layer][idx] = fn(t, c, phi).float().cpu()
+    return out
 
 
 def heldout_accuracy(contribs: torch.Tensor, folds: int = 2) -> float:
