@@ -84,7 +84,7 @@ def encode_all(
             where = ex.extra.get("_where", f"example {ex.id!r}")
             if on_error != "skip":
                 raise DataError(str(where), "messages", str(err)) from None
-            skipped.append({"id": ex.id, "reason": str(err)})
+            skipped.append({"where": str(where), "id": ex.id, "reason": str(err)})
     return out
 
 
@@ -122,9 +122,9 @@ def build_cache(
     padding_side: str = "right",
     on_error: str = "raise",
     progress: bool | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> "Cache":
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> "Cache | None":
     """Stream ``train`` once and cache every statistic at every layer.
 
     Args:
@@ -141,7 +141,9 @@ def build_cache(
         padding_side: ``"right"`` or ``"left"``.
         on_error: ``"raise"`` or ``"skip"`` (skip and list bad records in the manifest).
         progress: show a progress bar (default: when stderr is a terminal).
-        rank, world_size: data-parallel slice of the chunks (see :mod:`lensattr.distributed`).
+        rank, world_size: data-parallel slice of the chunks (see :mod:`lensattr.distributed`);
+            default: the running process group's, else ``RANK`` / ``WORLD_SIZE`` (a single
+            process when unset). Under ``torchrun`` a process group is started for the barrier.
 
     Returns:
         The opened :class:`Cache` (on rank 0; other ranks return ``None`` after their shards).
@@ -153,6 +155,16 @@ def build_cache(
         >>> cache.stat("residual_change", 2).shape
         (3, 32)
     """
+    from lensattr import distributed
+
+    if rank is None or world_size is None:
+        env_rank, env_world = distributed.world()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not a rank of world_size {world_size}")
+    if world_size > 1:
+        distributed.init_process_group()  # under a launcher; fails early, not after the work
     model = load_model(model)
     out = Path(out)
     skipped: list[dict[str, str]] = []
@@ -191,11 +203,9 @@ def build_cache(
             _build_chunk(model, out, i, chunks[i], layer_list, phis, store_dtype, batch_size,
                          padding_side, needs_grad, sites, on_error, bar)
     if world_size > 1:
-        from lensattr.distributed import barrier
-
-        barrier()  # every rank's shards are written before rank 0 merges
+        distributed.barrier()  # every rank's shards are written before rank 0 merges
     if rank != 0:
-        return None  # type: ignore[return-value]
+        return None
     return _finish(out, plan, len(chunks), skipped)
 
 
@@ -228,7 +238,10 @@ def _chunk_done(out: Path, index: int) -> bool:
     shard = out / f"shard-{index:05d}.safetensors"
     if not (side.exists() and shard.exists()):
         return False
-    return json.loads(side.read_text())["sha256"] == sha256_file(shard)
+    try:
+        return json.loads(side.read_text())["sha256"] == sha256_file(shard)
+    except (ValueError, KeyError, TypeError):  # an unreadable sidecar: redo the chunk
+        return False
 
 
 def _build_chunk(model: Model, out: Path, index: int, chunk: Sequence[Encoded], layers: list[int],
@@ -269,11 +282,13 @@ def _build_chunk(model: Model, out: Path, index: int, chunk: Sequence[Encoded], 
 def _finish(out: Path, plan: dict[str, Any], n_chunks: int,
             skipped: list[dict[str, str]]) -> "Cache":
 
-    shards, ids = [], []
+    shards: list[dict[str, Any]] = []
+    ids: list[str] = []
     for i in range(n_chunks):
         side = out / f"shard-{i:05d}.json"
         if not side.exists():
-            raise CacheError(f"{side} is missing: shard {i} was never finished")
+            raise CacheError(f"{side} is missing: shard {i} was never finished (in a "
+                             "multi-process build, rerun the same build once every rank is done)")
         info = json.loads(side.read_text())
         shards.append({"file": f"shard-{i:05d}.safetensors", "first_row": len(ids),
                        "n_rows": len(info["ids"]), "sha256": info["sha256"]})
@@ -354,7 +369,12 @@ def open_cache(path: str | Path, *, expect: Any = None, verify: bool = True) -> 
         hint = " (an unfinished build: rerun the same build to resume)" if (
             path / "build.json").exists() else ""
         raise CacheError(f"{path}: no manifest.json, not a finished lensattr cache{hint}")
-    manifest = json.loads(mfile.read_text())
+    try:
+        manifest = json.loads(mfile.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+            raise ValueError("no shard list")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CacheError(f"{mfile}: corrupt manifest ({err})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(f"{mfile}: schema version {manifest.get('schema_version')} "
                          f"(this lensattr reads {SCHEMA_VERSION})")

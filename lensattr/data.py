@@ -78,6 +78,13 @@ class Pair:
 # ----------------------------------------------------------------------------- raw records
 
 
+@dataclass(frozen=True)
+class _Unparsable:
+    """A jsonl line that is not valid JSON (an error when parsed, or skipped with the rest)."""
+
+    problem: str
+
+
 def _raw_records(source: Any) -> tuple[str, list[tuple[str, Any]]]:
     """Return (description, [(location, record), ...]) for any supported source."""
     try:
@@ -104,9 +111,9 @@ def _raw_records(source: Any) -> tuple[str, list[tuple[str, Any]]]:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec: Any = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}", None, f"invalid JSON ({err.msg})") from None
+                    rec = _Unparsable(f"invalid JSON ({err.msg})")
                 out.append((f"{path}:{lineno}", rec))
         return str(path), out
     if suffix == ".json":
@@ -125,14 +132,17 @@ def _raw_records(source: Any) -> tuple[str, list[tuple[str, Any]]]:
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
 
-def _string(rec: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> str | None:
+def _string(
+    rec: Mapping[str, Any], key: str, where: str, *, optional: bool = False, name: str | None = None
+) -> str | None:
+    name = name or key  # the field as the error names it, e.g. "messages[2].content"
     if key not in rec or rec[key] is None:
         if optional:
             return None
-        raise DataError(where, key, "missing")
+        raise DataError(where, name, "missing")
     value = rec[key]
     if not isinstance(value, str):
-        raise DataError(where, key, f"expected a string, got {type(value).__name__}")
+        raise DataError(where, name, f"expected a string, got {type(value).__name__}")
     return value
 
 
@@ -145,22 +155,26 @@ def _record_id(rec: Mapping[str, Any], where: str, index: int) -> str:
 
 
 def _parse_example(rec: Any, where: str, index: int) -> Example:
+    if isinstance(rec, _Unparsable):
+        raise DataError(where, None, rec.problem)
     if not isinstance(rec, Mapping):
         raise DataError(where, None, f"expected a JSON object, got {type(rec).__name__}")
     rid = _record_id(rec, where, index)
     extra = {k: v for k, v in rec.items() if k not in ("id", "messages", "prompt", "response")}
+    extra["_where"] = where  # so later errors (e.g. truncation) can name the file and line
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(where, "messages", "expected a non-empty list of messages")
-        clean = []
+        clean: list[dict[str, str]] = []
         for j, m in enumerate(msgs):
             if not isinstance(m, Mapping):
                 raise DataError(where, f"messages[{j}]", "expected an object")
-            role = _string(m, "role", where)
+            role = _string(m, "role", where, name=f"messages[{j}].role")
             if role not in ROLES:
                 raise DataError(where, f"messages[{j}].role", f"unknown role {role!r}")
-            content = _string(m, "content", where)
+            content = _string(m, "content", where, name=f"messages[{j}].content")
+            assert role is not None and content is not None  # both are required fields
             clean.append({"role": role, "content": content})
         if clean[-1]["role"] != "assistant":
             raise DataError(where, "messages", "the last message must be the assistant's reply")
@@ -182,6 +196,8 @@ def _parse_example(rec: Any, where: str, index: int) -> Example:
 
 
 def _parse_pair(rec: Any, where: str, index: int) -> Pair:
+    if isinstance(rec, _Unparsable):
+        raise DataError(where, None, rec.problem)
     if not isinstance(rec, Mapping):
         raise DataError(where, None, f"expected a JSON object, got {type(rec).__name__}")
     values = {k: _string(rec, k, where) for k in ("prompt", "treatment", "control")}
@@ -213,8 +229,8 @@ def load_examples(
     Args:
         source: a ``.jsonl`` / ``.json`` / ``.parquet`` path, a hub dataset name, a
             ``datasets.Dataset`` or a list of dicts (or of :class:`Example`).
-        on_error: ``"raise"`` (default) or ``"skip"``: skip malformed records and append
-            ``{"where", "id", "reason"}`` to ``skipped``.
+        on_error: ``"raise"`` (default) or ``"skip"``: skip malformed records (and repeats of
+            an id already seen) and append ``{"where", "id", "reason"}`` to ``skipped``.
         skipped: list receiving the skipped records when ``on_error="skip"``.
 
     Raises:
@@ -228,23 +244,27 @@ def load_examples(
     if isinstance(source, (list, tuple)) and source and all(isinstance(e, Example) for e in source):
         _check_unique(((f"record {i}", e.id) for i, e in enumerate(source)), "example")
         return list(source)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     _, raw = _raw_records(source)
     out: list[Example] = []
-    located: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for i, (where, rec) in enumerate(raw):
         try:
             ex = _parse_example(rec, where, i)
+            if ex.id in seen:
+                problem = f"duplicate example id {ex.id!r} (first at {seen[ex.id]})"
+                raise DataError(where, "id", problem)
         except DataError as err:
             if on_error != "skip":
                 raise
-            rid = str(rec.get("id")) if isinstance(rec, Mapping) else None
+            rid = rec.get("id") if isinstance(rec, Mapping) else None
             (skipped if skipped is not None else []).append(
-                {"where": where, "id": rid or "", "reason": str(err)}
+                {"where": where, "id": "" if rid is None else str(rid), "reason": str(err)}
             )
             continue
+        seen[ex.id] = where
         out.append(ex)
-        located.append((where, ex.id))
-    _check_unique(located, "example")
     return out
 
 
