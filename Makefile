@@ -33,6 +33,13 @@ typecheck: setup
 pytest: setup
 	$(PY) -m pytest -q --doctest-modules lensattr tests
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Re-execute the tutorials on the tiny model and store their outputs (the docs render them as is).
+notebooks: setup
+	$(PY) tests/test_notebooks.py
+
 bench-perf: setup
 	$(PY) benchmarks/bench_perf.py
 
