@@ -388,17 +388,28 @@ def main() -> None:
 
 
 def trak_runner(model, examples, args):
-    """(d) from lensattr.bench.trak when available; None (and a line saying so) otherwise."""
+    """(d): lensattr.bench.trak's projected per-example gradients (its default parameter subset
+    and projection), timed on the same examples; None (and a line saying so) if unavailable."""
     try:
-        from lensattr.bench import trak
+        from lensattr.bench.trak import Projector, _n_params, default_targets, projected_grads
     except ImportError as err:
         print(f"(d) not run: lensattr.bench.trak is unavailable ({err})")
         return None
-    fn = getattr(trak, "benchmark_fn", None)
-    if fn is None:
-        print("(d) not run: lensattr.bench.trak has no benchmark_fn(model, examples, ...)")
-        return None
-    return lambda: fn(model, examples, batch_size=args.batch_size, max_length=args.max_length)
+    targets = default_targets(model)
+    projector = Projector(_n_params(model, targets), dim=512, seed=0)
+    print(
+        f"(d) TRAK-style: {_n_params(model, targets):,} parameters ({', '.join(targets)}), "
+        "projected to 512 dimensions"
+    )
+    return lambda: projected_grads(
+        model,
+        examples,
+        targets,
+        projector,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        progress=False,
+    )
 
 
 def random_shape_model(shape: str, device: str):

@@ -133,8 +133,10 @@ def wrap_bridge(
     tokenizer = bridge.tokenizer
     name = str(getattr(bridge.cfg, "model_name", "") or "transformer-bridge")
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{name}: the bridge's tokenizer has no chat template; lensattr renders "
-                         "chats (pass one to bridge_from_hf or set bridge.tokenizer)")
+        raise ValueError(
+            f"{name}: the bridge's tokenizer has no chat template; lensattr renders "
+            "chats (pass one to bridge_from_hf or set bridge.tokenizer)"
+        )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if device is not None or dtype is not None:

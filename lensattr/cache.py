@@ -45,8 +45,19 @@ SCHEMA_VERSION = 1
 DEFAULT_STATS = ("residual_change", "residual_change_exact", "resid_post", "grad")
 POOLING = "mean_response"
 # Fields of build.json that must match for a resume or an `expect=` check.
-IDENTITY = ("schema_version", "model", "layers", "stats", "pooling", "max_length", "dtype", "train",
-            "shard_size", "batch_size", "padding_side")
+IDENTITY = (
+    "schema_version",
+    "model",
+    "layers",
+    "stats",
+    "pooling",
+    "max_length",
+    "dtype",
+    "train",
+    "shard_size",
+    "batch_size",
+    "padding_side",
+)
 
 
 class CacheError(RuntimeError):
@@ -72,7 +83,10 @@ def resolve_layers(layers: Any, n_layers: int) -> list[int]:
 
 
 def encode_all(
-    model: Model, examples: Sequence[Example], max_length: int | None, on_error: str,
+    model: Model,
+    examples: Sequence[Example],
+    max_length: int | None,
+    on_error: str,
     skipped: list[dict[str, str]],
 ) -> list[Encoded]:
     """Encode every example; a reply cut away by ``max_length`` raises or is listed as skipped."""
@@ -101,8 +115,11 @@ def _diff(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     for k, v in want.items():
         h = have.get(k)
         if isinstance(v, dict) and isinstance(h, dict):
-            out += [f"{k}.{kk}: cache has {h.get(kk)!r}, expected {vv!r}"
-                    for kk, vv in v.items() if kk not in _INFORMATIVE and h.get(kk) != vv]
+            out += [
+                f"{k}.{kk}: cache has {h.get(kk)!r}, expected {vv!r}"
+                for kk, vv in v.items()
+                if kk not in _INFORMATIVE and h.get(kk) != vv
+            ]
         elif h != v:
             out.append(f"{k}: cache has {h!r}, expected {v!r}")
     return out
@@ -171,8 +188,18 @@ def build_cache(
     examples = load_examples(train, on_error=on_error, skipped=skipped)
     layer_list = resolve_layers(layers, model.n_layers)
     phis = [get_phi(s) for s in stats]
-    plan = _plan(model, train, layer_list, stats, max_length, dtype, shard_size, batch_size,
-                 padding_side, examples)
+    plan = _plan(
+        model,
+        train,
+        layer_list,
+        stats,
+        max_length,
+        dtype,
+        shard_size,
+        batch_size,
+        padding_side,
+        examples,
+    )
     if (out / "manifest.json").exists():
         cache = open_cache(out, verify=False)
         problems = _diff(_identity(cache.manifest), _identity(plan))
@@ -184,7 +211,6 @@ def build_cache(
     out.mkdir(parents=True, exist_ok=True)
     build_file = out / "build.json"
     if build_file.exists():
-
         problems = _diff(json.loads(build_file.read_text()), plan)
         if problems:
             raise CacheError(f"{out} holds a different, unfinished build: " + "; ".join(problems))
@@ -200,8 +226,21 @@ def build_cache(
     disable = None if progress is None else not progress  # None: only on a terminal
     with tqdm(total=total, desc="caching", unit="ex", disable=disable) as bar:
         for i in todo:
-            _build_chunk(model, out, i, chunks[i], layer_list, phis, store_dtype, batch_size,
-                         padding_side, needs_grad, sites, on_error, bar)
+            _build_chunk(
+                model,
+                out,
+                i,
+                chunks[i],
+                layer_list,
+                phis,
+                store_dtype,
+                batch_size,
+                padding_side,
+                needs_grad,
+                sites,
+                on_error,
+                bar,
+            )
     if world_size > 1:
         distributed.barrier()  # every rank's shards are written before rank 0 merges
     if rank != 0:
@@ -209,9 +248,18 @@ def build_cache(
     return _finish(out, plan, len(chunks), skipped)
 
 
-def _plan(model: Model, train: Any, layers: Any, stats: Sequence[str], max_length: int | None,
-          dtype: str, shard_size: int, batch_size: int, padding_side: str,
-          examples: Sequence[Example]) -> dict[str, Any]:
+def _plan(
+    model: Model,
+    train: Any,
+    layers: Any,
+    stats: Sequence[str],
+    max_length: int | None,
+    dtype: str,
+    shard_size: int,
+    batch_size: int,
+    padding_side: str,
+    examples: Sequence[Example],
+) -> dict[str, Any]:
     if dtype not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', not {dtype!r}")
     plan: dict[str, Any] = {
@@ -244,11 +292,25 @@ def _chunk_done(out: Path, index: int) -> bool:
         return False
 
 
-def _build_chunk(model: Model, out: Path, index: int, chunk: Sequence[Encoded], layers: list[int],
-                 phis: list[Any], store_dtype: torch.dtype, batch_size: int, padding_side: str,
-                 needs_grad: bool, sites: list[str], on_error: str, bar: Any) -> None:
+def _build_chunk(
+    model: Model,
+    out: Path,
+    index: int,
+    chunk: Sequence[Encoded],
+    layers: list[int],
+    phis: list[Any],
+    store_dtype: torch.dtype,
+    batch_size: int,
+    padding_side: str,
+    needs_grad: bool,
+    sites: list[str],
+    on_error: str,
+    bar: Any,
+) -> None:
     n, d = len(chunk), model.d_model
-    rows = {(p.name, layer): torch.zeros((n, d), dtype=store_dtype) for p in phis for layer in layers}
+    rows = {
+        (p.name, layer): torch.zeros((n, d), dtype=store_dtype) for p in phis for layer in layers
+    }
     bad: dict[int, str] = {}
     for idx in length_batches(chunk, batch_size):
         batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
@@ -271,27 +333,39 @@ def _build_chunk(model: Model, out: Path, index: int, chunk: Sequence[Encoded], 
         tensors[tensor_key(stat, layer)] = mat
         tensors[tensor_key(stat, layer) + "/norm"] = mat.float().norm(dim=1)
     digest = write_shard(out / f"shard-{index:05d}.safetensors", tensors)
-    atomic_write_json(out / f"shard-{index:05d}.json", {
-        "index": index,
-        "ids": [chunk[i].id for i in keep.tolist()],
-        "skipped": [{"id": chunk[i].id, "reason": r} for i, r in sorted(bad.items())],
-        "sha256": digest,
-    })
+    atomic_write_json(
+        out / f"shard-{index:05d}.json",
+        {
+            "index": index,
+            "ids": [chunk[i].id for i in keep.tolist()],
+            "skipped": [{"id": chunk[i].id, "reason": r} for i, r in sorted(bad.items())],
+            "sha256": digest,
+        },
+    )
 
 
-def _finish(out: Path, plan: dict[str, Any], n_chunks: int,
-            skipped: list[dict[str, str]]) -> "Cache":
+def _finish(
+    out: Path, plan: dict[str, Any], n_chunks: int, skipped: list[dict[str, str]]
+) -> "Cache":
 
     shards: list[dict[str, Any]] = []
     ids: list[str] = []
     for i in range(n_chunks):
         side = out / f"shard-{i:05d}.json"
         if not side.exists():
-            raise CacheError(f"{side} is missing: shard {i} was never finished (in a "
-                             "multi-process build, rerun the same build once every rank is done)")
+            raise CacheError(
+                f"{side} is missing: shard {i} was never finished (in a "
+                "multi-process build, rerun the same build once every rank is done)"
+            )
         info = json.loads(side.read_text())
-        shards.append({"file": f"shard-{i:05d}.safetensors", "first_row": len(ids),
-                       "n_rows": len(info["ids"]), "sha256": info["sha256"]})
+        shards.append(
+            {
+                "file": f"shard-{i:05d}.safetensors",
+                "first_row": len(ids),
+                "n_rows": len(info["ids"]),
+                "sha256": info["sha256"],
+            }
+        )
         ids += info["ids"]
         skipped += info["skipped"]
     manifest = {**plan, "n_rows": len(ids), "ids": ids, "shards": shards, "skipped": skipped}
@@ -333,8 +407,10 @@ class Cache:
         if layer not in self.layers:
             raise KeyError(f"layer {layer} is not in this cache (it has {self.layers})")
         key = tensor_key(name, layer)
-        parts = [(info["first_row"], shard[key], shard[key + "/norm"])
-                 for info, shard in zip(self.manifest["shards"], self._shards, strict=True)]
+        parts = [
+            (info["first_row"], shard[key], shard[key + "/norm"])
+            for info, shard in zip(self.manifest["shards"], self._shards, strict=True)
+        ]
         return StatView(parts, self.d_model)
 
     def check(self, expect: Any) -> None:
@@ -366,8 +442,11 @@ def open_cache(path: str | Path, *, expect: Any = None, verify: bool = True) -> 
     path = Path(path)
     mfile = path / "manifest.json"
     if not mfile.exists():
-        hint = " (an unfinished build: rerun the same build to resume)" if (
-            path / "build.json").exists() else ""
+        hint = (
+            " (an unfinished build: rerun the same build to resume)"
+            if (path / "build.json").exists()
+            else ""
+        )
         raise CacheError(f"{path}: no manifest.json, not a finished lensattr cache{hint}")
     try:
         manifest = json.loads(mfile.read_text())
@@ -376,8 +455,10 @@ def open_cache(path: str | Path, *, expect: Any = None, verify: bool = True) -> 
     except (ValueError, UnicodeDecodeError) as err:
         raise CacheError(f"{mfile}: corrupt manifest ({err})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(f"{mfile}: schema version {manifest.get('schema_version')} "
-                         f"(this lensattr reads {SCHEMA_VERSION})")
+        raise CacheError(
+            f"{mfile}: schema version {manifest.get('schema_version')} "
+            f"(this lensattr reads {SCHEMA_VERSION})"
+        )
     shards = []
     for info in manifest["shards"]:
         f = path / info["file"]

@@ -94,6 +94,7 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--gen-tokens", type=int, default=24)
     p.add_argument("--no-trak", action="store_true")
+    p.add_argument("--no-projdiff", action="store_true", help="skip the projdiff column")
     p.add_argument("--trak-dim", type=int, default=512)
     p.add_argument("--finetune", default="", help="behaviours for the fine-tuning effect")
     p.add_argument("--ft-steps", type=int, default=30)
@@ -129,6 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             k=args.k,
             gen_tokens=args.gen_tokens,
+            projdiff=not args.no_projdiff,
             trak=not args.no_trak,
             trak_dim=args.trak_dim,
             ft_behaviours=[x for x in args.finetune.split(",") if x],

@@ -75,7 +75,7 @@ def test_padding_does_not_change_results(pair, train_records):
     for i, k in enumerate(n.tolist()):
         for name in ("z_in", "z_out", "grad"):
             a = getattr(right, name)[i, :k]
-            b = getattr(left, name)[i, width - k:]
+            b = getattr(left, name)[i, width - k :]
             assert rel(a, b) < TOL, (i, name)
 
 

