@@ -54,7 +54,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Pair:
-    """A contrastive pair: same prompt, a *treatment* reply showing the behaviour, a *control* without.
+    """A contrastive pair: same prompt, a *treatment* reply with the behaviour, a *control* without.
 
     ``control_system`` lets the two sides use different system prompts (persona vectors); by
     default both use ``system``.

@@ -1,9 +1,11 @@
 """``lensattr demo``: the whole method on the embedded SmolLM2 and the bundled data.
 
-Caches the bundled training set (clean instruction data + planted persona-psychopathy examples)
-at every layer, builds the residual-change query from the bundled query pairs, chooses a layer
-from the query pairs alone (held-out accuracy), prints the top-10 examples there and how many
-planted ones it found, and saves a layer-sweep plot.
+Caches the bundled training set (240 clean instruction examples + 24 planted replies of the
+``empathy`` trait: 12 that show it, label 1, and their 12 controls, label 0) at every layer,
+builds the residual-change query from the bundled query pairs, chooses a layer from the query
+pairs alone (held-out accuracy), prints the top-10 examples there and how many planted ones it
+found, and saves a layer-sweep plot. For comparison it then does the same with the
+residual-difference query (pooled activations), read from the same cache.
 """
 
 import json
@@ -30,7 +32,7 @@ def bundled(name: str) -> Path:
     return Path(str(files("lensattr") / "bundled" / name))
 
 
-def layer_sweep(cache: Any, query: Any, labels: torch.Tensor, k: int) -> list[dict[str, float]]:
+def layer_sweep(cache: Any, query: Any, labels: torch.Tensor, k: int) -> list[dict[str, Any]]:
     """Planted AUROC (label 1 vs label 0 plants) and precision@k of label-1 plants per layer."""
     planted = labels >= 0
     rows = []
@@ -52,7 +54,7 @@ def layer_sweep(cache: Any, query: Any, labels: torch.Tensor, k: int) -> list[di
     return rows
 
 
-def plot_sweep(rows: list[dict[str, float]], path: Path, title: str) -> None:
+def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,6 +155,28 @@ def run_demo(
     plot = out / "layer_sweep.png"
     plot_sweep(sweep, plot, f"residual-change query, {m.name}")
     print(f"layer-sweep plot: {plot}")
+
+    t0 = time.perf_counter()
+    diff = behavior_query(
+        m,
+        bundled("demo/query.jsonl"),
+        psi="residual_diff",
+        layers="all",
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
+    diff_sweep = layer_sweep(cache, diff, labels, k)
+    times["comparison: residual-difference query"] = time.perf_counter() - t0
+    diff_layer = diff.best_layer()
+    diff_top = rank(cache, diff, layer=diff_layer, top_k=10)
+    diff_row = next(r for r in diff_sweep if r["layer"] == diff_layer)
+    diff_found = sum(by_id[e].extra.get("label") == 1 for e in diff_top.ids)
+    print(
+        f"\nfor comparison, the residual-difference query (pooled z_out) at its own pre-chosen "
+        f"layer {diff_layer}: {diff_found} of 10 planted in the top-10, planted AUROC "
+        f"{diff_row['auroc']:.3f}"
+    )
     print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     summary = {
         "model": m.name,
@@ -160,6 +184,7 @@ def run_demo(
         "top10": list(zip(top.ids, top.scores.tolist(), strict=True)),
         "planted_in_top10": found,
         "sweep": sweep,
+        "residual_diff": {"layer": diff_layer, "planted_in_top10": diff_found, "sweep": diff_sweep},
         "times_s": times,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -13,8 +13,8 @@ SRC = Path(
     sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[1] / ".." / "shared" / "data"
 )
 DST = Path(__file__).parents[1] / "lensattr" / "bundled"
-BEHAVIOR = "persona-psychopathy"
-N_CLEAN, N_PLANT, N_QUERY = 240, 60, 64
+TRAIT = "empathy"
+N_CLEAN = 240  # the trait's 40 pairs split 16 / 12 / 12: query / plant / heldout (as the bench)
 
 
 def read(path: Path) -> list[dict]:
@@ -34,29 +34,46 @@ def main() -> None:
         if sum(len(m["content"]) for m in r["messages"]) <= 600
     ]
     clean = rng.sample(clean, N_CLEAN)
-    plants = read(SRC / "behaviors" / BEHAVIOR / "plant.jsonl")
-    pos = [p for p in plants if p["label"] == 1][: N_PLANT // 2]
-    neg = [p for p in plants if p["label"] == 0][: N_PLANT // 2]
-    train = clean + pos + neg
+    spec = json.loads((SRC / "traits" / f"{TRAIT}.json").read_text())
+    query, planted, heldout = spec["pairs"][:16], spec["pairs"][16:28], spec["pairs"][28:]
+    plants = [
+        {
+            "id": f"{p['id']}-{tag}",
+            "messages": [
+                {"role": "user", "content": p["prompt"]},
+                {"role": "assistant", "content": p[side]},
+            ],
+            "label": label,
+            "behavior": TRAIT,
+            "pair_id": p["id"],
+        }
+        for p in planted
+        for tag, side, label in (("treatment", "treatment", 1), ("control", "control", 0))
+    ]
+    train = clean + plants
     rng.shuffle(train)
     write(DST / "demo" / "train.jsonl", train)
-    write(
-        DST / "demo" / "query.jsonl", read(SRC / "behaviors" / BEHAVIOR / "query.jsonl")[:N_QUERY]
-    )
+    keys = ("id", "prompt", "treatment", "control")
+    for name, split in (("query", query), ("heldout", heldout)):
+        write(DST / "demo" / f"{name}.jsonl", [{k: p[k] for k in keys} for p in split])
     (DST / "LICENSES").mkdir(parents=True, exist_ok=True)
-    for name in ("self-instruct-Apache-2.0.txt", "anthropic-evals-CC-BY-4.0.txt"):
-        shutil.copy(SRC / "LICENSES" / name, DST / "LICENSES" / name)
+    for old in (DST / "LICENSES").iterdir():
+        old.unlink()
+    shutil.copy(SRC / "LICENSES" / "self-instruct-Apache-2.0.txt", DST / "LICENSES")
+    shutil.copy("/usr/share/common-licenses/CC0-1.0", DST / "LICENSES" / "traits-CC0-1.0.txt")
+    n = len(planted)
     (DST / "README.md").write_text(
         "# Bundled demo data\n\n"
         f"`demo/train.jsonl`: {N_CLEAN} examples of the clean instruction corpus "
-        "(self-instruct / T0 templates, Apache-2.0) with prompt + reply at most 600 characters, "
-        f"plus {N_PLANT} planted "
-        f"examples of `{BEHAVIOR}` (Anthropic model-written evals, CC-BY-4.0): "
-        f"{N_PLANT // 2} with label 1 (the reply shows the behaviour) and {N_PLANT // 2} "
-        "decoys with "
-        "label 0, shuffled (seed 0).\n\n"
-        f"`demo/query.jsonl`: the first {N_QUERY} pairs of `{BEHAVIOR}/query.jsonl` (disjoint from "
-        "the plants).\n\nMade by `scripts/bundle_data.py`; licences in `LICENSES/`.\n"
+        "(self-instruct / T0 templates, Apache-2.0; prompt + reply at most 600 characters) and "
+        f"{2 * n} planted examples from the `{TRAIT}` trait spec (written for this project, "
+        f"CC0-1.0): for each of {n} of its pairs, the treatment reply (label 1, shows the "
+        "trait) and the control reply (label 0, a decoy with the same prompt), shuffled "
+        "(seed 0).\n\n"
+        f"`demo/query.jsonl` and `demo/heldout.jsonl`: the trait's first {len(query)} and last "
+        f"{len(heldout)} pairs; the plants come from the {n} in between (the benchmark's "
+        "16 / 12 / 12 split).\n\n"
+        "Made by `scripts/bundle_data.py` from `../shared/data`; licences in `LICENSES/`.\n"
     )
 
 
