@@ -54,6 +54,18 @@ def layer_sweep(cache: Any, query: Any, labels: torch.Tensor, k: int) -> list[di
     return rows
 
 
+def planted_at(
+    cache: Any, query: Any, layer: int, labels: torch.Tensor, by_id: dict[str, Any], g: str
+) -> tuple[int, float]:
+    """(label-1 plants in the top-10, planted AUROC) of one query, layer and score."""
+    r = rank(cache, query, layer=layer, g=g, top_k=None)
+    scores = torch.empty(len(cache))
+    scores[r.rows] = r.scores
+    planted = labels >= 0
+    found = sum(by_id[e].extra.get("label") == 1 for e in r.ids[:10])
+    return found, auroc(scores[planted], (labels == 1).long()[planted])
+
+
 def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -172,10 +184,15 @@ def run_demo(
     diff_top = rank(cache, diff, layer=diff_layer, top_k=10)
     diff_row = next(r for r in diff_sweep if r["layer"] == diff_layer)
     diff_found = sum(by_id[e].extra.get("label") == 1 for e in diff_top.ids)
+    centered = planted_at(cache, query, layer, labels, by_id, g="centered_cosine")
     print(
-        f"\nfor comparison, the residual-difference query (pooled z_out) at its own pre-chosen "
-        f"layer {diff_layer}: {diff_found} of 10 planted in the top-10, planted AUROC "
-        f"{diff_row['auroc']:.3f}"
+        "\nfor comparison (same cache; each query at its own layer chosen from its pairs):\n"
+        f"  residual change, cosine           layer {layer:>2}: {found:>2} of 10 planted in the "
+        f"top-10, planted AUROC {row['auroc']:.3f}\n"
+        f"  residual change, centered cosine  layer {layer:>2}: {centered[0]:>2} of 10, "
+        f"AUROC {centered[1]:.3f}\n"
+        f"  residual difference, cosine       layer {diff_layer:>2}: {diff_found:>2} of 10, "
+        f"AUROC {diff_row['auroc']:.3f}"
     )
     print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     summary = {
@@ -184,6 +201,7 @@ def run_demo(
         "top10": list(zip(top.ids, top.scores.tolist(), strict=True)),
         "planted_in_top10": found,
         "sweep": sweep,
+        "residual_change_centered": {"planted_in_top10": centered[0], "auroc": centered[1]},
         "residual_diff": {"layer": diff_layer, "planted_in_top10": diff_found, "sweep": diff_sweep},
         "times_s": times,
     }
