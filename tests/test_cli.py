@@ -67,7 +67,11 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     assert main(["demo", "--model", "tiny-random", "--out", str(tmp_path), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "top-10 of 264" in text and "residual-difference query" in text and "planted (label 1) in the top-10" in text
+    assert (
+        "top-10 of 264" in text
+        and "residual-difference query" in text
+        and "planted (label 1) in the top-10" in text
+    )
     assert (tmp_path / "layer_sweep.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["top10"]) == 10 and len(summary["sweep"]) == 4

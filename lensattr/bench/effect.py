@@ -1,0 +1,96 @@
+"""The fine-tuning effect (the paper's protocol): top-k per method -> LoRA -> trait score."""
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lensattr.bench.finetune import lora_finetune, trait_score
+from lensattr.bench.grid import score_method
+from lensattr.bench.run import BenchConfig, _save_json, pool_rows, say, subpools
+from lensattr.bench.trak import cosine_scores
+from lensattr.data import load_examples
+
+
+def select(
+    method: str, b: Any, h: dict[str, Any], planted: dict[str, Any], k: int, seed: int
+) -> list[str]:
+    """Pool ids of the top-``k`` sub-pool examples of ``method`` (``random``: seeded sample)."""
+    idx, _ = subpools(h)[b.name]
+    ids = [h["cache"].ids[i] for i in idx.tolist()]
+    if method == "random":
+        return random.Random(seed).sample(ids, min(k, len(ids)))
+    if method == "trak":
+        q = h["trak"]["queries"][b.name]
+        s = cosine_scores(h["trak"]["pool"][idx], (q["t"] - q["c"]).mean(0))
+    else:
+        layer = planted[b.name]["methods"][method]["chosen_layer"]
+        s = score_method(
+            method, layer, pool_rows(h, layer), h["queries"][b.name], h["personas"][b.name], idx
+        )
+    top = torch.topk(s, min(k, len(s))).indices.tolist()
+    return [ids[i] for i in top]
+
+
+def finetune_effect(
+    cfg: BenchConfig, h: dict[str, Any], planted: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """Trait score on ``heldout`` for the base model and, per method and seed, the model
+    LoRA-fine-tuned on its top-k (same steps, lr, rank and seeds for every method)."""
+    table = {ex.id: ex for ex in load_examples(out / "pool.jsonl")}
+    results: dict[str, Any] = {}
+    for b in h["behaviours"]:
+        if b.name not in cfg.ft_behaviours:
+            continue
+        heldout = b.heldout[: cfg.ft_heldout]
+        res: dict[str, Any] = {"n_heldout": len(heldout), "methods": {}}
+        f = out / "ft" / b.name / "base.json"
+        if not f.exists():
+            say(f"{b.name}: trait score of the base model on {len(heldout)} heldout pairs")
+            _save_json(f, {"score": trait_score(h["model"], heldout, max_length=cfg.max_length)})
+        res["base"] = json.loads(f.read_text())["score"]
+        for m in cfg.ft_methods:
+            if m == "trak" and h["trak"] is None:
+                continue
+            scores = []
+            for seed in cfg.ft_seeds:
+                f = out / "ft" / b.name / f"{m.replace('|', '+')}-s{seed}.json"
+                if not f.exists():
+                    say(f"{b.name}: LoRA on the top-{cfg.k} of {m} (seed {seed})")
+                    t0 = time.perf_counter()
+                    ids = select(m, b, h, planted, cfg.k, seed)
+                    tuned = lora_finetune(
+                        h["model"],
+                        [table[i] for i in ids],
+                        steps=cfg.ft_steps,
+                        lr=cfg.ft_lr,
+                        rank=cfg.ft_rank,
+                        seed=seed,
+                        batch_size=4,
+                        max_length=cfg.max_length,
+                    )
+                    sc = trait_score(tuned, heldout, max_length=cfg.max_length)
+                    labels = [h["owner"][i][1] for i in ids]
+                    _save_json(
+                        f,
+                        {
+                            "score": sc,
+                            "ids": ids,
+                            "n_label1": labels.count(1),
+                            "n_label0": labels.count(0),
+                            "seconds": time.perf_counter() - t0,
+                        },
+                    )
+                scores.append(json.loads(f.read_text()))
+            vals = torch.tensor([s["score"] for s in scores], dtype=torch.float64)
+            res["methods"][m] = {
+                "scores": vals.tolist(),
+                "mean": float(vals.mean()),
+                "sd": float(vals.std()) if len(vals) > 1 else 0.0,
+                "n_label1_selected": [s["n_label1"] for s in scores],
+            }
+        results[b.name] = res
+    return results

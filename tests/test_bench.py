@@ -1,0 +1,203 @@
+"""The benchmark: a smoke run on the tiny model (plumbing only) and independent checks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lensattr.bench.behaviors import load_behaviour
+from lensattr.bench.finetune import lora_finetune, trait_score
+from lensattr.bench.smoke import smoke_config, write_synthetic_data
+from lensattr.bench.trak import Projector, default_targets, per_example_grads
+from lensattr.builtins import centered_cosine, whitened_cosine
+from lensattr.capture import response_loss
+from lensattr.data import Example, load_pairs
+from lensattr.render import collate, encode
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_synthetic_data(tmp_path_factory.mktemp("bench") / "data")
+
+
+def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
+    from lensattr.bench import run_bench
+
+    cfg = smoke_config(data_root)
+    cfg.ft_seeds, cfg.ft_methods = [0], ["residual_change|residual_change|cosine", "trak", "random"]
+    out = tmp_path / "out"
+    res = run_bench(cfg, out, model=tiny)
+    for f in ("results.json", "results.md", "heatmap.png", "layers.png", "cost.json"):
+        assert (out / f).exists(), f
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["planted"]) == {"shouting", "cheer"}
+    shout = saved["planted"]["shouting"]["methods"]
+    assert "trak" in shout and "random" in shout
+    assert "persona|projdiff|whitened_cosine" not in shout  # no system prompts: row left out
+    assert "persona|projdiff|whitened_cosine" in saved["planted"]["cheer"]["methods"]
+    cell = shout["residual_change|residual_change|cosine"]
+    assert cell["chosen_layer"] in cfg_layers(res) and len(cell["layers"]) == len(cfg_layers(res))
+    assert 0.0 <= cell["auroc"] <= 1.0 and len(cell["auroc_ci"]) == 2
+    assert set(res["finetune"]["shouting"]["methods"]) == set(cfg.ft_methods)
+    # resumable: a rerun reuses every saved step and gives the same planted numbers
+    again = run_bench(cfg, out, model=tiny)
+    assert again["planted"] == json.loads(json.dumps(res["planted"]))
+
+
+def cfg_layers(res):
+    any_cell = next(iter(res["planted"]["shouting"]["methods"].values()))
+    return [int(la) for la in any_cell["layers"]]
+
+
+def test_trait_spec_split_16_12_12(data_root):
+    b = load_behaviour(data_root / "traits" / "cheer.json")
+    assert (len(b.query), len(b.heldout), len(b.plants)) == (16, 12, 24)
+    assert b.labels == [1, 0] * 12 and b.persona is not None
+    assert b.plants[0].response.startswith("Yay")
+
+
+def test_trak_per_example_grads_match_a_loop(tiny):
+    exs = [
+        Example.from_prompt(f"e{i}", "hello there " * (i + 1), "yo " * (2 * i + 1))
+        for i in range(3)
+    ]
+    encs = [encode(tiny.tokenizer, e, None) for e in exs]
+    targets = default_targets(tiny, 2)
+    batched = per_example_grads(tiny, collate(encs, tiny.pad_id), targets)
+    mods = dict(tiny.hf.named_modules())
+    for i, enc in enumerate(encs):
+        b = collate([enc], tiny.pad_id)
+        ws = [mods[t].weight for t in targets]
+        for w in ws:
+            w.requires_grad_(True)
+        try:
+            hidden = tiny.hf.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask)[0]
+            loss, _ = response_loss(hidden, tiny, b.input_ids, b.mask)
+            loop = torch.autograd.grad(loss, ws)
+        finally:
+            for w in ws:
+                w.requires_grad_(False)
+        for t, g in zip(targets, loop, strict=True):
+            torch.testing.assert_close(batched[t][i], g, rtol=1e-4, atol=1e-6)
+
+
+def test_projector_is_seeded_and_chunk_invariant():
+    x = torch.randn(3, 1000)
+    a = Projector(1000, 16, seed=3, chunk=1000)(x)
+    b = Projector(1000, 16, seed=3, chunk=1000, keep_bytes=0)(x)
+    torch.testing.assert_close(a, b)
+    # the projection is linear: P(x + y) = P x + P y
+    p = Projector(1000, 16, seed=1, chunk=300)
+    torch.testing.assert_close(p(x[:1] + x[1:2]), p(x[:1]) + p(x[1:2]), rtol=1e-4, atol=1e-5)
+
+
+def test_trait_score_equals_direct_logprobs(tiny):
+    pairs = [
+        {"prompt": "Is it blue?", "treatment": "Yes, very blue!", "control": "No."},
+        {"prompt": "Count", "treatment": "one two", "control": "three four five"},
+    ]
+    diffs = []
+    for p in load_pairs(pairs):
+        means = []
+        for ex in p.sides():
+            enc = encode(tiny.tokenizer, ex)
+            ids = torch.tensor([enc.ids])
+            with torch.no_grad():
+                logits = tiny.hf(input_ids=ids).logits[0].double()
+            logp = F.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+            means.append(float(logp[enc.n_prompt - 1 :].mean()))
+        diffs.append(means[0] - means[1])
+    assert trait_score(tiny, pairs) == pytest.approx(float(np.mean(diffs)), abs=1e-4)
+
+
+def test_lora_finetune_moves_the_score_and_leaves_base(tiny):
+    pairs = [{"prompt": "Hi", "treatment": "Yes yes", "control": "No"}]
+    before = trait_score(tiny, pairs)
+    train = [{"id": f"a{i}", "prompt": "Hi", "response": "Yes yes"} for i in range(4)]
+    tuned = lora_finetune(tiny, train, steps=8, lr=1e-2, rank=4, seed=0)
+    assert trait_score(tuned, pairs) > before
+    assert trait_score(tiny, pairs) == pytest.approx(before)
+
+
+def _np_moments(x, ridge=1e-2):
+    mu = x.mean(0)
+    sigma = np.cov(x, rowvar=False)
+    lam = ridge * np.trace(sigma) / x.shape[1]
+    evals, evecs = np.linalg.eigh(sigma + lam * np.eye(x.shape[1]))
+    return mu, evecs @ np.diag(evals**-0.5) @ evecs.T
+
+
+def _np_cos(a, b):
+    return a @ b / (np.linalg.norm(a, axis=1) * np.linalg.norm(b))
+
+
+def test_centered_and_whitened_cosine_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)) + np.array([50.0, 0, 0, 0, 0, 0])  # an outlier dimension
+    psi = rng.normal(size=6)
+    rows, v = torch.tensor(x, dtype=torch.float32), torch.tensor(psi, dtype=torch.float32)
+    mu, w = _np_moments(x)
+    np.testing.assert_allclose(
+        centered_cosine(rows, rows.norm(dim=1), v).numpy(),
+        _np_cos(x - mu, psi),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        whitened_cosine(rows, rows.norm(dim=1), v).numpy(),
+        _np_cos((x - mu) @ w, w @ psi),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_scores_read_moments_from_the_cache(tiny, train_records, tmp_path):
+    from lensattr import build_cache
+    from lensattr.rank import ScoreContext
+
+    cache = build_cache(
+        tiny, train_records, out=tmp_path / "c", layers=[2], stats=["resid_post"], dtype="float32"
+    )
+    x = cache.stat("resid_post", 2)[:].double().numpy()
+    psi = torch.randn(x.shape[1])
+    mu, w = _np_moments(x)
+    ctx = ScoreContext(cache=cache, phi="resid_post", layer=2)
+    rows = torch.tensor(x[:5], dtype=torch.float32)  # a block of rows: moments still from all
+    got = whitened_cosine(rows, rows.norm(dim=1), psi, ctx).numpy()
+    np.testing.assert_allclose(
+        got, _np_cos((x[:5] - mu) @ w, w @ psi.double().numpy()), rtol=1e-3, atol=1e-4
+    )
+    got = centered_cosine(rows, rows.norm(dim=1), psi, ctx).numpy()
+    np.testing.assert_allclose(got, _np_cos(x[:5] - mu, psi.double().numpy()), rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "c" / "moments-resid_post-2.safetensors").exists()
+
+
+def test_cli_bench_smoke(tmp_path, capsys):
+    from lensattr.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--smoke", "--out", str(tmp_path)])
+    assert args.smoke and args.command == "bench"
+
+
+def test_judge_reads_key_from_env_and_parses_score(monkeypatch):
+    import io
+
+    from lensattr.bench import judge
+
+    seen = {}
+
+    def fake_urlopen(req, timeout):
+        seen["auth"] = req.headers.get("Authorization")
+        seen["url"] = req.full_url
+        body = {"choices": [{"message": {"content": "Score: 2"}}]}
+        return io.BytesIO(json.dumps(body).encode())
+
+    monkeypatch.setenv("LENSATTR_JUDGE_API_KEY", "sk-test")
+    monkeypatch.setattr(judge.urllib.request, "urlopen", fake_urlopen)
+    got = judge.judge_score(
+        "Q?", "A.", judge.RUBRICS["medical_hallucination"], url="http://localhost:1/v1", model="m"
+    )
+    assert got == 2 and seen["auth"] == "Bearer sk-test"
+    assert seen["url"] == "http://localhost:1/v1/chat/completions"
