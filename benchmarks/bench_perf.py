@@ -147,19 +147,32 @@ def timed(fn, *args) -> float:
 def build_peak_rss(model_spec: str, n: int, max_length: int, batch_size: int, device: str) -> dict:
     """(c) in a fresh process: peak RSS (ru_maxrss) for a corpus of ``n`` examples."""
     code = f"""
-import resource, sys, tempfile, time, json
+import json, tempfile, threading, time
+from pathlib import Path
 from lensattr import build_cache, load_examples, load_model
 from lensattr.demo import bundled
+
+def rss():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
 m = load_model({model_spec!r}, device={device!r})
 exs = (load_examples(bundled("demo/train.jsonl")) * 100)[:{n}]
 exs = [type(e)(id=f"{{i}}-{{e.id}}", messages=e.messages) for i, e in enumerate(exs)]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter()
+base, peak, stop = rss(), [0.0], threading.Event()
+def sample():
+    while not stop.wait(0.02):
+        peak[0] = max(peak[0], rss())
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+t0 = time.perf_counter()
 build_cache(m, exs, out=tempfile.mkdtemp(), max_length={max_length}, batch_size={batch_size},
             shard_size=64, progress=False)
-print(json.dumps({{"n": {n}, "seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_after_load_mb": base / 1024}}))
+stop.set()
+t.join()
+print(json.dumps({{"n": {n}, "seconds": time.perf_counter() - t0,
+                  "peak_rss_mb": max(peak[0], rss()), "rss_before_build_mb": base}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -271,11 +284,13 @@ def main() -> None:
     ap.add_argument("--rank-rows", type=int, default=1_000_000)
     ap.add_argument("--rank-dims", default="576,4096")
     ap.add_argument("--rss-sizes", default="32,128", help="corpus sizes for (c)'s peak RSS")
+    ap.add_argument("--parts", default="timing,rss,rank", help="which parts to run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check only")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     if args.quick:
         args.n_examples, args.rounds, args.rank_rows, args.rss_sizes = 8, 1, 20000, "8,16"
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     if args.random_shape:
@@ -314,41 +329,46 @@ def main() -> None:
             progress=False,
         )
 
-    methods = {
-        "(a) forward only": lambda: run_forward(model, bs),
-        "(b) floor, full head": lambda: run_floor(model, bs, layers, sparse_head=False),
-        "(b) floor, sparse head": lambda: run_floor(model, bs, layers, sparse_head=True),
-        "(c) build_cache, all layers": cache_all,
-        "(b) floor, sparse head, last third": lambda: run_floor(model, bs, upper, True),
-        "(c) build_cache, last third": cache_upper,
-    }
-    trak = trak_runner(model, examples, args)
-    if trak is not None:
-        methods["(d) TRAK-style projected grads"] = trak
-    cache_all()  # warm-up: first nnsight trace, allocator
-    run_floor(model, bs, layers, True)
     best: dict[str, float] = {}
-    for _ in range(args.rounds):
-        for name, fn in methods.items():
-            best[name] = min(best.get(name, float("inf")), timed(fn))
-    rows = [(name, s, n_tokens / s) for name, s in best.items()]
-    print(f"\n{'step':<38}{'seconds':>9}{'tokens/s':>10}")
-    for name, s, tps in rows:
-        print(f"{name:<38}{s:>9.2f}{tps:>10.1f}")
-    r = {
-        "(c)/(b) full head": best["(c) build_cache, all layers"] / best["(b) floor, full head"],
-        "(c)/(b) sparse head": best["(c) build_cache, all layers"] / best["(b) floor, sparse head"],
-        "(c)/(a)": best["(c) build_cache, all layers"] / best["(a) forward only"],
-        "(c) last third / (c) all": best["(c) build_cache, last third"]
-        / best["(c) build_cache, all layers"],
-        "(c)/(b) last third, sparse": best["(c) build_cache, last third"]
-        / best["(b) floor, sparse head, last third"],
-    }
-    if trak is not None:
-        r["(d)/(c)"] = best["(d) TRAK-style projected grads"] / best["(c) build_cache, all layers"]
-    print()
-    for k, v in r.items():
-        print(f"ratio {k:<32}{v:>7.3f}")
+    r: dict[str, float] = {}
+    if "timing" in parts:
+        methods = {
+            "(a) forward only": lambda: run_forward(model, bs),
+            "(b) floor, full head": lambda: run_floor(model, bs, layers, sparse_head=False),
+            "(b) floor, sparse head": lambda: run_floor(model, bs, layers, sparse_head=True),
+            "(c) build_cache, all layers": cache_all,
+            "(b) floor, sparse head, last third": lambda: run_floor(model, bs, upper, True),
+            "(c) build_cache, last third": cache_upper,
+        }
+        trak = trak_runner(model, examples, args)
+        if trak is not None:
+            methods["(d) TRAK-style projected grads"] = trak
+        cache_all()  # warm-up: first nnsight trace, allocator
+        run_floor(model, bs, layers, True)
+        for _ in range(args.rounds):
+            for name, fn in methods.items():
+                best[name] = min(best.get(name, float("inf")), timed(fn))
+        rows = [(name, s, n_tokens / s) for name, s in best.items()]
+        print(f"\n{'step':<38}{'seconds':>9}{'tokens/s':>10}")
+        for name, s, tps in rows:
+            print(f"{name:<38}{s:>9.2f}{tps:>10.1f}")
+        r = {
+            "(c)/(b) full head": best["(c) build_cache, all layers"] / best["(b) floor, full head"],
+            "(c)/(b) sparse head": best["(c) build_cache, all layers"]
+            / best["(b) floor, sparse head"],
+            "(c)/(a)": best["(c) build_cache, all layers"] / best["(a) forward only"],
+            "(c) last third / (c) all": best["(c) build_cache, last third"]
+            / best["(c) build_cache, all layers"],
+            "(c)/(b) last third, sparse": best["(c) build_cache, last third"]
+            / best["(b) floor, sparse head, last third"],
+        }
+        if trak is not None:
+            r["(d)/(c)"] = (
+                best["(d) TRAK-style projected grads"] / best["(c) build_cache, all layers"]
+            )
+        print()
+        for k, v in r.items():
+            print(f"ratio {k:<32}{v:>7.3f}")
     per_example = 2 * model.d_model + 4
     print(
         f"\nbytes on disk per example, layer and statistic: {per_example} "
@@ -356,15 +376,15 @@ def main() -> None:
         f"{per_example * model.n_layers * len(DEFAULT_STATS)}"
     )
     rss = []
-    if args.device == "cpu" and not args.random_shape:
+    if "rss" in parts and args.device == "cpu" and not args.random_shape:
         for n in [int(x) for x in args.rss_sizes.split(",")]:
             rss.append(build_peak_rss(args.model, n, args.max_length, args.batch_size, args.device))
             print(
-                f"(c) peak RSS at N={n}: {rss[-1]['peak_rss_mb']:.0f} MB "
-                f"(after model load {rss[-1]['rss_after_load_mb']:.0f} MB)"
+                f"(c) peak RSS during the build at N={n}: {rss[-1]['peak_rss_mb']:.0f} MB "
+                f"(before the build, model loaded: {rss[-1]['rss_before_build_mb']:.0f} MB)"
             )
     ranking = []
-    for d in [int(x) for x in args.rank_dims.split(",")]:
+    for d in [] if "rank" not in parts else [int(x) for x in args.rank_dims.split(",")]:
         ranking.append(bench_ranking(args.rank_rows, d, work))
         e = ranking[-1]
         print(

@@ -104,7 +104,7 @@ def encode(tokenizer, example: Example, max_length: int | None = None) -> Encode
         prompt_ids = prompt_ids[:n_header] + prompt_ids[n_header + cut :]
         excess -= cut
         if excess > 0:
-            response_ids = response_ids[: len(response_ids) - excess]
+            response_ids = response_ids[: max(len(response_ids) - excess, 0)]
         if not response_ids:
             raise TruncationError(
                 f"example {example.id!r}: max_length={max_length} leaves no reply tokens "

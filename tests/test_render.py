@@ -64,3 +64,11 @@ def test_masks_come_from_lengths_even_when_pad_equals_end_of_turn(tiny):
             real = b.attention_mask[row].bool()
             assert b.position_ids[row][real].tolist() == list(range(len(e.ids)))
         assert b.mask.dtype == torch.bool
+
+
+def test_reply_longer_cut_than_it_has_is_an_error_not_a_wraparound(tiny):
+    # Found by the hypothesis test: header + tail alone exceed max_length, and the excess is
+    # larger than the reply; a negative slice used to keep part of the reply.
+    ex = Example.from_prompt("a", "<<", "<<<<<<<<<ééé")
+    with pytest.raises(TruncationError, match="no reply tokens"):
+        encode(tiny.tokenizer, ex, max_length=44)
