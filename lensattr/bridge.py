@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lensattr.capture import LayerActs, _forward_kwargs, response_loss
 from lensattr.models import Model
@@ -205,13 +204,9 @@ def logits_loss(
 
     Used when the bridge exposes no final-norm hook; position ``p - 1`` predicts token ``p``.
     """
-    pred = mask[:, 1:]
-    rows = pred.nonzero()[:, 0]
-    nll = F.cross_entropy(logits[:, :-1][pred].float(), input_ids[:, 1:][pred], reduction="none")
-    n_tokens = mask.sum(1).clamp(min=1)
-    per_example = torch.zeros(mask.shape[0], dtype=nll.dtype, device=nll.device)
-    per_example = per_example.index_add(0, rows, nll) / n_tokens
-    return per_example.sum(), per_example
+    from lensattr.capture import reduce_response_nll
+
+    return reduce_response_nll(logits[:, :-1][mask[:, 1:]], input_ids, mask)
 
 
 def capture_bridge(

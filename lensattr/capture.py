@@ -60,13 +60,22 @@ def response_loss(
     ``hidden`` is the final normalised residual stream; position ``p - 1`` predicts token ``p``.
     """
     pred = mask[:, 1:]
-    rows = pred.nonzero()[:, 0]
     head = model.hf.get_output_embeddings()
     logits = F.linear(hidden[:, :-1][pred], head.weight, getattr(head, "bias", None)).float()
     cap = getattr(model.hf.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    nll = F.cross_entropy(logits, input_ids[:, 1:][pred], reduction="none")
+    return reduce_response_nll(logits, input_ids, mask)
+
+
+def reduce_response_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_x loss_x, [loss_x])`` from the logits at the predicting positions ``mask[:, 1:]``
+    (in row-major order): each example's mean NLL over its own response tokens."""
+    pred = mask[:, 1:]
+    rows = pred.nonzero()[:, 0]
+    nll = F.cross_entropy(logits.float(), input_ids[:, 1:][pred], reduction="none")
     n_tokens = mask.sum(1).clamp(min=1)
     per_example = torch.zeros(mask.shape[0], dtype=nll.dtype, device=nll.device)
     per_example = per_example.index_add(0, rows, nll) / n_tokens

@@ -121,16 +121,19 @@ def run_demo(
         f"({times['cache']:.1f}s)"
     )
 
+    def build_query(psi: str) -> Any:
+        return behavior_query(
+            m,
+            bundled("demo/query.jsonl"),
+            psi=psi,
+            layers="all",
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
+        )
+
     t0 = time.perf_counter()
-    query = behavior_query(
-        m,
-        bundled("demo/query.jsonl"),
-        psi="residual_change",
-        layers="all",
-        batch_size=batch_size,
-        max_length=max_length,
-        progress=progress,
-    )
+    query = build_query("residual_change")
     times["query"] = time.perf_counter() - t0
     print(f"residual-change query from {query.n_pairs} pairs ({times['query']:.1f}s)")
 
@@ -169,15 +172,7 @@ def run_demo(
     print(f"layer-sweep plot: {plot}")
 
     t0 = time.perf_counter()
-    diff = behavior_query(
-        m,
-        bundled("demo/query.jsonl"),
-        psi="residual_diff",
-        layers="all",
-        batch_size=batch_size,
-        max_length=max_length,
-        progress=progress,
-    )
+    diff = build_query("residual_diff")
     diff_sweep = layer_sweep(cache, diff, labels, k)
     times["comparison: residual-difference query"] = time.perf_counter() - t0
     diff_layer = diff.best_layer()

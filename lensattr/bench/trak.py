@@ -182,25 +182,18 @@ def trak_scores(
     )
     per_ex = (time.perf_counter() - t0) / max(len(pool), 1)
     sides = [p.sides() for p in query]
-    qt = projected_grads(
-        model,
-        [s[0] for s in sides],
-        targets,
-        proj,
-        batch_size=batch_size,
-        max_length=max_length,
-        progress=progress,
-        desc="trak query",
-    )
-    qc = projected_grads(
-        model,
-        [s[1] for s in sides],
-        targets,
-        proj,
-        batch_size=batch_size,
-        max_length=max_length,
-        progress=progress,
-        desc="trak query",
+    qt, qc = (
+        projected_grads(
+            model,
+            [s[side] for s in sides],
+            targets,
+            proj,
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
+            desc="trak query",
+        )
+        for side in (0, 1)
     )
     return {
         "scores": cosine_scores(pool_g, (qt - qc).mean(0)),
