@@ -246,4 +246,4 @@ def as_query(query: Any) -> Query:
     return query if isinstance(query, Query) else Query.load(query)
 
 
-__all__ = ["Query", "behavior_query", "as_query", "Model"]
+__all__ = ["Query", "as_query", "behavior_query", "heldout_accuracy", "pair_contributions"]
