@@ -261,7 +261,7 @@ def _plan(
     examples: Sequence[Example],
 ) -> dict[str, Any]:
     if dtype not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"dtype must be 'bfloat16' or 'float32', not {dtype!r}")
+        raise ValueError(f"dtype must be 'bfloat16', 'float32' or 'float16', not {dtype!r}")
     plan: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "lensattr_version": __version__,
