@@ -20,10 +20,9 @@ import torch
 from lensattr.capture import LayerActs, _forward_kwargs, response_loss
 from lensattr.models import Model
 from lensattr.render import Batch
+from lensattr.sites import check_extra, locate, site_name
 
 INSTALL_HINT = "pip install 'lensattr[tl]'"
-SITES = {"attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
-"""Optional per-layer sites and their TransformerLens hook names (``blocks.{l}.<hook>``)."""
 FINAL_NORM_HOOK = "ln_final.hook_out"
 """The final normalised residual stream (the LM head's input)."""
 _WRAPPED = "._original_component"
@@ -242,9 +241,7 @@ def capture_bridge(
     bridge = model.bridge
     if bridge is None:
         raise ValueError("capture_bridge needs a model with a TransformerBridge (wrap_bridge)")
-    unknown = set(sites) - set(SITES)
-    if unknown:
-        raise ValueError(f"unknown sites {sorted(unknown)}; known: {sorted(SITES)}")
+    check_extra(sites)
     layers = sorted(set(layers))
     if not layers or layers[0] < 0 or layers[-1] >= model.n_layers:
         raise ValueError(f"layers {layers} out of range for a model with {model.n_layers} blocks")
@@ -262,13 +259,16 @@ def capture_bridge(
 
         return hook
 
+    def hook(layer: int, kind: str) -> str:
+        return locate(site_name(layer, kind), bridge=bridge)
+
     fwd: list[tuple[str, Any]] = []
     for layer in layers:
         cut = grad and layer == lowest
-        fwd.append((f"blocks.{layer}.hook_resid_pre", keep(("z_in", layer), cut)))
+        fwd.append((hook(layer, "resid_pre"), keep(("z_in", layer), cut)))
         for site in sites:
-            fwd.append((f"blocks.{layer}.{SITES[site]}", keep((site, layer))))
-        fwd.append((f"blocks.{layer}.hook_resid_post", keep(("z_out", layer))))
+            fwd.append((hook(layer, site), keep((site, layer))))
+        fwd.append((hook(layer, "resid_post"), keep(("z_out", layer))))
     final = _final_norm_hook(bridge) if grad else None
     if final is not None:
         fwd.append((final, keep("final")))

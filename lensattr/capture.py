@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lensattr.models import Model
 from lensattr.render import Batch
-from lensattr.sites import envoy, module_paths
+from lensattr.sites import EXTRA, Port, check_extra, envoy, locate, module_paths, site_name
 from lensattr.types import Acts, Mask
 
 
@@ -46,6 +46,12 @@ class LayerActs:
 
 def _first(x: Any) -> Any:
     return x[0] if isinstance(x, tuple) or hasattr(x, "to_tuple") else x  # tuple / ModelOutput
+
+
+def _read(lm: Any, port: Port) -> Any:
+    """The tensor at a :class:`~lensattr.sites.Port` inside an nnsight trace."""
+    value = getattr(envoy(lm, port.module), port.port)
+    return value if port.port == "input" else _first(value)
 
 
 def _detach(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -117,6 +123,7 @@ def capture(
         >>> acts[3].grad.shape == acts[3].z_out.shape
         True
     """
+    check_extra(sites)
     if model.backend == "bridge":
         from lensattr.bridge import capture_bridge
 
@@ -133,19 +140,20 @@ def capture(
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with torch.set_grad_enabled(grad), lm.trace(inputs, **_forward_kwargs(model, batch)):
         for layer in layers:
-            block = envoy(lm, paths.layers)[layer]
-            x = block.input
+            pre = locate(site_name(layer, "resid_pre"), paths=paths)
+            x = _read(lm, pre)
             if grad and layer == lowest:
                 # Cut the graph here: parameters are frozen, so the backward pass need not go
                 # below the lowest requested layer, and this leaf makes it have a graph at all.
                 x = x.detach().requires_grad_(True)
-                block.input = x
+                envoy(lm, pre.module).input = x
             z_in[layer] = x.save()
-            if "attn_out" in sites:
-                extra[layer, "attn_out"] = _first(getattr(block, paths.attn).output).save()
-            if "mlp_out" in sites:
-                extra[layer, "mlp_out"] = _first(getattr(block, paths.mlp).output).save()
-            z_out[layer] = _first(block.output).save()
+            for kind in EXTRA:  # in execution order: attention, MLP, then the block output
+                if kind in sites:
+                    extra[layer, kind] = _read(
+                        lm, locate(site_name(layer, kind), paths=paths)
+                    ).save()
+            z_out[layer] = _read(lm, locate(site_name(layer, "resid_post"), paths=paths)).save()
         if grad:
             hidden = _first(envoy(lm, paths.base).output)
             loss, _ = response_loss(hidden, model, batch.input_ids, batch.mask)

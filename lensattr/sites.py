@@ -6,17 +6,20 @@ lensattr addresses activations by TransformerLens names:
 * ``blocks.{l}.hook_resid_post``: the output of block ``l`` (``z_out``);
 * ``blocks.{l}.hook_attn_out`` / ``blocks.{l}.hook_mlp_out``: what attention / the MLP add.
 
-:func:`module_paths` maps them onto a Hugging Face module tree (the nnsight backend reads
-``.input`` / ``.output`` of those modules); the TransformerLens bridge uses the names directly.
+:func:`locate` is the one place where a name meets a backend: for a Hugging Face model it gives
+the module path and port (``input`` / ``output``) that the nnsight backend reads inside a trace;
+for a ``TransformerBridge`` it gives the hook point, which carries the same name.
 """
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+EXTRA = ("attn_out", "mlp_out")
+"""Sites a capture may keep besides ``z_in`` / ``z_out`` (``capture(..., sites=EXTRA)``)."""
 _SITE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
 _LAYER_LISTS = ("layers", "h", "blocks", "layer", "decoder.layers")
 _ATTN = ("self_attn", "attn", "attention", "self_attention")
@@ -28,6 +31,13 @@ def site_name(layer: int, kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown site kind {kind!r}; expected one of {KINDS}")
     return f"blocks.{layer}.hook_{kind}"
+
+
+def check_extra(sites: Any) -> None:
+    """Refuse extra capture sites other than :data:`EXTRA`."""
+    unknown = set(sites) - set(EXTRA)
+    if unknown:
+        raise ValueError(f"unknown sites {sorted(unknown)}; known: {list(EXTRA)}")
 
 
 def parse_site(name: str) -> tuple[int, str]:
@@ -76,6 +86,49 @@ def module_paths(hf: Any) -> ModulePaths:
             mlp = next((m for m in _MLP if hasattr(block, m)), "")
             return ModulePaths(base=base, layers=f"{base}.{cand}", attn=attn, mlp=mlp)
     raise ValueError(f"cannot find the {n} decoder blocks of {type(hf).__name__}")
+
+
+@dataclass(frozen=True)
+class Port:
+    """Where a site lives in a Hugging Face model: ``getattr(envoy(lm, module), port)``."""
+
+    module: str  # dotted module path from the causal LM
+    port: str  # "input" (the first positional argument) or "output" (its first element)
+
+
+@overload
+def locate(name: str, *, paths: ModulePaths) -> Port: ...
+@overload
+def locate(name: str, *, bridge: Any) -> str: ...
+def locate(name: str, *, paths: ModulePaths | None = None, bridge: Any = None) -> Port | str:
+    """Map a TransformerLens site name onto a backend.
+
+    Args:
+        name: ``blocks.{l}.hook_{resid_pre|resid_post|attn_out|mlp_out}``.
+        paths: the Hugging Face module tree (:func:`module_paths`): returns a :class:`Port`.
+        bridge: a ``TransformerBridge``: returns its hook name (checked to exist).
+
+    Examples:
+        >>> paths = ModulePaths(base="model", layers="model.layers", attn="self_attn", mlp="mlp")
+        >>> locate("blocks.2.hook_resid_pre", paths=paths)
+        Port(module='model.layers.2', port='input')
+        >>> locate("blocks.2.hook_mlp_out", paths=paths)
+        Port(module='model.layers.2.mlp', port='output')
+    """
+    layer, kind = parse_site(name)
+    if bridge is not None:
+        if name not in bridge.hook_dict:
+            raise ValueError(f"the TransformerBridge has no hook point {name!r}")
+        return name
+    if paths is None:
+        raise ValueError("locate needs paths= (Hugging Face) or bridge= (TransformerLens)")
+    block = f"{paths.layers}.{layer}"
+    if kind in ("resid_pre", "resid_post"):
+        return Port(block, "input" if kind == "resid_pre" else "output")
+    sub = paths.attn if kind == "attn_out" else paths.mlp
+    if not sub:
+        raise ValueError(f"cannot find the {kind[:-4]} module of a block under {block}")
+    return Port(f"{block}.{sub}", "output")
 
 
 def envoy(root: Any, dotted: str) -> Any:

@@ -111,3 +111,35 @@ def test_forward_only_capture_has_no_grad(tiny, train_records):
     assert acts.grad is None
     with pytest.raises(ValueError, match="needs gradients"):
         get_phi("grad").fn(acts)
+
+
+def test_sites_map_to_the_modules_that_hooks_see(tiny, train_records):
+    """``locate`` puts each TransformerLens name on the module a plain torch hook reads."""
+    from lensattr.sites import locate, module_paths
+
+    batch = collate(encoded(tiny, train_records[:2]), tiny.pad_id)
+    paths = module_paths(tiny.hf)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for kind in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+        port = locate(f"blocks.1.hook_{kind}", paths=paths)
+        module = tiny.hf.get_submodule(port.module)
+
+        def hook(mod, args, out, kind=kind, port=port):
+            x = args[0] if port.port == "input" else out
+            seen[kind] = (x[0] if isinstance(x, tuple) else x).detach()
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        acts = capture(tiny, batch, [1], grad=False, sites=["attn_out", "mlp_out"])[1]
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(seen["resid_pre"], acts.z_in)
+    assert torch.equal(seen["resid_post"], acts.z_out)
+    assert torch.equal(seen["attn_out"], acts.attn_out)
+    assert torch.equal(seen["mlp_out"], acts.mlp_out)
+    with pytest.raises(ValueError, match="unknown sites"):
+        capture(tiny, batch, [1], sites=["resid_mid"])
+    with pytest.raises(ValueError, match="unsupported site"):
+        locate("blocks.1.hook_resid_mid", paths=paths)
