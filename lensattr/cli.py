@@ -101,6 +101,13 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--ft-seeds", default="0,1")
     p.add_argument("--ft-heldout", type=int, default=48)
     p.add_argument(
+        "--ft-methods",
+        default=None,
+        help="comma-separated methods to fine-tune on: 'psi|phi|g' cells, trak, random, best "
+        "(the method chosen on the query pairs); default: residual_change|residual_change|cosine,"
+        "residual_diff|resid_post|cosine,trak,random",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="tiny random model + synthetic data: checks plumbing only, in seconds",
@@ -138,6 +145,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ft_seeds=[int(x) for x in args.ft_seeds.split(",") if x],
             ft_heldout=args.ft_heldout,
         )
+        if args.ft_methods:
+            cfg.ft_methods = [x for x in args.ft_methods.split(",") if x]
     run_bench(cfg, args.out)
     print(f"results: {args.out}/results.json, {args.out}/results.md, figures in {args.out}")
     return 0

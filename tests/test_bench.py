@@ -44,6 +44,13 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     # resumable: a rerun reuses every saved step and gives the same planted numbers
     again = run_bench(cfg, out, model=tiny)
     assert again["planted"] == json.loads(json.dumps(res["planted"]))
+    # "best" fine-tunes on the method chosen from the query pairs; a typo fails before any LoRA
+    cfg.ft_methods = ["best"]
+    best = run_bench(cfg, out, model=tiny)["finetune"]["shouting"]["methods"]["best"]
+    assert best["resolved"] == saved["planted"]["shouting"]["best_by_cv"]
+    cfg.ft_methods = ["residual_change|resid_post|cosinee"]
+    with pytest.raises(ValueError, match="unknown fine-tuning methods"):
+        run_bench(cfg, out, model=tiny)
 
 
 def cfg_layers(res):

@@ -18,7 +18,10 @@ from lensattr.data import load_examples
 def select(
     method: str, b: Any, h: dict[str, Any], planted: dict[str, Any], k: int, seed: int
 ) -> list[str]:
-    """Pool ids of the top-``k`` sub-pool examples of ``method`` (``random``: seeded sample)."""
+    """Pool ids of the top-``k`` sub-pool examples of ``method`` (``random``: seeded sample;
+    ``best``: the behaviour's method chosen on its query pairs)."""
+    if method == "best":
+        method = planted[b.name]["best_by_cv"]
     idx, _ = subpools(h)[b.name]
     ids = [h["cache"].ids[i] for i in idx.tolist()]
     if method == "random":
@@ -40,6 +43,10 @@ def finetune_effect(
 ) -> dict[str, Any]:
     """Trait score on ``heldout`` for the base model and, per method and seed, the model
     LoRA-fine-tuned on its top-k (same steps, lr, rank and seeds for every method)."""
+    known = {"best", *(m for r in planted.values() for m in r["methods"])}
+    unknown = [m for m in cfg.ft_methods if m not in known]
+    if unknown:  # fail before the first (minutes-long) fine-tune, not after
+        raise ValueError(f"unknown fine-tuning methods {unknown}; known: {sorted(known)}")
     table = {ex.id: ex for ex in load_examples(out / "pool.jsonl")}
     results: dict[str, Any] = {}
     for b in h["behaviours"]:
@@ -91,6 +98,7 @@ def finetune_effect(
                 "mean": float(vals.mean()),
                 "sd": float(vals.std()) if len(vals) > 1 else 0.0,
                 "n_label1_selected": [s["n_label1"] for s in scores],
+                **({"resolved": planted[b.name]["best_by_cv"]} if m == "best" else {}),
             }
         results[b.name] = res
     return results
