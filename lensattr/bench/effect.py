@@ -60,15 +60,17 @@ def finetune_effect(
             _save_json(f, {"score": trait_score(h["model"], heldout, max_length=cfg.max_length)})
         res["base"] = json.loads(f.read_text())["score"]
         for m in cfg.ft_methods:
-            if m == "trak" and h["trak"] is None:
+            # "best" shares its files with the method it resolves to (no fine-tune run twice)
+            run_m = planted[b.name]["best_by_cv"] if m == "best" else m
+            if run_m == "trak" and h["trak"] is None:
                 continue
             scores = []
             for seed in cfg.ft_seeds:
-                f = out / "ft" / b.name / f"{m.replace('|', '+')}-s{seed}.json"
+                f = out / "ft" / b.name / f"{run_m.replace('|', '+')}-s{seed}.json"
                 if not f.exists():
-                    say(f"{b.name}: LoRA on the top-{cfg.k} of {m} (seed {seed})")
+                    say(f"{b.name}: LoRA on the top-{cfg.k} of {run_m} (seed {seed})")
                     t0 = time.perf_counter()
-                    ids = select(m, b, h, planted, cfg.k, seed)
+                    ids = select(run_m, b, h, planted, cfg.k, seed)
                     tuned = lora_finetune(
                         h["model"],
                         [table[i] for i in ids],
@@ -98,7 +100,7 @@ def finetune_effect(
                 "mean": float(vals.mean()),
                 "sd": float(vals.std()) if len(vals) > 1 else 0.0,
                 "n_label1_selected": [s["n_label1"] for s in scores],
-                **({"resolved": planted[b.name]["best_by_cv"]} if m == "best" else {}),
+                **({"resolved": run_m} if m == "best" else {}),
             }
         results[b.name] = res
     return results
