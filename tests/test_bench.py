@@ -29,7 +29,14 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     cfg.ft_seeds, cfg.ft_methods = [0], ["residual_change|residual_change|cosine", "trak", "random"]
     out = tmp_path / "out"
     res = run_bench(cfg, out, model=tiny)
-    for f in ("results.json", "results.md", "heatmap.png", "layers.png", "cost.json"):
+    for f in (
+        "results.json",
+        "results.md",
+        "heatmap.png",
+        "layers.png",
+        "finetune.png",
+        "cost.json",
+    ):
         assert (out / f).exists(), f
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["planted"]) == {"shouting", "cheer"}
@@ -41,6 +48,7 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     assert cell["chosen_layer"] in cfg_layers(res) and len(cell["layers"]) == len(cfg_layers(res))
     assert 0.0 <= cell["auroc"] <= 1.0 and len(cell["auroc_ci"]) == 2
     assert set(res["finetune"]["shouting"]["methods"]) == set(cfg.ft_methods)
+    assert "| shouting | base model |" in (out / "results.md").read_text()
     # resumable: a rerun reuses every saved step and gives the same planted numbers
     again = run_bench(cfg, out, model=tiny)
     assert again["planted"] == json.loads(json.dumps(res["planted"]))

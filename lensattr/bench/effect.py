@@ -100,6 +100,7 @@ def finetune_effect(
                 "mean": float(vals.mean()),
                 "sd": float(vals.std()) if len(vals) > 1 else 0.0,
                 "n_label1_selected": [s["n_label1"] for s in scores],
+                "n_label0_selected": [s["n_label0"] for s in scores],
                 **({"resolved": run_m} if m == "best" else {}),
             }
         results[b.name] = res

@@ -81,25 +81,69 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {psi} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += layer_tables(results)
-    if results.get("finetune"):
-        lines += [
-            "## Fine-tuning effect (trait score on heldout pairs; mean +- sd over seeds)",
-            "",
-            "| behaviour | base | "
-            + " | ".join(map(_n, next(iter(results["finetune"].values()))["methods"]))
-            + " |",
-            "|---" * (2 + len(next(iter(results["finetune"].values()))["methods"])) + "|",
-        ]
-        for name, r in results["finetune"].items():
-            cells = [
-                f"{_f(v['mean'], 3)} +- {_f(v['sd'], 3)} (label-1 picked: {v['n_label1_selected']})"
-                for v in r["methods"].values()
-            ]
-            lines.append(f"| {name} | {_f(r['base'], 3)} | " + " | ".join(cells) + " |")
+    lines += finetune_table(results)
     cost = results.get("cost", {})
     lines += ["", "## Cost", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in cost.items()]
     return "\n".join(lines) + "\n"
+
+
+def finetune_table(results: dict[str, Any]) -> list[str]:
+    """One row per behaviour and method: trait score over seeds, its change from the base model,
+    and what the top-k held (label-1 / label-0 plants; the rest is clean data)."""
+    ft = results.get("finetune")
+    if not ft:
+        return []
+    lines = [
+        "## Fine-tuning effect (trait score on heldout pairs)",
+        "",
+        "Trait score = mean over heldout pairs of (mean per-token log-prob of the treatment reply "
+        "minus that of the control reply). Delta = fine-tuned minus base, mean +- sd over seeds.",
+        "",
+        "| behaviour | method | planted AUROC | label-1 / label-0 in top-k | trait score | "
+        "delta vs base |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in ft.items():
+        lines.append(f"| {name} | base model | | | {_f(r['base'], 3)} | |")
+        planted = results["planted"].get(name, {}).get("methods", {})
+        for m, v in r["methods"].items():
+            shown = f"best = {_n(v['resolved'])}" if "resolved" in v else _n(m)
+            auroc = planted.get(v.get("resolved", m), {}).get("auroc")
+            picked = f"{v['n_label1_selected']} / {v.get('n_label0_selected', '?')}"
+            delta = f"{v['mean'] - r['base']:+.3f} +- {v['sd']:.3f}"
+            lines.append(
+                f"| {name} | {shown} | {_f(auroc)} | {picked} | {_f(v['mean'], 3)} | {delta} |"
+            )
+    return [*lines, ""]
+
+
+def finetune_plot(results: dict[str, Any], path: Path) -> None:
+    """Change of the trait score after fine-tuning on each method's top-k (one panel per
+    behaviour; bars = mean over seeds, dots = seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ft = results["finetune"]
+    fig, axes = plt.subplots(1, len(ft), figsize=(4.2 * len(ft), 3.6), squeeze=False)
+    for ax, (name, r) in zip(axes.flat, ft.items(), strict=True):
+        labels = [
+            f"best ({v['resolved'].split('|')[0]})" if "resolved" in v else m
+            for m, v in r["methods"].items()
+        ]
+        for i, v in enumerate(r["methods"].values()):
+            d = [x - r["base"] for x in v["scores"]]
+            ax.bar(i, sum(d) / len(d), color="tab:blue", alpha=0.6)
+            ax.plot([i] * len(d), d, "k.", ms=4)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks(range(len(labels)), [x.replace("|", "\n") for x in labels], fontsize=6)
+        ax.set_title(name, fontsize=9)
+    axes.flat[0].set_ylabel("trait score change vs base")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 SWEEP = (
@@ -220,9 +264,12 @@ def layer_sweep(
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:
-    """Write results.json, results.md, heatmap.png, heatmap-whitened.png and layers.png."""
+    """Write results.json, results.md, heatmap.png, heatmap-whitened.png, layers.png and (when
+    the fine-tuning effect ran) finetune.png."""
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
     heatmap(results, out / "heatmap.png")
     heatmap(results, out / "heatmap-whitened.png", g="whitened_cosine")
     layer_sweep(results, out / "layers.png")
+    if results.get("finetune"):
+        finetune_plot(results, out / "finetune.png")
