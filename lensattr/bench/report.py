@@ -101,19 +101,26 @@ def finetune_table(results: dict[str, Any]) -> list[str]:
         "minus that of the control reply). Delta = fine-tuned minus base, mean +- sd over seeds.",
         "",
         "| behaviour | method | planted AUROC | label-1 / label-0 in top-k | trait score | "
-        "delta vs base |",
-        "|---|---|---|---|---|---|",
+        "delta vs base | delta vs random |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def per_seed(xs: list[int] | None) -> str:  # one number when every seed picked the same
+        return "?" if xs is None else str(xs[0]) if len(set(xs)) == 1 else ", ".join(map(str, xs))
+
     for name, r in ft.items():
-        lines.append(f"| {name} | base model | | | {_f(r['base'], 3)} | |")
+        lines.append(f"| {name} | base model | | | {_f(r['base'], 3)} | | |")
         planted = results["planted"].get(name, {}).get("methods", {})
+        rand = r["methods"].get("random", {}).get("mean")
         for m, v in r["methods"].items():
             shown = f"best = {_n(v['resolved'])}" if "resolved" in v else _n(m)
             auroc = planted.get(v.get("resolved", m), {}).get("auroc")
-            picked = f"{v['n_label1_selected']} / {v.get('n_label0_selected', '?')}"
+            picked = f"{per_seed(v['n_label1_selected'])} / {per_seed(v.get('n_label0_selected'))}"
             delta = f"{v['mean'] - r['base']:+.3f} +- {v['sd']:.3f}"
+            vs_rand = "" if rand is None or m == "random" else f"{v['mean'] - rand:+.3f}"
             lines.append(
-                f"| {name} | {shown} | {_f(auroc)} | {picked} | {_f(v['mean'], 3)} | {delta} |"
+                f"| {name} | {shown} | {_f(auroc)} | {picked} | {_f(v['mean'], 3)} | {delta} "
+                f"| {vs_rand} |"
             )
     return [*lines, ""]
 
