@@ -220,7 +220,7 @@ def heatmap(results: dict[str, Any], path: Path, g: str = "cosine") -> None:
                 ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("phi (training-side statistic)")
     ax.set_ylabel("psi (query)")
-    ax.set_title(f"mean planted AUROC over behaviours (g={g}, CV-chosen layer)")
+    ax.set_title(f"mean planted AUROC over behaviours\n(g={g}, CV-chosen layer)", fontsize=10)
     fig.colorbar(im)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
