@@ -103,5 +103,11 @@ def finetune_effect(
                 "n_label0_selected": [s["n_label0"] for s in scores],
                 **({"resolved": run_m} if m == "best" else {}),
             }
+        # every fine-tune + score of this behaviour that ran, this session or an earlier one
+        res["seconds"] = sum(
+            json.loads(x.read_text()).get("seconds", 0.0)
+            for x in (out / "ft" / b.name).glob("*-s*.json")
+        )
+        h["costs"].record(f"finetune_{b.name}", res["seconds"])
         results[b.name] = res
     return results

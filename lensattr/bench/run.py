@@ -102,6 +102,11 @@ class Costs:
         self.path = path
         self.data: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
 
+    def record(self, name: str, seconds: float) -> None:
+        """Set a step's cost (measured elsewhere) and persist it."""
+        self.data[name] = seconds
+        self.path.write_text(json.dumps(self.data, indent=1))
+
     def timed(self, name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
         out = fn()
