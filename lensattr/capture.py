@@ -123,11 +123,11 @@ def capture(
         >>> acts[3].grad.shape == acts[3].z_out.shape
         True
     """
-    check_extra(sites)
     if model.backend == "bridge":
         from lensattr.bridge import capture_bridge
 
-        return capture_bridge(model, batch, layers, grad=grad, sites=sites)
+        return capture_bridge(model, batch, layers, grad=grad, sites=sites)  # checks sites too
+    check_extra(sites)
     layers = sorted(set(layers))
     paths = module_paths(model.hf)
     lm = model.lm

@@ -18,10 +18,7 @@ from lensattr.data import load_examples
 def select(
     method: str, b: Any, h: dict[str, Any], planted: dict[str, Any], k: int, seed: int
 ) -> list[str]:
-    """Pool ids of the top-``k`` sub-pool examples of ``method`` (``random``: seeded sample;
-    ``best``: the behaviour's method chosen on its query pairs)."""
-    if method == "best":
-        method = planted[b.name]["best_by_cv"]
+    """Pool ids of the top-``k`` sub-pool examples of ``method`` (``random``: seeded sample)."""
     idx, _ = subpools(h)[b.name]
     ids = [h["cache"].ids[i] for i in idx.tolist()]
     if method == "random":
