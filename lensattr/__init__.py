@@ -14,19 +14,33 @@ Examples:
     >>> ranking = lensattr.rank(cache, query, layer=2, top_k=2)
     >>> len(ranking.ids)
     2
+
+    With four or more pairs, :func:`select` (``rank(..., method="auto")``) chooses the
+    statistic, query, score and layer from the pairs and the unlabelled cache.
 """
 
 from lensattr._version import __version__
 from lensattr.cache import Cache, CacheError, build_cache, open_cache
 from lensattr.capture import LayerActs, capture
 from lensattr.data import DataError, Example, Pair, load_examples, load_pairs
+from lensattr.metrics import pool_metrics
 from lensattr.models import Model, load_model
-from lensattr.query import Query, behavior_query
+from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
 from lensattr.registry import register_phi, register_psi, register_score
+from lensattr.select import PAPER, Method, Selection, candidates, select
 
 __all__ = [
     "__version__",
+    "PAPER",
+    "Method",
+    "PairStats",
+    "QueryError",
+    "Selection",
+    "candidates",
+    "pair_stats",
+    "pool_metrics",
+    "select",
     "Cache",
     "CacheError",
     "DataError",

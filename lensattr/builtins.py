@@ -1,20 +1,19 @@
-"""The built-in phi, psi and g, registered in one place.
+"""The built-in statistics (phi), queries (psi) and scores (g), registered in one place.
 
 Notation (per layer ``l``, token position ``p`` of example ``x``): ``z_in`` is the block input,
 ``z_out`` its output, ``g = d loss_x / d z_out`` and ``R(x)`` the response positions. Every phi
 is a mean over ``R(x)`` of a per-token statistic.
 """
 
-import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
 from einops import einsum
 
 from lensattr.capture import LayerActs
-from lensattr.registry import Phi, register_phi, register_psi, register_score
-from lensattr.types import Acts, Mask, Scores, Vec, Vecs
+from lensattr.moments import Moments, ScoreContext
+from lensattr.registry import register_phi, register_psi, register_score
+from lensattr.types import Acts, Mask, Queries, QueryScores, Scores, Vecs
 
 
 def pool(x: Acts, mask: Mask) -> Vecs:
@@ -78,16 +77,47 @@ def grad(acts: LayerActs) -> Vecs:
 
 
 # ------------------------------------------------------------------------------------------ psi
+# A psi maps the statistic of each pair's treatment and control reply (and, when it is
+# pool-aware, the pool's moments of that statistic) to one contribution per pair; the query is
+# psi = norm(mean_j contribution_j).
 
 
-def contrast(treatment: LayerActs, control: LayerActs, stat: Phi) -> Vecs:
-    """Per-pair ``s(x'_j) - s(x_j)``; the query is ``norm(mean_j (s(x'_j) - s(x_j)))``."""
-    return stat.fn(treatment) - stat.fn(control)
+@register_psi("contrast", stat="residual_change")
+def contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
+    """Treatment-minus-control contrast: ``psi = norm(mean_j s(x'_j) - s(x_j))``.
+
+    With ``s = t`` this is the paper's residual-change query (registered as
+    ``residual_change``), with ``s`` = pooled ``z_out`` the residual-difference query
+    (``residual_diff``); ``contrast`` takes any cached statistic.
+
+    Examples:
+        >>> contrast(torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0]]))
+        tensor([[1., 0.]])
+    """
+    return treatment - control
 
 
-register_psi("contrast", stat="residual_change")(contrast)
-register_psi("residual_change", stat="residual_change")(contrast)
-register_psi("residual_diff", stat="resid_post")(contrast)
+register_psi("residual_change", stat="residual_change", stats=("residual_change",))(contrast)
+register_psi("residual_diff", stat="resid_post", stats=("resid_post",))(contrast)
+
+
+@register_psi("pool_contrast", stat="resid_post", uses_pool=True)
+def pool_contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
+    """Treatment-minus-pool contrast: ``psi = norm(mean_j s(x'_j) - mu)``, with ``mu`` the mean
+    of ``s`` over the training pool (the cache being ranked).
+
+    The control replies do not enter: what sets the behaviour's examples apart from the rest of
+    *this* corpus is what the query points at, which is what ranking inside a mostly unrelated
+    corpus needs.
+
+    Examples:
+        >>> m = Moments.of_rows(torch.tensor([[0.0, 1.0], [2.0, 1.0]]))
+        >>> pool_contrast(torch.tensor([[3.0, 1.0]]), torch.zeros(1, 2), m)
+        tensor([[2., 0.]])
+    """
+    if pool is None:
+        raise ValueError("pool_contrast needs the training pool: pass pool=cache")
+    return treatment - pool.mean.to(treatment.dtype)
 
 
 def _persona_pairs(model: Any, source: Any, **kwargs: Any) -> Any:
@@ -100,119 +130,95 @@ register_psi("persona", stat="resid_post", pairs_from=_persona_pairs)(contrast)
 
 
 # -------------------------------------------------------------------------------------------- g
+# Every built-in score takes one query psi [d] or several as columns [d, q] (batched).
 
 
-@register_score("dot")
-def dot(rows: torch.Tensor, norms: Scores, psi: Vec, ctx: Any = None) -> Scores:
+def _cos(x: torch.Tensor, x_norms: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``<x_i, p> / (||x_i|| ||p||)`` for one query ``[d]`` or several ``[d, q]`` (0 for zeros)."""
+    pn = p.norm(dim=0)
+    den = x_norms[:, None] * pn if p.ndim == 2 else x_norms * pn
+    return (x @ p) / den.clamp(min=torch.finfo(x.dtype).tiny)
+
+
+@register_score("dot", batched=True)
+def dot(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
     """``<phi, psi>``."""
     return rows @ psi
 
 
-@register_score("cosine")
-def cosine(rows: torch.Tensor, norms: Scores, psi: Vec, ctx: Any = None) -> Scores:
-    """``<phi, psi> / (||phi|| ||psi||)`` (0 for a zero row). The default."""
-    return (rows @ psi) / (norms * psi.norm()).clamp(min=torch.finfo(psi.dtype).tiny)
+@register_score("cosine", batched=True)
+def cosine(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
+    """``<phi, psi> / (||phi|| ||psi||)`` (0 for a zero row). The default.
+
+    Examples:
+        >>> rows = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> cosine(rows, rows.norm(dim=1), torch.tensor([2.0, 0.0]))
+        tensor([1.0000, 0.7071])
+    """
+    return _cos(rows, norms, psi)
 
 
-@register_score("projection")
-def projection(rows: torch.Tensor, norms: Scores, psi: Vec, ctx: Any = None) -> Scores:
+@register_score("projection", batched=True)
+def projection(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
     """``<phi, psi> / ||psi||``."""
-    return (rows @ psi) / psi.norm()
+    return (rows @ psi) / psi.norm(dim=0)
 
 
-# Moments of phi over the training set, memoised per (cache path, stat, layer) in memory and in a
-# small ``moments-{stat}-{layer}.safetensors`` file in the cache directory (when writable).
-_MOMENTS: dict[tuple[str, str, int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+def _pool(rows: torch.Tensor, ctx: ScoreContext | None) -> Moments:
+    """The pool's moments from the context; without one, the moments of the rows given."""
+    return ctx.moments() if ctx is not None else Moments.of_rows(rows)
 
 
-def _row_moments(rows: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mu, W)`` of a row matrix: the mean and ``W = (Sigma + lam I)^(-1/2)``, fp64."""
-    x = rows.double()
-    mu = x.mean(0)
-    xc = x - mu
-    sigma = xc.T @ xc / max(len(x) - 1, 1)
-    return mu, _inv_sqrt(sigma, ridge)
+@register_score("centered_cosine", batched=True)
+def centered_cosine(
+    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+) -> QueryScores:
+    """``cos(phi - mu, psi)`` with ``mu`` the pool mean of phi. Removes the shared offset that the
+    few huge outlier dimensions of the residual stream put into every row.
 
-
-def _inv_sqrt(sigma: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(Sigma + lam I)^(-1/2)`` with ``lam = ridge * trace(Sigma) / d`` (symmetric, fp64)."""
-    d = sigma.shape[0]
-    lam = ridge * float(torch.trace(sigma)) / d
-    lam = lam if lam > 0 else ridge
-    evals, evecs = torch.linalg.eigh(sigma + lam * torch.eye(d, dtype=sigma.dtype))
-    return (evecs * evals.clamp(min=lam).rsqrt()) @ evecs.T
-
-
-def phi_moments(ctx: Any, ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-set mean ``mu`` and whitener ``(Sigma + lam I)^(-1/2)`` of phi at a layer.
-
-    ``ctx`` is a :class:`lensattr.rank.ScoreContext` (``cache``, ``phi``, ``layer``).
-
-    Streams the cached rows once (fp64 sums), then memoises the result in memory and as
-    ``moments-{stat}-{layer}.safetensors`` in the cache directory.
+    Examples:
+        >>> rows = torch.tensor([[1.0, 5.0], [3.0, 5.0]])  # mean (2, 5)
+        >>> centered_cosine(rows, rows.norm(dim=1), torch.tensor([1.0, 0.0]))
+        tensor([-1.,  1.])
     """
-    from safetensors.torch import load_file, save_file
-
-    path = Path(ctx.cache.path)
-    key = (str(path.resolve()), ctx.phi, int(ctx.layer), float(ridge))
-    if key in _MOMENTS:
-        return _MOMENTS[key]
-    fname = path / f"moments-{ctx.phi}-{ctx.layer}.safetensors"
-    if fname.exists():
-        t = load_file(str(fname))
-        if int(t["n"]) == len(ctx.cache):
-            out = (t["mu"], _inv_sqrt(t["sigma"], ridge))
-            _MOMENTS[key] = out
-            return out
-    view = ctx.cache.stat(ctx.phi, ctx.layer)
-    d = view.shape[1]
-    s1 = torch.zeros(d, dtype=torch.float64)
-    s2 = torch.zeros((d, d), dtype=torch.float64)
-    n = 0
-    for _, rows, _ in view.chunks(8192):
-        x = rows.double()
-        s1 += x.sum(0)
-        s2 += x.T @ x
-        n += len(x)
-    mu = s1 / max(n, 1)
-    sigma = (s2 - n * torch.outer(mu, mu)) / max(n - 1, 1)
-    with contextlib.suppress(OSError):  # a read-only cache: keep the moments in memory only
-        save_file({"mu": mu, "sigma": sigma, "n": torch.tensor(n)}, str(fname))
-    out = (mu, _inv_sqrt(sigma, ridge))
-    _MOMENTS[key] = out
-    return out
+    x = rows - _pool(rows, ctx).mean32
+    return _cos(x, x.norm(dim=1), psi)
 
 
-def _moments(rows: torch.Tensor, ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if getattr(ctx, "moments", None) is not None:  # a context may carry precomputed (mu, W)
-        return ctx.moments
-    if ctx is None or getattr(ctx, "cache", None) is None:
-        return _row_moments(rows, 1e-2)  # no cache: the moments of the rows given
-    return phi_moments(ctx)
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    tiny = torch.finfo(a.dtype).tiny
-    return (a @ b) / (a.norm(dim=1) * b.norm()).clamp(min=tiny)
-
-
-@register_score("centered_cosine")
-def centered_cosine(rows: torch.Tensor, norms: Scores, psi: Vec, ctx: Any = None) -> Scores:
-    """``cos(phi - mu, psi)`` with ``mu`` the training-set mean of phi (read from the cache via
-    ``ctx``; without a context, the mean of ``rows``). Removes the shared offset that the few huge
-    outlier dimensions of the residual stream put into every row.
-    """
-    mu, _ = _moments(rows, ctx)
-    return _cos(rows.double() - mu, psi.double()).to(rows.dtype)
-
-
-@register_score("whitened_cosine")
-def whitened_cosine(rows: torch.Tensor, norms: Scores, psi: Vec, ctx: Any = None) -> Scores:
-    """``cos(W (phi - mu), W psi)`` with ``W = (Sigma + lam I)^(-1/2)``, ``Sigma`` the training-set
+@register_score("whitened_cosine", batched=True)
+def whitened_cosine(
+    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+) -> QueryScores:
+    """``cos(W (phi - mu), W psi)`` with ``W = (Sigma + lam I)^(-1/2)``, ``Sigma`` the pool
     covariance of phi and ``lam = 0.01 trace(Sigma) / d`` (ridge).
 
     The inner product is ``(phi - mu)^T (Sigma + lam I)^(-1) psi``: the activation-space analogue
     of TRAK's ``(X^T X)^(-1)`` preconditioner, so no single high-variance direction dominates.
     """
-    mu, w = _moments(rows, ctx)
-    return _cos((rows.double() - mu) @ w, w @ psi.double()).to(rows.dtype)
+    m = _pool(rows, ctx)
+    x = (rows - m.mean32) @ m.whitener
+    return _cos(x, x.norm(dim=1), m.whitener @ psi)
+
+
+@register_score("deflated_cosine", batched=True)
+def deflated_cosine(
+    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+) -> QueryScores:
+    """``cos(P (phi - mu), P psi)`` with ``P = I - U U^T`` removing the pool's ``m = 10`` leading
+    principal directions ``U`` (see :data:`lensattr.moments.DEFLATE`).
+
+    What every training example varies along (length, format, topic) is taken out before the
+    angle is measured; unlike whitening, the remaining directions keep their scale.
+
+    Examples:
+        >>> rows = torch.randn(40, 16)
+        >>> s = deflated_cosine(rows, rows.norm(dim=1), torch.randn(16))
+        >>> s.shape
+        torch.Size([40])
+    """
+    m = _pool(rows, ctx)
+    u = m.top
+    x = rows - m.mean32
+    x = x - (x @ u) @ u.T
+    p = psi - u @ (u.T @ psi)
+    return _cos(x, x.norm(dim=1), p)

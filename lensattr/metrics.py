@@ -1,5 +1,7 @@
 """Ranking metrics for planted-recovery checks."""
 
+from typing import Any
+
 import torch
 
 
@@ -62,3 +64,94 @@ def bootstrap_auroc(
         vals.append(auroc(torch.cat([p, q]), lab))
     t = torch.tensor(vals)
     return float(t.quantile(0.025)), float(t.quantile(0.975))
+
+
+def _order(scores: torch.Tensor) -> torch.Tensor:
+    """Row order of a ranking: highest score first, ties by row index, non-finite scores last."""
+    s = scores.double().nan_to_num(nan=-torch.inf, posinf=-torch.inf)
+    return torch.sort(-s, stable=True).indices
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Average precision (area under the precision-recall curve) of ``labels`` by ``scores``:
+    the mean over positives of the precision at each positive's rank (ties by row index).
+
+    Examples:
+        >>> average_precision(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 0, 1]))
+        0.8333333333333333
+    """
+    hit = labels.bool()[_order(scores)]
+    n_pos = int(hit.sum())
+    if n_pos == 0:
+        return float("nan")
+    ranks = torch.nonzero(hit)[:, 0].double() + 1
+    return float((torch.arange(1, n_pos + 1, dtype=torch.float64) / ranks).mean())
+
+
+def precision_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of positives among the ``k`` highest scores (ties by row index).
+
+    Examples:
+        >>> precision_at_k(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1, 0, 1]), 2)
+        0.5
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    top = _order(scores)[:k]
+    return float(labels.bool()[top].double().mean())
+
+
+def pool_metrics(
+    scores: torch.Tensor, labels: torch.Tensor, *, n_boot: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """How high a behaviour's examples rank among everything else in the pool.
+
+    ``labels``: 1 = an example of the behaviour (a label-1 plant), 0 = a decoy (the same prompt
+    with the behaviour-free reply), -1 = an unrelated (clean) example. Returns
+
+    - ``p_at_k``: precision@k of the label-1 examples against every other example, with
+      ``k`` = the number of label-1 examples (the headline);
+    - ``ap``: their average precision against every other example;
+    - ``clean_above_median``: how many clean examples rank above the median label-1 example;
+    - ``auroc_planted``: AUROC of label 1 vs label 0 (secondary);
+    - with ``n_boot > 0``, 95% bootstrap intervals ``p_at_k_ci`` and ``ap_ci`` (resampling the
+      examples within each label).
+
+    Examples:
+        >>> s = torch.tensor([0.9, 0.8, 0.5, 0.4, 0.1])
+        >>> m = pool_metrics(s, torch.tensor([1, -1, 1, 0, -1]))
+        >>> m["p_at_k"], round(m["ap"], 3), m["clean_above_median"], m["auroc_planted"]
+        (0.5, 0.833, 1, 1.0)
+    """
+    labels = labels.long()
+    pos = labels == 1
+    k = int(pos.sum())
+    if k == 0:
+        raise ValueError("pool_metrics needs at least one label-1 example")
+    order = _order(scores)
+    rank_of = torch.empty_like(order)
+    rank_of[order] = torch.arange(len(order))
+    pos_ranks = rank_of[pos].sort().values
+    median_rank = int(pos_ranks[k // 2])  # the upper median
+    plant = labels >= 0
+    out: dict[str, Any] = {
+        "k": k,
+        "p_at_k": precision_at_k(scores, pos, k),
+        "ap": average_precision(scores, pos),
+        "clean_above_median": int(((labels == -1) & (rank_of < median_rank)).sum()),
+        "auroc_planted": auroc(scores[plant], pos[plant].long()) if plant.any() else float("nan"),
+    }
+    if n_boot > 0:
+        gen = torch.Generator().manual_seed(seed)
+        groups = [torch.nonzero(labels == v)[:, 0] for v in (-1, 0, 1)]
+        pk, ap = [], []
+        for _ in range(n_boot):
+            idx = torch.cat(
+                [g[torch.randint(len(g), (len(g),), generator=gen)] for g in groups if len(g)]
+            )
+            pk.append(precision_at_k(scores[idx], pos[idx], k))
+            ap.append(average_precision(scores[idx], pos[idx]))
+        for name, vals in (("p_at_k_ci", pk), ("ap_ci", ap)):
+            t = torch.tensor(vals, dtype=torch.float64)
+            out[name] = [float(t.quantile(0.025)), float(t.quantile(0.975))]
+    return out

@@ -1,22 +1,183 @@
-"""Behaviour queries psi: one unit vector per layer, built from treatment/control pairs."""
+"""Behaviour queries psi: one unit vector per layer, built from treatment/control pairs.
+
+Building a query has two steps. :func:`pair_stats` runs the model once over every pair's
+treatment and control reply and keeps the cached statistics of both sides at every layer (the
+only model work). :func:`behavior_query` then applies a registered psi to those rows (and, for a
+pool-aware psi, to the training pool's moments): a query for any psi, statistic or layer costs a
+mean over pairs, and the held-out accuracy a few matrix-vector products.
+"""
 
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lensattr.cache import resolve_layers
-from lensattr.capture import capture
+from lensattr.cache import Cache, open_cache, resolve_layers
+from lensattr.capture import LayerActs, capture
 from lensattr.data import Pair, load_pairs
-from lensattr.models import Model, load_model
-from lensattr.registry import get_phi, get_psi
+from lensattr.models import load_model
+from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
+from lensattr.registry import Psi, Score, get_phi, get_psi, get_score
 from lensattr.render import collate, encode
 from lensattr.types import Vec
+
+FOLDS = 4
+"""Interleaved folds of the query pairs for held-out measurements (fewer with fewer pairs)."""
+
+
+class QueryError(ValueError):
+    """A query that is invalid, or that does not fit the cache it is used with."""
+
+
+# ------------------------------------------------------------------------------ pair statistics
+
+
+@dataclass
+class PairStats:
+    """Statistics of every pair's treatment and control reply: ``side[stat][layer]`` is
+    ``[n_pairs, d_model]`` (fp32), row ``j`` from pair ``j`` on both sides."""
+
+    treatment: dict[str, dict[int, torch.Tensor]]
+    control: dict[str, dict[int, torch.Tensor]]
+    model: dict[str, str]
+    capture: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stats(self) -> list[str]:
+        return list(self.treatment)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(next(iter(self.treatment.values()))) if self.treatment else []
+
+    @property
+    def n_pairs(self) -> int:
+        first = next(iter(self.treatment.values()), {})
+        return len(next(iter(first.values()))) if first else 0
+
+    def sides(self, stat: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(treatment, control)`` rows of ``stat`` at ``layer``."""
+        if stat not in self.treatment:
+            raise QueryError(f"the pair statistics have no {stat!r} (they have {self.stats})")
+        if layer not in self.treatment[stat]:
+            raise QueryError(f"the pair statistics have no layer {layer} (they have {self.layers})")
+        return self.treatment[stat][layer], self.control[stat][layer]
+
+    def save(self, path: str | Path) -> None:
+        """Write as safetensors (no pickle); :meth:`load` reads it back."""
+        tensors = {
+            f"{side}/{stat}/{layer}": v.contiguous()
+            for side, table in (("t", self.treatment), ("c", self.control))
+            for stat, by_layer in table.items()
+            for layer, v in by_layer.items()
+        }
+        meta = {"model": json.dumps(self.model), "capture": json.dumps(self.capture)}
+        save_file(tensors, str(path), meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PairStats":
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        sides: dict[str, dict[str, dict[int, torch.Tensor]]] = {"t": {}, "c": {}}
+        for key, v in load_file(str(path)).items():
+            side, stat, layer = key.split("/")
+            sides[side].setdefault(stat, {})[int(layer)] = v
+        return cls(
+            sides["t"], sides["c"], json.loads(meta["model"]), json.loads(meta.get("capture", "{}"))
+        )
+
+
+def pair_stats(
+    model: Any,
+    pairs: Any,
+    *,
+    stats: Sequence[str] = ("residual_change",),
+    layers: Any = "all",
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    padding_side: str = "right",
+    progress: bool | None = None,
+) -> PairStats:
+    """Capture the statistics ``stats`` of every pair's two replies at ``layers`` (one pass).
+
+    ``batch_size`` counts sequences, as in :func:`~lensattr.build_cache`: a batch holds
+    ``batch_size // 2`` pairs, grouped by length to limit padding.
+
+    Examples:
+        >>> pairs = [{"prompt": "Is 2+2=5?", "treatment": "Yes!", "control": "No, 4."}]
+        >>> s = pair_stats("tiny-random", pairs, stats=["resid_post"], layers=[1, 3])
+        >>> s.n_pairs, s.layers, tuple(s.sides("resid_post", 3)[0].shape)
+        (1, [1, 3], (1, 32))
+    """
+    model = load_model(model)
+    pair_list = load_pairs(pairs) if not _is_pair_list(pairs) else list(pairs)
+    if not pair_list:
+        raise QueryError("no pairs to build the query from")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    phis = [get_phi(s) for s in dict.fromkeys(stats)]
+    layer_list = resolve_layers(layers, model.n_layers)
+    encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
+    longest = [max(len(e.ids) for e in pair) for pair in encs]
+    order = sorted(range(len(pair_list)), key=lambda i: -longest[i])
+    per = max(1, batch_size // 2)
+    n, d = len(pair_list), model.d_model
+    out = {
+        side: {p.name: {la: torch.empty((n, d)) for la in layer_list} for p in phis}
+        for side in ("t", "c")
+    }
+    sites = tuple(dict.fromkeys(s for p in phis for s in p.sites))
+    need_grad = any(p.needs_grad for p in phis)
+    disable = None if progress is None else not progress
+    for i in tqdm(range(0, n, per), desc="query pairs", disable=disable):
+        idx = order[i : i + per]
+        batch = collate(
+            [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
+        )
+        acts = capture(model, batch, layer_list, grad=need_grad, sites=sites)
+        for layer, a in acts.items():
+            for side, rows in zip(("t", "c"), _split(a), strict=True):
+                for p in phis:
+                    out[side][p.name][layer][idx] = p.fn(rows).float().cpu()
+    return PairStats(
+        out["t"],
+        out["c"],
+        model.fingerprint(),
+        {"max_length": max_length, "padding_side": padding_side},
+    )
+
+
+def _is_pair_list(pairs: Any) -> bool:
+    return isinstance(pairs, list | tuple) and bool(pairs) and isinstance(pairs[0], Pair)
+
+
+def _split(acts: LayerActs) -> tuple[LayerActs, LayerActs]:
+    """Split a capture of interleaved (treatment, control) rows into the two sides."""
+
+    def side(k: int) -> LayerActs:
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[k::2]
+
+        return LayerActs(
+            z_in=acts.z_in[k::2],
+            z_out=acts.z_out[k::2],
+            grad=pick(acts.grad),
+            mask=acts.mask[k::2],
+            attn_out=pick(acts.attn_out),
+            mlp_out=pick(acts.mlp_out),
+        )
+
+    return side(0), side(1)
+
+
+# ---------------------------------------------------------------------------------- the query
 
 
 @dataclass
@@ -25,10 +186,14 @@ class Query:
 
     Attributes:
         vectors: ``{layer: psi}`` with ``||psi|| = 1`` (fp32).
-        psi: the registered psi name; ``stat``: the phi it is compared with by default.
+        psi: the registered psi name; ``stat``: the cached statistic it is compared with.
         model: the model fingerprint (checked against a cache's manifest when ranking).
         n_pairs: how many pairs went in.
         cv: per-layer held-out accuracy on the query pairs (see :func:`heldout_accuracy`).
+        g: the score it is ranked with by default.
+        layer: the layer chosen for it (by :func:`lensattr.select`), if any.
+        pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
+        capture: the capture settings of the pairs (``max_length``, ``padding_side``).
     """
 
     vectors: dict[int, torch.Tensor]
@@ -37,13 +202,32 @@ class Query:
     model: dict[str, str]
     n_pairs: int
     cv: dict[int, float] | None = None
+    g: str = "cosine"
+    layer: int | None = None
+    pool: str | None = None
+    capture: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_vectors(self.vectors, "the query")
 
     def best_layer(self) -> int:
-        """The layer whose query best separates held-out query pairs (:func:`heldout_accuracy`);
-        ties go to the deeper layer."""
-        if not self.cv:
-            return self.layers[len(self.layers) // 2]
-        return max(self.layers, key=lambda k: (self.cv.get(k, -1.0), k))  # type: ignore[union-attr]
+        """The chosen layer if :func:`lensattr.select` set one, else the layer whose query best
+        separates held-out query pairs (:func:`heldout_accuracy`); ties go to the deeper layer.
+
+        Raises:
+            QueryError: no layer can be chosen (fewer than 2 pairs give no held-out pair).
+        """
+        if self.layer is not None:
+            return self.layer
+        if len(self.layers) == 1:
+            return self.layers[0]
+        cv = {k: v for k, v in (self.cv or {}).items() if not math.isnan(v)}
+        if not cv:
+            raise QueryError(
+                f"cannot choose a layer: no held-out accuracy ({self.n_pairs} pair(s); at least "
+                "2 are needed); pass a layer explicitly"
+            )
+        return max(cv, key=lambda k: (cv[k], k))
 
     @property
     def layers(self) -> list[int]:
@@ -62,31 +246,99 @@ class Query:
             "model": json.dumps(self.model),
             "n_pairs": str(self.n_pairs),
             "cv": json.dumps(self.cv),
+            "g": self.g,
+            "layer": json.dumps(self.layer),
+            "pool": json.dumps(self.pool),
+            "capture": json.dumps(self.capture),
         }
         save_file({f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}, str(path), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Query":
-        from safetensors import safe_open
+        """Read a saved query, validating every vector (finite, unit norm) and field."""
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            vectors = {int(k.split("/")[1]): v for k, v in load_file(str(path)).items()}
+            return cls(
+                vectors=vectors,
+                psi=meta["psi"],
+                stat=meta["stat"],
+                model=json.loads(meta["model"]),
+                n_pairs=int(meta["n_pairs"]),
+                cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
+                g=meta.get("g", "cosine"),
+                layer=json.loads(meta.get("layer", "null")),
+                pool=json.loads(meta.get("pool", "null")),
+                capture=json.loads(meta.get("capture", "{}")),
+            )
+        except QueryError as err:
+            raise QueryError(f"{path}: {err}") from None
+        except (KeyError, ValueError, IndexError, OSError) as err:
+            raise QueryError(
+                f"{path}: not a lensattr query ({type(err).__name__}: {err})"
+            ) from None
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata()
-        vectors = {int(k.split("/")[1]): v for k, v in load_file(str(path)).items()}
-        return cls(
-            vectors=vectors,
-            psi=meta["psi"],
-            stat=meta["stat"],
-            model=json.loads(meta["model"]),
-            n_pairs=int(meta["n_pairs"]),
-            cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
-        )
+
+def check_vectors(vectors: dict[int, torch.Tensor], what: str) -> None:
+    """Refuse empty, non-finite, zero or non-unit query vectors (one line naming the layer)."""
+    if not vectors:
+        raise QueryError(f"{what} has no layers")
+    for layer, v in vectors.items():
+        if v.ndim != 1 or not v.is_floating_point():
+            raise QueryError(f"{what}: layer {layer} is not a float vector ({tuple(v.shape)})")
+        if not bool(torch.isfinite(v).all()):
+            raise QueryError(f"{what}: layer {layer} has non-finite entries")
+        norm = float(v.double().norm())
+        if abs(norm - 1.0) > 1e-3:
+            raise QueryError(f"{what}: layer {layer} has norm {norm:.4g}, not 1")
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    n = v.norm()
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """``v / ||v||`` (fp64 norm); a zero or non-finite vector raises :class:`QueryError`."""
+    n = v.double().norm()
     if not torch.isfinite(n) or n == 0:
-        raise ValueError("the behaviour query is zero or non-finite: treatment and control agree")
-    return v / n
+        raise QueryError("the behaviour query is zero or non-finite: treatment and control agree")
+    return (v.double() / n).float()
+
+
+def fit(psi: Psi, t: torch.Tensor, c: torch.Tensor, pool: Moments | None) -> torch.Tensor:
+    """The unnormalised query ``mean_j psi.fn(t, c, pool)_j`` (fp32)."""
+    return psi.fn(t, c, pool).double().mean(0).float()
+
+
+def heldout_accuracy(
+    t: torch.Tensor,
+    c: torch.Tensor,
+    psi: Psi,
+    score: Score,
+    ctx: ScoreContext | None = None,
+    folds: int = FOLDS,
+) -> float:
+    """The held-out accuracy of a method on its own query pairs (the one definition lensattr
+    uses everywhere): for each of ``folds`` interleaved folds, fit psi on the other folds and
+    count the held-out pairs whose treatment scores above its control, ``g(phi(x'_j), psi) >
+    g(phi(x_j), psi)``. NaN with fewer than 2 pairs.
+
+    Examples:
+        >>> from lensattr.registry import get_psi, get_score
+        >>> t = torch.tensor([[1.0, 0.1], [2.0, 0.0], [1.5, -0.1], [0.5, 0.0]])
+        >>> heldout_accuracy(t, torch.zeros(4, 2) + 0.1, get_psi("contrast"), get_score("dot"))
+        1.0
+    """
+    n = len(t)
+    if n < 2:
+        return float("nan")
+    folds = min(folds, n)
+    hits = 0
+    for k in range(folds):
+        test = torch.arange(k, n, folds)
+        train = torch.ones(n, dtype=torch.bool)
+        train[test] = False
+        p = fit(psi, t[train], c[train], ctx.moments() if psi.uses_pool and ctx else None)
+        st, sc = (score.fn(x[test], x[test].norm(dim=1), p, ctx) for x in (t, c))
+        hits += int((st > sc).sum())
+    return hits / n
 
 
 def behavior_query(
@@ -96,6 +348,8 @@ def behavior_query(
     psi: str = "residual_change",
     stat: str | None = None,
     layers: Any = "all",
+    pool: Any = None,
+    g: str = "cosine",
     batch_size: int = 8,
     max_length: int | None = 512,
     padding_side: str = "right",
@@ -104,18 +358,22 @@ def behavior_query(
 ) -> Query:
     """Build the query ``psi = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
 
-    With the default contrast psi, ``f(x', x) = s(x') - s(x)`` for the statistic ``s = stat``:
-    ``psi="residual_change"`` (s = t, the residual-change query), ``psi="residual_diff"``
-    (s = pooled ``z_out``, the residual-difference query), or ``psi="contrast", stat=NAME`` for
-    any registered phi. ``psi="persona"`` takes a trait spec (path or dict) instead of pairs and
-    generates the replies first (see :func:`lensattr.persona.persona_pairs`).
+    ``psi="residual_change"`` is the paper's query (``f = t(x') - t(x)``), ``"residual_diff"``
+    the residual difference (pooled ``z_out``), ``"contrast", stat=NAME`` the contrast of any
+    registered statistic, ``"pool_contrast"`` contrasts the treatment replies with the mean of the
+    training pool (``pool=cache``), and ``"persona"`` takes a trait spec (path or dict) instead of
+    pairs and generates the replies first (see :func:`lensattr.persona.persona_pairs`).
 
     Args:
         model: a :class:`~lensattr.models.Model` or anything :func:`~lensattr.load_model` takes.
-        pairs: pair records (path, dataset, list) or, for ``persona``, a trait spec.
+        pairs: pair records (path, dataset, list), a :class:`PairStats`, or for ``persona`` a
+            trait spec.
         psi: registered psi name.
-        stat: the statistic to contrast (default: the psi's own, e.g. ``residual_change``).
+        stat: the statistic (default: the psi's own, e.g. ``residual_change``).
         layers: ``"all"``, an int, a list or ``"a:b"``.
+        pool: the cache to be ranked (or its path): required by a pool-aware psi, and gives the
+            pool's moments to the held-out accuracy of pool-aware scores.
+        g: the score the query is ranked with by default (and its held-out accuracy measured in).
         batch_size, max_length, padding_side: as in :func:`~lensattr.build_cache`.
         progress: show a progress bar (default: on a terminal).
         **psi_kwargs: passed to the psi's pair builder (e.g. ``max_new_tokens`` for persona).
@@ -126,124 +384,79 @@ def behavior_query(
         >>> q.layers, round(float(q.vector(3).norm()), 4)
         ([1, 3], 1.0)
     """
-    model = load_model(model)
     spec = get_psi(psi)
-    phi = get_phi(stat or spec.stat)
-    if spec.pairs_from is not None:
-        pair_list: Sequence[Pair] = spec.pairs_from(model, pairs, **psi_kwargs)
-    else:
+    stat_name = stat or spec.stat
+    if spec.stats is not None and stat_name not in spec.stats:
+        raise QueryError(
+            f"psi {psi!r} is defined for statistics {list(spec.stats)}, not {stat_name!r}; "
+            f"use psi='contrast' (or 'pool_contrast') with stat={stat_name!r}"
+        )
+    score = get_score(g)
+    cache = None if pool is None else pool if isinstance(pool, Cache) else open_cache(pool)
+    if spec.uses_pool and cache is None:
+        raise QueryError(f"psi {psi!r} contrasts with the training pool: pass pool=cache")
+    if isinstance(pairs, PairStats):
         if psi_kwargs:
+            raise TypeError(f"options {sorted(psi_kwargs)} need pairs, not PairStats")
+        ps = pairs
+        layer_list = ps.layers if layers == "all" else resolve_layers(layers, max(ps.layers) + 1)
+    else:
+        model = load_model(model)
+        if spec.pairs_from is not None:
+            pairs = spec.pairs_from(model, pairs, **psi_kwargs)
+        elif psi_kwargs:
             raise TypeError(f"psi {psi!r} takes no options {sorted(psi_kwargs)}")
-        pair_list = load_pairs(pairs)
-    if not pair_list:
-        raise ValueError("no pairs to build the query from")
-    layer_list = resolve_layers(layers, model.n_layers)
-    contribs = pair_contributions(
-        model,
-        pair_list,
-        spec.fn,
-        phi,
-        layer_list,
-        batch_size,
-        max_length,
-        padding_side,
-        progress,
-        desc=f"query {psi}",
-    )
-    vectors = {layer: _unit(c.double().mean(0)).float() for layer, c in contribs.items()}
+        layer_list = resolve_layers(layers, model.n_layers)
+        ps = pair_stats(
+            model,
+            pairs,
+            stats=[stat_name],
+            layers=layer_list,
+            batch_size=batch_size,
+            max_length=max_length,
+            padding_side=padding_side,
+            progress=progress,
+        )
+    if cache is not None:
+        cache.check({"model": ps.model})
+    vectors, cv = {}, {}
+    for layer in layer_list:
+        t, c = ps.sides(stat_name, layer)
+        ctx = None if cache is None else ScoreContext(cache, stat_name, layer)
+        moments = pool_moments(cache, stat_name, layer) if spec.uses_pool and cache else None
+        vectors[layer] = unit(fit(spec, t, c, moments))
+        cv[layer] = heldout_accuracy(t, c, spec, score, ctx)
     return Query(
         vectors=vectors,
         psi=psi,
-        stat=phi.name,
-        model=model.fingerprint(),
-        n_pairs=len(pair_list),
-        cv={k: heldout_accuracy(c) for k, c in contribs.items()},
+        stat=stat_name,
+        model=ps.model,
+        n_pairs=ps.n_pairs,
+        cv=cv,
+        g=g,
+        pool=content_digest(cache) if spec.uses_pool and cache is not None else None,
+        capture=ps.capture,
     )
-
-
-def pair_contributions(
-    model: Model,
-    pairs: Sequence[Pair],
-    fn: Any,
-    phi: Any,
-    layers: list[int],
-    batch_size: int = 8,
-    max_length: int | None = 512,
-    padding_side: str = "right",
-    progress: bool | None = None,
-    desc: str = "pairs",
-) -> dict[int, torch.Tensor]:
-    """``{layer: [n_pairs, d_model]}`` per-pair contributions ``fn(x'_j, x_j)`` (fp32, CPU).
-
-    ``batch_size`` counts sequences, as in :func:`~lensattr.build_cache`: a batch holds
-    ``batch_size // 2`` pairs, grouped by length to limit padding.
-    """
-    encs = [[encode(model.tokenizer, ex, max_length) for ex in pair.sides()] for pair in pairs]
-    longest = [max(len(e.ids) for e in pair) for pair in encs]
-    order = sorted(range(len(pairs)), key=lambda i: -longest[i])
-    per = max(1, batch_size // 2)
-    out = {layer: torch.empty((len(pairs), model.d_model)) for layer in layers}
-    disable = None if progress is None else not progress
-    for i in tqdm(range(0, len(order), per), desc=desc, disable=disable):
-        idx = order[i : i + per]
-        batch = collate(
-            [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
-        )
-        acts = capture(model, batch, layers, grad=phi.needs_grad, sites=phi.sites)
-        for layer, a in acts.items():
-            t, c = _split(a)
-            out[layer][idx] = fn(t, c, phi).float().cpu()
-    return out
-
-
-def heldout_accuracy(contribs: torch.Tensor, folds: int = 2) -> float:
-    """How well a query separates pairs it was not built from (uses the query pairs alone).
-
-    For each of ``folds`` interleaved folds, build ``psi`` from the other folds and count the
-    held-out pairs whose contribution points along it (``<f_j, psi> > 0``, i.e. the treatment
-    scores above its control under the dot score). Used to choose a layer without peeking at
-    plants or held-out behaviour data.
-
-    Examples:
-        >>> heldout_accuracy(torch.tensor([[1.0, 0.0], [2.0, 0.1], [1.5, -0.1], [0.5, 0.0]]))
-        1.0
-    """
-    n = contribs.shape[0]
-    if n < 2:
-        return float("nan")
-    hits = 0
-    for k in range(min(folds, n)):
-        test = torch.arange(k, n, min(folds, n))
-        train = torch.ones(n, dtype=torch.bool)
-        train[test] = False
-        psi = contribs[train].double().mean(0)
-        hits += int((contribs[test].double() @ psi > 0).sum())
-    return hits / n
-
-
-def _split(acts: Any) -> tuple[Any, Any]:
-    """Split a capture of interleaved (treatment, control) rows into the two sides."""
-    from lensattr.capture import LayerActs
-
-    def side(k: int) -> LayerActs:
-        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[k::2]
-
-        return LayerActs(
-            z_in=acts.z_in[k::2],
-            z_out=acts.z_out[k::2],
-            grad=pick(acts.grad),
-            mask=acts.mask[k::2],
-            attn_out=pick(acts.attn_out),
-            mlp_out=pick(acts.mlp_out),
-        )
-
-    return side(0), side(1)
 
 
 def as_query(query: Any) -> Query:
     """A :class:`Query`, or one loaded from a ``.safetensors`` path."""
-    return query if isinstance(query, Query) else Query.load(query)
+    if isinstance(query, Query):
+        return query
+    if hasattr(query, "query") and isinstance(query.query, Query):  # a Selection
+        return query.query
+    return Query.load(query)
 
 
-__all__ = ["Query", "as_query", "behavior_query", "heldout_accuracy", "pair_contributions"]
+__all__ = [
+    "FOLDS",
+    "PairStats",
+    "Query",
+    "QueryError",
+    "as_query",
+    "behavior_query",
+    "fit",
+    "heldout_accuracy",
+    "pair_stats",
+    "unit",
+]

@@ -1,5 +1,7 @@
 """Ranking cached training examples against a behaviour query, and per-token explanations."""
 
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,14 +11,21 @@ from lensattr.cache import Cache, CacheError, open_cache
 from lensattr.capture import LayerActs, capture
 from lensattr.data import Example, load_examples
 from lensattr.models import load_model
+from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, as_query
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Ranking:
-    """Top (or bottom) examples: ``ids[i]`` has ``scores[i]`` and cache row ``rows[i]``."""
+    """Top (or bottom) examples: ``ids[i]`` has ``scores[i]`` and cache row ``rows[i]``.
+
+    Ordered by score (highest first; lowest first for ``bottom=True``), ties by row index;
+    non-finite scores always come last and are counted in ``n_nonfinite``.
+    """
 
     ids: list[str]
     scores: torch.Tensor
@@ -24,75 +33,131 @@ class Ranking:
     layer: int
     phi: str
     g: str
+    n_nonfinite: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-@dataclass
-class ScoreContext:
-    """What a scoring rule may need beyond a block of rows: the cache, statistic and layer."""
+def _merge(
+    best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of two (score, row) lists; ties by row index (rows ascend in order)."""
+    s_all, i_all = torch.cat([best_s, s]), torch.cat([best_i, i])
+    order = torch.sort(-s_all, stable=True).indices[:k]
+    return s_all[order], i_all[order]
 
-    cache: Cache
-    phi: str
-    layer: int
+
+def _layer_arg(layer: Any, query: Query) -> int:
+    """A layer given as an int (negative counts from the last query layer), ``"best"``, a
+    TransformerLens hook name (``"blocks.12.hook_resid_post"``), or ``None`` (the query's own)."""
+    if layer is None or layer == "best":
+        return query.best_layer()
+    if isinstance(layer, str):
+        m = re.fullmatch(r"(?:blocks\.)?(-?\d+)(?:\.hook_resid_post)?", layer.strip())
+        if not m:
+            raise ValueError(
+                f"layer {layer!r}: give a block index, 'best', or 'blocks.N.hook_resid_post'"
+            )
+        layer = int(m.group(1))
+    layer = int(layer)
+    if layer < 0:
+        n = max(query.layers) + 1
+        layer += n
+    return layer
 
 
 def rank(
     cache: Any,
     query: Any,
     *,
-    layer: int | None = None,
+    layer: Any = None,
     phi: str | None = None,
-    g: str = "cosine",
+    g: str | None = None,
     top_k: int | None = 100,
     bottom: bool = False,
+    rows: Any = None,
+    method: str | None = None,
+    model: Any = None,
     chunk_rows: int | None = None,
 ) -> Ranking:
     """Score every cached example against ``query`` and keep the top (or bottom) ``top_k``.
 
-    Scores follow the registered rule ``g`` (default cosine); higher = more associated with the
-    treatment side. The cache is streamed in blocks of ``chunk_rows`` rows (never a full fp32
-    copy); a layer sweep calls this once per layer on the same cache.
+    Scores follow the registered rule ``g`` (default: the query's, cosine unless chosen by
+    :func:`~lensattr.select`); higher = more associated with the treatment side. The cache is
+    streamed in blocks of ``chunk_rows`` rows (never a full fp32 copy); a layer sweep calls this
+    once per layer on the same cache.
 
     Args:
         cache: an opened :class:`~lensattr.cache.Cache` or its directory.
-        query: a :class:`~lensattr.query.Query` (or a saved one's path).
-        layer: block index (default: the query's only layer, else the middle one).
+        query: a :class:`~lensattr.query.Query`, a saved one's path, a
+            :class:`~lensattr.select.Selection`, or (with ``method="auto"``) query pairs.
+        layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;
+            default: the layer chosen for the query, else its best by held-out accuracy.
         phi: cached statistic (default: the query's ``stat``).
-        g: registered score name.
+        g: registered score name (default: the query's ``g``).
         top_k: how many to keep (``None``: all, sorted).
         bottom: keep the lowest scores instead.
+        rows: rank only these cache rows (indices; default: all).
+        method: ``"auto"``: choose statistic, psi, score and layer with :func:`~lensattr.select`
+            from the pairs given as ``query`` and this cache (needs ``model``).
+        model: the model, for ``method="auto"``.
         chunk_rows: rows converted to fp32 at a time (default: about 32 MiB worth).
 
     Raises:
-        CacheError: the query was built with another model than the cache.
+        CacheError: the query was built with another model, settings or pool than the cache.
 
     Examples:
-        >>> # r = rank(cache, query, layer=12, top_k=10); list(zip(r.ids, r.scores.tolist()))
+        >>> # r = rank(cache, query, top_k=10); list(zip(r.ids, r.scores.tolist()))
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if method is not None:
+        if method != "auto":
+            raise ValueError(f"method {method!r}: only 'auto' is known (or pass a Query)")
+        if model is None:
+            raise ValueError("method='auto' builds the query from pairs: pass model=")
+        from lensattr.select import select
+
+        query = select(model, cache, query, rows=rows)
     query = as_query(query)
-    cache.check({"model": query.model})
-    layer = query.layers[len(query.layers) // 2] if layer is None else layer
+    check_query(cache, query)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    layer = _layer_arg(layer, query)
     phi = phi or query.stat
+    g = g or query.g
     psi = query.vector(layer).float()
     score = get_score(g)
-    ctx = ScoreContext(cache=cache, phi=phi, layer=layer)
+    ctx = ScoreContext(cache=cache, stat=phi, layer=layer)
     view = cache.stat(phi, layer)
+    keep_rows = None
+    if rows is not None:
+        keep_rows = torch.zeros(len(view), dtype=torch.bool)
+        keep_rows[torch.as_tensor(rows, dtype=torch.long)] = True
+    n_total = len(view) if keep_rows is None else int(keep_rows.sum())
+    if n_total == 0:
+        raise ValueError("nothing to rank: the cache (or the rows asked for) is empty")
     chunk_rows = chunk_rows or max(1024, (32 << 20) // (4 * view.d_model))
-    k = len(view) if top_k is None else min(top_k, len(view))
+    k = n_total if top_k is None else min(top_k, n_total)
     best_s = torch.empty(0)
     best_i = torch.empty(0, dtype=torch.long)
-    for start, rows, norms in view.chunks(chunk_rows):  # never a full fp32 copy
-        s = score.fn(rows.float(), norms, psi, ctx)
-        s = -s if bottom else s
-        top = torch.topk(s, min(k, len(s)))
-        best_s = torch.cat([best_s, top.values])
-        best_i = torch.cat([best_i, top.indices + start])
-        keep = torch.topk(best_s, min(k, len(best_s)))
-        best_s, best_i = keep.values, best_i[keep.indices]
+    nonfinite = 0
+    for start, block, norms in view.chunks(chunk_rows):  # never a full fp32 copy
+        idx = torch.arange(start, start + len(block))
+        if keep_rows is not None:
+            sel = keep_rows[start : start + len(block)]
+            if not sel.any():
+                continue
+            block, norms, idx = block[sel], norms[sel], idx[sel]
+        s = score.fn(block.float(), norms, psi, ctx).float()
+        bad = ~torch.isfinite(s)
+        nonfinite += int(bad.sum())
+        s = (-s if bottom else s).masked_fill(bad, -torch.inf)  # non-finite: always last
+        best_s, best_i = _merge(best_s, best_i, s, idx, k)
     scores = -best_s if bottom else best_s
+    if nonfinite:
+        logger.warning("%d scores are not finite; they are ranked last", nonfinite)
+        scores = torch.where(torch.isinf(best_s) & (best_s < 0), torch.nan, scores)
     return Ranking(
         ids=[cache.ids[i] for i in best_i.tolist()],
         scores=scores,
@@ -100,7 +165,26 @@ def rank(
         layer=layer,
         phi=phi,
         g=g,
+        n_nonfinite=nonfinite,
     )
+
+
+def check_query(cache: Cache, query: Query) -> None:
+    """Raise :class:`CacheError` naming the field where ``query`` does not fit ``cache``: the
+    model, the capture settings, or (for a pool-aware query) the pool it was built against."""
+    cache.check({"model": query.model})
+    for key, want in query.capture.items():
+        have = cache.manifest.get(key)
+        if have is not None and want is not None and have != want:
+            raise CacheError(
+                f"{cache.path}: the query was captured with {key}={want!r}, the cache with "
+                f"{key}={have!r}; rebuild the query with the cache's settings"
+            )
+    if query.pool is not None and query.pool != content_digest(cache):
+        raise CacheError(
+            f"{cache.path}: the query contrasts with another pool (its moments came from a "
+            "different cache); rebuild it with pool= this cache"
+        )
 
 
 def examples_by_id(cache: Cache, ids: list[str]) -> list[Example]:
@@ -125,7 +209,7 @@ def explain(
     model: Any,
     example: Any,
     query: Query,
-    layer: int,
+    layer: Any = None,
     *,
     phi: str | None = None,
     max_length: int | None = 512,
@@ -144,6 +228,8 @@ def explain(
         True
     """
     model = load_model(model)
+    query = as_query(query)
+    layer = _layer_arg(layer, query)
     ex = example if isinstance(example, Example) else load_examples([example])[0]
     stat = get_phi(phi or query.stat)
     enc = encode(model.tokenizer, ex, max_length)

@@ -1,13 +1,17 @@
 """Plain dict registries of training-side statistics (phi), behaviour queries (psi) and scores (g).
 
-Register your own with the decorators; names are unique (a duplicate raises). Third-party packages
-register through the entry-point group ``lensattr.methods``: each entry point names a module that
-lensattr imports lazily, once, the first time a registry is read; its decorators do the registering.
+Register your own with the decorators. A name belongs to the module that registered it first:
+registering it again from the same module (re-running a notebook cell, reloading a module)
+replaces the old function; from anywhere else it raises unless ``override=True``. The built-ins
+are registered when this module is imported. Third-party packages register through the
+entry-point group ``lensattr.methods``: each entry point names a module that lensattr imports
+lazily, once, the first time a registry is read; a plugin that fails to import is logged as a
+warning and skipped, so one broken plugin cannot break every lookup.
 
 Examples:
     >>> import torch
     >>> from lensattr.registry import register_phi, PHI
-    >>> @register_phi("last_token_resid", doc_only=True)
+    >>> @register_phi("last_token_resid", needs_grad=False)
     ... def last_token_resid(acts):
     ...     idx = acts.mask.int().cumsum(1).argmax(1)  # last response position
     ...     return acts.z_out[torch.arange(len(idx)), idx]
@@ -19,49 +23,84 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+import torch
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "lensattr.methods"
+
+
+@runtime_checkable
+class PhiFn(Protocol):
+    def __call__(self, acts: Any, /) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PsiFn(Protocol):
+    def __call__(self, treatment: torch.Tensor, control: torch.Tensor, pool: Any, /) -> Any: ...
+
+
+@runtime_checkable
+class ScoreFn(Protocol):
+    def __call__(
+        self, rows: torch.Tensor, norms: torch.Tensor, psi: torch.Tensor, ctx: Any, /
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
 class Phi:
     """A training-side statistic: ``fn(acts: LayerActs) -> Float[Tensor, "batch d_model"]``.
 
-    ``needs_grad``: whether it reads ``acts.grad`` (else the capture may skip the backward);
+    ``needs_grad``: whether it reads ``acts.grad`` (else the capture skips the backward);
     ``sites``: extra sites to capture (``"attn_out"``, ``"mlp_out"``).
     """
 
     name: str
-    fn: Callable[..., Any]
+    fn: PhiFn
     needs_grad: bool = True
     sites: tuple[str, ...] = ()
+    module: str = ""
 
 
 @dataclass(frozen=True)
 class Psi:
-    """A behaviour query from pairs: ``fn(treatment, control, stat) -> Float[Tensor, "batch d"]``.
+    """A behaviour query: ``fn(treatment, control, pool) -> Float[Tensor, "pairs d_model"]``.
 
-    ``fn`` receives the captured :class:`~lensattr.capture.LayerActs` of a batch of treatment
-    examples and of their controls and returns one contribution per pair; lensattr averages them
-    over all pairs and normalises (``psi = norm(mean_j fn(x'_j, x_j))``). ``stat`` is the phi whose
-    cached rows the query is compared with by default. ``pairs_from`` optionally turns the
-    user's source (e.g. a trait spec) into pairs first.
+    ``fn`` receives the statistic of the treatment replies and of their controls
+    (``[n_pairs, d_model]`` each, row ``j`` of both from pair ``j``) and, for a pool-aware
+    query, the :class:`~lensattr.moments.Moments` of the statistic over the training pool (else
+    ``None``). It returns one contribution per pair; lensattr averages them and normalises
+    (``psi = norm(mean_j fn(...)_j)``), and refits them on folds of the pairs to choose a method.
+
+    ``stat``: the statistic it is compared with by default; ``stats``: the statistics it may be
+    used with (``None``: any). ``uses_pool``: it needs the training pool's moments (a cache).
+    ``pairs_from`` optionally turns the user's source (e.g. a trait spec) into pairs first.
     """
 
     name: str
-    fn: Callable[..., Any]
+    fn: PsiFn
     stat: str
+    stats: tuple[str, ...] | None = None
+    uses_pool: bool = False
     pairs_from: Callable[..., Any] | None = None
+    module: str = ""
 
 
 @dataclass(frozen=True)
 class Score:
-    """A scoring rule ``fn(rows, norms, psi, ctx) -> Float[Tensor, "n"]``; higher = treatment."""
+    """A scoring rule ``fn(rows, norms, psi, ctx) -> scores``; higher = more like the treatment.
+
+    ``rows`` is a ``[n, d_model]`` fp32 block of cached rows, ``norms`` their ``[n]`` norms,
+    ``psi`` one query ``[d_model]`` or, when ``batched``, several as columns ``[d_model, q]``
+    (the scores are then ``[n, q]``); ``ctx`` is a :class:`~lensattr.rank.ScoreContext` that
+    gives the pool's moments of the statistic (``ctx.moments()``).
+    """
 
     name: str
-    fn: Callable[..., Any]
+    fn: ScoreFn
+    batched: bool = False
+    module: str = ""
 
 
 PHI: dict[str, Phi] = {}
@@ -70,65 +109,84 @@ SCORE: dict[str, Score] = {}
 _loaded = False
 
 
-def _add(table: dict[str, Any], kind: str, item: Any) -> None:
-    if item.name in table:
-        raise ValueError(f"a {kind} named {item.name!r} is already registered")
+def _add(table: dict[str, Any], kind: str, item: Any, override: bool) -> None:
+    old = table.get(item.name)
+    if old is not None and not override and old.module != item.module:
+        raise ValueError(
+            f"a {kind} named {item.name!r} is already registered (by {old.module}); "
+            "pass override=True to replace it"
+        )
     table[item.name] = item
 
 
 def register_phi(
-    name: str, *, needs_grad: bool = True, sites: tuple[str, ...] = (), doc_only: bool = False
+    name: str,
+    *,
+    needs_grad: bool = True,
+    sites: tuple[str, ...] = (),
+    override: bool = False,
+    doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a training-side statistic (decorator). Duplicate names raise ``ValueError``.
+    """Register a training-side statistic (decorator).
 
-    ``doc_only`` skips the registration when the name is taken (for re-run doctests/notebooks).
+    A name taken by another module raises ``ValueError`` unless ``override=True``; the same
+    module registering it again replaces it. ``doc_only`` is accepted for older notebooks.
     """
+    del doc_only
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if not (doc_only and name in PHI):
-            _add(PHI, "phi", Phi(name, fn, needs_grad, tuple(sites)))
+        _add(PHI, "phi", Phi(name, fn, needs_grad, tuple(sites), fn.__module__), override)
         return fn
 
     return deco
 
 
 def register_psi(
-    name: str, *, stat: str, pairs_from: Callable[..., Any] | None = None, doc_only: bool = False
+    name: str,
+    *,
+    stat: str,
+    stats: tuple[str, ...] | None = None,
+    uses_pool: bool = False,
+    pairs_from: Callable[..., Any] | None = None,
+    override: bool = False,
+    doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a behaviour query (decorator); ``stat`` names the phi it is compared with."""
+    del doc_only
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if not (doc_only and name in PSI):
-            _add(PSI, "psi", Psi(name, fn, stat, pairs_from))
+        item = Psi(name, fn, stat, stats, uses_pool, pairs_from, fn.__module__)
+        _add(PSI, "psi", item, override)
         return fn
 
     return deco
 
 
 def register_score(
-    name: str, *, doc_only: bool = False
+    name: str, *, batched: bool = False, override: bool = False, doc_only: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a scoring rule g (decorator)."""
+    """Register a scoring rule g (decorator); ``batched``: it scores ``[d, q]`` queries at once."""
+    del doc_only
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if not (doc_only and name in SCORE):
-            _add(SCORE, "score", Score(name, fn))
+        _add(SCORE, "score", Score(name, fn, batched, fn.__module__), override)
         return fn
 
     return deco
 
 
 def load_plugins() -> None:
-    """Import the built-ins and every ``lensattr.methods`` entry point, once."""
+    """Import every ``lensattr.methods`` entry point, once; a broken one is logged and skipped."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import lensattr.builtins  # noqa: F401  (registers the built-ins)
-
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         logger.debug("loading lensattr plugin %s", ep.value)
-        ep.load()
+        try:
+            ep.load()
+        except Exception as err:  # noqa: BLE001  (a plugin's failure must not break lensattr)
+            logger.warning("lensattr plugin %s (%s) failed to load: %s", ep.name, ep.value, err)
 
 
 def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:
@@ -148,3 +206,12 @@ def get_psi(name: str) -> Psi:
 
 def get_score(name: str) -> Score:
     return _lookup(SCORE, "score", name)
+
+
+def names(kind: str) -> list[str]:
+    """The registered names of ``"phi"``, ``"psi"`` or ``"score"`` (plugins included)."""
+    load_plugins()
+    return sorted({"phi": PHI, "psi": PSI, "score": SCORE}[kind])
+
+
+import lensattr.builtins  # noqa: E402, F401  (registers the built-ins, eagerly and in one place)

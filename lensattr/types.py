@@ -12,9 +12,11 @@ Vecs = Float[Tensor, "batch d_model"]
 """One pooled vector per example."""
 Vec = Float[Tensor, " d_model"]
 """One vector, e.g. a behaviour query psi at one layer."""
-Rows = Float[Tensor, "n d_model"]
-"""A block of cached rows."""
+Queries = Float[Tensor, "d_model *q"]
+"""One query psi ``[d_model]``, or several as columns ``[d_model, q]`` (batched scores)."""
+QueryScores = Float[Tensor, "n *q"]
+"""Scores of ``n`` rows against one query ``[n]`` or several ``[n, q]``."""
 Scores = Float[Tensor, " n"]
 """One score (or one row norm) per cached example."""
 
-__all__ = ["Acts", "Mask", "TokenIds", "Vecs", "Vec", "Rows", "Scores"]
+__all__ = ["Acts", "Mask", "TokenIds", "Vecs", "Vec", "Queries", "QueryScores", "Scores"]

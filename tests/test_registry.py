@@ -11,19 +11,57 @@ from lensattr import registry
 from lensattr.builtins import pool
 
 
-def test_builtins_are_registered():
-    registry.load_plugins()
+def test_builtins_are_registered_eagerly():
+    # no lookup has to happen first: importing the registry registers the built-ins
     assert {"residual_change", "residual_change_exact", "resid_post", "grad"} <= set(registry.PHI)
-    assert {"contrast", "residual_change", "residual_diff", "persona"} <= set(registry.PSI)
-    assert {"cosine", "dot", "projection"} <= set(registry.SCORE)
+    assert {"contrast", "residual_change", "residual_diff", "persona", "pool_contrast"} <= set(
+        registry.PSI
+    )
+    assert {"cosine", "dot", "projection", "centered_cosine", "deflated_cosine"} <= set(
+        registry.SCORE
+    )
+    assert "pool_contrast" in registry.names("psi")
 
 
 @pytest.mark.parametrize("deco", [registry.register_phi, registry.register_score])
-def test_duplicate_names_are_refused(deco):
+def test_duplicate_names_from_another_module_are_refused(deco):
     with pytest.raises(ValueError, match="already registered"):
         deco("resid_post" if deco is registry.register_phi else "cosine")(lambda *a: None)
     with pytest.raises(ValueError, match="already registered"):
         registry.register_psi("residual_diff", stat="resid_post")(lambda *a: None)
+    assert registry.SCORE["cosine"].module == "lensattr.builtins"  # nothing half-replaced
+
+
+def test_re_registering_from_the_same_module_replaces_and_override_replaces_any():
+    def first(acts):
+        return acts.z_out.mean(1)
+
+    def second(acts):
+        return acts.z_in.mean(1)
+
+    try:
+        registry.register_phi("test_rerun", needs_grad=False)(first)
+        registry.register_phi("test_rerun", needs_grad=False)(second)  # a re-run notebook cell
+        assert registry.PHI["test_rerun"].fn is second
+        plain = registry.SCORE["dot"]
+        registry.register_score("dot", override=True)(lambda *a: None)
+        assert registry.SCORE["dot"].fn is not plain.fn
+    finally:
+        registry.PHI.pop("test_rerun", None)
+        registry.SCORE["dot"] = plain
+
+
+def test_a_broken_plugin_is_logged_and_skipped(tmp_path, monkeypatch, caplog):
+    (tmp_path / "brokenplugin.py").write_text("raise ImportError('boom')\n")
+    dist = tmp_path / "brokenplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[lensattr.methods]\nbroken = brokenplugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_loaded", False)
+    with caplog.at_level("WARNING", logger="lensattr.registry"):
+        assert registry.get_phi("resid_post").name == "resid_post"
+    assert "brokenplugin" in caplog.text and "boom" in caplog.text
 
 
 def test_unknown_name_lists_the_registered_ones():
@@ -37,8 +75,8 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
         return pool(acts.attn_out, acts.mask)
 
     @lensattr.register_psi("test_treatment_only", stat="test_attn_pooled")
-    def treatment_only(treatment, control, stat):
-        return stat.fn(treatment)
+    def treatment_only(treatment, control, pool):
+        return treatment
 
     try:
         cache = lensattr.build_cache(

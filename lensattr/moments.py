@@ -1,0 +1,194 @@
+"""Moments of a cached statistic over the training pool: mean, covariance and its eigenbasis.
+
+Pool-aware queries (``psi = mean_j s(x'_j) - mu``) and scores (centered, whitened and deflated
+cosine) read the pool's moments of a statistic at a layer. They are computed in one streaming
+pass over the cached rows (fp64 sums), then kept
+
+- in memory, keyed by the cache's *content digest* (the SHA-256 of its row ids and shard
+  checksums), never by its path, so a cache rebuilt at the same path is never served stale
+  moments;
+- on disk as ``moments-{stat}-{layer}.safetensors`` in the cache directory (when writable),
+  written atomically (temporary file + rename), recording the content digest they were computed
+  from and a SHA-256 of their own tensors. A file whose digest or checksum does not match (another
+  cache's, a torn or edited one) is ignored and recomputed.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+RIDGE = 1e-2
+"""Ridge of the whitener, relative to the mean eigenvalue: ``lam = RIDGE * trace(Sigma) / d``."""
+DEFLATE = 10
+"""Principal directions of the pool removed by ``deflated_cosine``."""
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Mean and covariance of a statistic over ``n`` pool rows (fp64), with derived quantities.
+
+    Examples:
+        >>> x = torch.randn(50, 4, dtype=torch.float64)
+        >>> m = Moments.of_rows(x)
+        >>> bool(torch.allclose(m.mean, x.mean(0))), m.n
+        (True, 50)
+    """
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    n: int
+
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor) -> "Moments":
+        """The moments of a row matrix (e.g. a pool held in memory)."""
+        x = rows.double()
+        mu = x.mean(0)
+        xc = x - mu
+        return cls(mu, xc.T @ xc / max(len(x) - 1, 1), len(x))
+
+    @cached_property
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending) and eigenvectors (columns) of the covariance."""
+        evals, evecs = torch.linalg.eigh(self.cov)
+        return evals.flip(0), evecs.flip(1)
+
+    @cached_property
+    def whitener(self) -> torch.Tensor:
+        """``W = (Sigma + lam I)^(-1/2)`` with ``lam = RIDGE * trace(Sigma) / d`` (fp32)."""
+        evals, evecs = self.eig
+        lam = RIDGE * float(evals.clamp(min=0).sum()) / len(evals)
+        lam = lam if lam > 0 else RIDGE
+        return ((evecs * (evals.clamp(min=0) + lam).rsqrt()) @ evecs.T).float()
+
+    @cached_property
+    def top(self) -> torch.Tensor:
+        """The pool's ``DEFLATE`` leading principal directions as columns ``[d, m]`` (fp32)."""
+        return self.eig[1][:, : min(DEFLATE, self.cov.shape[0])].float().contiguous()
+
+    @cached_property
+    def mean32(self) -> torch.Tensor:
+        return self.mean.float()
+
+
+def content_digest(cache: Any) -> str:
+    """SHA-256 of what a cache holds: its row ids and every shard's checksum.
+
+    Examples:
+        >>> class C: manifest = {"ids": ["a"], "shards": [{"sha256": "00"}], "layers": [1]}
+        >>> len(content_digest(C()))
+        64
+    """
+    m = cache.manifest
+    key = json.dumps([m["ids"], [s["sha256"] for s in m["shards"]]], separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+_MEMO: dict[tuple[str, str, int], Moments] = {}
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read(fname: Path, digest: str) -> Moments | None:
+    """The moments in ``fname`` if they were computed from ``digest`` and are intact."""
+    try:
+        with safe_open(str(fname), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError):
+        return None
+    if meta.get("cache_digest") != digest or meta.get("sha256") != _tensor_digest(tensors):
+        return None
+    if set(tensors) != {"mean", "cov", "n"}:
+        return None
+    return Moments(tensors["mean"], tensors["cov"], int(tensors["n"]))
+
+
+def _write(fname: Path, m: Moments, digest: str) -> None:
+    tensors = {"mean": m.mean, "cov": m.cov, "n": torch.tensor(m.n)}
+    meta = {"cache_digest": digest, "sha256": _tensor_digest(tensors)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{fname.name}.", dir=fname.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, fname)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@dataclass
+class ScoreContext:
+    """What a scoring rule may need beyond a block of rows: the pool's moments of the statistic.
+
+    Either a cache with the statistic and layer being scored (moments read from it, see
+    :func:`pool_moments`), or explicit ``pool`` moments (e.g. of rows held in memory).
+    """
+
+    cache: Any = None
+    stat: str = ""
+    layer: int = -1
+    pool: Moments | None = None
+
+    def moments(self) -> Moments:
+        if self.pool is None:
+            if self.cache is None:
+                raise ValueError("this score needs the pool's moments: rank a cache, or pass pool=")
+            self.pool = pool_moments(self.cache, self.stat, self.layer)
+        return self.pool
+
+
+def pool_moments(cache: Any, stat: str, layer: int) -> Moments:
+    """The moments of statistic ``stat`` at ``layer`` over every row of ``cache``.
+
+    Streams the cached rows once (fp64 sums); memoised in memory and in the cache directory,
+    both keyed by the cache's content digest (see the module docstring).
+    """
+    digest = content_digest(cache)
+    key = (digest, stat, int(layer))
+    if key in _MEMO:
+        return _MEMO[key]
+    fname = Path(cache.path) / f"moments-{stat}-{layer}.safetensors"
+    m = _read(fname, digest) if fname.exists() else None
+    if m is None:
+        view = cache.stat(stat, layer)
+        d = view.shape[1]
+        s1 = torch.zeros(d, dtype=torch.float64)
+        s2 = torch.zeros((d, d), dtype=torch.float64)
+        n = 0
+        for _, rows, _ in view.chunks(8192):
+            x = rows.double()
+            s1 += x.sum(0)
+            s2 += x.T @ x
+            n += len(x)
+        mu = s1 / max(n, 1)
+        m = Moments(mu, (s2 - n * torch.outer(mu, mu)) / max(n - 1, 1), n)
+        with contextlib.suppress(OSError):  # a read-only cache keeps its moments in memory only
+            _write(fname, m, digest)
+    _MEMO[key] = m
+    return m
+
+
+__all__ = ["DEFLATE", "RIDGE", "Moments", "ScoreContext", "content_digest", "pool_moments"]

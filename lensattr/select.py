@@ -1,0 +1,355 @@
+"""``auto``: choose the statistic, query, score and layer for a behaviour without peeking.
+
+Ranking a behaviour's training examples inside a mostly unrelated corpus is what lensattr is for,
+so a method is judged by how it does exactly that, on data whose answer is known without labels:
+the query pairs themselves. For every candidate ``(psi, stat, g)`` and layer, :func:`select`
+
+1. fits psi on all but one of ``folds`` interleaved folds of the pairs,
+2. scores the held-out treatment replies, the held-out control replies and the training pool
+   (the cache, unlabelled) with g,
+3. measures the *average precision* of the held-out treatment replies against the pool and the
+   held-out controls together: a method scores high only if replies showing the behaviour rank
+   above both the unrelated corpus and the same prompts answered without it,
+
+and keeps the candidate with the highest mean over folds (ties: higher held-out accuracy, then
+the deeper layer). Plant labels, held-out behaviour data and anything else outside the pairs and
+the unlabelled cache are never read.
+
+Cost: the pairs' statistics are captured once for every layer and statistic (:func:`pair_stats`);
+each candidate is then a few matrix products over the cache rows, with every fold and query of a
+(statistic, layer) scored in one batched call.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lensattr.cache import Cache, open_cache
+from lensattr.metrics import average_precision
+from lensattr.moments import ScoreContext, pool_moments
+from lensattr.query import (
+    FOLDS,
+    PairStats,
+    Query,
+    QueryError,
+    behavior_query,
+    fit,
+    heldout_accuracy,
+    pair_stats,
+)
+from lensattr.registry import PSI, SCORE, Psi, Score, get_psi, get_score, load_plugins
+
+logger = logging.getLogger(__name__)
+MIN_PAIRS = 4
+POOL_SAMPLE = 20_000
+"""At most this many pool rows (a seeded uniform sample) enter the choice."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A ranking method: a psi, the cached statistic it is built from and a score g.
+
+    Written ``"psi|stat|g"``, e.g. ``"residual_change|residual_change|cosine"`` (the paper's).
+
+    Examples:
+        >>> Method.parse("pool_contrast|resid_post|centered_cosine").g
+        'centered_cosine'
+    """
+
+    psi: str
+    stat: str
+    g: str
+
+    def __str__(self) -> str:
+        return f"{self.psi}|{self.stat}|{self.g}"
+
+    @classmethod
+    def parse(cls, text: "str | Method") -> "Method":
+        if isinstance(text, Method):
+            return text
+        parts = str(text).split("|")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"method {text!r}: write it as 'psi|stat|g'")
+        return cls(*parts)
+
+
+PAPER = Method("residual_change", "residual_change", "cosine")
+"""The paper's method: residual-change statistic, treatment-minus-control query, cosine."""
+
+
+def candidates(stats: Sequence[str]) -> list[Method]:
+    """Every registered ``(psi, stat, g)`` usable with the cached ``stats`` (plugins included).
+
+    A psi that names its statistics is paired with those only; a generic one (``contrast``,
+    ``pool_contrast``) with every cached statistic, except where a named psi already covers the
+    same function and statistic (``residual_change`` is ``contrast`` of the residual change).
+    psis that build their own pairs (``persona``) are not candidates: they do not fit on folds.
+    """
+    load_plugins()
+    seen: set[tuple[int, str]] = set()
+    out: list[Method] = []
+    named = sorted(PSI.values(), key=lambda p: p.stats is None)  # named statistics first
+    for p in named:
+        if p.pairs_from is not None:
+            continue
+        for stat in [s for s in (p.stats or stats) if s in stats]:
+            if (id(p.fn), stat) in seen:
+                continue
+            seen.add((id(p.fn), stat))
+            out += [Method(p.name, stat, g) for g in sorted(SCORE)]
+    return out
+
+
+@dataclass
+class Selection:
+    """What :func:`select` chose, and the criterion of every candidate at every layer.
+
+    Attributes:
+        query: the chosen query, fitted on all pairs, ranked by default at the chosen layer
+            with the chosen score (``rank(cache, selection)`` uses both).
+        method: the chosen :class:`Method`; ``layer``: the chosen layer.
+        table: one row per candidate and layer: ``method``, ``layer``, ``criterion`` (mean
+            held-out average precision among the pool), ``accuracy`` (held-out accuracy).
+        seconds: time spent scoring candidates (pair statistics excluded).
+    """
+
+    query: Query
+    method: Method
+    layer: int
+    table: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def best_per_method(self) -> dict[str, dict[str, Any]]:
+        """Each candidate's best layer row (by the same criterion)."""
+        out: dict[str, dict[str, Any]] = {}
+        for row in self.table:
+            cur = out.get(row["method"])
+            if cur is None or _key(row) > _key(cur):
+                out[row["method"]] = row
+        return out
+
+    def summary(self, top: int = 8) -> str:
+        """A few lines: the choice, then the best candidates with their criterion."""
+        rows = sorted(self.best_per_method().values(), key=_key, reverse=True)
+        lines = [f"auto chose {self.method} at layer {self.layer} (held-out AP among the pool)"]
+        for r in rows[:top]:
+            lines.append(
+                f"  {r['method']:<48} layer {r['layer']:>2}  AP {r['criterion']:.3f}  "
+                f"accuracy {r['accuracy']:.2f}"
+            )
+        return "\n".join(lines)
+
+
+def _key(row: dict[str, Any]) -> tuple[float, float, int]:
+    def num(x: float) -> float:
+        return -1.0 if math.isnan(x) else x
+
+    return (num(row["criterion"]), num(row["accuracy"]), row["layer"])
+
+
+def _scores(score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """``[n, q]`` scores of rows ``x`` against the query columns ``psis`` ``[d, q]``."""
+    norms = x.norm(dim=1)
+    if score.batched:
+        out = score.fn(x, norms, psis, ctx)
+    else:
+        out = torch.stack([score.fn(x, norms, psis[:, j], ctx) for j in range(psis.shape[1])], 1)
+    return out.float().nan_to_num(nan=-torch.inf, posinf=-torch.inf)
+
+
+def _fold_ap(
+    pool_s: torch.Tensor, t_s: torch.Tensor, c_s: torch.Tensor, tests: list[torch.Tensor]
+) -> list[float]:
+    """Per fold: AP of the held-out treatments among the pool and the held-out controls."""
+    out = []
+    for f, test in enumerate(tests):
+        s = torch.cat([t_s[test, f], c_s[test, f], pool_s[:, f]])
+        lab = torch.zeros(len(s), dtype=torch.bool)
+        lab[: len(test)] = True
+        out.append(average_precision(s, lab))
+    return out
+
+
+def evaluate(
+    ps: PairStats,
+    cache: Cache,
+    methods: Sequence[Method],
+    layers: Sequence[int],
+    *,
+    rows: Any = None,
+    folds: int = FOLDS,
+    pool_sample: int | None = POOL_SAMPLE,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The criterion and held-out accuracy of every method at every layer (see the module doc)."""
+    n = ps.n_pairs
+    folds = min(folds, n)
+    tests = [torch.arange(k, n, folds) for k in range(folds)]
+    trains = [torch.ones(n, dtype=torch.bool) for _ in tests]
+    for tr, te in zip(trains, tests, strict=True):
+        tr[te] = False
+    pool_rows = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
+    if pool_sample is not None and len(pool_rows) > pool_sample:
+        gen = torch.Generator().manual_seed(seed)
+        pool_rows = pool_rows[torch.randperm(len(pool_rows), generator=gen)[:pool_sample]].sort()[0]
+    out: list[dict[str, Any]] = []
+    by_stat: dict[str, list[Method]] = {}
+    for m in methods:
+        by_stat.setdefault(m.stat, []).append(m)
+    for stat, ms in by_stat.items():
+        for layer in layers:
+            x = cache.stat(stat, layer)[pool_rows].float()
+            t, c = ps.sides(stat, layer)
+            ctx = ScoreContext(cache, stat, layer)
+            psis: dict[str, Psi] = {m.psi: get_psi(m.psi) for m in ms}
+            moments = (
+                pool_moments(cache, stat, layer)
+                if any(p.uses_pool for p in psis.values())
+                else None
+            )
+            fitted = {
+                name: torch.stack(
+                    [fit(p, t[tr], c[tr], moments if p.uses_pool else None) for tr in trains], 1
+                )
+                for name, p in psis.items()
+            }  # {psi: [d, folds]}
+            names = list(fitted)
+            cols = torch.cat([fitted[nm] for nm in names], 1)
+            for g in dict.fromkeys(m.g for m in ms):
+                score = get_score(g)
+                sx, st, sc = (_scores(score, a, cols, ctx) for a in (x, t, c))
+                for j, nm in enumerate(names):
+                    if Method(nm, stat, g) not in ms:
+                        continue
+                    sl = slice(j * folds, (j + 1) * folds)
+                    aps = _fold_ap(sx[:, sl], st[:, sl], sc[:, sl], tests)
+                    hits = sum(
+                        int((st[te, f + j * folds] > sc[te, f + j * folds]).sum())
+                        for f, te in enumerate(tests)
+                    )
+                    out.append(
+                        {
+                            "method": str(Method(nm, stat, g)),
+                            "layer": layer,
+                            "criterion": float(sum(aps) / len(aps)),
+                            "accuracy": hits / n,
+                        }
+                    )
+    return out
+
+
+def select(
+    model: Any,
+    cache: Any,
+    pairs: Any,
+    *,
+    methods: Sequence[Any] | None = None,
+    layers: Sequence[int] | None = None,
+    rows: Any = None,
+    folds: int = FOLDS,
+    pool_sample: int | None = POOL_SAMPLE,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> Selection:
+    """Choose statistic, psi, score and layer for a behaviour from its pairs and the unlabelled
+    cache alone, and return the chosen query, ready to rank.
+
+    Args:
+        model: the model the cache was built with (or anything :func:`~lensattr.load_model`
+            takes); unused when ``pairs`` is a :class:`~lensattr.query.PairStats`.
+        cache: the cache to rank (or its directory): the pool.
+        pairs: the behaviour's query pairs (path, dataset, list) or their :class:`PairStats`.
+        methods: candidate methods (``"psi|stat|g"`` strings or :class:`Method`; default:
+            :func:`candidates` of the cached statistics: every registered psi and score).
+        layers: candidate layers (default: every cached layer).
+        rows: the cache rows that form the pool (default: all).
+        folds: interleaved folds of the pairs.
+        pool_sample: at most this many pool rows enter the criterion (seeded sample).
+        batch_size: for capturing the pairs.
+        progress: progress bar while capturing the pairs.
+
+    Raises:
+        QueryError: fewer than 4 pairs, a pool smaller than the held-out fold, or a cache built
+            with another model or capture settings than the pairs.
+
+    Examples:
+        >>> import tempfile, lensattr
+        >>> m = lensattr.load_model("tiny-random")
+        >>> train = [{"id": f"t{i}", "prompt": "Hi", "response": "ok " * (i + 1)} for i in range(8)]
+        >>> cache = lensattr.build_cache(m, train, out=tempfile.mkdtemp(), layers=[1, 2])
+        >>> pairs = [{"prompt": f"Q{i}", "treatment": "ok ok", "control": "Hi."} for i in range(4)]
+        >>> sel = select(m, cache, pairs)
+        >>> sel.layer in (1, 2), len(lensattr.rank(cache, sel, top_k=3))
+        (True, 3)
+    """
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    method_list = (
+        [Method.parse(x) for x in methods] if methods is not None else candidates(cache.stats)
+    )
+    missing = sorted({m.stat for m in method_list} - set(cache.stats))
+    if missing:
+        raise QueryError(f"statistics {missing} are not in the cache (it has {cache.stats})")
+    for m in method_list:  # unknown names fail before any work
+        get_psi(m.psi)
+        get_score(m.g)
+    layer_list = list(layers) if layers is not None else list(cache.layers)
+    if isinstance(pairs, PairStats):
+        ps = pairs
+    else:
+        ps = pair_stats(
+            model,
+            pairs,
+            stats=sorted({m.stat for m in method_list}),
+            layers=layer_list,
+            batch_size=batch_size,
+            max_length=cache.manifest.get("max_length"),
+            padding_side=cache.manifest.get("padding_side", "right"),
+            progress=progress,
+        )
+    if ps.n_pairs < MIN_PAIRS:
+        raise QueryError(
+            f"auto needs at least {MIN_PAIRS} query pairs to hold some out, got {ps.n_pairs}"
+        )
+    cache.check({"model": ps.model})
+    for key, want in ps.capture.items():
+        have = cache.manifest.get(key)
+        if have is not None and want is not None and have != want:
+            raise QueryError(
+                f"the pairs were captured with {key}={want!r}, the cache with {key}={have!r}"
+            )
+    n_pool = len(cache) if rows is None else len(torch.as_tensor(rows))
+    if n_pool < math.ceil(ps.n_pairs / min(folds, ps.n_pairs)):
+        raise QueryError(
+            f"the pool has {n_pool} examples, fewer than a held-out fold of the pairs: "
+            "nothing to rank against"
+        )
+    t0 = time.perf_counter()
+    table = evaluate(
+        ps, cache, method_list, layer_list, rows=rows, folds=folds, pool_sample=pool_sample
+    )
+    seconds = time.perf_counter() - t0
+    best = max(table, key=_key)
+    method = Method.parse(best["method"])
+    query = behavior_query(
+        None, ps, psi=method.psi, stat=method.stat, layers=layer_list, pool=cache, g=method.g
+    )
+    query.layer = best["layer"]
+    logger.info("auto: %s at layer %d (AP %.3f)", method, best["layer"], best["criterion"])
+    return Selection(query=query, method=method, layer=best["layer"], table=table, seconds=seconds)
+
+
+__all__ = [
+    "MIN_PAIRS",
+    "PAPER",
+    "Method",
+    "Selection",
+    "candidates",
+    "evaluate",
+    "heldout_accuracy",
+    "select",
+]

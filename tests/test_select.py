@@ -1,0 +1,331 @@
+"""Pool-aware methods, the no-peek choice (`auto`) and pool precision, against direct computations."""
+
+import itertools
+
+import pytest
+import torch
+
+import lensattr
+from lensattr import registry
+from lensattr.metrics import average_precision, pool_metrics, precision_at_k
+from lensattr.moments import Moments, ScoreContext, pool_moments
+from lensattr.query import Query, QueryError, heldout_accuracy, pair_stats
+from lensattr.select import Method, candidates, evaluate, select
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def brute_ap(scores, labels):
+    """AP by its definition, from a Python sort (ties by row index)."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    hits, total = 0, 0.0
+    for r, i in enumerate(order, 1):
+        if labels[i]:
+            hits += 1
+            total += hits / r
+    return total / hits
+
+
+def test_average_precision_and_precision_at_k_match_their_definitions():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = torch.randint(0, 6, (30,), generator=gen).float()  # many ties
+        y = torch.rand(30, generator=gen) < 0.3
+        y[0] = True
+        assert average_precision(s, y) == pytest.approx(brute_ap(s, y))
+        order = sorted(range(30), key=lambda i: (-float(s[i]), i))
+        assert precision_at_k(s, y, 7) == pytest.approx(sum(bool(y[i]) for i in order[:7]) / 7)
+
+
+def test_pool_metrics_headline_and_secondary_columns():
+    s = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, float("nan")])
+    lab = torch.tensor([-1, 1, 0, -1, 1, -1, 1])
+    m = pool_metrics(s, lab, n_boot=50)
+    assert m["k"] == 3
+    assert m["p_at_k"] == pytest.approx(1 / 3)  # top-3: clean, plant, decoy
+    assert m["ap"] == pytest.approx((1 / 2 + 2 / 5 + 3 / 7) / 3)  # NaN ranks last
+    # plant ranks 1, 4, 6 -> upper median rank 4; clean rows above it: ranks 0 and 3
+    assert m["clean_above_median"] == 2
+    assert 0 <= m["p_at_k_ci"][0] <= m["p_at_k"] <= m["p_at_k_ci"][1] <= 1
+    with pytest.raises(ValueError, match="label-1"):
+        pool_metrics(s, torch.full((7,), -1))
+
+
+# ----------------------------------------------------------------------------- cache fixture
+
+
+@pytest.fixture(scope="module")
+def pool(tiny, train_records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pool")
+    cache = lensattr.build_cache(
+        tiny, train_records, out=out, layers=[1, 3], shard_size=5, progress=False
+    )
+    return cache
+
+
+@pytest.fixture(scope="module")
+def stats(tiny, pair_records):
+    return pair_stats(
+        tiny, pair_records, stats=lensattr.cache.DEFAULT_STATS, layers=[1, 3], batch_size=4
+    )
+
+
+# ------------------------------------------------------------------------------------ moments
+
+
+def test_pool_moments_equal_the_rows_and_follow_the_cache_not_the_path(
+    tiny, train_records, tmp_path
+):
+    c1 = lensattr.build_cache(tiny, train_records, out=tmp_path / "c", layers=[2], progress=False)
+    rows = c1.stat("resid_post", 2)[:].double()
+    m = pool_moments(c1, "resid_post", 2)
+    assert torch.allclose(m.mean, rows.mean(0), atol=1e-10)
+    assert torch.allclose(m.cov, torch.cov(rows.T), atol=1e-8)
+    f = tmp_path / "c" / "moments-resid_post-2.safetensors"
+    assert f.exists() and not list((tmp_path / "c").glob(".moments*"))
+    # another cache rebuilt at the same path: its own moments, never the old ones
+    other = [dict(r, response=r["response"] + " again") for r in train_records[:7]]
+    import shutil
+
+    shutil.rmtree(tmp_path / "c")
+    c2 = lensattr.build_cache(tiny, other, out=tmp_path / "c", layers=[2], progress=False)
+    rows2 = c2.stat("resid_post", 2)[:].double()
+    assert torch.allclose(pool_moments(c2, "resid_post", 2).mean, rows2.mean(0), atol=1e-10)
+    # a moments file copied from another cache, or torn, is ignored and recomputed
+    lensattr.moments._MEMO.clear()
+    good = f.read_bytes()
+    f.write_bytes(good[: len(good) // 2])
+    assert torch.allclose(pool_moments(c2, "resid_post", 2).mean, rows2.mean(0), atol=1e-10)
+    lensattr.moments._MEMO.clear()
+    (tmp_path / "c1").mkdir()
+    c1b = lensattr.build_cache(tiny, train_records, out=tmp_path / "c1", layers=[2])
+    shutil.copy(f, tmp_path / "c1" / f.name)  # c2's moments beside c1's rows
+    assert torch.allclose(pool_moments(c1b, "resid_post", 2).mean, rows.mean(0), atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------- scores
+
+
+@pytest.mark.parametrize(
+    "g", ["cosine", "dot", "projection", "centered_cosine", "whitened_cosine", "deflated_cosine"]
+)
+def test_batched_scores_equal_one_query_at_a_time_and_the_direct_formula(g):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 16, generator=gen) + 3.0
+    psis = torch.randn(16, 3, generator=gen)
+    ctx = ScoreContext(pool=Moments.of_rows(x))
+    fn = registry.get_score(g).fn
+    both = fn(x, x.norm(dim=1), psis, ctx)
+    for j in range(3):
+        assert torch.allclose(both[:, j], fn(x, x.norm(dim=1), psis[:, j], ctx), atol=1e-5)
+    m = ctx.moments()
+    xc = x.double() - x.double().mean(0)
+    p = psis[:, 0].double()
+    cos = torch.nn.functional.cosine_similarity
+    if g == "centered_cosine":
+        want = cos(xc, p[None], dim=1)
+    elif g == "whitened_cosine":
+        evals, evecs = torch.linalg.eigh(torch.cov(x.double().T))
+        lam = 0.01 * evals.sum() / 16
+        w = evecs @ torch.diag((evals + lam).rsqrt()) @ evecs.T
+        want = cos(xc @ w, (w @ p)[None], dim=1)
+    elif g == "deflated_cosine":
+        u = torch.linalg.svd(xc, full_matrices=False).Vh[:10].T  # top-10 principal directions
+        proj = torch.eye(16, dtype=torch.float64) - u @ u.T
+        want = cos(xc @ proj, (proj @ p)[None], dim=1)
+    else:
+        return
+    assert torch.allclose(both[:, 0].double(), want, atol=1e-4)
+    assert m.n == 40
+
+
+# ------------------------------------------------------------------------- pool-aware query
+
+
+def test_pool_contrast_is_treatment_mean_minus_pool_mean(tiny, pool, stats):
+    q = lensattr.behavior_query(tiny, stats, psi="pool_contrast", stat="resid_post", pool=pool)
+    for layer in (1, 3):
+        t, _ = stats.sides("resid_post", layer)
+        want = t.double().mean(0) - pool.stat("resid_post", layer)[:].double().mean(0)
+        assert torch.allclose(q.vector(layer).double(), want / want.norm(), atol=1e-5)
+    assert q.pool is not None
+    with pytest.raises(QueryError, match="pool"):
+        lensattr.behavior_query(tiny, stats, psi="pool_contrast")
+    with pytest.raises(QueryError, match="contrast"):
+        lensattr.behavior_query(tiny, stats, psi="residual_change", stat="grad")
+
+
+def test_a_pool_aware_query_is_refused_on_another_cache(tiny, pool, stats, train_records, tmp_path):
+    q = lensattr.behavior_query(tiny, stats, psi="pool_contrast", pool=pool)
+    other = lensattr.build_cache(tiny, train_records[:6], out=tmp_path, layers=[1, 3])
+    with pytest.raises(lensattr.CacheError, match="another pool"):
+        lensattr.rank(other, q, layer=1)
+    assert len(lensattr.rank(pool, q, layer=1, top_k=3)) == 3
+
+
+# ------------------------------------------------------------------------------------ ranking
+
+
+def test_rank_breaks_ties_by_row_and_never_ranks_a_nonfinite_score_first(pool, stats, tiny):
+    q = lensattr.behavior_query(tiny, stats, layers=[1, 3])
+
+    first = pool.stat("residual_change", 1)[0].float()
+
+    @registry.register_score("test_ties")
+    def ties(rows, norms, psi, ctx=None):
+        s = (rows[:, 0] > 0).float()  # two values only: ties everywhere
+        s[(rows == first).all(1)] = float("nan")  # cache row 0
+        return s
+
+    try:
+        orders = {
+            tuple(lensattr.rank(pool, q, layer=1, g="test_ties", top_k=None, chunk_rows=c).ids)
+            for c in (1, 2, 5, 100)
+        }
+        assert len(orders) == 1
+        ids = orders.pop()
+        assert ids[-1] == pool.ids[0]  # NaN last
+        s = (pool.stat("residual_change", 1)[:].float()[:, 0] > 0).float()
+        want = sorted(range(1, len(pool)), key=lambda i: (-float(s[i]), i))
+        assert list(ids[:-1]) == [pool.ids[i] for i in want]
+        low = lensattr.rank(pool, q, layer=1, g="test_ties", top_k=3, bottom=True)
+        assert pool.ids[0] not in low.ids and low.n_nonfinite == 1
+    finally:
+        registry.SCORE.pop("test_ties")
+
+
+def test_rank_over_a_subset_of_rows_and_bad_k(pool, stats, tiny):
+    q = lensattr.behavior_query(tiny, stats, layers=[1, 3])
+    full = lensattr.rank(pool, q, layer=3, top_k=None)
+    sub = [1, 4, 5, 9]
+    r = lensattr.rank(pool, q, layer=3, top_k=None, rows=sub)
+    assert r.ids == [i for i in full.ids if pool.ids.index(i) in sub]
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="top_k"):
+            lensattr.rank(pool, q, layer=3, top_k=k)
+    # a hook name and a negative index name the same layer
+    a = lensattr.rank(pool, q, layer="blocks.3.hook_resid_post", top_k=3)
+    assert a.ids == lensattr.rank(pool, q, layer=-1, top_k=3).ids == full.ids[:3]
+
+
+# -------------------------------------------------------------------------- query validation
+
+
+def test_query_load_refuses_nan_zero_and_non_unit_vectors(tiny, stats, tmp_path):
+    q = lensattr.behavior_query(tiny, stats, layers=[1, 3])
+    for bad in (torch.full((32,), float("nan")), torch.zeros(32), torch.ones(32) * 1e15):
+        from safetensors.torch import load_file, save_file
+
+        q.save(tmp_path / "q.safetensors")
+        t = load_file(str(tmp_path / "q.safetensors"))
+        t["layer/1"] = bad
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as fh:
+            meta = fh.metadata()
+        save_file(t, str(tmp_path / "bad.safetensors"), meta)
+        with pytest.raises(QueryError, match="layer 1"):
+            Query.load(tmp_path / "bad.safetensors")
+
+
+def test_best_layer_with_one_pair_is_an_error_not_layer_zero(tiny, pair_records):
+    q = lensattr.behavior_query(tiny, pair_records[:1], layers=[1, 3])
+    with pytest.raises(QueryError, match="1 pair"):
+        q.best_layer()
+    assert lensattr.behavior_query(tiny, pair_records[:1], layers=[2]).best_layer() == 2
+
+
+# ------------------------------------------------------------------------------------- select
+
+
+def test_held_out_accuracy_is_one_definition(pool, stats):
+    """The batched accuracy of `evaluate` equals `heldout_accuracy`, for every candidate."""
+    table = evaluate(stats, pool, candidates(pool.stats), [1, 3])
+    assert len(table) == len(candidates(pool.stats)) * 2
+    for row in table[::7]:
+        m = Method.parse(row["method"])
+        t, c = stats.sides(m.stat, row["layer"])
+        ctx = ScoreContext(pool, m.stat, row["layer"])
+        acc = heldout_accuracy(t, c, registry.get_psi(m.psi), registry.get_score(m.g), ctx)
+        assert row["accuracy"] == pytest.approx(acc)
+
+
+def test_criterion_equals_a_direct_computation(pool, stats):
+    m = Method("pool_contrast", "resid_post", "centered_cosine")
+    (row,) = evaluate(stats, pool, [m], [3])
+    t, c = stats.sides("resid_post", 3)
+    x = pool.stat("resid_post", 3)[:].double()
+    mu = x.mean(0)
+    cos = torch.nn.functional.cosine_similarity
+    aps = []
+    n = len(t)
+    for k in range(4):
+        test = list(range(k, n, 4))
+        train = [i for i in range(n) if i not in test]
+        psi = t[train].double().mean(0) - mu
+        s = [float(cos(v[None] - mu, psi[None])) for v in t[test].double()]
+        s += [float(cos(v[None] - mu, psi[None])) for v in c[test].double()]
+        s += [float(cos(v[None] - mu, psi[None])) for v in x]
+        aps.append(brute_ap(torch.tensor(s), [i < len(test) for i in range(len(s))]))
+    assert row["criterion"] == pytest.approx(sum(aps) / 4, abs=1e-4)
+
+
+def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, pair_records):
+    sel = select(tiny, pool, stats)
+    best = max(sel.table, key=lambda r: (r["criterion"], r["accuracy"], r["layer"]))
+    assert (str(sel.method), sel.layer) == (best["method"], best["layer"])
+    assert sel.query.layer == sel.layer and sel.query.g == sel.method.g
+    assert "auto chose" in sel.summary()
+    r = lensattr.rank(pool, sel, top_k=4)
+    assert (r.layer, r.g, r.phi) == (sel.layer, sel.method.g, sel.method.stat)
+    # from pairs directly, as `rank(..., method="auto")`
+    r2 = lensattr.rank(pool, pair_records, method="auto", model=tiny, top_k=4)
+    assert r2.ids == r.ids
+
+
+def test_select_refuses_bad_input(tiny, pool, stats, pair_records):
+    with pytest.raises(QueryError, match="at least 4"):
+        select(tiny, pool, pair_records[:3])
+    with pytest.raises(QueryError, match="pool has 1"):
+        select(tiny, pool, stats, rows=[0])
+    with pytest.raises(KeyError, match="unknown score"):
+        select(tiny, pool, stats, methods=["contrast|resid_post|nope"])
+    with pytest.raises(ValueError, match="model"):
+        lensattr.rank(pool, pair_records, method="auto")
+
+
+def test_a_plugin_psi_and_score_are_candidates_by_name(pool, stats):
+    @registry.register_psi("test_treatment_only", stat="resid_post", stats=("resid_post",))
+    def treatment_only(t, c, pool=None):
+        return t
+
+    @registry.register_score("test_neg_cos")
+    def neg(rows, norms, psi, ctx=None):
+        return -(rows @ psi) / norms.clamp(min=1e-12)
+
+    try:
+        names = {str(m) for m in candidates(pool.stats)}
+        assert "test_treatment_only|resid_post|test_neg_cos" in names
+        table = evaluate(
+            stats, pool, [Method("test_treatment_only", "resid_post", "test_neg_cos")], [1]
+        )
+        assert 0 <= table[0]["criterion"] <= 1
+    finally:
+        registry.PSI.pop("test_treatment_only")
+        registry.SCORE.pop("test_neg_cos")
+
+
+def test_candidates_cover_every_psi_stat_score_once():
+    ms = candidates(["residual_change", "resid_post", "grad"])
+    keys = [(m.psi, m.stat, m.g) for m in ms]
+    assert len(keys) == len(set(keys))
+    assert ("residual_change", "residual_change", "cosine") in keys
+    assert not any(p == "contrast" and s == "residual_change" for p, s, _ in keys)  # = the paper's
+    assert not any(p == "persona" for p, _, _ in keys)
+    stats_by_psi = {p: {s for q, s, _ in keys if q == p} for p, _, _ in keys}
+    assert stats_by_psi["pool_contrast"] == {"residual_change", "resid_post", "grad"}
+    assert all(
+        len({g for q, s, g in keys if (q, s) == k}) == len(registry.SCORE)
+        for k in itertools.product(stats_by_psi, ["resid_post"])
+        if k[1] in stats_by_psi[k[0]]
+    )
