@@ -85,27 +85,31 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--data", default="../shared/data", help="data root")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--behaviours", default=None, help="comma-separated names (default: all)")
-    p.add_argument("--n-clean", type=int, default=200)
-    p.add_argument("--max-plants", type=int, default=None, help="plants per behaviour")
+    p.add_argument("--n-clean", type=int, default=None, help="default: the whole clean corpus")
+    p.add_argument("--max-plants", type=int, default=100, help="plants per behaviour (1 + 0)")
     p.add_argument("--n-query", type=int, default=48)
-    p.add_argument("--layers", default=None, help="default: every 3rd block")
-    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--layers", default=None, help="default: every 3rd block from 9")
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--k", type=int, default=50)
-    p.add_argument("--gen-tokens", type=int, default=24)
-    p.add_argument("--no-trak", action="store_true")
-    p.add_argument("--no-projdiff", action="store_true", help="skip the projdiff column")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated 'psi|stat|g' methods of the grid, any registered names "
+        "(default: every registered candidate)",
+    )
+    p.add_argument("--k", type=int, default=50, help="top-k of the fine-tuning selection")
+    p.add_argument("--trak", action="store_true", help="run the TRAK baseline (slow on a CPU)")
+    p.add_argument("--no-persona", action="store_true", help="skip the persona baseline")
     p.add_argument("--trak-dim", type=int, default=512)
     p.add_argument("--finetune", default="", help="behaviours for the fine-tuning effect")
-    p.add_argument("--ft-steps", type=int, default=30)
-    p.add_argument("--ft-seeds", default="0,1")
-    p.add_argument("--ft-heldout", type=int, default=48)
+    p.add_argument("--ft-steps", type=int, default=20)
+    p.add_argument("--ft-seeds", default="0,1,2")
+    p.add_argument("--ft-heldout", type=int, default=32)
     p.add_argument(
         "--ft-methods",
         default=None,
-        help="comma-separated methods to fine-tune on: 'psi|phi|g' cells, trak, random, best "
-        "(the method chosen on the query pairs); default: residual_change|residual_change|cosine,"
-        "residual_diff|resid_post|cosine,trak,random",
+        help="comma-separated methods to fine-tune on: auto, paper, random, trak, persona or "
+        "'psi|stat|g'; default: auto,paper,residual_diff|resid_post|cosine,random",
     )
     p.add_argument(
         "--smoke",
@@ -135,10 +139,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             layers=args.layers,
             max_length=args.max_length,
             batch_size=args.batch_size,
+            methods=[x for x in (args.methods or "").split(",") if x] or None,
             k=args.k,
-            gen_tokens=args.gen_tokens,
-            projdiff=not args.no_projdiff,
-            trak=not args.no_trak,
+            persona=not args.no_persona,
+            trak=args.trak,
             trak_dim=args.trak_dim,
             ft_behaviours=[x for x in args.finetune.split(",") if x],
             ft_steps=args.ft_steps,

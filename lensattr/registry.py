@@ -211,7 +211,8 @@ def get_score(name: str) -> Score:
 def names(kind: str) -> list[str]:
     """The registered names of ``"phi"``, ``"psi"`` or ``"score"`` (plugins included)."""
     load_plugins()
-    return sorted({"phi": PHI, "psi": PSI, "score": SCORE}[kind])
+    tables: dict[str, dict[str, Any]] = {"phi": PHI, "psi": PSI, "score": SCORE}
+    return sorted(tables[kind])
 
 
 import lensattr.builtins  # noqa: E402, F401  (registers the built-ins, eagerly and in one place)

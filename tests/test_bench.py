@@ -26,44 +26,51 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     from lensattr.bench import run_bench
 
     cfg = smoke_config(data_root)
-    cfg.ft_seeds, cfg.ft_methods = [0], ["residual_change|residual_change|cosine", "trak", "random"]
+    cfg.ft_seeds = [0]
     out = tmp_path / "out"
     res = run_bench(cfg, out, model=tiny)
-    for f in (
-        "results.json",
-        "results.md",
-        "heatmap.png",
-        "layers.png",
-        "finetune.png",
-        "cost.json",
-    ):
+    for f in ("results.json", "results.md", "precision.png", "finetune.png", "cost.json"):
         assert (out / f).exists(), f
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["planted"]) == {"shouting", "cheer"}
-    shout = saved["planted"]["shouting"]["methods"]
-    assert "trak" in shout and "random" in shout
-    assert "persona|projdiff|whitened_cosine" not in shout  # no system prompts: row left out
-    assert "persona|projdiff|whitened_cosine" in saved["planted"]["cheer"]["methods"]
-    cell = shout["residual_change|residual_change|cosine"]
-    assert cell["chosen_layer"] in cfg_layers(res) and len(cell["layers"]) == len(cfg_layers(res))
-    assert 0.0 <= cell["auroc"] <= 1.0 and len(cell["auroc_ci"]) == 2
-    assert set(res["finetune"]["shouting"]["methods"]) == set(cfg.ft_methods)
+    assert set(saved["ranking"]) == {"shouting", "cheer"}
+    shout = saved["ranking"]["shouting"]
+    assert shout["n_clean"] == 6 and shout["n_plants"] == {"1": 4, "0": 4}
+    assert set(shout["baselines"]) == {"trak", "random"}  # no system prompts: no persona
+    assert "persona" in saved["ranking"]["cheer"]["baselines"]
+    paper = shout["grid"]["residual_change|residual_change|cosine"]
+    assert len(paper["layers"]) == 3 and shout["paper"]["layer"] == paper["query_layer"]
+    # auto's metrics are the grid's metrics of the method and layer it chose
+    cell = shout["grid"][shout["auto"]["method"]]["layers"][str(shout["auto"]["layer"])]
+    assert shout["auto"]["p_at_k"] == cell["p_at_k"] and shout["auto"]["ap"] == cell["ap"]
+    assert len(shout["auto"]["p_at_k_ci"]) == 2
+    assert set(res["finetune"]["shouting"]["methods"]) == set(cfg.ft_methods) - {"persona"}
     assert "| shouting | base model |" in (out / "results.md").read_text()
-    # resumable: a rerun reuses every saved step and gives the same planted numbers
+    # resumable: a rerun reuses every saved step and gives the same numbers
     again = run_bench(cfg, out, model=tiny)
-    assert again["planted"] == json.loads(json.dumps(res["planted"]))
-    # "best" fine-tunes on the method chosen from the query pairs; a typo fails before any LoRA
-    cfg.ft_methods = ["best"]
-    best = run_bench(cfg, out, model=tiny)["finetune"]["shouting"]["methods"]["best"]
-    assert best["resolved"] == saved["planted"]["shouting"]["best_by_cv"]
+    assert again["ranking"] == json.loads(json.dumps(res["ranking"]))
     cfg.ft_methods = ["residual_change|resid_post|cosinee"]
     with pytest.raises(ValueError, match="unknown fine-tuning methods"):
         run_bench(cfg, out, model=tiny)
 
 
-def cfg_layers(res):
-    any_cell = next(iter(res["planted"]["shouting"]["methods"].values()))
-    return [int(la) for la in any_cell["layers"]]
+def test_bench_methods_take_any_registered_name(tiny, data_root, tmp_path):
+    """A user's registered psi and score are benchmarked by name, like a built-in."""
+    from lensattr import registry
+    from lensattr.bench import run_bench
+
+    @registry.register_score("test_bench_abs_cos")
+    def abs_cos(rows, norms, psi, ctx=None):
+        return ((rows @ psi) / (norms * psi.norm()).clamp(min=1e-12)).abs()
+
+    try:
+        cfg = smoke_config(data_root)
+        cfg.ft_behaviours, cfg.trak, cfg.persona = [], False, False
+        cfg.methods = ["residual_diff|resid_post|test_bench_abs_cos"]
+        res = run_bench(cfg, tmp_path, model=tiny)["ranking"]["shouting"]
+        assert set(res["grid"]) == {cfg.methods[0], "residual_change|residual_change|cosine"}
+        assert res["auto"]["method"] in res["grid"]
+    finally:
+        registry.SCORE.pop("test_bench_abs_cos")
 
 
 def test_trait_spec_split_16_12_12(data_root):
@@ -170,7 +177,7 @@ def test_centered_and_whitened_cosine_match_numpy():
 
 def test_scores_read_moments_from_the_cache(tiny, train_records, tmp_path):
     from lensattr import build_cache
-    from lensattr.rank import ScoreContext
+    from lensattr.moments import ScoreContext
 
     cache = build_cache(
         tiny, train_records, out=tmp_path / "c", layers=[2], stats=["resid_post"], dtype="float32"
@@ -178,7 +185,7 @@ def test_scores_read_moments_from_the_cache(tiny, train_records, tmp_path):
     x = cache.stat("resid_post", 2)[:].double().numpy()
     psi = torch.randn(x.shape[1])
     mu, w = _np_moments(x)
-    ctx = ScoreContext(cache=cache, phi="resid_post", layer=2)
+    ctx = ScoreContext(cache=cache, stat="resid_post", layer=2)
     rows = torch.tensor(x[:5], dtype=torch.float32)  # a block of rows: moments still from all
     got = whitened_cosine(rows, rows.norm(dim=1), psi, ctx).numpy()
     np.testing.assert_allclose(

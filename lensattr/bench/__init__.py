@@ -1,10 +1,11 @@
-"""The attribution benchmark: planted recovery over the method grid and the fine-tuning effect.
+"""The attribution benchmark: each behaviour ranked inside a realistic pool, and the fine-tuning
+effect.
 
-``run_bench(config, out)`` (CLI: ``lensattr bench``) builds one cache over the pool (a clean
-subsample plus every behaviour's plants), ranks each behaviour's sub-pool with every method at
-every layer, chooses layers and the best method from the query pairs alone, and optionally
-LoRA-fine-tunes on each method's top-k and measures the trait score on held-out pairs. See
-``docs/results.md`` for the protocol and a real run.
+``run_bench(config, out)`` (CLI: ``lensattr bench``) caches one pool (every behaviour's plants
+plus the whole clean corpus), ranks each behaviour among the clean corpus and its own plants with
+``auto`` (:func:`lensattr.select`), every registered method at every layer, the paper's residual
+change and the baselines, and optionally LoRA-fine-tunes on each method's top-k and measures the
+trait score on held-out pairs. It uses the public API only. See ``docs/results.md``.
 
 Examples:
     >>> from lensattr.bench import BenchConfig, lora_finetune, trait_score  # doctest: +SKIP
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lensattr.bench.finetune import lora_finetune, trait_score
-from lensattr.bench.run import BenchConfig, config_dict, prepare, run_trak, say
+from lensattr.bench.run import BenchConfig, config_dict, prepare, say
 from lensattr.bench.smoke import smoke_config
 
 logger = logging.getLogger(__name__)
@@ -34,20 +35,15 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, model: Any = None) -> dict[s
         The results dict also written to ``out/results.json``.
     """
     from lensattr.bench.effect import finetune_effect
-    from lensattr.bench.planted import planted_recovery
+    from lensattr.bench.ranking import pool_ranking
     from lensattr.bench.report import write_outputs
 
     out = Path(out)
     t0 = time.perf_counter()
-    h = prepare(cfg, out, model, trak_now=False)
-    say("planted recovery: scoring the grid")
-    planted = planted_recovery(cfg, h, out)
-    results: dict[str, Any] = {"config": config_dict(cfg), "planted": planted}
-    results["cost"] = dict(h["costs"].data)
-    write_outputs(results, out)  # the activation-space grid first; TRAK (slow) is added next
-    if cfg.trak:
-        h["trak"] = run_trak(h["model"], cfg, out, h["cache"], h["behaviours"], h["costs"])
-        planted = results["planted"] = planted_recovery(cfg, h, out)
+    h = prepare(cfg, out, model)
+    say("ranking every behaviour inside the pool")
+    ranking = pool_ranking(cfg, h, out)
+    results: dict[str, Any] = {"config": config_dict(cfg), "ranking": ranking}
     if h["trak"] is not None:
         results["trak"] = {
             "targets": h["trak"]["targets"],
@@ -64,7 +60,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, model: Any = None) -> dict[s
     write_outputs(results, out)
     if cfg.ft_behaviours:
         say("fine-tuning effect")
-        results["finetune"] = finetune_effect(cfg, h, planted, out)
+        results["finetune"] = finetune_effect(cfg, h, ranking, out)
         results["cost"] = dict(h["costs"].data)
         write_outputs(results, out)
     say(

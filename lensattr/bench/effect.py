@@ -8,39 +8,55 @@ from typing import Any
 
 import torch
 
+from lensattr import Method, Query, behavior_query, rank
 from lensattr.bench.finetune import lora_finetune, trait_score
-from lensattr.bench.grid import score_method
-from lensattr.bench.run import BenchConfig, _save_json, pool_rows, say, subpools
-from lensattr.bench.trak import cosine_scores
+from lensattr.bench.run import BenchConfig, _save_json, say, subpools
 from lensattr.data import load_examples
+from lensattr.registry import get_score
+
+BASELINES = ("auto", "paper", "random", "trak", "persona")
+"""Fine-tuning methods besides any ``psi|stat|g`` of the grid."""
 
 
-def select(
-    method: str, b: Any, h: dict[str, Any], planted: dict[str, Any], k: int, seed: int
+def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]) -> Query:
+    """The query behind a named method of one behaviour, at the layer it was ranked at."""
+    r = ranking[name]
+    if method == "persona":
+        q = h["personas"][name]
+        q.layer = r["baselines"]["persona"]["layer"]
+        return q
+    m = Method.parse(r[method]["method"] if method in ("auto", "paper") else method)
+    q = behavior_query(
+        None, h["pairs"][name], psi=m.psi, stat=m.stat, layers=h["layers"], pool=h["cache"], g=m.g
+    )
+    q.layer = r[method]["layer"] if method in ("auto", "paper") else q.best_layer()
+    return q
+
+
+def top_ids(
+    method: str, name: str, h: dict[str, Any], ranking: dict[str, Any], k: int, seed: int
 ) -> list[str]:
-    """Pool ids of the top-``k`` sub-pool examples of ``method`` (``random``: seeded sample)."""
-    idx, _ = subpools(h)[b.name]
-    ids = [h["cache"].ids[i] for i in idx.tolist()]
+    """Pool ids of the top-``k`` of ``method`` in behaviour ``name``'s pool (``random``: a seeded
+    sample); ``psi|stat|g`` methods use the layer their own query pairs choose."""
+    idx, _ = subpools(h)[name]
+    cache = h["cache"]
     if method == "random":
+        ids = [cache.ids[i] for i in idx.tolist()]
         return random.Random(seed).sample(ids, min(k, len(ids)))
     if method == "trak":
-        q = h["trak"]["queries"][b.name]
-        s = cosine_scores(h["trak"]["pool"][idx], (q["t"] - q["c"]).mean(0))
-    else:
-        layer = planted[b.name]["methods"][method]["chosen_layer"]
-        s = score_method(
-            method, layer, pool_rows(h, layer), h["queries"][b.name], h["personas"][b.name], idx
-        )
-    top = torch.topk(s, min(k, len(s))).indices.tolist()
-    return [ids[i] for i in top]
+        q = h["trak"]["queries"][name]
+        rows = h["trak"]["pool"][idx]
+        s = get_score("cosine").fn(rows, rows.norm(dim=1), (q["t"] - q["c"]).mean(0), None)
+        return [cache.ids[int(idx[i])] for i in torch.topk(s, min(k, len(s))).indices.tolist()]
+    return rank(cache, _query_of(method, name, h, ranking), rows=idx, top_k=k).ids
 
 
 def finetune_effect(
-    cfg: BenchConfig, h: dict[str, Any], planted: dict[str, Any], out: Path
+    cfg: BenchConfig, h: dict[str, Any], ranking: dict[str, Any], out: Path
 ) -> dict[str, Any]:
     """Trait score on ``heldout`` for the base model and, per method and seed, the model
     LoRA-fine-tuned on its top-k (same steps, lr, rank and seeds for every method)."""
-    known = {"best", *(m for r in planted.values() for m in r["methods"])}
+    known = {*BASELINES, *(m for r in ranking.values() for m in r["grid"])}
     unknown = [m for m in cfg.ft_methods if m not in known]
     if unknown:  # fail before the first (minutes-long) fine-tune, not after
         raise ValueError(f"unknown fine-tuning methods {unknown}; known: {sorted(known)}")
@@ -57,9 +73,10 @@ def finetune_effect(
             _save_json(f, {"score": trait_score(h["model"], heldout, max_length=cfg.max_length)})
         res["base"] = json.loads(f.read_text())["score"]
         for m in cfg.ft_methods:
-            # "best" shares its files with the method it resolves to (no fine-tune run twice)
-            run_m = planted[b.name]["best_by_cv"] if m == "best" else m
-            if run_m == "trak" and h["trak"] is None:
+            run_m = m
+            if (run_m == "trak" and h["trak"] is None) or (
+                run_m == "persona" and h["personas"].get(b.name) is None
+            ):
                 continue
             scores = []
             for seed in cfg.ft_seeds:
@@ -67,7 +84,7 @@ def finetune_effect(
                 if not f.exists():
                     say(f"{b.name}: LoRA on the top-{cfg.k} of {run_m} (seed {seed})")
                     t0 = time.perf_counter()
-                    ids = select(run_m, b, h, planted, cfg.k, seed)
+                    ids = top_ids(m, b.name, h, ranking, cfg.k, seed)
                     tuned = lora_finetune(
                         h["model"],
                         [table[i] for i in ids],
@@ -98,7 +115,11 @@ def finetune_effect(
                 "sd": float(vals.std()) if len(vals) > 1 else 0.0,
                 "n_label1_selected": [s["n_label1"] for s in scores],
                 "n_label0_selected": [s["n_label0"] for s in scores],
-                **({"resolved": run_m} if m == "best" else {}),
+                **(
+                    {"resolved": f"{ranking[b.name][m]['method']} L{ranking[b.name][m]['layer']}"}
+                    if m in ("auto", "paper")
+                    else {}
+                ),
             }
         # every fine-tune + score of this behaviour that ran, this session or an earlier one
         res["seconds"] = sum(

@@ -1,14 +1,20 @@
-"""Benchmark outputs: ``results.json``, a markdown report and PNG figures."""
+"""Benchmark outputs: ``results.json``, a markdown report and PNG figures.
+
+Every ranking is reported by precision among the pool first (precision@k of the behaviour's
+label-1 plants against everything else, k = their number; average precision; clean examples
+ranked above the median plant), planted AUROC (label 1 vs label 0) second.
+"""
 
 import json
 from pathlib import Path
 from typing import Any
 
-from lensattr.bench.grid import PHI_STATS, PSI_STATS, SCORES
+from lensattr.bench.ranking import summary
+from lensattr.select import PAPER
 
 
 def _n(method: str) -> str:
-    """A method name fit for a markdown table cell (``psi|phi|g`` -> ``psi / phi / g``)."""
+    """A method name fit for a markdown table cell (``psi|stat|g`` -> ``psi / stat / g``)."""
     return method.replace("|", " / ")
 
 
@@ -16,76 +22,87 @@ def _f(x: Any, nd: int = 2) -> str:
     return "-" if x is None or x != x else f"{x:.{nd}f}"
 
 
+def _ci(m: dict[str, Any], key: str) -> str:
+    ci = m.get(f"{key}_ci")
+    return f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """The report tables: per behaviour the pre-chosen best method, residual change, baselines."""
+    """The report: the headline table (precision among the pool), targets, fine-tuning."""
+    ranking = results["ranking"]
+    s = summary(ranking)
     lines = [
-        "## Planted recovery (AUROC of label-1 vs label-0 plants)",
+        "## Precision among the pool (headline)",
         "",
-        "Layer and best method chosen from the query pairs alone (2-fold CV accuracy on "
-        "query.jsonl). The oracle column (best planted AUROC over all "
-        "methods and layers) is for reference only: it peeks at the plant labels.",
+        "Each behaviour is ranked inside the whole clean corpus plus its own plants. P@k = "
+        "precision@k of the label-1 plants against every other example (k = their number), "
+        "95% bootstrap interval in brackets; AP = their average precision; 'clean above' = "
+        "clean examples ranked above the median label-1 plant; AUROC = label 1 vs label 0 "
+        "plants (secondary). `auto` chooses statistic, psi, score and layer from the query pairs "
+        "and the unlabelled pool; the paper's residual change uses the layer its own held-out "
+        "accuracy chooses; hindsight = the best fixed method and layer by P@k (it peeks at the "
+        "labels: reference only).",
         "",
-        "| behaviour | chosen method (layer) | AUROC [95% CI] | P@k / R@k | "
-        "residual_change / residual_change / cosine | residual_diff / resid_post / cosine | "
-        "persona / projdiff (else resid_post) / cosine | TRAK | random | oracle (peeks) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| behaviour | pool (plants 1/0) | auto: method (layer) | auto P@k | auto AP | "
+        "clean above | AUROC | paper's residual change: P@k (layer) | AP | hindsight best: "
+        "P@k, method (layer) | persona | TRAK | random |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results["planted"].items():
-        ms = r["methods"]
-        best = r["best_by_cv"]
-        b = ms[best]
-        ci = b.get("auroc_ci", [None, None])
-
-        def cell(m: str, ms: dict[str, Any] = ms) -> str:
-            if m not in ms and m == "persona|projdiff|cosine":
-                m = "persona|resid_post|cosine"  # projdiff not run: the persona row's resid_post
-            if m not in ms:
-                return "n/a"
-            x = ms[m]
-            lay = f" (L{x['chosen_layer']})" if x.get("chosen_layer") is not None else ""
-            return f"{_f(x['auroc'])}{lay}"
-
-        oracle = max(
-            ((m, la, v["auroc"]) for m, x in ms.items() for la, v in x.get("layers", {}).items()),
-            key=lambda t: t[2],
-        )
+    for name, r in ranking.items():
+        a, p, hb, base = r["auto"], r["paper"], r["hindsight"], r["baselines"]
         lines.append(
-            f"| {name} | {_n(best)} (L{b.get('chosen_layer')}) | {_f(b['auroc'])} [{_f(ci[0])}, "
-            f"{_f(ci[1])}] | {_f(b['p_at_k'])} / {_f(b['r_at_k'])} (k={r['k']}) | "
-            f"{cell('residual_change|residual_change|cosine')} | "
-            f"{cell('residual_diff|resid_post|cosine')} | {cell('persona|projdiff|cosine')} | "
-            f"{cell('trak')} | {_f(ms['random']['auroc'])} | {_f(oracle[2])} ({_n(oracle[0])} "
-            f"L{oracle[1]}) |"
+            f"| {name} | {r['n_pool']} ({r['n_plants']['1']}/{r['n_plants']['0']}) | "
+            f"{_n(a['method'])} (L{a['layer']}) | **{_f(a['p_at_k'])}**{_ci(a, 'p_at_k')} | "
+            f"{_f(a['ap'])} | {a['clean_above_median']} | {_f(a['auroc_planted'])} | "
+            f"{_f(p['p_at_k'])}{_ci(p, 'p_at_k')} (L{p['layer']}) | {_f(p['ap'])} | "
+            f"{_f(hb['p_at_k'])}, {_n(hb['method'])} (L{hb['layer']}) | "
+            f"{_f(base.get('persona', {}).get('p_at_k'))} | "
+            f"{_f(base.get('trak', {}).get('p_at_k'))} | {_f(base['random']['p_at_k'])} |"
         )
     lines += [
         "",
-        "### Every grid cell at its CV-chosen layer (AUROC; rows psi, columns phi, "
-        "cosine / centered / whitened)",
+        f"Mean P@k over {s['n_behaviours']} behaviours: auto {_f(s['mean_p_at_k']['auto'])}, "
+        f"paper's residual change {_f(s['mean_p_at_k']['paper'])}, hindsight best "
+        f"{_f(s['mean_p_at_k']['hindsight'])}. Mean AP: auto {_f(s['mean_ap']['auto'])}, paper "
+        f"{_f(s['mean_ap']['paper'])}. Auto within 0.05 P@k of the hindsight best on "
+        f"{s['auto_within_0.05_of_hindsight']} of {s['n_behaviours']}.",
+        "",
+        *paper_table(ranking),
+        *finetune_table(results),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def paper_table(ranking: dict[str, Any]) -> list[str]:
+    """Where the paper's residual change stands: P@k at every layer and with every score."""
+    lines = [
+        "## The paper's residual change, every layer",
+        "",
+        "P@k of `residual_change / residual_change / g` per layer (`*` = the layer its held-out "
+        "accuracy chooses), next to auto's method at the same layers.",
         "",
     ]
-    for name, r in results["planted"].items():
+    for name, r in ranking.items():
+        layers = sorted(int(la) for la in r["grid"][str(PAPER)]["layers"])
         lines += [
             f"**{name}**",
             "",
-            "| psi \\ phi | " + " | ".join(PHI_STATS) + " |",
-            "|---" * (len(PHI_STATS) + 1) + "|",
+            "| method | " + " | ".join(f"L{la}" for la in layers) + " |",
+            "|---" * (len(layers) + 1) + "|",
         ]
-        for psi in [*PSI_STATS, "persona"]:
-            cells = []
-            for phi in PHI_STATS:
-                vals = [r["methods"].get(f"{psi}|{phi}|{g}") for g in SCORES]
-                if vals[0] is None:
-                    break
-                cells.append(" / ".join(_f(v["auroc"]) for v in vals))
-            if cells:
-                lines.append(f"| {psi} | " + " | ".join(cells) + " |")
+        rows = [m for m in r["grid"] if m.startswith("residual_change|residual_change|")]
+        if r["auto"]["method"] not in rows:
+            rows.append(r["auto"]["method"])
+        for m in rows:
+            g = r["grid"][m]
+            mark = g["query_layer"]
+            cells = [
+                _f(g["layers"][str(la)]["p_at_k"]) + ("*" if la == mark else "") for la in layers
+            ]
+            tag = " (auto)" if m == r["auto"]["method"] else ""
+            lines.append(f"| {_n(m)}{tag} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += layer_tables(results)
-    lines += finetune_table(results)
-    cost = results.get("cost", {})
-    lines += ["", "## Cost", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in cost.items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def finetune_table(results: dict[str, Any]) -> list[str]:
@@ -100,27 +117,24 @@ def finetune_table(results: dict[str, Any]) -> list[str]:
         "Trait score = mean over heldout pairs of (mean per-token log-prob of the treatment reply "
         "minus that of the control reply). Delta = fine-tuned minus base, mean +- sd over seeds.",
         "",
-        "| behaviour | method | planted AUROC | label-1 / label-0 in top-k | trait score | "
-        "delta vs base | delta vs random |",
-        "|---|---|---|---|---|---|---|",
+        "| behaviour | method | label-1 / label-0 in top-k | trait score | delta vs base | "
+        "delta vs random |",
+        "|---|---|---|---|---|---|",
     ]
 
     def per_seed(xs: list[int] | None) -> str:  # one number when every seed picked the same
         return "?" if xs is None else str(xs[0]) if len(set(xs)) == 1 else ", ".join(map(str, xs))
 
     for name, r in ft.items():
-        lines.append(f"| {name} | base model | | | {_f(r['base'], 3)} | | |")
-        planted = results["planted"].get(name, {}).get("methods", {})
+        lines.append(f"| {name} | base model | | {_f(r['base'], 3)} | | |")
         rand = r["methods"].get("random", {}).get("mean")
         for m, v in r["methods"].items():
-            shown = f"best = {_n(v['resolved'])}" if "resolved" in v else _n(m)
-            auroc = planted.get(v.get("resolved", m), {}).get("auroc")
+            shown = f"{m} = {_n(v['resolved'])}" if "resolved" in v else _n(m)
             picked = f"{per_seed(v['n_label1_selected'])} / {per_seed(v.get('n_label0_selected'))}"
             delta = f"{v['mean'] - r['base']:+.3f} +- {v['sd']:.3f}"
             vs_rand = "" if rand is None or m == "random" else f"{v['mean'] - rand:+.3f}"
             lines.append(
-                f"| {name} | {shown} | {_f(auroc)} | {picked} | {_f(v['mean'], 3)} | {delta} "
-                f"| {vs_rand} |"
+                f"| {name} | {shown} | {picked} | {_f(v['mean'], 3)} | {delta} | {vs_rand} |"
             )
     return [*lines, ""]
 
@@ -136,10 +150,7 @@ def finetune_plot(results: dict[str, Any], path: Path) -> None:
     ft = results["finetune"]
     fig, axes = plt.subplots(1, len(ft), figsize=(4.2 * len(ft), 3.6), squeeze=False)
     for ax, (name, r) in zip(axes.flat, ft.items(), strict=True):
-        labels = [
-            f"best ({v['resolved'].split('|')[0]})" if "resolved" in v else m
-            for m, v in r["methods"].items()
-        ]
+        labels = list(r["methods"])
         for i, v in enumerate(r["methods"].values()):
             d = [x - r["base"] for x in v["scores"]]
             ax.bar(i, sum(d) / len(d), color="tab:blue", alpha=0.6)
@@ -153,130 +164,46 @@ def finetune_plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-SWEEP = (
-    "residual_change|residual_change|cosine",
-    "residual_change|residual_change|whitened_cosine",
-    "residual_change_exact|residual_change_exact|cosine",
-    "residual_diff|resid_post|cosine",
-    "residual_diff|resid_post|whitened_cosine",
-    "grad|grad|cosine",
-    "persona|projdiff|cosine",
-    "persona|resid_post|cosine",
-)
-
-
-def layer_tables(results: dict[str, Any], methods: tuple[str, ...] = SWEEP) -> list[str]:
-    """Planted AUROC at every layer for the main methods; ``*`` marks the CV-chosen layer."""
-    lines = ["### Every layer (planted AUROC; `*` = layer pre-chosen on the query pairs)", ""]
-    for name, r in results["planted"].items():
-        ms = r["methods"]
-        first = next(m for m in methods if m in ms)
-        layers = sorted(int(la) for la in ms[first]["layers"])
-        lines += [
-            f"**{name}**",
-            "",
-            "| method | " + " | ".join(f"L{la}" for la in layers) + " |",
-            "|---" * (len(layers) + 1) + "|",
-        ]
-        for m in methods:
-            if m not in ms:
-                continue
-            cells = [
-                _f(ms[m]["layers"][str(la)]["auroc"]) + ("*" if la == ms[m]["chosen_layer"] else "")
-                for la in layers
-            ]
-            lines.append(f"| {_n(m)} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return lines
-
-
-def heatmap(results: dict[str, Any], path: Path, g: str = "cosine") -> None:
-    """Paper-style heatmap: rows psi, columns phi, mean planted AUROC over behaviours at each
-    cell's CV-chosen layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = [*PSI_STATS, "persona"]
-    mat = np.full((len(rows), len(PHI_STATS)), np.nan)
-    for i, psi in enumerate(rows):
-        for j, phi in enumerate(PHI_STATS):
-            vals = [
-                r["methods"][f"{psi}|{phi}|{g}"]["auroc"]
-                for r in results["planted"].values()
-                if f"{psi}|{phi}|{g}" in r["methods"]
-            ]
-            if vals:
-                mat[i, j] = float(np.nanmean(vals))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    im = ax.imshow(mat, vmin=0, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(PHI_STATS)), PHI_STATS, rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    for i in range(len(rows)):
-        for j in range(len(PHI_STATS)):
-            if mat[i, j] == mat[i, j]:
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xlabel("phi (training-side statistic)")
-    ax.set_ylabel("psi (query)")
-    ax.set_title(f"mean planted AUROC over behaviours\n(g={g}, CV-chosen layer)", fontsize=10)
-    fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def layer_sweep(
-    results: dict[str, Any],
-    path: Path,
-    methods: tuple[str, ...] = (
-        "residual_change|residual_change|cosine",
-        "residual_diff|resid_post|cosine",
-        "grad|grad|cosine",
-        "residual_change|residual_change|whitened_cosine",
-    ),
-) -> None:
-    """Planted AUROC against layer, one panel per behaviour; chosen layers marked."""
+def precision_plot(results: dict[str, Any], path: Path) -> None:
+    """P@k against layer per behaviour: auto's method and the paper's residual change (dots:
+    the layer each chose without labels), with the random baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["planted"])
+    ranking = results["ranking"]
+    names = list(ranking)
     cols = min(5, len(names))
     nrows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
-        ms = results["planted"][name]["methods"]
-        for m in methods:
-            if m not in ms:
-                continue
-            xs = sorted(int(la) for la in ms[m]["layers"])
-            (line,) = ax.plot(xs, [ms[m]["layers"][str(x)]["auroc"] for x in xs], label=m)
-            ax.plot([ms[m]["chosen_layer"]], [ms[m]["auroc"]], "o", color=line.get_color())
-        if "trak" in ms:
-            ax.axhline(ms["trak"]["auroc"], color="k", ls=":", label="trak")
-        ax.axhline(0.5, color="grey", lw=0.5)
-        ax.set_title(name, fontsize=9)
-        ax.set_ylim(0, 1)
+        r = ranking[name]
+        for m, label, layer in (
+            (r["auto"]["method"], "auto's method", r["auto"]["layer"]),
+            (str(PAPER), "paper's residual change", r["paper"]["layer"]),
+        ):
+            lay = r["grid"][m]["layers"]
+            xs = sorted(int(la) for la in lay)
+            (line,) = ax.plot(xs, [lay[str(x)]["p_at_k"] for x in xs], marker=".", label=label)
+            ax.plot([layer], [lay[str(layer)]["p_at_k"]], "o", ms=8, color=line.get_color())
+        ax.axhline(r["baselines"]["random"]["p_at_k"], color="grey", ls=":", label="random")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.supxlabel("layer (dot = CV-chosen)")
-    fig.supylabel("planted AUROC")
+    axes.flat[0].legend(fontsize=8, loc="best")
+    fig.supxlabel("layer (large dot = the layer chosen without labels)")
+    fig.supylabel("precision@k among the pool")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:
-    """Write results.json, results.md, heatmap.png, heatmap-whitened.png, layers.png and (when
-    the fine-tuning effect ran) finetune.png."""
+    """Write results.json, results.md, precision.png and (after fine-tuning) finetune.png."""
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
-    heatmap(results, out / "heatmap.png")
-    heatmap(results, out / "heatmap-whitened.png", g="whitened_cosine")
-    layer_sweep(results, out / "layers.png")
+    precision_plot(results, out / "precision.png")
     if results.get("finetune"):
         finetune_plot(results, out / "finetune.png")

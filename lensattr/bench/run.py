@@ -1,17 +1,19 @@
-"""The benchmark run: planted recovery over the whole grid, then the fine-tuning effect.
+"""The benchmark run: every behaviour ranked inside a realistic pool, then the fine-tuning effect.
 
 Every step writes its output under ``OUT`` and is skipped when that output exists, so a killed
 run rerun with the same command resumes. Layout::
 
-    pool.jsonl, pool-labels.json     clean subsample + every behaviour's plants
-    cache/                           lensattr cache of the pool (all default stats, chosen layers)
-    greedy.jsonl, cache-greedy/      the model's own greedy reply to every pool prompt (resid_post)
-    queries/{b}.safetensors          query-pair statistics (treatment / control sides)
-    personas/{b}.safetensors         persona vectors (when the behaviour has system prompts)
-    trak/pool.safetensors, trak/{b}.safetensors  projected per-example gradients
-    grid/layer-{l}.json              every method's metrics at layer l
+    pool.jsonl, pool-labels.json     every behaviour's plants, then the whole clean corpus
+    cache/                           lensattr cache of the pool (all default stats, the layers)
+    pairs/{b}.safetensors            the query pairs' statistics (lensattr.pair_stats)
+    personas/{b}.safetensors         persona queries (trait specs only)
+    trak/pool.safetensors, trak/{b}.safetensors  projected per-example gradients (optional)
+    ranking/{b}.json                 auto's choice and every method's pool metrics per layer
     ft/{b}/{method}-s{seed}.json     fine-tuning effect (trait score on heldout pairs)
     cost.json                        seconds per step
+
+The bench uses lensattr's public API only (``pair_stats``, ``behavior_query``, ``select``,
+``rank``, the registries), so any registered psi, statistic or score is benchmarked by name.
 """
 
 import json
@@ -25,10 +27,19 @@ from typing import Any
 
 import torch
 
+from lensattr import (
+    PairStats,
+    Query,
+    behavior_query,
+    build_cache,
+    load_examples,
+    load_model,
+    pair_stats,
+)
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
-from lensattr.cache import build_cache, open_cache, resolve_layers
-from lensattr.data import Example, load_examples
-from lensattr.models import Model, load_model
+from lensattr.cache import resolve_layers
+from lensattr.data import Example
+from lensattr.models import Model
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +52,18 @@ class BenchConfig:
         model: model spec for :func:`~lensattr.load_model`.
         data: data root with ``train/clean.jsonl``, ``behaviors/*`` and ``traits/*.json``.
         behaviours: names to run (default: all under ``data``).
-        n_clean: size of the seeded clean subsample in every ranking pool.
-        max_plants: cap on plants per behaviour (``None``: all; a capped run keeps both classes).
-        n_query: query pairs per behaviour used for psi and for the layer choice.
-        layers: layer spec (default every 3rd block).
+        n_clean: clean examples in the pool (default: the whole clean corpus).
+        max_plants: cap on plants per behaviour, class-balanced (50 label-1 + 50 label-0).
+        n_query: query pairs per behaviour (psi and every choice made without labels).
+        layers: layer spec (default every 3rd block from 9).
         max_length, batch_size: truncation and batch size of every capture.
-        k: top-k for precision / recall (capped at the number of label-1 plants) and fine-tuning.
-        gen_tokens: ``max_new_tokens`` of the greedy replies behind ``projdiff``.
-        projdiff: run the ``projdiff`` column (one greedy generation per pool prompt).
+        methods: ``psi|stat|g`` methods of the grid (default: every registered candidate).
+        k: top-k of the fine-tuning selection.
         persona_tokens, persona_questions: persona-vector generation settings.
         trak, trak_dim, trak_blocks: run the TRAK baseline, its projection dimension and how many
             blocks' ``v_proj`` weights it differentiates.
         random_seeds: seeds of the random-selection baseline.
-        n_boot: bootstrap resamples for AUROC intervals (at the chosen layer).
+        n_boot: bootstrap resamples for the precision intervals.
         ft_behaviours, ft_methods, ft_seeds, ft_steps, ft_lr, ft_rank, ft_heldout: fine-tuning
             effect settings (``ft_behaviours`` empty: skip it).
         seed: seed of the clean subsample.
@@ -62,36 +72,31 @@ class BenchConfig:
     model: str = "smollm2-135m-instruct"
     data: str = "../shared/data"
     behaviours: list[str] | None = None
-    n_clean: int = 200
-    max_plants: int | None = None
+    n_clean: int | None = None
+    max_plants: int | None = 100
     n_query: int = 48
     layers: str | None = None
-    max_length: int = 192
+    max_length: int = 128
     batch_size: int = 8
+    methods: list[str] | None = None
     k: int = 50
-    gen_tokens: int = 24
     persona_tokens: int = 32
     persona_questions: int = 3
-    projdiff: bool = True
-    trak: bool = True
+    persona: bool = True
+    trak: bool = False
     trak_dim: int = 512
     trak_blocks: int = 3
     random_seeds: int = 5
     n_boot: int = 500
     ft_behaviours: list[str] = field(default_factory=list)
     ft_methods: list[str] = field(
-        default_factory=lambda: [
-            "residual_change|residual_change|cosine",
-            "residual_diff|resid_post|cosine",
-            "trak",
-            "random",
-        ]
+        default_factory=lambda: ["auto", "paper", "residual_diff|resid_post|cosine", "random"]
     )
-    ft_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    ft_steps: int = 30
+    ft_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ft_steps: int = 20
     ft_lr: float = 3e-4
     ft_rank: int = 8
-    ft_heldout: int = 48
+    ft_heldout: int = 32
     seed: int = 0
 
 
@@ -216,68 +221,40 @@ def _write_jsonl(path: Path, examples: list[Example]) -> None:
 
 
 def build_pool(cfg: BenchConfig, behaviours: list[Behaviour], out: Path) -> dict[str, Any]:
-    """Write ``pool.jsonl`` (clean subsample + all plants) and its labels; returns the labels."""
+    """Write ``pool.jsonl`` (every behaviour's plants, then the clean corpus) and its labels
+    (``{id: [owner, label]}``, owner ``"clean"`` with label -1); returns the labels."""
     labels_file = out / "pool-labels.json"
     if labels_file.exists():
         return json.loads(labels_file.read_text())
-    clean = clean_subsample(Path(cfg.data) / "train" / "clean.jsonl", cfg.n_clean, cfg.seed)
-    pool = list(clean)
-    owner: dict[str, list[Any]] = {ex.id: ["clean", -1] for ex in clean}
+    clean_file = Path(cfg.data) / "train" / "clean.jsonl"
+    clean = clean_subsample(clean_file, cfg.n_clean or 10**9, cfg.seed)
+    pool: list[Example] = []
+    owner: dict[str, list[Any]] = {}
     for b in behaviours:
         pool += b.plants
         owner.update({ex.id: [b.name, y] for ex, y in zip(b.plants, b.labels, strict=True)})
+    pool += clean
+    owner.update({ex.id: ["clean", -1] for ex in clean})
     _write_jsonl(out / "pool.jsonl", pool)
     _save_json(labels_file, owner)
     return owner
 
 
-def greedy_replies(model: Model, cfg: BenchConfig, out: Path) -> Path:
-    """The model's own greedy reply to every pool prompt (``greedy.jsonl``, appended per batch)."""
-    from tqdm.auto import tqdm
-
-    from lensattr.persona import generate
-
-    path = out / "greedy.jsonl"
-    done = set()
-    if path.exists():
-        done = {json.loads(x)["id"] for x in path.read_text().splitlines() if x.strip()}
-    todo = [ex for ex in load_examples(out / "pool.jsonl") if ex.id not in done]
-    todo.sort(key=lambda ex: len(ex.messages[-2]["content"]))
-    bs = max(cfg.batch_size, 8)
-    with path.open("a", encoding="utf-8") as fh:
-        for i in tqdm(range(0, len(todo), bs), desc="greedy replies"):
-            chunk = todo[i : i + bs]
-            replies = generate(
-                model,
-                [[dict(m) for m in ex.messages[:-1]] for ex in chunk],
-                cfg.gen_tokens,
-                batch_size=bs,
-            )
-            for ex, r in zip(chunk, replies, strict=True):
-                msgs = [dict(m) for m in ex.messages[:-1]] + [
-                    {"role": "assistant", "content": r or "."}
-                ]  # an empty reply stands as "."
-                fh.write(json.dumps({"id": ex.id, "messages": msgs}) + "\n")
-            fh.flush()
-    return path
-
-
 def pool_layers(cfg: BenchConfig, model: Model) -> list[int]:
-    """The benchmark's layers: ``cfg.layers`` or every 3rd block."""
+    """The benchmark's layers: ``cfg.layers`` or every 3rd block from 9 (the backward stops at
+    the lowest cached layer, so the lowest third is left out to keep the pool cache cheap)."""
     if cfg.layers is None:
-        return list(range(0, model.n_layers, 3))
+        return list(range(9, model.n_layers, 3))
     return resolve_layers(cfg.layers, model.n_layers)
 
 
 def prepare(
     cfg: BenchConfig, out: Path, model: Model | None = None, *, trak_now: bool = True
 ) -> dict[str, Any]:
-    """Every cached input of the grid (resumable); returns a dict of handles.
+    """Every cached input of the ranking (resumable); returns a dict of handles.
 
     ``trak_now=False`` leaves the TRAK gradients for later (:func:`run_trak`).
     """
-    from lensattr.bench.grid import persona_vectors, query_stats
-
     out.mkdir(parents=True, exist_ok=True)
     costs = Costs(out / "cost.json")
     model = model or load_model(cfg.model)
@@ -286,63 +263,57 @@ def prepare(
     owner = build_pool(cfg, behaviours, out)
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "max_length": cfg.max_length}
     say(f"pool: {len(owner)} examples, layers {layers}, behaviours {[b.name for b in behaviours]}")
-    say("caching the pool (forward + activation backward, 4 statistics)")
+    say("caching the pool (forward + activation backward, every default statistic)")
     cache = costs.timed(
         "cache_pool",
         lambda: build_cache(
             model, out / "pool.jsonl", out=out / "cache", layers=layers, on_error="skip", **kw
         ),
     )
-    gcache = None
-    if cfg.projdiff:
-        say("greedy replies to every pool prompt (for projdiff)")
-        costs.timed("greedy_generate", lambda: greedy_replies(model, cfg, out))
-        gcache = costs.timed(
-            "cache_greedy",
-            lambda: build_cache(
-                model,
-                out / "greedy.jsonl",
-                out=out / "cache-greedy",
-                layers=layers,
-                stats=["resid_post"],
-                on_error="skip",
-                **kw,
-            ),
-        )
-    queries, personas = {}, {}
+    pairs: dict[str, PairStats] = {}
+    personas: dict[str, Query | None] = {}
     for b in behaviours:
-        say(f"{b.name}: query statistics ({min(cfg.n_query, len(b.query))} pairs)")
-        queries[b.name] = costs.timed(
-            f"query_{b.name}",
-            lambda b=b: _cached_pt(  # type: ignore[misc]
-                out / "queries" / f"{b.name}.safetensors",
-                lambda: query_stats(model, b.query[: cfg.n_query], layers, **kw),
-            ),
-        )
-        if b.persona is not None:
-            say(f"{b.name}: persona vector (greedy generation under system prompts)")
-            personas[b.name] = costs.timed(
-                f"persona_{b.name}",
-                lambda b=b: _cached_pt(  # type: ignore[misc]
-                    out / "personas" / f"{b.name}.safetensors",
-                    lambda: persona_vectors(
-                        model, b.persona, layers, max_new_tokens=cfg.persona_tokens, **kw
-                    ),
+        f = out / "pairs" / f"{b.name}.safetensors"
+        if not f.exists():
+            say(f"{b.name}: query-pair statistics ({min(cfg.n_query, len(b.query))} pairs)")
+            f.parent.mkdir(parents=True, exist_ok=True)
+            ps = costs.timed(
+                f"pairs_{b.name}",
+                lambda b=b: pair_stats(  # type: ignore[misc]
+                    model, b.query[: cfg.n_query], stats=cache.stats, layers=layers, **kw
                 ),
             )
-        else:
-            personas[b.name] = None
+            ps.save(f)
+        pairs[b.name] = PairStats.load(f)
+        personas[b.name] = None
+        if cfg.persona and b.persona is not None:
+            f = out / "personas" / f"{b.name}.safetensors"
+            if not f.exists():
+                say(f"{b.name}: persona query (greedy replies under system prompts)")
+                f.parent.mkdir(parents=True, exist_ok=True)
+                q = costs.timed(
+                    f"persona_{b.name}",
+                    lambda b=b: behavior_query(  # type: ignore[misc]
+                        model,
+                        b.persona,
+                        psi="persona",
+                        layers=layers,
+                        max_new_tokens=cfg.persona_tokens,
+                        **kw,
+                    ),
+                )
+                q.save(f)
+            personas[b.name] = Query.load(f)
     trak = None
     if cfg.trak and trak_now:
         trak = run_trak(model, cfg, out, cache, behaviours, costs)
     return {
         "model": model,
         "cache": cache,
-        "gcache": gcache,
         "layers": layers,
         "owner": owner,
         "behaviours": behaviours,
-        "queries": queries,
+        "pairs": pairs,
         "personas": personas,
         "trak": trak,
         "costs": costs,
@@ -353,10 +324,10 @@ def run_trak(
     model: Model, cfg: BenchConfig, out: Path, cache: Any, behaviours: list[Behaviour], costs: Costs
 ) -> dict[str, Any]:
     """Projected per-example gradients of the pool (cache row order) and of each query."""
-    from lensattr.bench.trak import Projector, _n_params, default_targets, projected_grads
+    from lensattr.bench.trak import Projector, default_targets, n_params, projected_grads
 
     targets = default_targets(model, cfg.trak_blocks)
-    proj = Projector(_n_params(model, targets), cfg.trak_dim, cfg.seed)
+    proj = Projector(n_params(model, targets), cfg.trak_dim, cfg.seed)
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "max_length": cfg.max_length}
     pool_path = out / "trak" / "pool.safetensors"
     if not pool_path.exists():
@@ -365,13 +336,12 @@ def run_trak(
         t0 = time.perf_counter()
         g = projected_grads(model, [table[i] for i in cache.ids], targets, proj, **kw)
         sec = time.perf_counter() - t0
-        costs.data["trak_pool"] = sec
+        costs.record("trak_pool", sec)
         _cached_pt(pool_path, lambda: {"grads": g, "seconds": sec, "n": len(g)})
     pool = load_nested(pool_path)
     qs = {}
     for b in behaviours:
-        pairs = b.query[: cfg.n_query]
-        sides = [p.sides() for p in pairs]
+        sides = [p.sides() for p in b.query[: cfg.n_query]]
         qs[b.name] = costs.timed(
             f"trak_query_{b.name}",
             lambda sides=sides, b=b: _cached_pt(  # type: ignore[misc]
@@ -391,23 +361,8 @@ def run_trak(
     }
 
 
-def pool_rows(h: dict[str, Any], layer: int) -> dict[str, torch.Tensor]:
-    """``{phi: [n_pool, d]}`` at ``layer`` in cache row order, ``projdiff`` included."""
-    cache, gcache = h["cache"], h["gcache"]
-    rows = {s: cache.stat(s, layer)[:].float() for s in cache.stats}
-    if gcache is None:  # the projdiff column was not run
-        return rows
-    gpos = {i: k for k, i in enumerate(gcache.ids)}
-    own = gcache.stat("resid_post", layer)[:].float()
-    idx = torch.tensor([gpos.get(i, -1) for i in cache.ids])
-    mine = torch.zeros_like(rows["resid_post"])
-    mine[idx >= 0] = own[idx[idx >= 0]]  # an example whose greedy reply was skipped: minus 0
-    rows["projdiff"] = rows["resid_post"] - mine
-    return rows
-
-
 def subpools(h: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{behaviour: (cache rows of clean + its plants, labels 1/0/-1)}``."""
+    """``{behaviour: (cache rows of the clean corpus + its own plants, labels 1/0/-1)}``."""
     owner = h["owner"]
     out = {}
     for b in h["behaviours"]:
@@ -415,11 +370,6 @@ def subpools(h: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         lab = [owner[h["cache"].ids[k]][1] for k in idx]
         out[b.name] = (torch.tensor(idx), torch.tensor(lab))
     return out
-
-
-def open_prepared(out: Path) -> tuple[Any, Any]:
-    """The two caches of a prepared run directory."""
-    return open_cache(out / "cache", verify=False), open_cache(out / "cache-greedy", verify=False)
 
 
 def config_dict(cfg: BenchConfig) -> dict[str, Any]:

@@ -8,12 +8,11 @@ linear module ``y = W x`` the per-example gradient of ``loss_x`` is exactly
 own tokens), so one batched forward + backward gives every example's gradient (hooks save ``x``
 and ``y``; one ``einsum`` per module). Each flattened gradient is projected to
 ``dim`` dimensions by a seeded Gaussian matrix ``P / sqrt(dim)`` generated in chunks of
-``chunk`` parameters (never held whole), and scored by cosine against the projected mean
-treatment-minus-control query gradient.
+``chunk`` parameters (never held whole); the bench scores them with lensattr's registered cosine
+against the projected mean treatment-minus-control query gradient.
 """
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lensattr.capture import response_loss
-from lensattr.data import Example, Pair
+from lensattr.data import Example
 from lensattr.models import Model
 from lensattr.render import Batch, collate, encode, length_batches
 
@@ -121,7 +120,7 @@ class Projector:
         return out
 
 
-def _n_params(model: Model, targets: Sequence[str]) -> int:
+def n_params(model: Model, targets: Sequence[str]) -> int:
     mods = dict(model.hf.named_modules())
     return sum(mods[t].weight.numel() for t in targets)
 
@@ -147,65 +146,3 @@ def projected_grads(
         flat = torch.cat([grads[t].flatten(1) for t in targets], 1)
         out[idx] = projector(flat)
     return out
-
-
-def trak_scores(
-    model: Model,
-    pool: Sequence[Example],
-    query: Sequence[Pair],
-    *,
-    targets: Sequence[str] | None = None,
-    dim: int = 512,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_length: int | None = 256,
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """Cosine of each pool example's projected gradient with the mean query contrast gradient.
-
-    Returns:
-        ``{"scores": [n], "pool": [n, dim], "query_t": [m, dim], "query_c": [m, dim],
-        "targets", "n_params", "seconds_per_example"}``.
-    """
-    targets = list(targets or default_targets(model))
-    proj = Projector(_n_params(model, targets), dim, seed)
-    t0 = time.perf_counter()
-    pool_g = projected_grads(
-        model,
-        pool,
-        targets,
-        proj,
-        batch_size=batch_size,
-        max_length=max_length,
-        progress=progress,
-        desc="trak pool",
-    )
-    per_ex = (time.perf_counter() - t0) / max(len(pool), 1)
-    sides = [p.sides() for p in query]
-    qt, qc = (
-        projected_grads(
-            model,
-            [s[side] for s in sides],
-            targets,
-            proj,
-            batch_size=batch_size,
-            max_length=max_length,
-            progress=progress,
-            desc="trak query",
-        )
-        for side in (0, 1)
-    )
-    return {
-        "scores": cosine_scores(pool_g, (qt - qc).mean(0)),
-        "pool": pool_g,
-        "query_t": qt,
-        "query_c": qc,
-        "targets": targets,
-        "n_params": proj.n,
-        "seconds_per_example": per_ex,
-    }
-
-
-def cosine_scores(rows: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine with ``psi`` (0 for a zero row)."""
-    return (rows @ psi) / (rows.norm(dim=1) * psi.norm()).clamp(min=1e-30)

@@ -1,0 +1,155 @@
+"""Each behaviour ranked inside the pool: auto, every fixed method at every layer, baselines.
+
+For a behaviour ``b`` the pool is the whole clean corpus plus ``b``'s own plants (label 1: the
+behaviour, label 0: decoys with the same prompts). Everything is computed through lensattr's
+public API:
+
+- ``auto``: :func:`lensattr.select` on ``b``'s query pairs and the unlabelled pool;
+- every method of the grid (``psi|stat|g``, default every registered candidate) at every layer:
+  :func:`lensattr.behavior_query` + :func:`lensattr.rank` over the pool rows;
+- the paper's residual change at the layer its own held-out accuracy chooses
+  (``Query.best_layer``);
+- baselines: persona vectors (``psi="persona"``), TRAK (projected weight gradients scored with
+  the registered cosine), random selection.
+
+Every ranking is judged by :func:`lensattr.pool_metrics` (precision@k of label-1 plants against
+everything else, k = their number, average precision, clean examples above the median plant,
+planted AUROC as a secondary column). Labels are read here, for the metrics only.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lensattr import PAPER, Method, behavior_query, candidates, pool_metrics, rank, select
+from lensattr.bench.run import BenchConfig, _save_json, say, subpools
+from lensattr.registry import get_score
+
+
+def _scores(cache: Any, query: Any, layer: int, g: str, idx: torch.Tensor) -> torch.Tensor:
+    """Scores of the pool rows ``idx`` (in that order) under ``query`` at ``layer`` with ``g``."""
+    r = rank(cache, query, layer=layer, g=g, rows=idx, top_k=None)
+    pos = torch.full((len(cache),), -1, dtype=torch.long)
+    pos[idx] = torch.arange(len(idx))
+    out = torch.empty(len(idx))
+    out[pos[r.rows]] = r.scores
+    return out
+
+
+def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, Any]:
+    """Auto's choice, every method's metrics at every layer, and the baselines for one behaviour."""
+    cache, ps = h["cache"], h["pairs"][name]
+    idx, labels = subpools(h)[name]
+    layers = h["layers"]
+    methods = [Method.parse(m) for m in cfg.methods] if cfg.methods else candidates(cache.stats)
+    if PAPER not in methods:
+        methods.append(PAPER)
+    sel = select(None, cache, ps, methods=methods, layers=layers, rows=idx)
+    grid: dict[str, dict[str, Any]] = {}
+    queries: dict[tuple[str, str, str], Any] = {}
+    for m in methods:
+        q = queries.get((m.psi, m.stat, m.g))
+        if q is None:
+            q = behavior_query(None, ps, psi=m.psi, stat=m.stat, layers=layers, pool=cache, g=m.g)
+            queries[(m.psi, m.stat, m.g)] = q
+        grid[str(m)] = {
+            "layers": {
+                str(la): pool_metrics(_scores(cache, q, la, m.g, idx), labels) for la in layers
+            },
+            "cv": {str(la): (q.cv or {}).get(la) for la in layers},
+            "query_layer": q.best_layer(),
+        }
+    crit = {(r["method"], r["layer"]): r for r in sel.table}
+    for name_m, res in grid.items():
+        for la, met in res["layers"].items():
+            met["criterion"] = crit[(name_m, int(la))]["criterion"]
+    out: dict[str, Any] = {
+        "n_pool": len(idx),
+        "n_clean": int((labels == -1).sum()),
+        "n_plants": {"1": int((labels == 1).sum()), "0": int((labels == 0).sum())},
+        "auto": {"method": str(sel.method), "layer": sel.layer, "seconds": sel.seconds},
+        "grid": grid,
+        "baselines": {},
+    }
+    q_auto = sel.query
+    out["auto"].update(
+        pool_metrics(
+            _scores(cache, q_auto, sel.layer, sel.method.g, idx), labels, n_boot=cfg.n_boot
+        )
+    )
+    paper = grid[str(PAPER)]
+    q_paper = queries[(PAPER.psi, PAPER.stat, PAPER.g)]
+    out["paper"] = {
+        "method": str(PAPER),
+        "layer": paper["query_layer"],
+        **pool_metrics(
+            _scores(cache, q_paper, paper["query_layer"], PAPER.g, idx), labels, n_boot=cfg.n_boot
+        ),
+    }
+    best = max(
+        ((m, int(la), v) for m, r in grid.items() for la, v in r["layers"].items()),
+        key=lambda t: (t[2]["p_at_k"], t[2]["ap"]),
+    )
+    out["hindsight"] = {"method": best[0], "layer": best[1], **best[2]}
+    persona = h["personas"].get(name)
+    if persona is not None:
+        la = persona.best_layer()
+        out["baselines"]["persona"] = {
+            "layer": la,
+            **pool_metrics(_scores(cache, persona, la, "cosine", idx), labels),
+        }
+    if h.get("trak") is not None:
+        tr = h["trak"]
+        q = tr["queries"][name]
+        rows = tr["pool"][idx]
+        psi = (q["t"] - q["c"]).mean(0)
+        s = get_score("cosine").fn(rows, rows.norm(dim=1), psi, None)
+        out["baselines"]["trak"] = pool_metrics(s, labels)
+    rand = []
+    for seed in range(cfg.random_seeds):
+        gen = torch.Generator().manual_seed(seed)
+        rand.append(pool_metrics(torch.rand(len(idx), generator=gen), labels))
+    out["baselines"]["random"] = {
+        key: float(torch.tensor([float(r[key]) for r in rand]).mean())
+        for key in ("p_at_k", "ap", "clean_above_median", "auroc_planted")
+    }
+    return out
+
+
+def pool_ranking(cfg: BenchConfig, h: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Run (or resume) :func:`rank_behaviour` for every behaviour; ``ranking/{b}.json``."""
+    results = {}
+    for b in h["behaviours"]:
+        f = out / "ranking" / f"{b.name}.json"
+        if not f.exists():
+            say(f"{b.name}: auto choice and every method at every layer")
+            _save_json(
+                f, h["costs"].timed(f"rank_{b.name}", lambda b=b: rank_behaviour(cfg, h, b.name))
+            )
+        results[b.name] = json.loads(f.read_text())
+    return results
+
+
+def summary(ranking: dict[str, Any]) -> dict[str, Any]:
+    """The targets: auto within 0.05 of the hindsight-best fixed method, and its mean p@k."""
+    within = {b: r["hindsight"]["p_at_k"] - r["auto"]["p_at_k"] <= 0.05 for b, r in ranking.items()}
+    n = max(len(ranking), 1)
+    return {
+        "auto_within_0.05_of_hindsight": sum(within.values()),
+        "n_behaviours": len(ranking),
+        "within": within,
+        "mean_p_at_k": {
+            "auto": sum(r["auto"]["p_at_k"] for r in ranking.values()) / n,
+            "paper": sum(r["paper"]["p_at_k"] for r in ranking.values()) / n,
+            "hindsight": sum(r["hindsight"]["p_at_k"] for r in ranking.values()) / n,
+        },
+        "mean_ap": {
+            "auto": sum(r["auto"]["ap"] for r in ranking.values()) / n,
+            "paper": sum(r["paper"]["ap"] for r in ranking.values()) / n,
+        },
+    }
+
+
+__all__ = ["pool_ranking", "rank_behaviour", "summary"]
