@@ -6,9 +6,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lensattr._version import __version__
 from lensattr.cache import DEFAULT_STATS
+from lensattr.registry import names
+
+if TYPE_CHECKING:
+    from lensattr.query import Query
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -54,19 +59,48 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _capture_args(p)
     p.add_argument("--pairs", required=True, help="pair file (or a trait spec for --psi persona)")
-    p.add_argument("--psi", default="residual_change")
-    p.add_argument("--stat", default=None, help="statistic for --psi contrast")
+    p.add_argument(
+        "--psi", default="residual_change", help=f"registered query: {', '.join(names('psi'))}"
+    )
+    p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('phi'))}")
+    p.add_argument("--g", default="cosine", help=f"score: {', '.join(names('score'))}")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="'auto': choose statistic, psi, score and layer from the pairs and --cache "
+        "(no labels); overrides --psi/--stat/--g/--layers",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="the cache to be ranked (needed by --method auto and by "
+        "pool-aware queries such as pool_contrast)",
+    )
     p.add_argument("--out", required=True, help="query file (.safetensors)")
 
     p = sub.add_parser("rank", help="rank cached examples against a query; writes jsonl")
     p.add_argument("--cache", required=True)
-    p.add_argument("--query", required=True)
-    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--query", default=None, help="a saved query (from `lensattr query`)")
+    p.add_argument(
+        "--pairs", default=None, help="query pairs, with --method auto (instead of --query)"
+    )
+    p.add_argument("--method", default=None, help="'auto' (with --pairs and the model options)")
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="block index (negative: from the last), 'best', or 'blocks.N.hook_resid_post'; "
+        "default: the layer chosen for the query (else its best held-out accuracy)",
+    )
     p.add_argument("--phi", default=None, help="cached statistic (default: the query's)")
-    p.add_argument("--g", default="cosine", help="score: cosine, dot, projection, ...")
+    p.add_argument(
+        "--g", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
+    )
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--bottom", action="store_true", help="lowest scores instead")
     p.add_argument("--out", required=True, help="output .jsonl (id, score, rank, example)")
+    _model_args(p)
+    p.add_argument("--batch-size", type=int, default=8, help="for capturing --pairs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2 and bundled data")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -197,15 +231,46 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_choice(q: "Query") -> None:
+    acc = ", ".join(f"L{k} {v:.2f}" for k, v in sorted((q.cv or {}).items()))
+    print(f"held-out accuracy per layer ({q.g}): {acc}")
+    try:
+        print(f"layer used by `lensattr rank` by default: {q.best_layer()}")
+    except ValueError as err:
+        print(f"no layer can be chosen: {err}")
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from lensattr.query import behavior_query
+    from lensattr.select import select
 
+    if args.method not in (None, "auto"):
+        from lensattr.select import Method
+
+        m = Method.parse(args.method)
+        args.psi, args.stat, args.g = m.psi, m.stat, m.g
+    if args.method == "auto":
+        if not args.cache:
+            raise ValueError("--method auto chooses against the cache to be ranked: pass --cache")
+        sel = select(
+            _load(args),
+            args.cache,
+            args.pairs,
+            batch_size=args.batch_size,
+            progress=False if args.quiet else None,
+        )
+        sel.query.save(args.out)
+        print(sel.summary())
+        print(f"query {sel.method} from {sel.query.n_pairs} pairs, layer {sel.layer}: {args.out}")
+        return 0
     q = behavior_query(
         _load(args),
         args.pairs,
         psi=args.psi,
         stat=args.stat,
         layers=args.layers,
+        pool=args.cache,
+        g=args.g,
         batch_size=args.batch_size,
         max_length=args.max_length,
         progress=False if args.quiet else None,
@@ -215,6 +280,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         f"query {q.psi} (stat {q.stat}) from {q.n_pairs} pairs at {len(q.layers)} layers: "
         f"{args.out}"
     )
+    _print_choice(q)
     return 0
 
 
@@ -222,10 +288,16 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from lensattr.cache import open_cache
     from lensattr.rank import examples_by_id, rank
 
+    if (args.query is None) == (args.pairs is None):
+        raise ValueError("give either --query (a saved query) or --pairs with --method auto")
+    if args.pairs is not None and args.method != "auto":
+        raise ValueError("--pairs ranks with --method auto; for a fixed method build a query")
     cache = open_cache(args.cache)
     r = rank(
         cache,
-        args.query,
+        args.query if args.query is not None else args.pairs,
+        method=args.method if args.pairs is not None else None,
+        model=_load(args) if args.pairs is not None else None,
         layer=args.layer,
         phi=args.phi,
         g=args.g,

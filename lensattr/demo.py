@@ -2,14 +2,14 @@
 
 Caches the bundled training set (240 clean instruction examples + 24 planted replies of the
 ``empathy`` trait: 12 that show it, label 1, and their 12 controls, label 0) at every layer,
-builds the residual-change query from the bundled query pairs, chooses a layer from the query
-pairs alone (held-out accuracy), prints the top-10 examples there and how many planted ones it
-found, and saves a layer-sweep plot. For comparison it then does the same with the
-residual-difference query (pooled activations), read from the same cache.
+captures the 16 bundled query pairs once, lets ``auto`` (:func:`lensattr.select`) choose the
+statistic, query, score and layer from those pairs and the unlabelled cache, and prints its top-10
+and its precision among the pool. Then the paper's residual change, on the same cache at the layer
+its own held-out accuracy chooses, for comparison; and a plot of precision@k per layer for both.
+The labels are read for the printed metrics only.
 """
 
 import json
-import logging
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -17,14 +17,17 @@ from typing import Any
 
 import torch
 
-from lensattr.cache import build_cache
-from lensattr.data import load_examples
-from lensattr.metrics import auroc, precision_recall_at_k
-from lensattr.models import load_model
-from lensattr.query import behavior_query
-from lensattr.rank import rank
-
-logger = logging.getLogger(__name__)
+from lensattr import (
+    PAPER,
+    behavior_query,
+    build_cache,
+    load_examples,
+    load_model,
+    pair_stats,
+    pool_metrics,
+    rank,
+    select,
+)
 
 
 def bundled(name: str) -> Path:
@@ -32,59 +35,55 @@ def bundled(name: str) -> Path:
     return Path(str(files("lensattr") / "bundled" / name))
 
 
-def layer_sweep(cache: Any, query: Any, labels: torch.Tensor, k: int) -> list[dict[str, Any]]:
-    """Planted AUROC (label 1 vs label 0 plants) and precision@k of label-1 plants per layer."""
-    planted = labels >= 0
-    rows = []
-    for layer in query.layers:
-        r = rank(cache, query, layer=layer, top_k=None)
-        scores = torch.empty(len(cache))
-        scores[r.rows] = r.scores
-        pos = (labels == 1).long()
-        prec, rec = precision_recall_at_k(scores, pos, k)
-        rows.append(
-            {
-                "layer": layer,
-                "auroc": auroc(scores[planted], pos[planted]),
-                "precision_at_k": prec,
-                "recall_at_k": rec,
-                "cv": (query.cv or {}).get(layer, float("nan")),
-            }
-        )
-    return rows
-
-
-def planted_at(
-    cache: Any, query: Any, layer: int, labels: torch.Tensor, by_id: dict[str, Any], g: str
-) -> tuple[int, float]:
-    """(label-1 plants in the top-10, planted AUROC) of one query, layer and score."""
+def all_scores(cache: Any, query: Any, layer: int, g: str) -> torch.Tensor:
+    """Every cached example's score (cache row order) under ``query`` at ``layer``."""
     r = rank(cache, query, layer=layer, g=g, top_k=None)
     scores = torch.empty(len(cache))
     scores[r.rows] = r.scores
-    planted = labels >= 0
-    found = sum(by_id[e].extra.get("label") == 1 for e in r.ids[:10])
-    return found, auroc(scores[planted], (labels == 1).long()[planted])
+    return scores
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def layer_sweep(cache: Any, query: Any, g: str, labels: torch.Tensor) -> list[dict[str, Any]]:
+    """Precision among the pool (P@k, AP) and planted AUROC of one query at every layer."""
+    rows = []
+    for layer in query.layers:
+        m = pool_metrics(all_scores(cache, query, layer, g), labels)
+        cv = (query.cv or {}).get(layer, float("nan"))
+        rows.append({"layer": layer, **m, "heldout_accuracy": cv})
+    return rows
+
+
+def plot_sweep(sweeps: dict[str, tuple[list[dict[str, Any]], int]], path: Path, title: str) -> None:
+    """precision@k against layer for each method (large dot: the layer it chose)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    layers = [r["layer"] for r in rows]
-    ax.plot(layers, [r["auroc"] for r in rows], marker="o", label="planted AUROC (1 vs 0)")
-    ax.plot(layers, [r["precision_at_k"] for r in rows], marker="s", label="precision@k")
-    ax.plot(layers, [r["cv"] for r in rows], ls="--", label="query held-out accuracy")
-    ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set_xlabel("layer")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for name, (rows, chosen) in sweeps.items():
+        layers = [r["layer"] for r in rows]
+        (line,) = ax.plot(layers, [r["p_at_k"] for r in rows], marker=".", label=name)
+        at = next(r for r in rows if r["layer"] == chosen)
+        ax.plot([chosen], [at["p_at_k"]], "o", ms=9, color=line.get_color())
+    ax.set_xlabel("layer (large dot: the layer chosen without labels)")
+    ax.set_ylabel("precision@k among the pool")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def show_top(top: Any, by_id: dict[str, Any]) -> int:
+    """Print a top-10 with plant tags; returns how many are label-1 plants."""
+    for i, (eid, score) in enumerate(zip(top.ids, top.scores.tolist(), strict=True)):
+        label = by_id[eid].extra.get("label")
+        tag = {1: "PLANT+", 0: "decoy "}.get(int(label) if label is not None else -1, "clean ")
+        reply = by_id[eid].response.replace("\n", " ")[:50]
+        print(f"{i + 1:>3} {score:+.4f} {tag} {eid[:40]:<40} {reply!r}")
+    return sum(by_id[e].extra.get("label") == 1 for e in top.ids)
 
 
 def run_demo(
@@ -120,84 +119,81 @@ def run_demo(
         f"cached {len(cache)} examples x {len(cache.layers)} layers x {len(cache.stats)} stats "
         f"({times['cache']:.1f}s)"
     )
-
-    def build_query(psi: str) -> Any:
-        return behavior_query(
-            m,
-            bundled("demo/query.jsonl"),
-            psi=psi,
-            layers="all",
-            batch_size=batch_size,
-            max_length=max_length,
-            progress=progress,
-        )
-
     t0 = time.perf_counter()
-    query = build_query("residual_change")
-    times["query"] = time.perf_counter() - t0
-    print(f"residual-change query from {query.n_pairs} pairs ({times['query']:.1f}s)")
+    stats = pair_stats(
+        m,
+        bundled("demo/query.jsonl"),
+        stats=cache.stats,
+        layers=cache.layers,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
+    times["query pairs"] = time.perf_counter() - t0
+    print(f"captured {stats.n_pairs} query pairs at every layer ({times['query pairs']:.1f}s)")
 
-    t0 = time.perf_counter()
     by_id = {ex.id: ex for ex in examples}
     labels = torch.tensor([int(by_id[i].extra.get("label", -1)) for i in cache.ids])
     k = int((labels == 1).sum())
-    sweep = layer_sweep(cache, query, labels, k)
-    times["rank all layers"] = time.perf_counter() - t0
-    layer = query.best_layer()
-    cv = query.cv or {}
-    top = rank(cache, query, layer=layer, top_k=10)
-    print(
-        f"\nlayer {layer} (chosen from the query pairs alone: held-out accuracy "
-        f"{cv[layer]:.2f}); top-10 of {len(cache)}:"
-    )
-    for i, (eid, score) in enumerate(zip(top.ids, top.scores.tolist(), strict=True)):
-        label = by_id[eid].extra.get("label")
-        tag = {1: "PLANT+", 0: "decoy "}.get(int(label) if label is not None else -1, "clean ")
-        reply = by_id[eid].response.replace("\n", " ")[:50]
-        print(f"{i + 1:>3} {score:+.4f} {tag} {eid[:40]:<40} {reply!r}")
-    found = sum(by_id[e].extra.get("label") == 1 for e in top.ids)
-    row = next(r for r in sweep if r["layer"] == layer)
-    print(f"\nplanted (label 1) in the top-10: {found} of 10 ({k} planted among {len(cache)})")
-    print(
-        f"at layer {layer}: planted AUROC {row['auroc']:.3f}, precision@{k} "
-        f"{row['precision_at_k']:.3f}"
-    )
-    best = max(sweep, key=lambda r: r["auroc"])
-    print(
-        f"best layer by planted AUROC (reported, not used to choose): {best['layer']} "
-        f"({best['auroc']:.3f})"
-    )
-    plot = out / "layer_sweep.png"
-    plot_sweep(sweep, plot, f"residual-change query, {m.name}")
-    print(f"layer-sweep plot: {plot}")
 
     t0 = time.perf_counter()
-    diff = build_query("residual_diff")
-    diff_sweep = layer_sweep(cache, diff, labels, k)
-    times["comparison: residual-difference query"] = time.perf_counter() - t0
-    diff_layer = diff.best_layer()
-    diff_top = rank(cache, diff, layer=diff_layer, top_k=10)
-    diff_row = next(r for r in diff_sweep if r["layer"] == diff_layer)
-    diff_found = sum(by_id[e].extra.get("label") == 1 for e in diff_top.ids)
-    centered = planted_at(cache, query, layer, labels, by_id, g="centered_cosine")
+    sel = select(m, cache, stats)
+    times["auto"] = time.perf_counter() - t0
+    print(f"\n{sel.summary(top=6)}\n({len(sel.table)} candidates x layers in {times['auto']:.1f}s)")
+    top = rank(cache, sel, top_k=10)
+    print(f"\nauto: top-10 of {len(cache)} ({sel.method}, layer {sel.layer}):")
+    found = show_top(top, by_id)
+    auto_m = pool_metrics(all_scores(cache, sel, sel.layer, sel.method.g), labels, n_boot=500)
     print(
-        "\nfor comparison (same cache; each query at its own layer chosen from its pairs):\n"
-        f"  residual change, cosine           layer {layer:>2}: {found:>2} of 10 planted in the "
-        f"top-10, planted AUROC {row['auroc']:.3f}\n"
-        f"  residual change, centered cosine  layer {layer:>2}: {centered[0]:>2} of 10, "
-        f"AUROC {centered[1]:.3f}\n"
-        f"  residual difference, cosine       layer {diff_layer:>2}: {diff_found:>2} of 10, "
-        f"AUROC {diff_row['auroc']:.3f}"
+        f"\nplanted (label 1) in the top-10: {found} of 10 ({k} planted among {len(cache)})\n"
+        f"precision@{k} among the pool {auto_m['p_at_k']:.2f} "
+        f"[{auto_m['p_at_k_ci'][0]:.2f}, {auto_m['p_at_k_ci'][1]:.2f}], average precision "
+        f"{auto_m['ap']:.2f}, clean examples above the median plant: "
+        f"{auto_m['clean_above_median']}, planted AUROC (1 vs 0) {auto_m['auroc_planted']:.2f}"
     )
+
+    t0 = time.perf_counter()
+    paper = behavior_query(m, stats, psi=PAPER.psi, stat=PAPER.stat, pool=cache, g=PAPER.g)
+    p_layer = paper.best_layer()
+    p_top = rank(cache, paper, layer=p_layer, top_k=10)
+    times["paper's residual change"] = time.perf_counter() - t0
+    p_found = sum(by_id[e].extra.get("label") == 1 for e in p_top.ids)
+    paper_m = pool_metrics(all_scores(cache, paper, p_layer, PAPER.g), labels, n_boot=500)
+    print(
+        f"\nfor comparison, the paper's residual change ({PAPER}) at layer {p_layer} (its held-out "
+        f"accuracy {paper.cv[p_layer]:.2f}): {p_found} of 10 planted in the top-10, "
+        f"precision@{k} {paper_m['p_at_k']:.2f} [{paper_m['p_at_k_ci'][0]:.2f}, "
+        f"{paper_m['p_at_k_ci'][1]:.2f}], AP {paper_m['ap']:.2f}, "
+        f"planted AUROC {paper_m['auroc_planted']:.2f}"
+    )
+    auto_sweep = layer_sweep(cache, sel.query, sel.method.g, labels)
+    paper_sweep = layer_sweep(cache, paper, PAPER.g, labels)
+    plot = out / "layer_sweep.png"
+    plot_sweep(
+        {f"auto: {sel.method}": (auto_sweep, sel.layer), f"paper: {PAPER}": (paper_sweep, p_layer)},
+        plot,
+        f"{m.name}: empathy plants among {len(cache)} examples (k = {k})",
+    )
+    print(f"precision@k per layer: {plot}")
     print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     summary = {
         "model": m.name,
-        "layer": layer,
-        "top10": list(zip(top.ids, top.scores.tolist(), strict=True)),
-        "planted_in_top10": found,
-        "sweep": sweep,
-        "residual_change_centered": {"planted_in_top10": centered[0], "auroc": centered[1]},
-        "residual_diff": {"layer": diff_layer, "planted_in_top10": diff_found, "sweep": diff_sweep},
+        "auto": {
+            "method": str(sel.method),
+            "layer": sel.layer,
+            "top10": list(zip(top.ids, top.scores.tolist(), strict=True)),
+            "planted_in_top10": found,
+            **auto_m,
+            "sweep": auto_sweep,
+        },
+        "paper": {
+            "method": str(PAPER),
+            "layer": p_layer,
+            "planted_in_top10": p_found,
+            **paper_m,
+            "sweep": paper_sweep,
+        },
+        "candidates": sel.table,
         "times_s": times,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

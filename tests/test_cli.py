@@ -67,14 +67,12 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     assert main(["demo", "--model", "tiny-random", "--out", str(tmp_path), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert (
-        "top-10 of 264" in text
-        and "residual-difference query" in text
-        and "planted (label 1) in the top-10" in text
-    )
+    assert "auto chose" in text and "top-10 of 264" in text
+    assert "the paper's residual change" in text and "planted (label 1) in the top-10" in text
     assert (tmp_path / "layer_sweep.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["top10"]) == 10 and len(summary["sweep"]) == 4
+    assert len(summary["auto"]["top10"]) == 10 and len(summary["auto"]["sweep"]) == 4
+    assert summary["paper"]["method"] == "residual_change|residual_change|cosine"
 
 
 def test_help_lists_the_commands(capsys):
@@ -82,3 +80,82 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert all(c in text for c in ("cache", "query", "rank", "demo"))
+
+
+def test_cli_auto_and_the_chosen_layer(tmp_path, train_records, pair_records, capsys):
+    """`query` prints held-out accuracy and the layer; `rank` uses it without --layer; auto
+    chooses from the pairs and the cache alone."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_records))
+    common = ["--model", "tiny-random", "--device", "cpu", "--quiet"]
+    cache = str(tmp_path / "c")
+    assert main(["cache", *common, "--layers", "1,2,3", "--train", str(train), "--out", cache]) == 0
+    q = str(tmp_path / "q.st")
+    assert main(["query", *common, "--layers", "1,2,3", "--pairs", str(pairs), "--out", q]) == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy per layer" in text
+    from lensattr import Query
+
+    best = Query.load(q).best_layer()
+    assert f"layer used by `lensattr rank` by default: {best}" in text
+    out = tmp_path / "r.jsonl"
+    for layer in ([], ["--layer", "best"]):
+        assert main(["rank", "--cache", cache, "--query", q, *layer, "--out", str(out)]) == 0
+        assert json.loads(out.read_text().splitlines()[0])["layer"] == best
+    assert main(["rank", "--cache", cache, "--query", q, "--layer", "-1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["layer"] == 3
+    # auto, saved as a query and straight from pairs: the same choice and ranking
+    qa = str(tmp_path / "auto.st")
+    assert (
+        main(
+            [
+                "query",
+                *common,
+                "--pairs",
+                str(pairs),
+                "--method",
+                "auto",
+                "--cache",
+                cache,
+                "--out",
+                qa,
+            ]
+        )
+        == 0
+    )
+    assert "auto chose" in capsys.readouterr().out
+    assert main(["rank", "--cache", cache, "--query", qa, "--out", str(out)]) == 0
+    first = out.read_text()
+    assert (
+        main(
+            [
+                "rank",
+                *common,
+                "--cache",
+                cache,
+                "--pairs",
+                str(pairs),
+                "--method",
+                "auto",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert out.read_text() == first
+    # one-line errors: auto without a cache, --pairs without auto, neither query nor pairs
+    assert main(["query", *common, "--pairs", str(pairs), "--method", "auto", "--out", qa]) == 2
+    assert main(["rank", "--cache", cache, "--pairs", str(pairs), "--out", str(out)]) == 2
+    assert main(["rank", "--cache", cache, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--cache" in err and "--method auto" in err and err.count("\n") == 3
+
+
+def test_help_lists_the_registered_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["query", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "pool_contrast" in text and "deflated_cosine" in text

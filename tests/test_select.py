@@ -1,4 +1,4 @@
-"""Pool-aware methods, the no-peek choice (`auto`) and pool precision, against direct computations."""
+"""Pool-aware methods, the no-peek choice (auto) and pool precision, checked directly."""
 
 import itertools
 
