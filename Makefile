@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint typecheck pytest docs katex notebooks wheel-check bench-perf bench clean
+.PHONY: setup demo test lint typecheck pytest docs katex browser notebooks wheel-check bench-perf bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,22 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/lensattr demo --out runs/demo
 
-test: setup lint typecheck pytest
+test: setup browser lint typecheck pytest
+
+# The docs' browser test (tests/test_docs_browser.py) opens the built site in headless Chromium.
+# Installed from Debian's packages when missing and we are root (as on CI); elsewhere the test is
+# skipped with a note. Quick when Chromium is already there.
+CHROMIUM := $(firstword $(foreach b,chromium chromium-browser google-chrome,$(shell command -v $(b))))
+browser:
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "Chromium not found: tests/test_docs_browser.py will be skipped (apt-get install chromium)"; \
+	fi
+else
+	@echo "browser: $(CHROMIUM)"
+endif
 
 lint: setup
 	$(VENV)/bin/ruff format --check lensattr tests benchmarks scripts
