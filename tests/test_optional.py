@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lensattr._optional import require
+from lensattr._optional import explain, install_hint, require
+from lensattr.bench.finetune import lora_finetune
+from lensattr.demo import plot_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_ONLY = {"matplotlib": "demo", "peft": "bench"}
@@ -67,3 +69,39 @@ def test_every_module_imports_without_the_extras():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert int(proc.stdout.split()[-1]) > 20
+
+
+def test_explain_names_the_extra_of_the_command():
+    peft = ModuleNotFoundError("No module named 'peft'", name="peft")
+    assert "pip install 'lensattr[bench]'" in explain(peft, "bench")
+    plt = ModuleNotFoundError("No module named 'matplotlib.pyplot'", name="matplotlib.pyplot")
+    assert "pip install 'lensattr[demo]'" in explain(plt, "demo")
+    assert "pip install 'lensattr[bench]'" in explain(plt, "bench")
+    assert "pip install 'lensattr[demo]'" in explain(plt, "rank")  # first extra that has it
+    other = ModuleNotFoundError("No module named 'foo'", name="foo")
+    assert explain(other, "demo") == "No module named 'foo'"
+    assert explain(ValueError("bad"), "demo") == "bad"
+    hinted = ModuleNotFoundError(install_hint("peft", "bench"), name="peft")
+    assert explain(hinted, "demo") == str(hinted)  # not wrapped twice
+
+
+@pytest.mark.parametrize(
+    ("command", "blocked", "call"),
+    [
+        ("demo", "matplotlib", lambda: plot_sweep([], Path("unused.png"), "t")),
+        ("bench", "peft", lambda: lora_finetune("tiny-random", [])),
+    ],
+)
+def test_cli_says_which_extra_is_missing(command, blocked, call, monkeypatch, capsys):
+    """The real import sites of the demo's plot and the bench's fine-tuning, with the package
+    blocked as if not installed, give one error line naming the extra."""
+    from lensattr import cli
+
+    monkeypatch.setitem(sys.modules, blocked, None)
+    monkeypatch.setattr(cli, f"cmd_{command}", lambda args: call())
+    argv = [command, "--smoke"] if command == "bench" else [command]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith(f"lensattr {command}: error: {blocked} is not installed")
+    assert f"pip install 'lensattr[{command}]'" in err
