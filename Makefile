@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint typecheck pytest docs notebooks wheel-check bench-perf bench clean
+.PHONY: setup demo test lint typecheck pytest docs katex browser notebooks wheel-check bench-perf bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,22 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/lensattr demo --out runs/demo
 
-test: setup lint typecheck pytest
+test: setup browser lint typecheck pytest
+
+# The docs' browser test (tests/test_docs_browser.py) opens the built site in headless Chromium.
+# Installed from Debian's packages when missing and we are root (as on CI); elsewhere the test is
+# skipped with a note. Quick when Chromium is already there.
+CHROMIUM := $(firstword $(foreach b,chromium chromium-browser google-chrome,$(shell command -v $(b))))
+browser:
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "Chromium not found: tests/test_docs_browser.py will be skipped (apt-get install chromium)"; \
+	fi
+else
+	@echo "browser: $(CHROMIUM)"
+endif
 
 lint: setup
 	$(VENV)/bin/ruff format --check lensattr tests benchmarks scripts
@@ -35,6 +50,22 @@ pytest: setup
 
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The docs render math with a copy of KaTeX committed under docs/assets/katex (no CDN: the site
+# works offline). This refreshes that copy from the npm registry (needs npm); only the woff2
+# fonts are kept, and the stylesheet is rewritten to name only those.
+KATEX_VERSION ?= 0.19.1
+KATEX_DIR := docs/assets/katex
+katex:
+	rm -rf build/katex $(KATEX_DIR)
+	mkdir -p build/katex $(KATEX_DIR)/fonts $(KATEX_DIR)/contrib
+	cd build/katex && npm pack --silent katex@$(KATEX_VERSION) && tar xzf katex-$(KATEX_VERSION).tgz
+	cp build/katex/package/LICENSE build/katex/package/dist/katex.min.js $(KATEX_DIR)/
+	cp build/katex/package/dist/contrib/auto-render.min.js $(KATEX_DIR)/contrib/
+	cp build/katex/package/dist/fonts/*.woff2 $(KATEX_DIR)/fonts/
+	sed -E 's/,url\(fonts\/[A-Za-z0-9_-]+\.woff\) format\("woff"\),url\(fonts\/[A-Za-z0-9_-]+\.ttf\) format\("truetype"\)//g' \
+		build/katex/package/dist/katex.min.css > $(KATEX_DIR)/katex.min.css
+	echo "KaTeX $(KATEX_VERSION) from the npm package katex (MIT, see LICENSE)" > $(KATEX_DIR)/VERSION
 
 # Re-execute the tutorials on the tiny model and store their outputs (the docs render them as is).
 notebooks: setup

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lensattr._optional import explain
 from lensattr._version import __version__
 from lensattr.cache import DEFAULT_STATS
 from lensattr.registry import names
@@ -350,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-        print(f"lensattr {args.command}: error: {err}", file=sys.stderr)
+        print(f"lensattr {args.command}: error: {explain(err, args.command)}", file=sys.stderr)
         return 2
 
 

@@ -68,6 +68,21 @@ def test_wheel_contents(wheel):
     assert "lensattr = lensattr.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+def test_wheel_heavy_packages_are_extras(wheel):
+    """matplotlib and peft (demo / bench only) are not installed with the bare library."""
+    (meta,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA")]
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    core = [r for r in requires if "extra ==" not in r]
+    assert any(r.startswith("torch") for r in core)
+    for name, extra in (("matplotlib", "demo"), ("matplotlib", "bench"), ("peft", "bench")):
+        assert not any(r.startswith(name) for r in core), core
+        assert any(r.startswith(name) and f'extra == "{extra}"' in r for r in requires), requires
+
+
 def test_wheel_installs_and_runs(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
