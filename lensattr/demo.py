@@ -28,6 +28,7 @@ from lensattr import (
     rank,
     select,
 )
+from lensattr._optional import require
 
 
 def bundled(name: str) -> Path:
@@ -55,7 +56,7 @@ def layer_sweep(cache: Any, query: Any, g: str, labels: torch.Tensor) -> list[di
 
 def plot_sweep(sweeps: dict[str, tuple[list[dict[str, Any]], int]], path: Path, title: str) -> None:
     """precision@k against layer for each method (large dot: the layer it chose)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "demo")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,7 +162,7 @@ def run_demo(
     paper_m = pool_metrics(all_scores(cache, paper, p_layer, PAPER.g), labels, n_boot=500)
     print(
         f"\nfor comparison, the paper's residual change ({PAPER}) at layer {p_layer} (its held-out "
-        f"accuracy {paper.cv[p_layer]:.2f}): {p_found} of 10 planted in the top-10, "
+        f"accuracy {(paper.cv or {})[p_layer]:.2f}): {p_found} of 10 planted in the top-10, "
         f"precision@{k} {paper_m['p_at_k']:.2f} [{paper_m['p_at_k_ci'][0]:.2f}, "
         f"{paper_m['p_at_k_ci'][1]:.2f}], AP {paper_m['ap']:.2f}, "
         f"planted AUROC {paper_m['auroc_planted']:.2f}"

@@ -88,7 +88,7 @@ def test_explain_names_the_extra_of_the_command():
 @pytest.mark.parametrize(
     ("command", "blocked", "call"),
     [
-        ("demo", "matplotlib", lambda: plot_sweep([], Path("unused.png"), "t")),
+        ("demo", "matplotlib", lambda: plot_sweep({}, Path("unused.png"), "t")),
         ("bench", "peft", lambda: lora_finetune("tiny-random", [])),
     ],
 )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lensattr._optional import require
 from lensattr.capture import response_loss
 from lensattr.data import Example, Pair, load_examples, load_pairs
 from lensattr.models import Model, load_model
@@ -57,6 +58,7 @@ def lora_finetune(
     Returns:
         A new :class:`Model` with the adapters merged into its (frozen) weights.
     """
+    require("peft", "bench")
     from peft import LoraConfig, get_peft_model
 
     base = load_model(model)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lensattr._optional import require
 from lensattr.bench.ranking import summary
 from lensattr.select import PAPER
 
@@ -142,7 +143,7 @@ def finetune_table(results: dict[str, Any]) -> list[str]:
 def finetune_plot(results: dict[str, Any], path: Path) -> None:
     """Change of the trait score after fine-tuning on each method's top-k (one panel per
     behaviour; bars = mean over seeds, dots = seeds)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "bench")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -167,7 +168,7 @@ def finetune_plot(results: dict[str, Any], path: Path) -> None:
 def precision_plot(results: dict[str, Any], path: Path) -> None:
     """P@k against layer per behaviour: auto's method and the paper's residual change (dots:
     the layer each chose without labels), with the random baseline."""
-    import matplotlib
+    matplotlib = require("matplotlib", "bench")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
