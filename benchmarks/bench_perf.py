@@ -178,8 +178,16 @@ print(json.dumps({{"n": {n}, "seconds": time.perf_counter() - t0,
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def synthetic_cache(path: Path, n: int, d: int, shard_rows: int = 131072) -> dict:
-    """Write an n x d bf16 cache (one layer, one statistic) in lensattr's on-disk format."""
+def synthetic_cache(
+    path: Path,
+    n: int,
+    d: int,
+    shard_rows: int = 131072,
+    layers: tuple[int, ...] = (0,),
+    stats: tuple[str, ...] = ("phi",),
+) -> dict:
+    """Write an n x d bf16 cache (random rows at every layer and statistic) in lensattr's on-disk
+    format."""
     from lensattr.cache import POOLING, SCHEMA_VERSION
     from lensattr.store import atomic_write_json, tensor_key, write_shard
 
@@ -187,12 +195,15 @@ def synthetic_cache(path: Path, n: int, d: int, shard_rows: int = 131072) -> dic
     gen = torch.Generator().manual_seed(0)
     shards = []
     for s, start in enumerate(range(0, n, shard_rows)):
-        rows = torch.randn((min(shard_rows, n - start), d), generator=gen).to(torch.bfloat16)
+        tensors = {}
+        for stat in stats:
+            for layer in layers:
+                rows = torch.randn((min(shard_rows, n - start), d), generator=gen)
+                rows = (rows + 3.0 * torch.randn(d, generator=gen)).to(torch.bfloat16)
+                tensors[tensor_key(stat, layer)] = rows
+                tensors[tensor_key(stat, layer) + "/norm"] = rows.float().norm(dim=1)
         name = f"shard-{s:05d}.safetensors"
-        digest = write_shard(
-            path / name,
-            {tensor_key("phi", 0): rows, tensor_key("phi", 0) + "/norm": rows.float().norm(dim=1)},
-        )
+        digest = write_shard(path / name, tensors)
         shards.append({"file": name, "first_row": start, "n_rows": len(rows), "sha256": digest})
     model = {
         "name": "synthetic",
@@ -205,8 +216,8 @@ def synthetic_cache(path: Path, n: int, d: int, shard_rows: int = 131072) -> dic
         {
             "schema_version": SCHEMA_VERSION,
             "model": model,
-            "layers": [0],
-            "stats": ["phi"],
+            "layers": list(layers),
+            "stats": list(stats),
             "pooling": POOLING,
             "dtype": "bfloat16",
             "d_model": d,

@@ -196,7 +196,7 @@ def whitened_cosine(
     of TRAK's ``(X^T X)^(-1)`` preconditioner, so no single high-variance direction dominates.
     """
     m = _pool(rows, ctx)
-    x = (rows - m.mean32) @ m.whitener
+    x = (rows - m.mean32) @ m.whitener.T  # W (phi - mu), row by row
     return _cos(x, x.norm(dim=1), m.whitener @ psi)
 
 

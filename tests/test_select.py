@@ -111,8 +111,10 @@ def test_pool_moments_equal_the_rows_and_follow_the_cache_not_the_path(
 )
 def test_batched_scores_equal_one_query_at_a_time_and_the_direct_formula(g):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 16, generator=gen) + 3.0
-    psis = torch.randn(16, 3, generator=gen)
+    scale = torch.cat([torch.full((10,), 5.0), torch.ones(14)])  # 10 dominant directions
+    basis = torch.linalg.qr(torch.randn(24, 24, generator=gen))[0]
+    x = (torch.randn(60, 24, generator=gen) * scale) @ basis.T + 3.0
+    psis = torch.randn(24, 3, generator=gen)
     ctx = ScoreContext(pool=Moments.of_rows(x))
     fn = registry.get_score(g).fn
     both = fn(x, x.norm(dim=1), psis, ctx)
@@ -126,17 +128,17 @@ def test_batched_scores_equal_one_query_at_a_time_and_the_direct_formula(g):
         want = cos(xc, p[None], dim=1)
     elif g == "whitened_cosine":
         evals, evecs = torch.linalg.eigh(torch.cov(x.double().T))
-        lam = 0.01 * evals.sum() / 16
+        lam = 0.01 * evals.sum() / 24
         w = evecs @ torch.diag((evals + lam).rsqrt()) @ evecs.T
         want = cos(xc @ w, (w @ p)[None], dim=1)
     elif g == "deflated_cosine":
         u = torch.linalg.svd(xc, full_matrices=False).Vh[:10].T  # top-10 principal directions
-        proj = torch.eye(16, dtype=torch.float64) - u @ u.T
+        proj = torch.eye(24, dtype=torch.float64) - u @ u.T
         want = cos(xc @ proj, (proj @ p)[None], dim=1)
     else:
         return
     assert torch.allclose(both[:, 0].double(), want, atol=1e-4)
-    assert m.n == 40
+    assert m.n == 60
 
 
 # ------------------------------------------------------------------------- pool-aware query

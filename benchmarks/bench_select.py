@@ -1,0 +1,66 @@
+"""Cost of ``auto`` (:func:`lensattr.select`): the whole choice over a cache, pairs captured.
+
+    python benchmarks/bench_select.py                   # 4,000 rows x 30 layers x 4 statistics
+    python benchmarks/bench_select.py --n 500 --layers 3   # plumbing check (seconds)
+
+Writes a synthetic bf16 cache (d_model 576, the built-in statistics' names), random statistics
+for 48 query pairs, and times ``select`` with every built-in candidate at every layer: the
+first call (pool moments computed and written into the cache) and a second one (moments read
+back). The target of issue 10 is under 60 s for the first call on 2 cores.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_perf import synthetic_cache  # noqa: E402
+
+from lensattr import PairStats, candidates, open_cache, select  # noqa: E402
+from lensattr.cache import DEFAULT_STATS  # noqa: E402
+from lensattr.moments import _MEMO  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--pairs", type=int, default=48)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    layers = tuple(range(args.layers))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cache"
+        model = synthetic_cache(path, args.n, args.d, layers=layers, stats=DEFAULT_STATS)
+        cache = open_cache(path, verify=False)
+        gen = torch.Generator().manual_seed(0)
+        side = {
+            s: {la: torch.randn(args.pairs, args.d, generator=gen) for la in layers}
+            for s in DEFAULT_STATS
+        }
+        other = {
+            s: {la: v + 0.3 * torch.randn(v.shape, generator=gen) for la, v in d.items()}
+            for s, d in side.items()
+        }
+        ps = PairStats(side, other, model, {})
+        n_cand = len(candidates(cache.stats))
+        out = {"rows": args.n, "layers": args.layers, "candidates": n_cand, "pairs": args.pairs}
+        for label in ("first", "second"):
+            if label == "second":
+                _MEMO.clear()  # read the moments back from the cache directory
+            t = time.perf_counter()
+            sel = select(None, cache, ps)
+            out[f"{label}_s"] = round(time.perf_counter() - t, 2)
+        out["evaluations"] = len(sel.table)
+        out["chose"] = f"{sel.method} L{sel.layer}"
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
