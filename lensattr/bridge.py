@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lensattr.capture import LayerActs, _forward_kwargs, response_loss
-from lensattr.models import Model
+from lensattr.models import Model, frozen
 from lensattr.render import Batch
 from lensattr.sites import check_extra, locate, site_name
 
@@ -282,7 +282,7 @@ def capture_bridge(
     if not grad and layers[-1] + 1 < model.n_layers:
         kwargs["stop_at_layer"] = layers[-1] + 1  # nothing above the highest layer is needed
 
-    with torch.set_grad_enabled(grad), bridge.hooks(fwd_hooks=fwd):
+    with frozen(bridge, model.hf), torch.set_grad_enabled(grad), bridge.hooks(fwd_hooks=fwd):
         out = bridge(batch.input_ids, return_type=return_type, **kwargs)
         grads: dict[int, torch.Tensor] = {}
         if grad:

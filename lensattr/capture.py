@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lensattr.models import Model
+from lensattr.models import Model, frozen
 from lensattr.render import Batch
 from lensattr.sites import EXTRA, Port, check_extra, envoy, locate, module_paths, site_name
 from lensattr.types import Acts, Mask
@@ -138,7 +138,12 @@ def capture(
     grads: dict[int, Any] = {}
     lowest = layers[0]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    with torch.set_grad_enabled(grad), lm.trace(inputs, **_forward_kwargs(model, batch)):
+    # The parameters are frozen for the capture only: a user's model is left as it was.
+    with (
+        frozen(model.hf),
+        torch.set_grad_enabled(grad),
+        lm.trace(inputs, **_forward_kwargs(model, batch)),
+    ):
         for layer in layers:
             pre = locate(site_name(layer, "resid_pre"), paths=paths)
             x = _read(lm, pre)

@@ -185,9 +185,7 @@ def _raw_records(source: Any, split: str | None = None) -> tuple[str, list[tuple
                 f"{path}: no such file (a hub dataset is named hf://owner/name)"
             )
         if path.is_dir():
-            raise IsADirectoryError(
-                f"{path}: a directory; give a .jsonl, .json, .csv or .parquet file"
-            )
+            raise ValueError(f"{path}: a directory; give a .jsonl, .json, .csv or .parquet file")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             return str(path), _jsonl(path)
