@@ -226,7 +226,8 @@ def capture_bridge(
         batch: from :func:`lensattr.render.collate` (left or right padding).
         layers: block indices.
         grad: run the activation backward (default); ``False`` for a forward-only capture.
-        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"``.
+        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"`` (or their
+            TransformerLens names ``"hook_attn_out"``, ``"hook_mlp_out"``).
 
     Examples:
         >>> from lensattr import load_model
@@ -241,7 +242,7 @@ def capture_bridge(
     bridge = model.bridge
     if bridge is None:
         raise ValueError("capture_bridge needs a model with a TransformerBridge (wrap_bridge)")
-    check_extra(sites)
+    sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
     if not layers or layers[0] < 0 or layers[-1] >= model.n_layers:
         raise ValueError(f"layers {layers} out of range for a model with {model.n_layers} blocks")

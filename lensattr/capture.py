@@ -111,7 +111,8 @@ def capture(
         batch: from :func:`lensattr.render.collate`.
         layers: block indices.
         grad: run the activation backward (default); ``False`` for a forward-only capture.
-        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"``.
+        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"`` (or their
+            TransformerLens names ``"hook_attn_out"``, ``"hook_mlp_out"``).
 
     Examples:
         >>> from lensattr import load_model
@@ -127,7 +128,7 @@ def capture(
         from lensattr.bridge import capture_bridge
 
         return capture_bridge(model, batch, layers, grad=grad, sites=sites)  # checks sites too
-    check_extra(sites)
+    sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
     paths = module_paths(model.hf)
     lm = model.lm
