@@ -130,12 +130,14 @@ def _segments(tokenizer, example: Example) -> tuple[list[str | int], int, list[s
 
     prompt_parts, reply_parts = split(prompt_t), split(full_t[len(prompt_t) :])
     parts = prompt_parts + reply_parts
-    if [p for p in prompt_parts if isinstance(p, int)] != list(range(len(msgs) - 1)) or [
+    # Each prompt message once in the prompt (in any order: some templates move the system
+    # prompt), the reply once after the generation prompt.
+    if sorted(p for p in prompt_parts if isinstance(p, int)) != list(range(len(msgs) - 1)) or [
         p for p in reply_parts if isinstance(p, int)
     ] != [len(msgs) - 1]:
         raise ValueError(
             f"example {example.id!r}: the chat template does not render each message's content "
-            "once, in order; lensattr cannot locate the messages"
+            "exactly once (the reply after the generation prompt); lensattr cannot locate them"
         )
     n_prompt_parts = len(prompt_parts)
     # The template may transform content (e.g. trim it): check against the real rendering.

@@ -5,6 +5,7 @@ import torch
 
 from lensattr.data import Example
 from lensattr.render import TruncationError, collate, encode
+from lensattr.testing import tiny_tokenizer
 
 
 def test_response_is_reply_plus_end_of_turn(tiny):
@@ -146,3 +147,33 @@ def test_huge_record_is_cut_to_the_documented_bound_before_tokenising(tiny, monk
 def test_max_length_must_be_positive(tiny):
     with pytest.raises(ValueError, match="max_length must be a positive integer"):
         encode(tiny.tokenizer, Example.from_prompt("a", "Hi", "Yo"), max_length=0)
+
+
+def test_templates_that_move_the_system_prompt_or_trim_content(tiny):
+    tok = tiny_tokenizer()
+    # Mistral-like: the system prompt goes into the last user turn; content is trimmed.
+    tok.chat_template = (
+        "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>"
+        "{% if loop.index0 == ns.last and messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] | trim }}\n\n{% endif %}{{ m['content'] | trim }}<|im_end|>"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] | trim }}<|im_end|>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{% endif %}"
+    )
+    msgs = (
+        {"role": "system", "content": "  SYS "},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": " u2<|im_end|>"},
+        {"role": "assistant", "content": "  reply<|im_end|> "},
+    )
+    enc = encode(tok, Example(id="m", messages=msgs))
+    assert list(enc.ids[enc.n_prompt :]) == byte_ids(tok, "reply<|im_end|>") + [tok.eos_token_id]
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    want = [im_start, *byte_ids(tok, "u1"), im_end, *byte_ids(tok, "a1"), im_end, im_start]
+    want += [*byte_ids(tok, "SYS\n\nu2<|im_end|>"), im_end]
+    assert list(enc.ids[: enc.n_prompt]) == want
+    # Truncation cuts from the left of the first rendered content, keeping the template header.
+    cut = encode(tok, Example(id="m", messages=msgs), max_length=len(enc.ids) - 3)
+    assert list(cut.ids) == [im_start, *want[4:], *enc.ids[enc.n_prompt :]]
