@@ -165,6 +165,11 @@ def _raw_records(source: Any, split: str | None = None) -> tuple[str, list[tuple
 
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         source = _pick_split(source, split, "DatasetDict")
+    elif split is not None and not (isinstance(source, str) and source.startswith(HUB_PREFIX)):
+        raise ValueError(
+            f"split={split!r} applies to a DatasetDict or an hf:// dataset, not to a "
+            f"{type(source).__name__}"
+        )
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         return "dataset", _rows("dataset", source)
     if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "to_dict"):

@@ -40,6 +40,8 @@ def test_dataframe_generator_iterable_dataset_and_dataset_dict():
     with pytest.raises(ValueError, match="no split 'dev'; pass split= one of 'train', 'test'"):
         load_examples(dd, split="dev")
     check(load_examples(datasets.DatasetDict(train=datasets.Dataset.from_list(FLAT))))  # only one
+    with pytest.raises(ValueError, match="split='test' applies to a DatasetDict or an hf://"):
+        load_examples(FLAT, split="test")  # never silently the whole source
 
 
 def test_dataframe_missing_cells_are_missing_fields_and_ids_are_plain():
