@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lensattr.capture import LayerActs, _forward_kwargs, response_loss
-from lensattr.models import Model
+from lensattr.models import Model, frozen
 from lensattr.render import Batch
 from lensattr.sites import check_extra, locate, site_name
 
@@ -226,7 +226,8 @@ def capture_bridge(
         batch: from :func:`lensattr.render.collate` (left or right padding).
         layers: block indices.
         grad: run the activation backward (default); ``False`` for a forward-only capture.
-        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"``.
+        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"`` (or their
+            TransformerLens names ``"hook_attn_out"``, ``"hook_mlp_out"``).
 
     Examples:
         >>> from lensattr import load_model
@@ -241,7 +242,7 @@ def capture_bridge(
     bridge = model.bridge
     if bridge is None:
         raise ValueError("capture_bridge needs a model with a TransformerBridge (wrap_bridge)")
-    check_extra(sites)
+    sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
     if not layers or layers[0] < 0 or layers[-1] >= model.n_layers:
         raise ValueError(f"layers {layers} out of range for a model with {model.n_layers} blocks")
@@ -282,7 +283,7 @@ def capture_bridge(
     if not grad and layers[-1] + 1 < model.n_layers:
         kwargs["stop_at_layer"] = layers[-1] + 1  # nothing above the highest layer is needed
 
-    with torch.set_grad_enabled(grad), bridge.hooks(fwd_hooks=fwd):
+    with frozen(bridge, model.hf), torch.set_grad_enabled(grad), bridge.hooks(fwd_hooks=fwd):
         out = bridge(batch.input_ids, return_type=return_type, **kwargs)
         grads: dict[int, torch.Tensor] = {}
         if grad:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lensattr.models import Model
+from lensattr.models import Model, frozen
 from lensattr.render import Batch
 from lensattr.sites import EXTRA, Port, check_extra, envoy, locate, module_paths, site_name
 from lensattr.types import Acts, Mask
@@ -111,7 +111,8 @@ def capture(
         batch: from :func:`lensattr.render.collate`.
         layers: block indices.
         grad: run the activation backward (default); ``False`` for a forward-only capture.
-        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"``.
+        sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"`` (or their
+            TransformerLens names ``"hook_attn_out"``, ``"hook_mlp_out"``).
 
     Examples:
         >>> from lensattr import load_model
@@ -127,7 +128,7 @@ def capture(
         from lensattr.bridge import capture_bridge
 
         return capture_bridge(model, batch, layers, grad=grad, sites=sites)  # checks sites too
-    check_extra(sites)
+    sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
     paths = module_paths(model.hf)
     lm = model.lm
@@ -138,7 +139,12 @@ def capture(
     grads: dict[int, Any] = {}
     lowest = layers[0]
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    with torch.set_grad_enabled(grad), lm.trace(inputs, **_forward_kwargs(model, batch)):
+    # The parameters are frozen for the capture only: a user's model is left as it was.
+    with (
+        frozen(model.hf),
+        torch.set_grad_enabled(grad),
+        lm.trace(inputs, **_forward_kwargs(model, batch)),
+    ):
         for layer in layers:
             pre = locate(site_name(layer, "resid_pre"), paths=paths)
             x = _read(lm, pre)

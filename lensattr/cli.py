@@ -21,10 +21,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="smollm2-135m-instruct",
-        help="smollm2-135m-instruct (default), tiny-random, a local path or hub id",
+        help="smollm2-135m-instruct (default), tiny-random, a model directory or hf://owner/name",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="model dtype (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype: bf16, float32, ... (default: fp32 on CPU, bf16 on GPU)",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -48,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _capture_args(p)
     p.add_argument(
-        "--train", required=True, help="training data: .jsonl/.json/.parquet or hub name"
+        "--train",
+        required=True,
+        help="training data: .jsonl/.json/.csv/.parquet or hf://owner/name",
     )
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated phi names")

@@ -1,14 +1,17 @@
 """Training examples and behaviour pairs: records, loading and validation.
 
-Sources are jsonl / json / parquet files, hub dataset names, ``datasets.Dataset`` objects or plain
-lists of dicts. jsonl is parsed here line by line (not by ``datasets``) so that an error names the
-line; the other formats go through ``datasets``. Every malformed record raises :class:`DataError`
-naming the file, the line (or row) and the field.
+Sources are jsonl / json / csv / parquet files, hub datasets named ``hf://owner/name``,
+``datasets`` objects (``Dataset``, ``IterableDataset``, ``DatasetDict`` with a split), pandas
+DataFrames and iterables of dicts. jsonl and csv are parsed here line by line (not by ``datasets``)
+so that an error names the line; parquet and hub datasets go through ``datasets``. Every
+malformed record raises :class:`DataError` naming the file, the line (or row) and the field.
 """
 
+import csv
 import hashlib
+import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,53 +86,145 @@ class _Unparsable:
     """A jsonl line that is not valid JSON (an error when parsed, or skipped with the rest)."""
 
     problem: str
+    field: str | None = None
 
 
-def _raw_records(source: Any) -> tuple[str, list[tuple[str, Any]]]:
-    """Return (description, [(location, record), ...]) for any supported source."""
+HUB_PREFIX = "hf://"
+"""Hub datasets (and models) are named explicitly, ``hf://owner/name``; other strings are paths."""
+
+
+def _rows(name: str, rows: Iterable[Any]) -> list[tuple[str, Any]]:
+    return [(f"{name}, row {i}", rec) for i, rec in enumerate(rows)]
+
+
+def _pick_split(source: Any, split: str | None, what: str) -> Any:
+    """One split of a ``DatasetDict`` / ``IterableDatasetDict``: ``split``, or the only one."""
+    names = list(source.keys())
+    if split is None and len(names) == 1:
+        split = names[0]
+    if split not in names:
+        asked = "no split given" if split is None else f"no split {split!r}"
+        raise ValueError(f"{what}: {asked}; pass split= one of {', '.join(map(repr, names))}")
+    return source[split]
+
+
+def _jsonl(path: Path) -> list[tuple[str, Any]]:
+    """Parse a jsonl file line by line; a bad line (JSON or UTF-8) becomes :class:`_Unparsable`."""
+    out: list[tuple[str, Any]] = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:  # a BOM is allowed at the start of the file only
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                bad = raw[err.start : err.start + 1].hex()
+                problem = f"not UTF-8 text (byte 0x{bad} at column {err.start + 1})"
+                out.append((f"{path}:{lineno}", _Unparsable(problem)))
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec: Any = json.loads(line)
+            except json.JSONDecodeError as err:
+                rec = _Unparsable(f"invalid JSON ({err.msg})")
+            out.append((f"{path}:{lineno}", rec))
+    return out
+
+
+def _csv(path: Path) -> list[tuple[str, Any]]:
+    """Rows of a CSV file with a header line; empty cells are missing fields; a ``messages``
+    cell holds a JSON list."""
+    out: list[tuple[str, Any]] = []
+    with path.open("rb") as fh:
+        data = fh.read()
     try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a hard dependency
-        datasets = None
-    if datasets is not None and isinstance(source, datasets.Dataset):
-        name = "dataset"
-        return name, [(f"{name}, row {i}", rec) for i, rec in enumerate(source)]
-    if isinstance(source, (list, tuple)):
-        return "records", [(f"record {i}", rec) for i, rec in enumerate(source)]
-    path = Path(source)
-    if not path.exists():
-        if isinstance(source, str) and "/" in source and not source.startswith((".", "/")):
-            # A hub dataset name: the code path exists, but nothing downloads in tests.
-            ds = datasets.load_dataset(source, split="train")
-            return source, [(f"{source}, row {i}", rec) for i, rec in enumerate(ds)]
-        raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        out = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}", None, "not UTF-8 text") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            rec: Any = {k: v for k, v in row.items() if k is not None and v not in ("", None)}
+            if None in row:
+                rec = _Unparsable("more cells than the header has columns")
+            elif isinstance(rec.get("messages"), str):
                 try:
-                    rec: Any = json.loads(line)
+                    rec["messages"] = json.loads(rec["messages"])
                 except json.JSONDecodeError as err:
-                    rec = _Unparsable(f"invalid JSON ({err.msg})")
-                out.append((f"{path}:{lineno}", rec))
-        return str(path), out
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}", None, f"invalid JSON ({err.msg})") from None
-        if isinstance(data, dict) and "pairs" in data:  # a trait spec: its pairs
-            data = data["pairs"]
-        if not isinstance(data, list):
-            raise DataError(str(path), None, "expected a JSON array of records")
-        return str(path), [(f"{path}, record {i}", rec) for i, rec in enumerate(data)]
-    if suffix == ".parquet":
-        ds = datasets.Dataset.from_parquet(str(path))
-        return str(path), [(f"{path}, row {i}", rec) for i, rec in enumerate(ds)]
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+                    rec = _Unparsable(f"invalid JSON ({err.msg})", "messages")
+            out.append((where, rec))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}", None, f"invalid CSV ({err})") from None
+    return out
+
+
+def _raw_records(source: Any, split: str | None = None) -> tuple[str, list[tuple[str, Any]]]:
+    """Return (description, [(location, record), ...]) for any supported source."""
+    import datasets
+
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        source = _pick_split(source, split, "DatasetDict")
+    elif split is not None and not (isinstance(source, str) and source.startswith(HUB_PREFIX)):
+        raise ValueError(
+            f"split={split!r} applies to a DatasetDict or an hf:// dataset, not to a "
+            f"{type(source).__name__}"
+        )
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        return "dataset", _rows("dataset", source)
+    if type(source).__module__.split(".")[0] == "pandas" and hasattr(source, "to_dict"):
+        if not hasattr(source, "columns"):
+            raise TypeError("a pandas Series is not a table of records; pass a DataFrame")
+        frame = source.astype(object).where(source.notna(), None)  # NaN cells: missing fields
+        return "DataFrame", _rows("DataFrame", frame.to_dict("records"))
+    if isinstance(source, str) and source.startswith(HUB_PREFIX):
+        name = source[len(HUB_PREFIX) :]
+        if not name:
+            raise ValueError(f"{source!r}: give a hub dataset as hf://owner/name")
+        ds = datasets.load_dataset(name, split=split or "train")
+        return source, _rows(source, ds)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path}: no such file (a hub dataset is named hf://owner/name)"
+            )
+        if path.is_dir():
+            raise ValueError(f"{path}: a directory; give a .jsonl, .json, .csv or .parquet file")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return str(path), _jsonl(path)
+        if suffix == ".csv":
+            return str(path), _csv(path)
+        if suffix == ".json":
+            raw = path.read_bytes()
+            try:
+                data = json.loads(raw.decode("utf-8-sig"))
+            except UnicodeDecodeError as err:
+                line = raw.count(b"\n", 0, err.start) + 1
+                raise DataError(f"{path}:{line}", None, "not UTF-8 text") from None
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{err.lineno}", None, f"invalid JSON ({err.msg})") from None
+            if isinstance(data, dict) and "pairs" in data:  # a trait spec: its pairs
+                data = data["pairs"]
+            if not isinstance(data, list):
+                raise DataError(str(path), None, "expected a JSON array of records")
+            return str(path), [(f"{path}, record {i}", rec) for i, rec in enumerate(data)]
+        if suffix == ".parquet":
+            ds = datasets.Dataset.from_parquet(str(path))
+            return str(path), _rows(str(path), ds)
+        raise ValueError(
+            f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)"
+        )
+    if isinstance(source, Mapping):
+        raise TypeError("a single record (dict) is not a source; pass a list of records")
+    if isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray)):
+        return "records", [(f"record {i}", rec) for i, rec in enumerate(source)]
+    raise TypeError(
+        f"unsupported source {type(source).__name__}: give a file path, hf://owner/name, a "
+        "datasets Dataset / IterableDataset / DatasetDict, a pandas DataFrame or an iterable "
+        "of dicts"
+    )
 
 
 def _string(
@@ -143,6 +238,10 @@ def _string(
     value = rec[key]
     if not isinstance(value, str):
         raise DataError(where, name, f"expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # e.g. a lone surrogate from a JSON "\\ud800" escape
+        raise DataError(where, name, f"not valid Unicode text (at character {err.start})") from None
     return value
 
 
@@ -155,8 +254,10 @@ def _record_id(rec: Mapping[str, Any], where: str, index: int) -> str:
 
 
 def _parse_example(rec: Any, where: str, index: int) -> Example:
+    if isinstance(rec, Example):
+        return rec
     if isinstance(rec, _Unparsable):
-        raise DataError(where, None, rec.problem)
+        raise DataError(where, rec.field, rec.problem)
     if not isinstance(rec, Mapping):
         raise DataError(where, None, f"expected a JSON object, got {type(rec).__name__}")
     rid = _record_id(rec, where, index)
@@ -196,8 +297,10 @@ def _parse_example(rec: Any, where: str, index: int) -> Example:
 
 
 def _parse_pair(rec: Any, where: str, index: int) -> Pair:
+    if isinstance(rec, Pair):
+        return rec
     if isinstance(rec, _Unparsable):
-        raise DataError(where, None, rec.problem)
+        raise DataError(where, rec.field, rec.problem)
     if not isinstance(rec, Mapping):
         raise DataError(where, None, f"expected a JSON object, got {type(rec).__name__}")
     values = {k: _string(rec, k, where) for k in ("prompt", "treatment", "control")}
@@ -213,77 +316,94 @@ def _parse_pair(rec: Any, where: str, index: int) -> Pair:
     )
 
 
-def _check_unique(ids: Iterable[tuple[str, str]], what: str) -> None:
-    seen: dict[str, str] = {}
-    for where, rid in ids:
-        if rid in seen:
-            raise DataError(where, "id", f"duplicate {what} id {rid!r} (first at {seen[rid]})")
-        seen[rid] = where
-
-
-def load_examples(
-    source: Any, *, on_error: str = "raise", skipped: list[dict[str, str]] | None = None
-) -> list[Example]:
-    """Load chat examples (``messages`` list, or ``prompt`` + ``response``).
-
-    Args:
-        source: a ``.jsonl`` / ``.json`` / ``.parquet`` path, a hub dataset name, a
-            ``datasets.Dataset`` or a list of dicts (or of :class:`Example`).
-        on_error: ``"raise"`` (default) or ``"skip"``: skip malformed records (and repeats of
-            an id already seen) and append ``{"where", "id", "reason"}`` to ``skipped``.
-        skipped: list receiving the skipped records when ``on_error="skip"``.
-
-    Raises:
-        DataError: a malformed record, naming file, line (or row) and field; duplicate ids.
-
-    Examples:
-        >>> exs = load_examples([{"id": "a", "prompt": "Hi", "response": "Hello"}])
-        >>> exs[0].id, exs[0].response
-        ('a', 'Hello')
-    """
-    if isinstance(source, (list, tuple)) and source and all(isinstance(e, Example) for e in source):
-        _check_unique(((f"record {i}", e.id) for i, e in enumerate(source)), "example")
-        return list(source)
+def _load(
+    source: Any,
+    parse: Callable[[Any, str, int], Any],
+    what: str,
+    on_error: str,
+    skipped: list[dict[str, str]] | None,
+    split: str | None,
+) -> list[Any]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    _, raw = _raw_records(source)
-    out: list[Example] = []
+    _, raw = _raw_records(source, split)
+    out: list[Any] = []
     seen: dict[str, str] = {}
     for i, (where, rec) in enumerate(raw):
         try:
-            ex = _parse_example(rec, where, i)
-            if ex.id in seen:
-                problem = f"duplicate example id {ex.id!r} (first at {seen[ex.id]})"
+            item = parse(rec, where, i)
+            if item.id in seen:
+                problem = f"duplicate {what} id {item.id!r} (first at {seen[item.id]})"
                 raise DataError(where, "id", problem)
         except DataError as err:
             if on_error != "skip":
                 raise
-            rid = rec.get("id") if isinstance(rec, Mapping) else None
+            rid = rec.get("id") if isinstance(rec, Mapping) else getattr(rec, "id", None)
             (skipped if skipped is not None else []).append(
                 {"where": where, "id": "" if rid is None else str(rid), "reason": str(err)}
             )
             continue
-        seen[ex.id] = where
-        out.append(ex)
+        seen[item.id] = where
+        out.append(item)
     return out
 
 
-def load_pairs(source: Any) -> list[Pair]:
+def load_examples(
+    source: Any,
+    *,
+    on_error: str = "raise",
+    skipped: list[dict[str, str]] | None = None,
+    split: str | None = None,
+) -> list[Example]:
+    """Load chat examples (``messages`` list, or ``prompt`` + ``response``).
+
+    Fields other than ``id``, ``messages``, ``prompt`` and ``response`` (``label``, ``source``,
+    ...) are kept in :attr:`Example.extra`, with ``"_where"``: the record's file and line.
+
+    Args:
+        source: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` path (a missing path is an
+            error, never a hub lookup), a hub dataset as ``"hf://owner/name"``, a
+            ``datasets.Dataset`` / ``IterableDataset`` / ``DatasetDict``, a ``pandas.DataFrame``,
+            or a list, generator or other iterable of dicts (or of :class:`Example`). In a CSV
+            file an empty cell is a missing field and a ``messages`` cell holds a JSON list.
+        on_error: ``"raise"`` (default) or ``"skip"``: skip malformed records (invalid JSON,
+            bytes that are not UTF-8, repeats of an id already seen) and append
+            ``{"where", "id", "reason"}`` to ``skipped``.
+        skipped: list receiving the skipped records when ``on_error="skip"``.
+        split: the split of a ``DatasetDict`` (needed when it has several) or of a hub dataset
+            (default ``"train"``).
+
+    Raises:
+        DataError: a malformed record, naming file, line (or row) and field; duplicate ids.
+        FileNotFoundError: ``source`` names no file.
+
+    Examples:
+        >>> exs = load_examples([{"id": "a", "prompt": "Hi", "response": "Hello", "label": 1}])
+        >>> exs[0].id, exs[0].response, exs[0].extra["label"]
+        ('a', 'Hello', 1)
+    """
+    return _load(source, _parse_example, "example", on_error, skipped, split)
+
+
+def load_pairs(
+    source: Any,
+    *,
+    on_error: str = "raise",
+    skipped: list[dict[str, str]] | None = None,
+    split: str | None = None,
+) -> list[Pair]:
     """Load contrastive pairs (``prompt``, ``treatment``, ``control``, optional ``system``, ``id``).
 
-    Other fields (such as ``meta``) are ignored. A trait-spec JSON file yields its ``pairs``.
+    Takes the sources :func:`load_examples` takes, and the same ``on_error`` / ``skipped`` /
+    ``split``. Other fields (such as ``meta``) are ignored. A trait-spec JSON file yields its
+    ``pairs``.
 
     Examples:
         >>> ps = load_pairs([{"prompt": "Q", "treatment": "bad", "control": "good"}])
         >>> ps[0].id, ps[0].treatment
         ('row-0', 'bad')
     """
-    if isinstance(source, (list, tuple)) and source and all(isinstance(p, Pair) for p in source):
-        return list(source)
-    _, raw = _raw_records(source)
-    pairs = [_parse_pair(rec, where, i) for i, (where, rec) in enumerate(raw)]
-    _check_unique(((w, p.id) for (w, _), p in zip(raw, pairs, strict=True)), "pair")
-    return pairs
+    return _load(source, _parse_pair, "pair", on_error, skipped, split)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -33,11 +33,68 @@ def site_name(layer: int, kind: str) -> str:
     return f"blocks.{layer}.hook_{kind}"
 
 
-def check_extra(sites: Any) -> None:
-    """Refuse extra capture sites other than :data:`EXTRA`."""
-    unknown = set(sites) - set(EXTRA)
-    if unknown:
-        raise ValueError(f"unknown sites {sorted(unknown)}; known: {list(EXTRA)}")
+def site_kind(name: str) -> str:
+    """The site kind of ``"mlp_out"``, its TransformerLens hook name ``"hook_mlp_out"`` or a full
+    site name ``"blocks.3.hook_mlp_out"``.
+
+    Examples:
+        >>> [site_kind(s) for s in ("mlp_out", "hook_attn_out", "blocks.3.hook_resid_post")]
+        ['mlp_out', 'attn_out', 'resid_post']
+    """
+    kind = name
+    if isinstance(name, str) and _SITE.match(name):
+        kind = parse_site(name)[1]
+    elif isinstance(name, str) and name.startswith("hook_"):
+        kind = name[len("hook_") :]
+    if kind not in KINDS:
+        raise ValueError(
+            f"unknown site {name!r}; expected one of {', '.join(KINDS)} (or hook_<kind>, "
+            "blocks.<l>.hook_<kind>)"
+        )
+    return kind
+
+
+def layer_index(spec: "int | str", n_layers: int) -> int:
+    """A block index from an int, a numeral (``"12"``, ``"-1"``: from the end) or a site name
+    (``"blocks.12.hook_resid_post"``), checked against ``n_layers``.
+
+    Examples:
+        >>> layer_index("blocks.12.hook_resid_post", 30), layer_index(-1, 30), layer_index("3", 30)
+        (12, 29, 3)
+    """
+    if isinstance(spec, bool):
+        raise ValueError(f"layer {spec!r} is not a block index")
+    if isinstance(spec, int):
+        layer = spec
+    elif isinstance(spec, str) and re.fullmatch(r"\s*-?\d+\s*", spec):
+        layer = int(spec)
+    elif isinstance(spec, str) and _SITE.match(spec.strip()):
+        layer = parse_site(spec.strip())[0]
+    else:
+        raise ValueError(
+            f"layer {spec!r} is not a block index (an integer, negative from the end, or a site "
+            "name such as blocks.12.hook_resid_post)"
+        )
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer {spec!r} is out of range for a model with {n_layers} blocks")
+    return layer % n_layers
+
+
+def check_extra(sites: Any) -> tuple[str, ...]:
+    """The extra capture sites as kinds (``"hook_mlp_out"`` -> ``"mlp_out"``); refuse any but
+    :data:`EXTRA`."""
+    kinds = []
+    for site in sites:
+        try:
+            kind = site_kind(site)
+        except ValueError:
+            kind = None
+        if kind not in EXTRA:
+            raise ValueError(
+                f"unknown sites [{site!r}]; known: {list(EXTRA)} (or hook_attn_out, hook_mlp_out)"
+            )
+        kinds.append(kind)
+    return tuple(kinds)
 
 
 def parse_site(name: str) -> tuple[int, str]:

@@ -5,6 +5,7 @@ import torch
 from reference import reference_capture, reference_stats
 
 from lensattr import build_cache, capture, load_examples
+from lensattr.data import Example
 from lensattr.registry import get_phi
 from lensattr.render import collate, encode
 
@@ -143,3 +144,33 @@ def test_sites_map_to_the_modules_that_hooks_see(tiny, train_records):
         capture(tiny, batch, [1], sites=["resid_mid"])
     with pytest.raises(ValueError, match="unsupported site"):
         locate("blocks.1.hook_resid_mid", paths=paths)
+
+
+def test_transformerlens_hook_names_are_accepted(tiny):
+    from lensattr.sites import layer_index, site_kind
+
+    batch = collate(
+        [encode(tiny.tokenizer, Example.from_prompt("a", "Hi there", "Yo"))], tiny.pad_id
+    )
+    short = capture(tiny, batch, [2], grad=False, sites=["mlp_out", "attn_out"])[2]
+    hooked = capture(tiny, batch, [2], grad=False, sites=["hook_mlp_out", "hook_attn_out"])[2]
+    assert hooked.mlp_out is not None and hooked.attn_out is not None
+    assert torch.equal(hooked.mlp_out, short.mlp_out) and torch.equal(
+        hooked.attn_out, short.attn_out
+    )
+    assert site_kind("blocks.7.hook_mlp_out") == "mlp_out"
+    with pytest.raises(ValueError, match="unknown sites"):
+        capture(tiny, batch, [2], sites=["hook_resid_post"])  # always captured, not an extra
+    with pytest.raises(ValueError, match="unknown site 'hook_resid_mid'"):
+        site_kind("hook_resid_mid")
+    n = tiny.n_layers
+    assert [layer_index(s, n) for s in (0, "3", -1, "-4", "blocks.2.hook_resid_post")] == [
+        0,
+        3,
+        n - 1,
+        0,
+        2,
+    ]
+    for bad in (4, "-5", "blocks.9.hook_resid_post", "twelve", True):
+        with pytest.raises(ValueError, match="layer .* (is out of range|is not a block index)"):
+            layer_index(bad, n)

@@ -151,10 +151,10 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
-    load_model("someone/some-model", device="cpu")
+    load_model("hf://someone/some-model", device="cpu")
     assert seen == [("model", False), ("tokenizer", False)]
     seen.clear()
-    load_model("someone/some-model", device="cpu", trust_remote_code=True)
+    load_model("hf://someone/some-model", device="cpu", trust_remote_code=True)
     assert seen == [("model", True), ("tokenizer", True)]
 
 
