@@ -58,7 +58,7 @@ class Moments:
 
     @cached_property
     def whitener(self) -> torch.Tensor:
-        """A whitener ``W`` with ``W^T W = (Sigma + lam I)^(-1)``, ``lam = RIDGE * trace(Sigma) / d``:
+        """A whitener ``W`` with ``W^T W = (Sigma + lam I)^(-1)``, ``lam = RIDGE tr(Sigma) / d``:
         the inverse of the Cholesky factor (fp32). Any such ``W`` gives the same inner products
         ``<W a, W b> = a^T (Sigma + lam I)^(-1) b``, hence the same whitened cosines, and the
         factorisation costs a fraction of an eigendecomposition."""
@@ -78,7 +78,7 @@ class Moments:
         m = min(DEFLATE, d)
         q = min(d, 2 * m + 8)
         gen = torch.Generator().manual_seed(0)
-        basis = torch.linalg.qr(self.cov @ torch.randn(d, q, dtype=self.cov.dtype, generator=gen))[0]
+        basis = torch.randn(d, q, dtype=self.cov.dtype, generator=gen)
         for _ in range(12):
             basis = torch.linalg.qr(self.cov @ basis)[0]
         evals, evecs = torch.linalg.eigh(basis.T @ self.cov @ basis)  # Rayleigh-Ritz

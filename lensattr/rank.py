@@ -1,7 +1,6 @@
 """Ranking cached training examples against a behaviour query, and per-token explanations."""
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, as_query
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
+from lensattr.sites import layer_index
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +53,7 @@ def _layer_arg(layer: Any, query: Query) -> int:
     TransformerLens hook name (``"blocks.12.hook_resid_post"``), or ``None`` (the query's own)."""
     if layer is None or layer == "best":
         return query.best_layer()
-    if isinstance(layer, str):
-        m = re.fullmatch(r"(?:blocks\.)?(-?\d+)(?:\.hook_resid_post)?", layer.strip())
-        if not m:
-            raise ValueError(
-                f"layer {layer!r}: give a block index, 'best', or 'blocks.N.hook_resid_post'"
-            )
-        layer = int(m.group(1))
-    layer = int(layer)
-    if layer < 0:
-        n = max(query.layers) + 1
-        layer += n
-    return layer
+    return layer_index(layer, max(query.layers) + 1)
 
 
 def rank(
