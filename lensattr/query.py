@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from lensattr.cache import Cache, open_cache, resolve_layers
 from lensattr.capture import LayerActs, capture
 from lensattr.data import Pair, load_pairs
 from lensattr.models import load_model
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
+from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score
 from lensattr.render import collate, encode
 from lensattr.types import Vec
@@ -135,8 +135,8 @@ def pair_stats(
     }
     sites = tuple(dict.fromkeys(s for p in phis for s in p.sites))
     need_grad = any(p.needs_grad for p in phis)
-    disable = None if progress is None else not progress
-    for i in tqdm(range(0, n, per), desc="query pairs", disable=disable):
+    bar = Progress(n, "query pairs", "pair", progress)
+    for i in range(0, n, per):
         idx = order[i : i + per]
         batch = collate(
             [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
@@ -146,6 +146,8 @@ def pair_stats(
             for side, rows in zip(("t", "c"), _split(a), strict=True):
                 for p in phis:
                     out[side][p.name][layer][idx] = p.fn(rows).float().cpu()
+        bar.update(len(idx))
+    bar.close()
     return PairStats(
         out["t"],
         out["c"],
