@@ -168,9 +168,10 @@ def _fold_ap(
     """Per fold: AP of the held-out treatments among the pool and the held-out controls."""
     out = []
     for f, test in enumerate(tests):
-        s = torch.cat([t_s[test, f], c_s[test, f], pool_s[:, f]])
+        # held-out treatments last: ties go against them (a constant score earns no credit)
+        s = torch.cat([pool_s[:, f], c_s[test, f], t_s[test, f]])
         lab = torch.zeros(len(s), dtype=torch.bool)
-        lab[: len(test)] = True
+        lab[len(s) - len(test) :] = True
         out.append(average_precision(s, lab))
     return out
 

@@ -265,10 +265,10 @@ def test_criterion_equals_a_direct_computation(pool, stats):
         test = list(range(k, n, 4))
         train = [i for i in range(n) if i not in test]
         psi = t[train].double().mean(0) - mu
-        s = [float(cos(v[None] - mu, psi[None])) for v in t[test].double()]
+        s = [float(cos(v[None] - mu, psi[None])) for v in x]
         s += [float(cos(v[None] - mu, psi[None])) for v in c[test].double()]
-        s += [float(cos(v[None] - mu, psi[None])) for v in x]
-        aps.append(brute_ap(torch.tensor(s), [i < len(test) for i in range(len(s))]))
+        s += [float(cos(v[None] - mu, psi[None])) for v in t[test].double()]
+        aps.append(brute_ap(torch.tensor(s), [i >= len(s) - len(test) for i in range(len(s))]))
     assert row["criterion"] == pytest.approx(sum(aps) / 4, abs=1e-4)
 
 
@@ -294,6 +294,20 @@ def test_select_refuses_bad_input(tiny, pool, stats, pair_records):
         select(tiny, pool, stats, methods=["contrast|resid_post|nope"])
     with pytest.raises(ValueError, match="model"):
         lensattr.rank(pool, pair_records, method="auto")
+
+
+def test_a_constant_score_earns_no_credit(pool, stats):
+    @registry.register_score("test_const")
+    def const(rows, norms, psi, ctx=None):
+        return torch.zeros(len(rows))
+
+    try:
+        (row,) = evaluate(stats, pool, [Method("residual_diff", "resid_post", "test_const")], [1])
+        n_neg = len(pool) + len(range(0, stats.n_pairs, 4))
+        assert row["criterion"] < 2 / n_neg  # every tie goes against the treatments
+        assert row["accuracy"] == 0.0
+    finally:
+        registry.SCORE.pop("test_const")
 
 
 def test_a_plugin_psi_and_score_are_candidates_by_name(pool, stats):
