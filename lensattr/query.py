@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lensattr.cache import Cache, open_cache, resolve_layers
+from lensattr.cache import Cache, CacheError, open_cache, resolve_layers
 from lensattr.capture import LayerActs, capture
 from lensattr.data import Pair, load_pairs
 from lensattr.models import load_model
@@ -282,6 +282,19 @@ class Query:
             ) from None
 
 
+def check_fits(cache: Cache, model: dict[str, str], capture: dict[str, Any], what: str) -> None:
+    """Raise :class:`~lensattr.cache.CacheError` naming the field where statistics captured with
+    ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit ``cache``."""
+    cache.check({"model": model})
+    for key, want in capture.items():
+        have = cache.manifest.get(key)
+        if have is not None and want is not None and have != want:
+            raise CacheError(
+                f"{cache.path}: {what} were captured with {key}={want!r}, the cache with "
+                f"{key}={have!r}; capture them again with the cache's settings"
+            )
+
+
 def check_vectors(vectors: dict[int, torch.Tensor], what: str) -> None:
     """Refuse empty, non-finite, zero or non-unit query vectors (one line naming the layer)."""
     if not vectors:
@@ -420,7 +433,7 @@ def behavior_query(
             progress=progress,
         )
     if cache is not None:
-        cache.check({"model": ps.model})
+        check_fits(cache, ps.model, ps.capture, "the pairs")
     vectors, cv = {}, {}
     for layer in layer_list:
         t, c = ps.sides(stat_name, layer)

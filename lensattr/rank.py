@@ -11,7 +11,7 @@ from lensattr.capture import LayerActs, capture
 from lensattr.data import Example, load_examples
 from lensattr.models import load_model
 from lensattr.moments import ScoreContext, content_digest
-from lensattr.query import Query, as_query
+from lensattr.query import Query, as_query, check_fits
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
 from lensattr.sites import layer_index
@@ -161,14 +161,7 @@ def rank(
 def check_query(cache: Cache, query: Query) -> None:
     """Raise :class:`CacheError` naming the field where ``query`` does not fit ``cache``: the
     model, the capture settings, or (for a pool-aware query) the pool it was built against."""
-    cache.check({"model": query.model})
-    for key, want in query.capture.items():
-        have = cache.manifest.get(key)
-        if have is not None and want is not None and have != want:
-            raise CacheError(
-                f"{cache.path}: the query was captured with {key}={want!r}, the cache with "
-                f"{key}={have!r}; rebuild the query with the cache's settings"
-            )
+    check_fits(cache, query.model, query.capture, "the query's pairs")
     if query.pool is not None and query.pool != content_digest(cache):
         raise CacheError(
             f"{cache.path}: the query contrasts with another pool (its moments came from a "

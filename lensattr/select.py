@@ -38,6 +38,7 @@ from lensattr.query import (
     Query,
     QueryError,
     behavior_query,
+    check_fits,
     fit,
     heldout_accuracy,
     pair_stats,
@@ -316,13 +317,7 @@ def select(
         raise QueryError(
             f"auto needs at least {MIN_PAIRS} query pairs to hold some out, got {ps.n_pairs}"
         )
-    cache.check({"model": ps.model})
-    for key, want in ps.capture.items():
-        have = cache.manifest.get(key)
-        if have is not None and want is not None and have != want:
-            raise QueryError(
-                f"the pairs were captured with {key}={want!r}, the cache with {key}={have!r}"
-            )
+    check_fits(cache, ps.model, ps.capture, "the pairs")
     n_pool = len(cache) if rows is None else len(torch.as_tensor(rows))
     if n_pool < math.ceil(ps.n_pairs / min(folds, ps.n_pairs)):
         raise QueryError(

@@ -272,37 +272,42 @@ def prepare(
     )
     pairs: dict[str, PairStats] = {}
     personas: dict[str, Query | None] = {}
+
+    def step(f: Path, what: str, cost: str, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` once and save its result (PairStats or Query) at ``f``; reruns reuse it."""
+        if not f.exists():
+            say(what)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            costs.timed(cost, fn).save(f)
+
     for b in behaviours:
         f = out / "pairs" / f"{b.name}.safetensors"
-        if not f.exists():
-            say(f"{b.name}: query-pair statistics ({min(cfg.n_query, len(b.query))} pairs)")
-            f.parent.mkdir(parents=True, exist_ok=True)
-            ps = costs.timed(
-                f"pairs_{b.name}",
-                lambda b=b: pair_stats(  # type: ignore[misc]
-                    model, b.query[: cfg.n_query], stats=cache.stats, layers=layers, **kw
-                ),
-            )
-            ps.save(f)
+        n = min(cfg.n_query, len(b.query))
+        query = b.query[: cfg.n_query]
+        step(
+            f,
+            f"{b.name}: query-pair statistics ({n} pairs)",
+            f"pairs_{b.name}",
+            lambda: pair_stats(model, query, stats=cache.stats, layers=layers, **kw),  # noqa: B023
+        )
         pairs[b.name] = PairStats.load(f)
         personas[b.name] = None
         if cfg.persona and b.persona is not None:
             f = out / "personas" / f"{b.name}.safetensors"
-            if not f.exists():
-                say(f"{b.name}: persona query (greedy replies under system prompts)")
-                f.parent.mkdir(parents=True, exist_ok=True)
-                q = costs.timed(
-                    f"persona_{b.name}",
-                    lambda b=b: behavior_query(  # type: ignore[misc]
-                        model,
-                        b.persona,
-                        psi="persona",
-                        layers=layers,
-                        max_new_tokens=cfg.persona_tokens,
-                        **kw,
-                    ),
-                )
-                q.save(f)
+            spec = b.persona
+            step(
+                f,
+                f"{b.name}: persona query (greedy replies under system prompts)",
+                f"persona_{b.name}",
+                lambda: behavior_query(
+                    model,
+                    spec,  # noqa: B023  (step calls it at once)
+                    psi="persona",
+                    layers=layers,
+                    max_new_tokens=cfg.persona_tokens,
+                    **kw,
+                ),
+            )
             personas[b.name] = Query.load(f)
     trak = None
     if cfg.trak and trak_now:
