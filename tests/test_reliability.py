@@ -69,8 +69,8 @@ def fresh_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def rebuild(tiny, train: Path, out: Path, **kw) -> None:
-    build_cache(
+def rebuild(tiny, train: Path, out: Path, **kw):  # noqa: ANN201
+    return build_cache(
         tiny, train, out=out, layers=LAYERS, shard_size=3, batch_size=2, max_length=64, **kw
     )
 
@@ -186,21 +186,29 @@ def test_finished_build_is_a_noop(tmp_path, tiny, built):
 
 
 def test_shards_are_written_through_a_temporary_file_and_rename(tmp_path, tiny, monkeypatch):
+    import lensattr.records as records
     import lensattr.store as store
 
     renames: list[tuple[str, str]] = []
     real = os.replace
 
     def spy(src, dst):  # noqa: ANN001, ANN202
-        renames.append((Path(src).name, Path(dst).name))
+        # The temporary name is unique to the writer: ".{name}.{pid}-{random}.tmp".
+        tmp = re.fullmatch(
+            rf"\.{re.escape(Path(dst).name)}\.{os.getpid()}-[0-9a-f]{{8}}\.tmp", Path(src).name
+        )
+        renames.append((Path(dst).name if tmp else f"unexpected {src}", Path(dst).name))
         return real(src, dst)
 
     monkeypatch.setattr(store.os, "replace", spy)
+    monkeypatch.setattr(records.os, "replace", spy)
     recs = [{"id": f"e{i}", "prompt": "Hi", "response": "Yo"} for i in range(3)]
     build_cache(tiny, recs, out=tmp_path / "c", layers=[1], shard_size=2)
-    assert (".shard-00000.safetensors.tmp", "shard-00000.safetensors") in renames
-    assert (".shard-00001.json.tmp", "shard-00001.json") in renames
-    assert renames[-1] == (".manifest.json.tmp", "manifest.json")  # the manifest comes last
+    assert ("shard-00000.safetensors", "shard-00000.safetensors") in renames
+    assert ("shard-00001.json", "shard-00001.json") in renames
+    assert ("records.jsonl.gz", "records.jsonl.gz") in renames
+    assert renames[-1] == ("manifest.json", "manifest.json")  # the manifest comes last
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]
 
 
 # ------------------------------------------------------------------- missing / corrupt shards
@@ -216,15 +224,68 @@ def test_manifest_records_a_checksum_per_shard(built):
         assert info["sha256"] == sha256_file(out / info["file"])
 
 
+def flip_byte_in(shard: Path, key: str) -> None:
+    """Flip one bit of one stored value of tensor ``key`` (the header stays intact)."""
+    from lensattr.store import MappedShard
+
+    m = MappedShard(shard)
+    begin, end = m.info(key)["data_offsets"]
+    pos = m.header_size + (begin + end) // 2
+    del m
+    blob = bytearray(shard.read_bytes())
+    blob[pos] ^= 0x01
+    shard.write_bytes(bytes(blob))
+
+
 def test_corrupt_shard_byte_is_detected(tmp_path, built):
     _, ref = built
     out = fresh_copy(ref, tmp_path / "c")
-    shard = out / "shard-00001.safetensors"
-    blob = bytearray(shard.read_bytes())
-    blob[len(blob) - 7] ^= 0x01  # one bit of one stored value
-    shard.write_bytes(bytes(blob))
+    flip_byte_in(out / "shard-00001.safetensors", "grad/3")
     with pytest.raises(CacheError, match=r"shard-00001\.safetensors.*checksum"):
-        open_cache(out)
+        open_cache(out, verify="full")  # every byte now
+    cache = open_cache(out)  # sizes and headers now; each tensor when first read
+    cache.stat("grad", 1)  # intact tensors read fine
+    with pytest.raises(
+        CacheError, match=r"shard-00001\.safetensors: checksum mismatch in 'grad/3'"
+    ):
+        cache.stat("grad", 3)
+
+
+def test_rerun_of_a_finished_build_verifies_and_never_ranks_corrupt_rows(
+    tmp_path, tiny, built, pair_records
+):
+    # Issue 11.6: the README flow (build_cache, then rank) reran on a corrupt cache ranked it.
+    train, ref = built
+    out = fresh_copy(ref, tmp_path / "c")
+    flip_byte_in(out / "shard-00002.safetensors", "residual_change/1")
+    q = behavior_query(tiny, pair_records, layers=[1])
+    cache = rebuild(tiny, train, out)
+    with pytest.raises(CacheError, match=r"shard-00002\.safetensors: checksum mismatch"):
+        rank(cache, q, layer=1)
+    header = out / "shard-00000.safetensors"
+    blob = bytearray(header.read_bytes())
+    blob[20] ^= 0x01  # inside the JSON header
+    header.write_bytes(bytes(blob))
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors"):
+        rebuild(tiny, train, out)  # the header is checked on every open
+
+
+def test_a_tensor_is_hashed_once_per_open(tmp_path, built, monkeypatch):
+    from lensattr.store import MappedShard
+
+    _, ref = built
+    calls = []
+    real = MappedShard.tensor_sha256
+    monkeypatch.setattr(
+        MappedShard, "tensor_sha256", lambda self, k: (calls.append(k), real(self, k))[1]
+    )
+    cache = open_cache(ref)
+    assert calls == []
+    cache.stat("grad", 1)
+    cache.stat("grad", 1)
+    assert sorted(calls) == sorted(["grad/1", "grad/1/norm"] * 4)  # 4 shards, once each
+    open_cache(ref, verify=False).stat("grad", 1)
+    assert len(calls) == 8
 
 
 def test_truncated_shard_is_detected_without_checksums(tmp_path, built):
