@@ -817,6 +817,8 @@ def _check_shard(shard: MappedShard, info: dict[str, Any], m: dict[str, Any]) ->
             want = {key: (code, [n, d]), key + "/norm": ("F32", [n])}
             for k, (dt, shape) in want.items():
                 h = shard.info(k)
+                if not h:
+                    raise CacheError(f"{shard.path}: {k!r} is missing, the manifest lists it")
                 if h.get("dtype") != dt or h.get("shape") != shape:
                     raise CacheError(
                         f"{shard.path}: {k!r} is {h.get('dtype')} {h.get('shape')}, the manifest "

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lensattr import behavior_query, build_cache, load_model, open_cache, rank
 from lensattr.cache import CacheError
@@ -408,3 +409,236 @@ def test_rebuilding_into_a_cache_of_something_else_is_refused(tmp_path, tiny, ot
         build_cache(tiny, train, out=out, layers=LAYERS, shard_size=3, batch_size=2, max_length=128)
     left = files(out)  # the refused builds touched nothing
     assert left == {k: v for k, v in files(ref).items() if k != "manifest.json"}
+
+
+# ------------------------------------------------------------ the manifest's own integrity
+
+
+def edit_manifest(out: Path, edit, *, rehash: bool) -> None:  # noqa: ANN001
+    """Apply ``edit`` to the manifest; ``rehash``: as a careful forger would, fix its checksum."""
+    from lensattr.cache import write_manifest
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    if rehash:
+        write_manifest(out, manifest)
+    else:
+        (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rotate(m: dict) -> None:
+    m["ids"] = m["ids"][1:] + m["ids"][:1]
+
+
+def test_rotated_ids_are_refused(tmp_path, built):
+    # Issue 11.7: rotating manifest["ids"] by one passed verify and put the wrong id at rank 1.
+    _, ref = built
+    out = fresh_copy(ref, tmp_path / "c")
+    edit_manifest(out, _rotate, rehash=False)
+    with pytest.raises(CacheError, match=r"manifest\.json: checksum mismatch.*modified"):
+        open_cache(out)
+    edit_manifest(out, _rotate, rehash=True)  # the shards' headers still hold their own ids
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors: holds other ids"):
+        open_cache(out, verify=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (
+            lambda m: m.update(d_model=10**12),
+            r"'residual_change/1' is BF16 \[3, 32\], the manifest says BF16 \[3, 1000000000000\]",
+        ),
+        (lambda m: m["shards"][1].update(n_rows=10**9), "ids, rows and shards do not agree"),
+        (lambda m: m.update(n_rows=10**9), "ids, rows and shards do not agree"),
+        (lambda m: m.update(dtype="float32"), "'residual_change/1' is BF16 .* says F32"),
+        (lambda m: m.update(layers=[1, 2]), "'residual_change/2' is missing"),
+        (lambda m: m.pop("records"), "corrupt manifest"),
+    ],
+)
+def test_manifest_fields_that_disagree_with_the_shards_are_refused(tmp_path, built, edit, problem):
+    _, ref = built
+    out = fresh_copy(ref, tmp_path / "c")
+    edit_manifest(out, edit, rehash=True)
+    with pytest.raises(CacheError, match=problem):
+        open_cache(out, verify=False)  # before any view is allocated
+
+
+def test_old_schema_is_refused_with_a_clear_message(tmp_path, built):
+    _, ref = built
+    out = fresh_copy(ref, tmp_path / "c")
+    edit_manifest(out, lambda m: m.update(schema_version=1), rehash=True)
+    with pytest.raises(CacheError, match="schema version 1 .*reads 2.*rebuild"):
+        open_cache(out)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../other/shard-00000.safetensors", "/tmp/shard-00000.safetensors", "..", ".hidden", "a/b"],
+)
+def test_shard_names_must_be_plain_names_inside_the_cache(tmp_path, built, name):
+    # Issue 11.12: manifest shard paths were joined unchecked.
+    _, ref = built
+    out = fresh_copy(ref, tmp_path / "c")
+    edit_manifest(out, lambda m: m["shards"][0].update(file=name), rehash=True)
+    with pytest.raises(CacheError, match="is not a plain file name"):
+        open_cache(out, verify=False)
+
+
+def test_a_shard_symlinked_out_of_the_cache_is_refused(tmp_path, built):
+    _, ref = built
+    out = fresh_copy(ref, tmp_path / "c")
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (out / "shard-00001.safetensors").rename(elsewhere)
+    (out / "shard-00001.safetensors").symlink_to(elsewhere)
+    with pytest.raises(CacheError, match="symlink that leads out"):
+        open_cache(out)
+    (out / "shard-00001.safetensors").unlink()
+    (out / "shard-00001.safetensors").symlink_to("shard-00001.safetensors.real")
+    elsewhere.rename(out / "shard-00001.safetensors.real")
+    assert len(open_cache(out)) == 12  # a link inside the cache directory is fine
+
+
+# ------------------------------------------------------------------------ stale shards
+
+
+def test_stale_shards_are_not_reused_when_build_json_is_gone(tmp_path, tiny, built, train_records):
+    # Issue 11.11: with build.json gone, a changed training file reused every old shard.
+    train, ref = built
+    out = fresh_copy(ref, tmp_path / "c")
+    (out / "manifest.json").unlink()
+    (out / "build.json").unlink()
+    recs = [dict(r) for r in train_records]
+    recs.insert(4, {"id": "new", "prompt": "Hello there", "response": "General Kenobi"})
+    recs[9] = {**recs[9], "response": "an edited reply"}
+    changed = write_jsonl(tmp_path / "train.jsonl", recs)
+    cache = rebuild(tiny, changed, out)
+    fresh = rebuild(tiny, changed, tmp_path / "fresh")
+    assert cache.ids == fresh.ids == [r["id"] for r in recs]
+    for f in (tmp_path / "fresh").glob("shard-*"):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert (out / "shard-00000.json").read_bytes() == (ref / "shard-00000.json").read_bytes()
+
+
+def test_encoding_is_per_chunk(tmp_path, tiny, train_records, monkeypatch):
+    # Token ids of one chunk at a time, so memory stays flat in the number of examples.
+    import lensattr.cache as cache_mod
+
+    sizes = []
+    real = cache_mod.encode_all
+    monkeypatch.setattr(
+        cache_mod, "encode_all", lambda m, exs, *a: (sizes.append(len(exs)), real(m, exs, *a))[1]
+    )
+    build_cache(tiny, train_records, out=tmp_path / "c", layers=[1], shard_size=5)
+    assert sizes == [5, 5, 2]
+
+
+# ------------------------------------------------------------------------- writers
+
+
+def test_a_second_writer_gets_a_clear_error(tmp_path, tiny, train_records):
+    # Issue 11.14: two builds into one directory raced on fixed temporary names.
+    import fcntl
+
+    out = tmp_path / "c"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another writer, mid-build
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CacheError, match="another lensattr build is writing to this"):
+            build_cache(tiny, train_records, out=out, layers=[1])
+        with pytest.raises(CacheError, match="another lensattr build"):
+            build_cache(tiny, train_records, out=out, layers=[1], rank=1, world_size=2)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing was written
+    assert len(build_cache(tiny, train_records, out=out, layers=[1])) == 12
+
+
+def test_two_concurrent_builds_one_wins_the_other_is_told(tmp_path, train_records):
+    train = write_jsonl(tmp_path / "train.jsonl", train_records * 1)
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_SCRIPT)
+    out = tmp_path / "c"
+    cmd = [sys.executable, str(script), str(train), str(out)]
+    procs = [
+        subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    codes = [p.returncode for p in procs]
+    assert 0 in codes
+    for code, err in zip(codes, errs, strict=True):
+        assert code == 0 or "another lensattr build is writing" in err, err
+    assert len(open_cache(out, verify="full")) == 12
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_respect_the_umask(tmp_path, tiny, train_records, umask):
+    old = os.umask(umask)
+    try:
+        build_cache(tiny, train_records[:3], out=tmp_path / "c", layers=[1])
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "c").iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# ---------------------------------------------------------------------- non-finite rows
+
+
+def _scale(monkeypatch, ids: set[str], factor: float) -> None:  # noqa: ANN001
+    """Multiply the captured activations of ``ids`` by ``factor`` (fp32-finite, fp16-inf)."""
+    import lensattr.cache
+
+    real = lensattr.cache.capture
+
+    def scaled(model, batch, layers, **kw):  # noqa: ANN001, ANN202
+        acts = real(model, batch, layers, **kw)
+        for row, eid in enumerate(batch.ids):
+            if eid in ids:
+                for la in acts.values():
+                    la.z_out[row] *= factor
+        return acts
+
+    monkeypatch.setattr(lensattr.cache, "capture", scaled)
+
+
+def test_float16_overflow_is_an_error_naming_the_examples(
+    tmp_path, tiny, train_records, monkeypatch
+):
+    # Issue 11.8: the finiteness check ran on fp32, before the cast: fp16 stored inf.
+    _scale(monkeypatch, {"ex3", "ex5"}, 1e9)
+    kw = {"layers": [1], "stats": ["resid_post"], "storage_dtype": "fp16"}
+    with pytest.raises(
+        CacheError,
+        match=r"example 'ex3': non-finite resid_post at layer 1 in "
+        r"float16; also 'ex5' \(use on_error='skip' or storage_dtype='bfloat16'\)",
+    ):
+        build_cache(tiny, train_records, out=tmp_path / "a", **kw)
+    cache = build_cache(tiny, train_records, out=tmp_path / "b", on_error="skip", **kw)
+    assert [s["id"] for s in cache.manifest["skipped"]] == ["ex3", "ex5"]
+    assert torch.isfinite(cache.stat("resid_post", 1)[:].float()).all()
+    # bf16 has fp32's range: the same activations are stored, finite.
+    cache = build_cache(tiny, train_records, out=tmp_path / "c", **{**kw, "storage_dtype": "bf16"})
+    assert len(cache) == 12
+
+
+def test_open_reports_non_finite_rows(tmp_path, tiny, train_records):
+    from lensattr.cache import write_manifest
+    from lensattr.store import MappedShard, describe_shard, sha256_file, write_shard
+
+    out = tmp_path / "c"
+    build_cache(tiny, train_records, out=out, layers=[1], stats=["grad"], shard_size=6)
+    shard = out / "shard-00001.safetensors"
+    m = MappedShard(shard)
+    tensors = {k: m[k].clone() for k in list(m.keys())}
+    metadata = dict(m.metadata)
+    del m
+    tensors["grad/1"][2, 0] = float("inf")  # row 8 of the cache, checksums made to match
+    write_shard(shard, tensors, metadata=metadata)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][1].update(sha256=sha256_file(shard), **describe_shard(shard))
+    write_manifest(out, manifest)
+    cache = open_cache(out)
+    with pytest.raises(CacheError, match=r"'grad/1' is not finite in the rows of 'ex8'"):
+        cache.stat("grad", 1)
+    with pytest.raises(CacheError, match="not finite"):
+        open_cache(out, verify="full")
