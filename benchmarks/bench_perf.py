@@ -180,8 +180,8 @@ print(json.dumps({{"n": {n}, "seconds": time.perf_counter() - t0,
 
 def synthetic_cache(path: Path, n: int, d: int, shard_rows: int = 131072) -> dict:
     """Write an n x d bf16 cache (one layer, one statistic) in lensattr's on-disk format."""
-    from lensattr.cache import POOLING, SCHEMA_VERSION
-    from lensattr.store import atomic_write_json, tensor_key, write_shard
+    from lensattr.cache import POOLING, SCHEMA_VERSION, write_manifest
+    from lensattr.store import describe_shard, tensor_key, write_shard
 
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -189,19 +189,29 @@ def synthetic_cache(path: Path, n: int, d: int, shard_rows: int = 131072) -> dic
     for s, start in enumerate(range(0, n, shard_rows)):
         rows = torch.randn((min(shard_rows, n - start), d), generator=gen).to(torch.bfloat16)
         name = f"shard-{s:05d}.safetensors"
+        ids = [str(i) for i in range(start, start + len(rows))]
         digest = write_shard(
             path / name,
             {tensor_key("phi", 0): rows, tensor_key("phi", 0) + "/norm": rows.float().norm(dim=1)},
+            metadata={"ids": json.dumps(ids)},
         )
-        shards.append({"file": name, "first_row": start, "n_rows": len(rows), "sha256": digest})
+        shards.append(
+            {
+                "file": name,
+                "first_row": start,
+                "n_rows": len(rows),
+                "sha256": digest,
+                **describe_shard(path / name),
+            }
+        )
     model = {
         "name": "synthetic",
         "weights_sha256": "0",
         "tokenizer_sha256": "0",
         "chat_template_sha256": "0",
     }
-    atomic_write_json(
-        path / "manifest.json",
+    write_manifest(
+        path,
         {
             "schema_version": SCHEMA_VERSION,
             "model": model,

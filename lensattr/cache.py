@@ -732,8 +732,8 @@ class Cache:
                 raise CacheError(f"{shard.path}: checksum mismatch, the shard is corrupt")
             for key in sorted(shard.keys()):
                 self._check(i, key)
-        rec = self.manifest["records"]
-        if sha256_file(self.path / rec["file"]) != rec["sha256"]:
+        rec = self.manifest.get("records")
+        if rec and sha256_file(self.path / rec["file"]) != rec["sha256"]:
             raise CacheError(f"{self.path / rec['file']}: checksum mismatch, the copy is corrupt")
 
     def records(self, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -747,7 +747,9 @@ class Cache:
             KeyError: an id the cache does not hold.
             CacheError: the copy does not match its checksum.
         """
-        info = self.manifest["records"]
+        info = self.manifest.get("records")
+        if not info:
+            raise CacheError(f"{self.path}: this cache holds no copy of its records")
         try:
             return read_records(self.path / info["file"], info["sha256"], ids)
         except RecordsError as err:
@@ -756,7 +758,7 @@ class Cache:
     def examples(self, ids: Sequence[str] | None = None) -> list[Example]:
         """:meth:`records` as :class:`~lensattr.data.Example` objects (extra fields in
         ``extra``)."""
-        where = str(self.path / self.manifest["records"]["file"])
+        where = str(self.path / RECORDS_FILE)
         return [example_of(r, where) for r in self.records(ids)]
 
     def check(self, expect: Any) -> None:
@@ -789,7 +791,7 @@ def _check_manifest(mfile: Path, m: Any) -> None:
         ok = isinstance(ids, list) and all(isinstance(i, str) for i in ids)
         ok = ok and isinstance(n, int) and n == len(ids) and len(set(ids)) == n
         ok = ok and isinstance(m["d_model"], int) and m["d_model"] > 0
-        ok = ok and m["dtype"] in _SAFETENSORS_CODE and isinstance(m["records"], dict)
+        ok = ok and m["dtype"] in _SAFETENSORS_CODE and isinstance(m.get("records", {}), dict)
         ok = ok and all(isinstance(x, int) for x in m["layers"])
         ok = ok and all(isinstance(x, str) for x in m["stats"])
         row = 0
@@ -872,9 +874,9 @@ def open_cache(path: str | Path, *, expect: Any = None, verify: bool | str = Tru
                 )
             shards.append(MappedShard(f))
             _check_shard(shards[-1], info, manifest)
-        rec = manifest["records"]
-        f = plain_file(path, rec["file"], "records")
-        if not f.exists() or f.stat().st_size != rec["size"]:
+        rec = manifest.get("records")  # written by every build; a hand-made cache may lack it
+        f = plain_file(path, rec["file"], "records") if rec else path
+        if rec and (not f.exists() or f.stat().st_size != rec["size"]):
             raise CacheError(f"{f}: records copy missing or of the wrong size")
     except (ValueError, KeyError, TypeError) as err:
         raise CacheError(str(err)) from None
