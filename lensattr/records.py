@@ -44,7 +44,9 @@ def write_records(path: Path, examples: Iterable[Example]) -> dict[str, Any]:
     with open(tmp, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz:
             for ex in examples:
-                line = json.dumps(record_of(ex), ensure_ascii=False, default=_plain)
+                line = json.dumps(
+                    record_of(ex), ensure_ascii=True, default=_plain
+                )  # any str, even lone surrogates
                 gz.write(line.encode("utf-8") + b"\n")
                 n += 1
         raw.flush()

@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lensattr.cache as cache_mod
 from lensattr import CacheError, build_cache, open_cache
@@ -287,3 +289,44 @@ def test_records_copy_is_deterministic(tmp_path, tiny, train_records):
     ga, gb = (c.path / "records.jsonl.gz" for c in (a, b))
     assert ga.read_bytes() == gb.read_bytes()
     assert a.manifest["records"]["sha256"] == b.manifest["records"]["sha256"]
+
+
+# ------------------------------------------------------------------ property: records copy
+
+_any_text = st.text(
+    st.characters(codec=None, exclude_categories=()), max_size=40
+) | st.sampled_from(
+    ["<|im_end|>", "<|im_start|>assistant\n", "\x00", "\ud800", "\r\n", "\u2028", "é" * 30]
+)
+_extra = st.dictionaries(
+    st.sampled_from(["label", "source", "meta", "score"]),
+    st.none() | st.booleans() | st.integers() | _any_text | st.lists(st.integers(), max_size=3),
+    max_size=3,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(st.tuples(_any_text, _any_text, _extra), min_size=1, max_size=6),
+)
+def test_records_copy_round_trips_any_text(tmp_path_factory, texts):
+    from lensattr.data import Example
+    from lensattr.records import read_records, record_of, write_records
+
+    exs = [
+        Example(
+            id=f"r{i}-{p[:5]}",
+            messages=({"role": "user", "content": p}, {"role": "assistant", "content": r}),
+            extra={**extra, "_where": "ignored"},
+        )
+        for i, (p, r, extra) in enumerate(texts)
+    ]
+    d = tmp_path_factory.mktemp("rec")
+    a = write_records(d / "a.jsonl.gz", exs)
+    b = write_records(d / "b.jsonl.gz", exs)
+    assert a["sha256"] == b["sha256"] and a["n"] == len(exs)  # same records, same bytes
+    got = read_records(d / "a.jsonl.gz", a["sha256"], None)
+    assert got == [record_of(ex) for ex in exs]
+    assert "_where" not in got[0]
+    ids = [ex.id for ex in reversed(exs)]
+    assert [r["id"] for r in read_records(d / "a.jsonl.gz", a["sha256"], ids)] == ids
