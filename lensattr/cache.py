@@ -23,14 +23,11 @@ allocation) and, once per open, the hash of each tensor the first time it is rea
 """
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +38,50 @@ from lensattr._version import __version__
 from lensattr.capture import capture
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.models import Model, load_model
-from lensattr.records import RECORDS_FILE, RecordsError, example_of, read_records, write_records
+from lensattr.names import STORAGE_DTYPES, dtype_name, layer_index, parse_dtype, resolve_layers
+from lensattr.reader import (
+    INFORMATIVE,
+    SCHEMA_VERSION,
+    Cache,
+    CacheError,
+    canonical_sha256,
+    diff_fields,
+    manifest_sha256,
+    name_ids,
+    open_cache,
+    write_manifest,
+)
+from lensattr.records import RECORDS_FILE, write_records
 from lensattr.registry import get_phi
 from lensattr.render import Encoded, TruncationError, collate, encode, length_batches
 from lensattr.store import (
-    MappedShard,
-    StatView,
     atomic_write_json,
     describe_shard,
-    plain_file,
     remove_temporary_files,
     sha256_file,
     tensor_key,
     write_shard,
 )
 
+__all__ = [
+    "DEFAULT_STATS",
+    "POOLING",
+    "SCHEMA_VERSION",
+    "STORAGE_DTYPES",
+    "Cache",
+    "CacheError",
+    "build_cache",
+    "dtype_name",
+    "encode_all",
+    "layer_index",
+    "manifest_sha256",
+    "open_cache",
+    "parse_dtype",
+    "resolve_layers",
+    "write_lock",
+    "write_manifest",
+]
 logger = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
 DEFAULT_STATS = ("residual_change", "residual_change_exact", "resid_post", "grad")
 POOLING = "mean_response"
 # Fields of build.json that must match for a resume or an `expect=` check.
@@ -74,109 +98,6 @@ IDENTITY = (
     "batch_size",
     "padding_side",
 )
-# Storage dtypes: accepted spellings -> the name stored in the manifest.
-STORAGE_DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
-_SAFETENSORS_CODE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
-class CacheError(RuntimeError):
-    """A cache that is incomplete, corrupt, or built with something other than what is asked."""
-
-
-def dtype_name(value: Any) -> str:
-    """``"bfloat16"``, ``"float16"`` or ``"float32"`` from a spelling (``"bf16"``, ``"fp32"``, ...)
-    or a ``torch.dtype``.
-
-    Examples:
-        >>> dtype_name("bf16"), dtype_name(torch.float32)
-        ('bfloat16', 'float32')
-    """
-    if isinstance(value, torch.dtype):
-        value = str(value).removeprefix("torch.")
-    name = STORAGE_DTYPES.get(value.lower()) if isinstance(value, str) else None
-    if name is None:
-        raise ValueError(
-            f"dtype {value!r} is not one of bf16/bfloat16, fp16/float16, fp32/float32 "
-            "(or a torch dtype)"
-        )
-    return name
-
-
-def parse_dtype(value: Any) -> torch.dtype | None:
-    """A ``torch.dtype`` from any spelling :func:`dtype_name` takes (``None`` stays ``None``)."""
-    return None if value is None else getattr(torch, dtype_name(value))
-
-
-_HOOK_NAME = re.compile(r"blocks\.(-?\d+)(?:\.[A-Za-z_][\w.]*)?")
-
-
-def layer_index(layer: Any, n_layers: int) -> int:
-    """One block index from an int (negative counts from the end: -1 is the last block), a
-    numeric string, or a TransformerLens hook name such as ``"blocks.12.hook_resid_post"``.
-
-    Examples:
-        >>> layer_index(-1, 30), layer_index("blocks.12.hook_resid_post", 30)
-        (29, 12)
-    """
-    value = layer
-    if isinstance(value, str):
-        text = value.strip()
-        m = _HOOK_NAME.fullmatch(text)
-        text = m.group(1) if m else text
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(
-                f"layer {layer!r} is not a block index or a hook name like "
-                "'blocks.12.hook_resid_post'"
-            ) from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"layer {layer!r} is not a block index")
-    index = value + n_layers if value < 0 else value
-    if not 0 <= index < n_layers:
-        raise ValueError(f"layer {layer!r} out of range for a model with {n_layers} blocks")
-    return index
-
-
-def resolve_layers(layers: Any, n_layers: int) -> list[int]:
-    """Sorted block indices from ``"all"``, an int, a list, ``"0,5,10"``, a ``"a:b"`` range
-    (Python slice rules: ``"-4:"`` is the last four blocks), or hook names.
-
-    Examples:
-        >>> resolve_layers("-2:", 4), resolve_layers(["blocks.1.hook_resid_post", -1], 4)
-        ([2, 3], [1, 3])
-    """
-    if layers == "all" or layers is None:
-        return list(range(n_layers))
-    items: Any
-    if isinstance(layers, str) and ":" in layers and not layers.strip().startswith("blocks."):
-        a, b = (x.strip() for x in layers.split(":", 1))
-        try:
-            lo, hi = int(a) if a else 0, int(b) if b else n_layers
-        except ValueError:
-            raise ValueError(f"layers {layers!r}: a range is 'a:b' with integers") from None
-        if not (-n_layers <= lo <= n_layers and -n_layers <= hi <= n_layers):
-            raise ValueError(f"layers {layers!r} out of range for a model with {n_layers} blocks")
-        items = list(range(n_layers))[lo:hi]
-    elif isinstance(layers, str):
-        items = [x for x in layers.split(",") if x.strip()]
-    elif isinstance(layers, int):
-        items = [layers]
-    else:
-        items = list(layers)
-    out = sorted({layer_index(x, n_layers) for x in items})
-    if not out:
-        raise ValueError(f"layers {layers!r} selects no block of a model with {n_layers} blocks")
-    return out
 
 
 def encode_all(
@@ -201,41 +122,6 @@ def encode_all(
 
 def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest.get(k) for k in IDENTITY}
-
-
-_INFORMATIVE = ("name", "path")  # recorded, but a renamed model or moved file is still the same
-
-
-def _diff(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Human-readable differences between manifest fields ``have`` and ``want``."""
-    out = []
-    for k, v in want.items():
-        h = have.get(k)
-        if isinstance(v, dict) and isinstance(h, dict):
-            fields = [kk for kk, vv in v.items() if kk not in _INFORMATIVE and h.get(kk) != vv]
-            if fields and k == "model" and (h.get("name") or v.get("name")):
-                out.append(f"model: cache built with {h.get('name')!r}, not {v.get('name')!r}")
-            out += [f"{k}.{kk}: cache has {h.get(kk)!r}, expected {v[kk]!r}" for kk in fields]
-        elif h != v:
-            out.append(f"{k}: cache has {h!r}, expected {v!r}")
-    return out
-
-
-def _digest(obj: Any) -> str:
-    """SHA-256 of the canonical JSON of ``obj``."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def manifest_sha256(manifest: dict[str, Any]) -> str:
-    """The checksum a manifest stores in ``"manifest_sha256"``: of everything else in it."""
-    return _digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
-
-
-def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write ``out/manifest.json`` atomically, with its checksum."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    atomic_write_json(Path(out) / "manifest.json", {**body, "manifest_sha256": _digest(body)})
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -401,7 +287,7 @@ def build_cache(
             return _reopen(out, plan)
         build_file = out / "build.json"
         if build_file.exists():
-            problems = _diff(json.loads(build_file.read_text()), plan)
+            problems = diff_fields(json.loads(build_file.read_text()), plan)
             if problems:
                 raise CacheError(
                     f"{out} holds a different, unfinished build: " + "; ".join(problems)
@@ -451,7 +337,7 @@ def build_cache(
 def _reopen(out: Path, plan: dict[str, Any]) -> "Cache":
     """A finished cache at ``out``: verified like any open, then compared with ``plan``."""
     cache = open_cache(out)
-    problems = _diff(_identity(cache.manifest), _identity(plan))
+    problems = diff_fields(_identity(cache.manifest), _identity(plan))
     if problems:
         raise CacheError(f"{out} holds a different cache: " + "; ".join(problems))
     logger.info("%s is complete; nothing to do", out)
@@ -492,13 +378,13 @@ def _plan(
 def _plan_sha256(plan: dict[str, Any]) -> str:
     """What a shard's numbers depend on besides its examples (not the training file's hash)."""
     ident = {k: v for k, v in _identity(plan).items() if k != "train"}
-    ident["model"] = {k: v for k, v in plan["model"].items() if k not in _INFORMATIVE}
-    return _digest(ident)
+    ident["model"] = {k: v for k, v in plan["model"].items() if k not in INFORMATIVE}
+    return canonical_sha256(ident)
 
 
 def _chunk_sha256(chunk: Sequence[Example]) -> str:
     """Fingerprint of a chunk's examples: ids and messages, in order."""
-    return _digest([[ex.id, [dict(m) for m in ex.messages]] for ex in chunk])
+    return canonical_sha256([[ex.id, [dict(m) for m in ex.messages]] for ex in chunk])
 
 
 def _chunk_done(out: Path, index: int, want: dict[str, str]) -> bool:
@@ -515,11 +401,6 @@ def _chunk_done(out: Path, index: int, want: dict[str, str]) -> bool:
         return bool(info["sha256"] == sha256_file(shard))
     except (ValueError, KeyError, TypeError, AttributeError):  # an unreadable sidecar: redo
         return False
-
-
-def _name_ids(ids: list[str]) -> str:
-    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
-    return ", ".join(repr(i) for i in ids[:5]) + more
 
 
 def _build_chunk(
@@ -558,7 +439,7 @@ def _build_chunk(
     if bad and on_error != "skip":
         ids = [chunk[i].id for i in sorted(bad)]
         first = min(bad)
-        also = f"; also {_name_ids(ids[1:])}" if len(ids) > 1 else ""
+        also = f"; also {name_ids(ids[1:])}" if len(ids) > 1 else ""
         hint = " or storage_dtype='bfloat16'" if store_dtype == torch.float16 else ""
         raise CacheError(f"example {ids[0]!r}: {bad[first]}{also} (use on_error='skip'{hint})")
     keep = torch.tensor([i for i in range(n) if i not in bad], dtype=torch.long)
@@ -633,259 +514,6 @@ def _finish(
     write_manifest(out, manifest)
     remove_temporary_files(out)  # left by killed writers; every writer of this build is done
     return open_cache(out)
-
-
-@dataclass
-class Cache:
-    """An opened cache (see :func:`open_cache`).
-
-    Each tensor's checksum (and that every value is finite) is checked the first time
-    :meth:`stat` reads it, once per open; :meth:`verify` checks every byte now.
-    """
-
-    path: Path
-    manifest: dict[str, Any]
-    _shards: list[MappedShard] = field(repr=False, default_factory=list)
-    _hash: bool = field(repr=False, default=True)
-    _checked: set[tuple[int, str]] = field(repr=False, default_factory=set)
-
-    @property
-    def ids(self) -> list[str]:
-        return self.manifest["ids"]
-
-    @property
-    def layers(self) -> list[int]:
-        return self.manifest["layers"]
-
-    @property
-    def stats(self) -> list[str]:
-        return self.manifest["stats"]
-
-    @property
-    def d_model(self) -> int:
-        return int(self.manifest["d_model"])
-
-    def __len__(self) -> int:
-        return int(self.manifest["n_rows"])
-
-    def layer(self, layer: Any) -> int:
-        """The cached block that ``layer`` names: an int (negative counts from the model's last
-        block), or a hook name such as ``"blocks.12.hook_resid_post"``.
-
-        Raises:
-            KeyError: the cache does not hold that layer.
-        """
-        n_layers = int(self.manifest.get("n_layers") or max(self.layers) + 1)
-        try:
-            index = layer_index(layer, n_layers)
-        except ValueError as err:
-            raise KeyError(f"{err} (this cache has layers {self.layers})") from None
-        if index not in self.layers:
-            raise KeyError(f"layer {layer} is not in this cache (it has {self.layers})")
-        return index
-
-    def stat(self, name: str, layer: Any) -> StatView:
-        """The cached ``[n, d_model]`` matrix of statistic ``name`` at ``layer`` (lazy).
-
-        Raises:
-            KeyError: a statistic or layer the cache lacks.
-            CacheError: the stored bytes do not match their checksum, or a value is not finite.
-        """
-        if name not in self.stats:
-            raise KeyError(f"statistic {name!r} is not in this cache (it has {self.stats})")
-        key = tensor_key(name, self.layer(layer))
-        for i in range(len(self._shards)):
-            self._check(i, key)
-            self._check(i, key + "/norm")
-        parts = [
-            (info["first_row"], shard[key], shard[key + "/norm"])
-            for info, shard in zip(self.manifest["shards"], self._shards, strict=True)
-        ]
-        return StatView(parts, self.d_model)
-
-    def _check(self, i: int, key: str) -> None:
-        """Checksum (unless opened with ``verify=False``) and finiteness of one stored tensor."""
-        if (i, key) in self._checked:
-            return
-        info, shard = self.manifest["shards"][i], self._shards[i]
-        if self._hash and shard.tensor_sha256(key) != info["tensors"].get(key):
-            raise CacheError(
-                f"{shard.path}: checksum mismatch in {key!r}, the shard is corrupt (rebuild the "
-                "cache: delete the shard, its .json and manifest.json, and rerun the same build)"
-            )
-        bad = ~torch.isfinite(shard[key])
-        bad = bad.any(1) if bad.ndim == 2 else bad
-        if bad.any():
-            rows = bad.nonzero()[:, 0].tolist()
-            ids = [self.ids[info["first_row"] + r] for r in rows]
-            raise CacheError(f"{shard.path}: {key!r} is not finite in the rows of {_name_ids(ids)}")
-        self._checked.add((i, key))
-
-    def verify(self) -> None:
-        """Check every byte now: each shard's SHA-256, each tensor, the records copy.
-
-        Raises:
-            CacheError: naming the first corrupt file.
-        """
-        for i, (info, shard) in enumerate(zip(self.manifest["shards"], self._shards, strict=True)):
-            if sha256_file(shard.path) != info["sha256"]:
-                raise CacheError(f"{shard.path}: checksum mismatch, the shard is corrupt")
-            for key in sorted(shard.keys()):
-                self._check(i, key)
-        rec = self.manifest.get("records")
-        if rec and sha256_file(self.path / rec["file"]) != rec["sha256"]:
-            raise CacheError(f"{self.path / rec['file']}: checksum mismatch, the copy is corrupt")
-
-    def records(self, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """The cached training records behind ``ids`` (every record, in row order, if ``None``).
-
-        Read from the cache's own checksummed copy (``records.jsonl.gz``), so neither the
-        training file nor its path is needed. Each record holds ``id``, ``messages`` and the
-        record's other fields (e.g. ``label``, ``source``).
-
-        Raises:
-            KeyError: an id the cache does not hold.
-            CacheError: the copy does not match its checksum.
-        """
-        info = self.manifest.get("records")
-        if not info:
-            raise CacheError(f"{self.path}: this cache holds no copy of its records")
-        try:
-            return read_records(self.path / info["file"], info["sha256"], ids)
-        except RecordsError as err:
-            raise CacheError(str(err)) from None
-
-    def examples(self, ids: Sequence[str] | None = None) -> list[Example]:
-        """:meth:`records` as :class:`~lensattr.data.Example` objects (extra fields in
-        ``extra``)."""
-        where = str(self.path / RECORDS_FILE)
-        return [example_of(r, where) for r in self.records(ids)]
-
-    def check(self, expect: Any) -> None:
-        """Raise :class:`CacheError` naming every field where the cache differs from ``expect``.
-
-        ``expect`` is a :class:`~lensattr.models.Model` or a dict of manifest fields (``model``
-        may itself be a Model).
-        """
-        want = {"model": expect} if isinstance(expect, Model) else dict(expect)
-        if isinstance(want.get("model"), Model):
-            want["model"] = want["model"].fingerprint()
-        problems = _diff(self.manifest, want)
-        if problems:
-            raise CacheError(f"{self.path} does not match: " + "; ".join(problems))
-
-
-def _check_manifest(mfile: Path, m: Any) -> None:
-    """Refuse a manifest that was edited, or whose fields do not fit together."""
-    if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
-        raise CacheError(f"{mfile}: corrupt manifest (no shard list)")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(
-            f"{mfile}: schema version {m.get('schema_version')} (this lensattr reads "
-            f"{SCHEMA_VERSION}): rebuild the cache with this version, into a new directory"
-        )
-    if m.get("manifest_sha256") != manifest_sha256(m):
-        raise CacheError(f"{mfile}: checksum mismatch, the manifest was modified after the build")
-    try:
-        ids, shards, n = m["ids"], m["shards"], m["n_rows"]
-        ok = isinstance(ids, list) and all(isinstance(i, str) for i in ids)
-        ok = ok and isinstance(n, int) and n == len(ids) and len(set(ids)) == n
-        ok = ok and isinstance(m["d_model"], int) and m["d_model"] > 0
-        ok = ok and m["dtype"] in _SAFETENSORS_CODE and isinstance(m.get("records", {}), dict)
-        ok = ok and all(isinstance(x, int) for x in m["layers"])
-        ok = ok and all(isinstance(x, str) for x in m["stats"])
-        row = 0
-        for s in shards:
-            ok = ok and s["first_row"] == row and isinstance(s["n_rows"], int)
-            row += s["n_rows"]
-        ok = ok and row == n
-    except (KeyError, TypeError) as err:
-        raise CacheError(f"{mfile}: corrupt manifest (field {err})") from None
-    if not ok:
-        raise CacheError(f"{mfile}: corrupt manifest (ids, rows and shards do not agree)")
-
-
-def _check_shard(shard: MappedShard, info: dict[str, Any], m: dict[str, Any]) -> None:
-    """The header of ``shard`` holds exactly the rows, ids and shapes the manifest says."""
-    if shard.header_sha256() != info["header_sha256"]:
-        raise CacheError(f"{shard.path}: checksum mismatch in the header, the shard is corrupt")
-    first, n, d = info["first_row"], info["n_rows"], m["d_model"]
-    if json.loads(shard.metadata.get("ids", "null")) != m["ids"][first : first + n]:
-        raise CacheError(f"{shard.path}: holds other ids than the manifest lists for it")
-    code = _SAFETENSORS_CODE[m["dtype"]]
-    for stat in m["stats"]:
-        for layer in m["layers"]:
-            key = tensor_key(stat, layer)
-            want = {key: (code, [n, d]), key + "/norm": ("F32", [n])}
-            for k, (dt, shape) in want.items():
-                h = shard.info(k)
-                if not h:
-                    raise CacheError(f"{shard.path}: {k!r} is missing, the manifest lists it")
-                if h.get("dtype") != dt or h.get("shape") != shape:
-                    raise CacheError(
-                        f"{shard.path}: {k!r} is {h.get('dtype')} {h.get('shape')}, the manifest "
-                        f"says {dt} {shape}"
-                    )
-
-
-def open_cache(path: str | Path, *, expect: Any = None, verify: bool | str = True) -> Cache:
-    """Open a finished cache, memory-mapped.
-
-    Opening always checks the manifest's own checksum and fields, each file's name, size and
-    header, and every tensor's shape against the manifest (before anything is allocated).
-
-    Args:
-        path: the cache directory.
-        expect: a :class:`~lensattr.models.Model` or dict of manifest fields that must match.
-        verify: ``True`` (default): each tensor's SHA-256 is checked the first time it is read
-            (once per open); ``"full"``: every byte now (:meth:`Cache.verify`); ``False``: no
-            hashes of the data (sizes and headers only).
-
-    Raises:
-        CacheError: incomplete build, missing, edited or corrupt file, or a mismatch with
-            ``expect``.
-    """
-    if verify not in (True, False, "full"):
-        raise ValueError(f"verify must be True, False or 'full', not {verify!r}")
-    path = Path(path)
-    mfile = path / "manifest.json"
-    if not mfile.exists():
-        hint = (
-            " (an unfinished build: rerun the same build to resume)"
-            if (path / "build.json").exists()
-            else ""
-        )
-        raise CacheError(f"{path}: no manifest.json, not a finished lensattr cache{hint}")
-    try:
-        manifest = json.loads(mfile.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CacheError(f"{mfile}: corrupt manifest ({err})") from None
-    _check_manifest(mfile, manifest)
-    shards = []
-    try:
-        for info in manifest["shards"]:
-            f = plain_file(path, info["file"], "shard")
-            if not f.exists():
-                raise CacheError(f"{f}: shard missing")
-            if f.stat().st_size != info["size"]:
-                raise CacheError(
-                    f"{f}: truncated or padded shard ({f.stat().st_size} bytes, the manifest "
-                    f"says {info['size']})"
-                )
-            shards.append(MappedShard(f))
-            _check_shard(shards[-1], info, manifest)
-        rec = manifest.get("records")  # written by every build; a hand-made cache may lack it
-        f = plain_file(path, rec["file"], "records") if rec else path
-        if rec and (not f.exists() or f.stat().st_size != rec["size"]):
-            raise CacheError(f"{f}: records copy missing or of the wrong size")
-    except (ValueError, KeyError, TypeError) as err:
-        raise CacheError(str(err)) from None
-    cache = Cache(path=path, manifest=manifest, _shards=shards, _hash=verify is not False)
-    if verify == "full":
-        cache.verify()
-    if expect is not None:
-        cache.check(expect)
-    return cache
 
 
 def world_from_env() -> tuple[int, int]:
