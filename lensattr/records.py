@@ -34,6 +34,9 @@ def _plain(value: Any) -> Any:
 def record_of(ex: Example) -> dict[str, Any]:
     """The stored record of ``ex``: id, messages and its extra fields (not the private ``_...``)."""
     extra = {k: v for k, v in ex.extra.items() if not str(k).startswith("_")}
+    first = ex.messages[0]
+    if first["role"] == "system" and extra.get("system") == first["content"]:
+        del extra["system"]  # a prompt/response record's system prompt: already in messages
     return {"id": ex.id, "messages": [dict(m) for m in ex.messages], **extra}
 
 

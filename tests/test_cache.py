@@ -272,6 +272,21 @@ def test_records_are_kept_in_the_cache_and_checked(tmp_path, tiny, train_records
         cache.records(["ex3"])
 
 
+def test_a_system_prompt_is_kept_once(tmp_path, tiny):
+    rec = {"id": "s", "system": "Be brief.", "prompt": "Hi", "response": "Yo", "label": 1}
+    cache = build_cache(tiny, [rec], out=tmp_path, layers=[1])
+    (got,) = cache.records()
+    assert got == {
+        "id": "s",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+        ],
+        "label": 1,
+    }
+
+
 def test_records_of_a_list_and_a_dataset(tmp_path, tiny, train_records):
     import datasets
 
