@@ -23,6 +23,7 @@ allocation) and, once per open, the hash of each tensor the first time it is rea
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -176,6 +177,10 @@ def write_lock(out: Path, *, shared: bool = False) -> Iterator[None]:
                 f"{out}: another lensattr build is writing to this directory; wait for it to "
                 "finish, or build into another directory"
             ) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            logger.warning("%s: this file system has no file locks; building unlocked", out)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lensattr.data import Example
 from lensattr.models import Model
 from lensattr.names import layer_index
@@ -23,6 +21,7 @@ from lensattr.store import (
     MappedShard,
     StatView,
     atomic_write_json,
+    nonfinite_rows,
     plain_file,
     sha256_file,
     tensor_key,
@@ -156,10 +155,8 @@ class Cache:
                 f"{shard.path}: checksum mismatch in {key!r}, the shard is corrupt (rebuild the "
                 "cache: delete the shard, its .json and manifest.json, and rerun the same build)"
             )
-        bad = ~torch.isfinite(shard[key])
-        bad = bad.any(1) if bad.ndim == 2 else bad
-        if bad.any():
-            rows = bad.nonzero()[:, 0].tolist()
+        rows = nonfinite_rows(shard[key])
+        if rows:
             ids = [self.ids[info["first_row"] + r] for r in rows]
             raise CacheError(f"{shard.path}: {key!r} is not finite in the rows of {name_ids(ids)}")
         self._checked.add((i, key))

@@ -345,3 +345,21 @@ def test_records_copy_round_trips_any_text(tmp_path_factory, texts):
     assert "_where" not in got[0]
     ids = [ex.id for ex in reversed(exs)]
     assert [r["id"] for r in read_records(d / "a.jsonl.gz", a["sha256"], ids)] == ids
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=4, max_size=64
+    ).filter(lambda v: len(v) % 4 == 0),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+)
+def test_nonfinite_rows_agrees_with_isfinite(values, dtype):
+    from lensattr.store import nonfinite_rows
+
+    t = torch.tensor(values, dtype=torch.float32).to(dtype).view(-1, 4)
+    want = (~torch.isfinite(t)).any(1).nonzero()[:, 0].tolist()  # fp16 overflow included
+    assert nonfinite_rows(t) == want
+    assert (
+        nonfinite_rows(t.reshape(-1)) == (~torch.isfinite(t.reshape(-1))).nonzero()[:, 0].tolist()
+    )
