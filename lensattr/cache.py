@@ -306,13 +306,17 @@ def build_cache(
         needs_grad = any(p.needs_grad for p in phis)
         sites = sorted({s for p in phis for s in p.sites})
         disable = None if progress is None else not progress  # None: only on a terminal
-        total = sum(len(chunks[i]) for i in mine)
+        sides = {
+            i: {"chunk_sha256": _chunk_sha256(chunks[i]), "plan_sha256": plan_sha} for i in mine
+        }
+        todo = [i for i in mine if not _chunk_done(out, i, sides[i])]
+        if on_error == "raise":  # a record too long for max_length fails now, not hours in
+            for i in todo:
+                encode_all(model, chunks[i], max_length, on_error, [])
+        total = sum(len(chunks[i]) for i in todo)
         with tqdm(total=total, desc="caching", unit="ex", disable=disable) as bar:
-            for i in mine:
-                side = {"chunk_sha256": _chunk_sha256(chunks[i]), "plan_sha256": plan_sha}
-                if _chunk_done(out, i, side):
-                    bar.update(len(chunks[i]))
-                    continue
+            for i in todo:
+                side = sides[i]
                 bad: list[dict[str, str]] = []  # token ids are held for one chunk at a time
                 encoded = encode_all(model, chunks[i], max_length, on_error, bad)
                 bar.update(len(chunks[i]) - len(encoded))

@@ -20,6 +20,7 @@ import torch
 
 from lensattr import behavior_query, build_cache, load_model, open_cache, rank
 from lensattr.cache import CacheError
+from lensattr.data import DataError
 from lensattr.testing import tiny_hf_model, tiny_tokenizer
 
 LAYERS = [1, 3]
@@ -531,7 +532,21 @@ def test_encoding_is_per_chunk(tmp_path, tiny, train_records, monkeypatch):
         cache_mod, "encode_all", lambda m, exs, *a: (sizes.append(len(exs)), real(m, exs, *a))[1]
     )
     build_cache(tiny, train_records, out=tmp_path / "c", layers=[1], shard_size=5)
+    assert sizes == [5, 5, 2] * 2  # a first pass (nothing kept) finds a bad record before any work
+    sizes.clear()
+    build_cache(tiny, train_records, out=tmp_path / "d", layers=[1], shard_size=5, on_error="skip")
     assert sizes == [5, 5, 2]
+
+
+def test_a_record_too_long_fails_before_any_work(tmp_path, tiny, monkeypatch):
+    import lensattr.cache as cache_mod
+
+    # A short system prompt leaves room for the reply; the template's default one does not.
+    recs = [{"id": f"ok{i}", "system": "s", "prompt": "Hi", "response": "Yo"} for i in range(11)]
+    recs.append({"id": "cut", "prompt": "Hi", "response": "Yo"})
+    monkeypatch.setattr(cache_mod, "capture", lambda *a, **k: pytest.fail("computed first"))
+    with pytest.raises(DataError, match=r"record 11, field 'messages'.*'cut'"):
+        build_cache(tiny, recs, out=tmp_path / "c", layers=[1], shard_size=5, max_length=30)
 
 
 # ------------------------------------------------------------------------- writers
