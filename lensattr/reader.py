@@ -46,7 +46,12 @@ def diff_fields(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
         if isinstance(v, dict) and isinstance(h, dict):
             fields = [kk for kk, vv in v.items() if kk not in INFORMATIVE and h.get(kk) != vv]
             if fields and k == "model" and (h.get("name") or v.get("name")):
-                out.append(f"model: cache built with {h.get('name')!r}, not {v.get('name')!r}")
+                hn, vn = h.get("name"), v.get("name")
+                out.append(
+                    f"model: cache built with {hn!r}, not {vn!r}"
+                    if hn != vn
+                    else f"model: cache built with another {hn!r} (same name, other files)"
+                )
             out += [f"{k}.{kk}: cache has {h.get(kk)!r}, expected {v[kk]!r}" for kk in fields]
         elif h != v:
             out.append(f"{k}: cache has {h!r}, expected {v!r}")
@@ -250,7 +255,11 @@ def _check_shard(shard: MappedShard, info: dict[str, Any], m: dict[str, Any]) ->
     if shard.header_sha256() != info["header_sha256"]:
         raise CacheError(f"{shard.path}: checksum mismatch in the header, the shard is corrupt")
     first, n, d = info["first_row"], info["n_rows"], m["d_model"]
-    if json.loads(shard.metadata.get("ids", "null")) != m["ids"][first : first + n]:
+    try:
+        ids = json.loads(shard.metadata.get("ids", "null"))
+    except ValueError:
+        ids = None
+    if ids != m["ids"][first : first + n]:
         raise CacheError(f"{shard.path}: holds other ids than the manifest lists for it")
     code = _SAFETENSORS_CODE[m["dtype"]]
     for stat in m["stats"]:
@@ -318,7 +327,9 @@ def open_cache(path: str | Path, *, expect: Any = None, verify: bool | str = Tru
         f = plain_file(path, rec["file"], "records") if rec else path
         if rec and (not f.exists() or f.stat().st_size != rec["size"]):
             raise CacheError(f"{f}: records copy missing or of the wrong size")
-    except (ValueError, KeyError, TypeError) as err:
+    except KeyError as err:
+        raise CacheError(f"{mfile}: corrupt manifest (no field {err})") from None
+    except (ValueError, TypeError) as err:
         raise CacheError(str(err)) from None
     cache = Cache(path=path, manifest=manifest, _shards=shards, _hash=verify is not False)
     if verify == "full":

@@ -219,6 +219,12 @@ def test_model_mismatch_names_the_models(tiny, train_records, tmp_path):
         CacheError, match=r"model: cache built with 'tiny-random', not 'my-finetune'"
     ):
         cache.check({"model": fp})
+    name = other.fingerprint()["name"]
+    with pytest.raises(CacheError, match=rf"model: cache built with 'tiny-random', not '{name}'"):
+        cache.check(other)
+    same_name = {**other.fingerprint(), "name": "tiny-random"}
+    with pytest.raises(CacheError, match=r"another 'tiny-random' \(same name, other files\)"):
+        cache.check({"model": same_name})
 
 
 def test_views_give_float32_numpy(tiny, train_records, tmp_path):
