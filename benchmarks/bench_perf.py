@@ -188,31 +188,41 @@ def synthetic_cache(
 ) -> dict:
     """Write an n x d bf16 cache (random rows at every layer and statistic) in lensattr's on-disk
     format."""
-    from lensattr.cache import POOLING, SCHEMA_VERSION
-    from lensattr.store import atomic_write_json, tensor_key, write_shard
+    from lensattr.cache import POOLING, SCHEMA_VERSION, write_manifest
+    from lensattr.store import describe_shard, tensor_key, write_shard
 
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     shards = []
     for s, start in enumerate(range(0, n, shard_rows)):
+        m = min(shard_rows, n - start)
         tensors = {}
         for stat in stats:
             for layer in layers:
-                rows = torch.randn((min(shard_rows, n - start), d), generator=gen)
+                rows = torch.randn((m, d), generator=gen)
                 rows = (rows + 3.0 * torch.randn(d, generator=gen)).to(torch.bfloat16)
                 tensors[tensor_key(stat, layer)] = rows
                 tensors[tensor_key(stat, layer) + "/norm"] = rows.float().norm(dim=1)
         name = f"shard-{s:05d}.safetensors"
-        digest = write_shard(path / name, tensors)
-        shards.append({"file": name, "first_row": start, "n_rows": len(rows), "sha256": digest})
+        ids = [str(i) for i in range(start, start + m)]
+        digest = write_shard(path / name, tensors, metadata={"ids": json.dumps(ids)})
+        shards.append(
+            {
+                "file": name,
+                "first_row": start,
+                "n_rows": m,
+                "sha256": digest,
+                **describe_shard(path / name),
+            }
+        )
     model = {
         "name": "synthetic",
         "weights_sha256": "0",
         "tokenizer_sha256": "0",
         "chat_template_sha256": "0",
     }
-    atomic_write_json(
-        path / "manifest.json",
+    write_manifest(
+        path,
         {
             "schema_version": SCHEMA_VERSION,
             "model": model,

@@ -4,21 +4,31 @@ Layout of a cache directory::
 
     build.json                 what is being built (model fingerprint, layers, stats, ...)
     shard-00000.safetensors    rows of chunk 0: "{stat}/{layer}" [rows, d_model] + ".../norm"
-    shard-00000.json           that chunk's example ids, skipped examples and SHA-256
+    shard-00000.json           that chunk's ids, skipped examples, fingerprint and checksums
     ...
-    manifest.json              written last, atomically: the cache is complete
+    records.jsonl.gz           the cached examples themselves (what ``rank`` prints)
+    manifest.json              written last, atomically, with its own checksum: complete
+    .lock                      held by a writer (``flock``) while it builds
 
 The training set is cut into fixed chunks of ``shard_size`` examples in file order; each chunk is
-batched by length, captured, and written as one shard (temporary file + rename), then its
-sidecar. A killed build rerun with the same command skips the chunks whose sidecar matches their
-shard, so it ends bitwise identical to an uninterrupted build; a finished build is a no-op.
+tokenised, batched by length, captured, and written as one shard (temporary file + rename), then
+its sidecar. A killed build rerun with the same command skips the chunks whose sidecar matches
+their shard, their examples and the build's settings, so it ends bitwise identical to an
+uninterrupted build; a finished build is a no-op (after a verification).
+
+Integrity: the manifest holds the SHA-256 of its own canonical JSON, and every shard's size and
+the SHA-256 of its header, of each tensor and of the whole file; each shard's header repeats its
+row ids. :func:`open_cache` checks the manifest, the sizes, the headers and the shapes (before any
+allocation) and, once per open, the hash of each tensor the first time it is read.
 """
 
+import contextlib
+import errno
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +39,50 @@ from lensattr._version import __version__
 from lensattr.capture import capture
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.models import Model, load_model
+from lensattr.names import STORAGE_DTYPES, dtype_name, layer_index, parse_dtype, resolve_layers
+from lensattr.reader import (
+    INFORMATIVE,
+    SCHEMA_VERSION,
+    Cache,
+    CacheError,
+    canonical_sha256,
+    diff_fields,
+    manifest_sha256,
+    name_ids,
+    open_cache,
+    write_manifest,
+)
+from lensattr.records import RECORDS_FILE, write_records
 from lensattr.registry import get_phi
 from lensattr.render import Encoded, TruncationError, collate, encode, length_batches
 from lensattr.store import (
-    MappedShard,
-    StatView,
     atomic_write_json,
+    describe_shard,
+    remove_temporary_files,
     sha256_file,
     tensor_key,
     write_shard,
 )
 
+__all__ = [
+    "DEFAULT_STATS",
+    "POOLING",
+    "SCHEMA_VERSION",
+    "STORAGE_DTYPES",
+    "Cache",
+    "CacheError",
+    "build_cache",
+    "dtype_name",
+    "encode_all",
+    "layer_index",
+    "manifest_sha256",
+    "open_cache",
+    "parse_dtype",
+    "resolve_layers",
+    "write_lock",
+    "write_manifest",
+]
 logger = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
 DEFAULT_STATS = ("residual_change", "residual_change_exact", "resid_post", "grad")
 POOLING = "mean_response"
 # Fields of build.json that must match for a resume or an `expect=` check.
@@ -58,28 +99,6 @@ IDENTITY = (
     "batch_size",
     "padding_side",
 )
-
-
-class CacheError(RuntimeError):
-    """A cache that is incomplete, corrupt, or built with something other than what is asked."""
-
-
-def resolve_layers(layers: Any, n_layers: int) -> list[int]:
-    """``"all"``, an int, a ``"a:b"`` range string, or a list of ints → sorted block indices."""
-    if layers == "all" or layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    elif isinstance(layers, str):
-        if ":" in layers:
-            a, b = layers.split(":")
-            layers = range(int(a or 0), int(b) if b else n_layers)
-        else:
-            layers = [int(x) for x in layers.split(",")]
-    out = sorted({int(x) + n_layers if int(x) < 0 else int(x) for x in layers})
-    if not out or out[0] < 0 or out[-1] >= n_layers:
-        raise ValueError(f"layers {layers!r} out of range for a model with {n_layers} blocks")
-    return out
 
 
 def encode_all(
@@ -106,23 +125,65 @@ def _identity(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest.get(k) for k in IDENTITY}
 
 
-_INFORMATIVE = ("name", "path")  # recorded, but a renamed model or moved file is still the same
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return value
 
 
-def _diff(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Human-readable differences between manifest fields ``have`` and ``want``."""
-    out = []
-    for k, v in want.items():
-        h = have.get(k)
-        if isinstance(v, dict) and isinstance(h, dict):
-            out += [
-                f"{k}.{kk}: cache has {h.get(kk)!r}, expected {vv!r}"
-                for kk, vv in v.items()
-                if kk not in _INFORMATIVE and h.get(kk) != vv
-            ]
-        elif h != v:
-            out.append(f"{k}: cache has {h!r}, expected {v!r}")
-    return out
+def _check_arguments(
+    stats: Any,
+    batch_size: Any,
+    max_length: Any,
+    shard_size: Any,
+    padding_side: Any,
+    on_error: Any,
+) -> list[str]:
+    """Validate build_cache's sizes and choices before any work; return the statistic names."""
+    _positive_int("batch_size", batch_size)
+    _positive_int("shard_size", shard_size)
+    if max_length is not None:
+        _positive_int("max_length", max_length)
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    names = [s.strip() for s in stats.split(",")] if isinstance(stats, str) else list(stats)
+    if not names or not all(isinstance(s, str) and s for s in names):
+        raise ValueError(f"stats must name at least one statistic, not {stats!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"stats {names} name a statistic twice")
+    return names
+
+
+@contextlib.contextmanager
+def write_lock(out: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold ``out/.lock`` (``flock``) while building; a second writer gets a :class:`CacheError`.
+
+    The ranks of one multi-process build share the lock (``shared=True``); a single-process build
+    holds it alone. Without ``fcntl`` (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(
+                f"{out}: another lensattr build is writing to this directory; wait for it to "
+                "finish, or build into another directory"
+            ) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            logger.warning("%s: this file system has no file locks; building unlocked", out)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def build_cache(
@@ -134,13 +195,14 @@ def build_cache(
     stats: Sequence[str] = DEFAULT_STATS,
     batch_size: int = 8,
     max_length: int | None = 512,
-    dtype: str = "bfloat16",
+    storage_dtype: str | torch.dtype = "bfloat16",
     shard_size: int = 1024,
     padding_side: str = "right",
     on_error: str = "raise",
     progress: bool | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> "Cache | None":
     """Stream ``train`` once and cache every statistic at every layer.
 
@@ -148,12 +210,14 @@ def build_cache(
         model: a :class:`~lensattr.models.Model` or anything :func:`~lensattr.load_model` takes.
         train: training examples (path, ``datasets.Dataset``, list of dicts or examples).
         out: cache directory (created).
-        layers: ``"all"``, an int, a list, or ``"a:b"``.
+        layers: ``"all"``, an int (negative counts from the end), a list, ``"a:b"``, or
+            TransformerLens hook names (``"blocks.12.hook_resid_post"``).
         stats: registered phi names.
         batch_size: examples per forward/backward (batched by length).
         max_length: truncate longer examples (prompt from the left, then reply from the right).
-        dtype: storage dtype, ``"bfloat16"`` (default; fp16 underflows on small gradients) or
-            ``"float32"``.
+        storage_dtype: how rows are stored: ``"bf16"`` / ``"bfloat16"`` (default; fp16
+            underflows on small gradients), ``"fp16"`` / ``"float16"``, ``"fp32"`` /
+            ``"float32"``, or a ``torch.dtype``.
         shard_size: examples per shard (the unit of resumption).
         padding_side: ``"right"`` or ``"left"``.
         on_error: ``"raise"`` or ``"skip"`` (skip and list bad records in the manifest).
@@ -161,9 +225,16 @@ def build_cache(
         rank, world_size: data-parallel slice of the chunks (see :mod:`lensattr.distributed`);
             default: the running process group's, else ``RANK`` / ``WORLD_SIZE`` (a single
             process when unset). Under ``torchrun`` a process group is started for the barrier.
+        dtype: deprecated name of ``storage_dtype``.
 
     Returns:
         The opened :class:`Cache` (on rank 0; other ranks return ``None`` after their shards).
+
+    Raises:
+        ValueError: a size, count or choice out of range (before any work).
+        DataError: a malformed record, or no examples at all.
+        CacheError: ``out`` holds another cache or build, a corrupt finished cache, or another
+            build is writing to it.
 
     Examples:
         >>> import tempfile
@@ -174,6 +245,15 @@ def build_cache(
     """
     from lensattr import distributed
 
+    if dtype is not None:
+        warnings.warn(
+            "build_cache(dtype=...) is deprecated: use storage_dtype=",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        storage_dtype = dtype
+    store_name = dtype_name(storage_dtype)
+    stats = _check_arguments(stats, batch_size, max_length, shard_size, padding_side, on_error)
     if rank is None or world_size is None:
         env_rank, env_world = distributed.world()
         rank = env_rank if rank is None else rank
@@ -186,6 +266,10 @@ def build_cache(
     out = Path(out)
     skipped: list[dict[str, str]] = []
     examples = load_examples(train, on_error=on_error, skipped=skipped)
+    if not examples:
+        where = str(train) if isinstance(train, (str, Path)) else "train"
+        why = f"all {len(skipped)} records are bad ({skipped[0]['reason']})" if skipped else ""
+        raise DataError(where, None, why or "no examples (empty, or only blank lines)")
     layer_list = resolve_layers(layers, model.n_layers)
     phis = [get_phi(s) for s in stats]
     plan = _plan(
@@ -194,64 +278,85 @@ def build_cache(
         layer_list,
         stats,
         max_length,
-        dtype,
+        store_name,
         shard_size,
         batch_size,
         padding_side,
         examples,
     )
     if (out / "manifest.json").exists():
-        cache = open_cache(out, verify=False)
-        problems = _diff(_identity(cache.manifest), _identity(plan))
-        if problems:
-            raise CacheError(f"{out} holds a different cache: " + "; ".join(problems))
-        logger.info("%s is complete; nothing to do", out)
-        return cache
-    encoded = encode_all(model, examples, max_length, on_error, skipped)
+        return _reopen(out, plan)
     out.mkdir(parents=True, exist_ok=True)
-    build_file = out / "build.json"
-    if build_file.exists():
-        problems = _diff(json.loads(build_file.read_text()), plan)
-        if problems:
-            raise CacheError(f"{out} holds a different, unfinished build: " + "; ".join(problems))
-    elif rank == 0:
-        atomic_write_json(build_file, plan)
-    store_dtype = getattr(torch, dtype)
-    chunks = [encoded[i : i + shard_size] for i in range(0, len(encoded), shard_size)]
-    mine = [i for i in range(len(chunks)) if i % world_size == rank]
-    todo = [i for i in mine if not _chunk_done(out, i)]
-    needs_grad = any(p.needs_grad for p in phis)
-    sites = sorted({s for p in phis for s in p.sites})
-    total = sum(len(chunks[i]) for i in todo)
-    disable = None if progress is None else not progress  # None: only on a terminal
-    with tqdm(total=total, desc="caching", unit="ex", disable=disable) as bar:
-        for i in todo:
-            _build_chunk(
-                model,
-                out,
-                i,
-                chunks[i],
-                layer_list,
-                phis,
-                store_dtype,
-                batch_size,
-                padding_side,
-                needs_grad,
-                sites,
-                on_error,
-                bar,
-            )
-    if world_size > 1:
-        distributed.barrier()  # every rank's shards are written before rank 0 merges
-    if rank != 0:
-        return None
-    return _finish(out, plan, len(chunks), skipped)
+    with write_lock(out, shared=world_size > 1):
+        if (out / "manifest.json").exists():  # finished by a writer that just let go
+            return _reopen(out, plan)
+        build_file = out / "build.json"
+        if build_file.exists():
+            problems = diff_fields(json.loads(build_file.read_text()), plan)
+            if problems:
+                raise CacheError(
+                    f"{out} holds a different, unfinished build: " + "; ".join(problems)
+                )
+        elif rank == 0:
+            atomic_write_json(build_file, plan)
+        store_dtype = getattr(torch, store_name)
+        chunks = [examples[i : i + shard_size] for i in range(0, len(examples), shard_size)]
+        mine = [i for i in range(len(chunks)) if i % world_size == rank]
+        plan_sha = _plan_sha256(plan)
+        needs_grad = any(p.needs_grad for p in phis)
+        sites = sorted({s for p in phis for s in p.sites})
+        disable = None if progress is None else not progress  # None: only on a terminal
+        sides = {
+            i: {"chunk_sha256": _chunk_sha256(chunks[i]), "plan_sha256": plan_sha} for i in mine
+        }
+        todo = [i for i in mine if not _chunk_done(out, i, sides[i])]
+        if on_error == "raise":  # a record too long for max_length fails now, not hours in
+            for i in todo:
+                encode_all(model, chunks[i], max_length, on_error, [])
+        total = sum(len(chunks[i]) for i in todo)
+        with tqdm(total=total, desc="caching", unit="ex", disable=disable) as bar:
+            for i in todo:
+                side = sides[i]
+                bad: list[dict[str, str]] = []  # token ids are held for one chunk at a time
+                encoded = encode_all(model, chunks[i], max_length, on_error, bad)
+                bar.update(len(chunks[i]) - len(encoded))
+                _build_chunk(
+                    model,
+                    out,
+                    i,
+                    encoded,
+                    layer_list,
+                    phis,
+                    store_dtype,
+                    batch_size,
+                    padding_side,
+                    needs_grad,
+                    sites,
+                    on_error,
+                    bar,
+                    side={**side, "skipped": bad},
+                )
+        if world_size > 1:
+            distributed.barrier()  # every rank's shards are written before rank 0 merges
+        if rank != 0:
+            return None
+        return _finish(out, plan, chunks, skipped)
+
+
+def _reopen(out: Path, plan: dict[str, Any]) -> "Cache":
+    """A finished cache at ``out``: verified like any open, then compared with ``plan``."""
+    cache = open_cache(out)
+    problems = diff_fields(_identity(cache.manifest), _identity(plan))
+    if problems:
+        raise CacheError(f"{out} holds a different cache: " + "; ".join(problems))
+    logger.info("%s is complete; nothing to do", out)
+    return cache
 
 
 def _plan(
     model: Model,
     train: Any,
-    layers: Any,
+    layers: list[int],
     stats: Sequence[str],
     max_length: int | None,
     dtype: str,
@@ -260,13 +365,12 @@ def _plan(
     padding_side: str,
     examples: Sequence[Example],
 ) -> dict[str, Any]:
-    if dtype not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"dtype must be 'bfloat16', 'float32' or 'float16', not {dtype!r}")
     plan: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "lensattr_version": __version__,
         "model": model.fingerprint(),
-        "layers": resolve_layers(layers, model.n_layers),
+        "n_layers": model.n_layers,
+        "layers": layers,
         "stats": list(stats),
         "pooling": POOLING,
         "max_length": max_length,
@@ -280,15 +384,31 @@ def _plan(
     return plan
 
 
-def _chunk_done(out: Path, index: int) -> bool:
+def _plan_sha256(plan: dict[str, Any]) -> str:
+    """What a shard's numbers depend on besides its examples (not the training file's hash)."""
+    ident = {k: v for k, v in _identity(plan).items() if k != "train"}
+    ident["model"] = {k: v for k, v in plan["model"].items() if k not in INFORMATIVE}
+    return canonical_sha256(ident)
 
+
+def _chunk_sha256(chunk: Sequence[Example]) -> str:
+    """Fingerprint of a chunk's examples: ids and messages, in order."""
+    return canonical_sha256([[ex.id, [dict(m) for m in ex.messages]] for ex in chunk])
+
+
+def _chunk_done(out: Path, index: int, want: dict[str, str]) -> bool:
+    """Whether chunk ``index`` is on disk for these examples and settings, and intact."""
     side = out / f"shard-{index:05d}.json"
     shard = out / f"shard-{index:05d}.safetensors"
     if not (side.exists() and shard.exists()):
         return False
     try:
-        return json.loads(side.read_text())["sha256"] == sha256_file(shard)
-    except (ValueError, KeyError, TypeError):  # an unreadable sidecar: redo the chunk
+        info = json.loads(side.read_text())
+        if any(info.get(k) != v for k, v in want.items()):
+            logger.info("%s is from other examples or settings: rebuilding it", side)
+            return False
+        return bool(info["sha256"] == sha256_file(shard))
+    except (ValueError, KeyError, TypeError, AttributeError):  # an unreadable sidecar: redo
         return False
 
 
@@ -306,51 +426,65 @@ def _build_chunk(
     sites: list[str],
     on_error: str,
     bar: Any,
+    side: dict[str, Any],
 ) -> None:
     n, d = len(chunk), model.d_model
     rows = {
         (p.name, layer): torch.zeros((n, d), dtype=store_dtype) for p in phis for layer in layers
     }
     bad: dict[int, str] = {}
+    dname = str(store_dtype).removeprefix("torch.")
     for idx in length_batches(chunk, batch_size):
         batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
         acts = capture(model, batch, layers, grad=needs_grad, sites=sites)
         for layer in layers:
             for p in phis:
-                vec = p.fn(acts[layer]).float().cpu()
-                finite = torch.isfinite(vec).all(1)
+                vec = p.fn(acts[layer]).float().cpu().to(store_dtype)  # checked as stored
+                finite = torch.isfinite(vec).all(1) & torch.isfinite(vec.float().norm(dim=1))
                 for j in (~finite).nonzero()[:, 0].tolist():
-                    bad[idx[j]] = f"non-finite {p.name} at layer {layer}"
-                rows[p.name, layer][idx] = vec.to(store_dtype)
+                    bad.setdefault(idx[j], f"non-finite {p.name} at layer {layer} in {dname}")
+                rows[p.name, layer][idx] = vec
         bar.update(len(idx))
     if bad and on_error != "skip":
+        ids = [chunk[i].id for i in sorted(bad)]
         first = min(bad)
-        raise CacheError(f"example {chunk[first].id!r}: {bad[first]} (use on_error='skip')")
+        also = f"; also {name_ids(ids[1:])}" if len(ids) > 1 else ""
+        hint = " or storage_dtype='bfloat16'" if store_dtype == torch.float16 else ""
+        raise CacheError(f"example {ids[0]!r}: {bad[first]}{also} (use on_error='skip'{hint})")
     keep = torch.tensor([i for i in range(n) if i not in bad], dtype=torch.long)
+    ids = [chunk[i].id for i in keep.tolist()]
     tensors: dict[str, torch.Tensor] = {}
     for (stat, layer), mat in rows.items():
         mat = mat[keep]
         tensors[tensor_key(stat, layer)] = mat
         tensors[tensor_key(stat, layer) + "/norm"] = mat.float().norm(dim=1)
-    digest = write_shard(out / f"shard-{index:05d}.safetensors", tensors)
+    shard = out / f"shard-{index:05d}.safetensors"
+    digest = write_shard(shard, tensors, metadata={"ids": json.dumps(ids)})
+    skipped = list(side.get("skipped", []))
+    skipped += [{"id": chunk[i].id, "reason": r} for i, r in sorted(bad.items())]
     atomic_write_json(
         out / f"shard-{index:05d}.json",
         {
+            **side,
             "index": index,
-            "ids": [chunk[i].id for i in keep.tolist()],
-            "skipped": [{"id": chunk[i].id, "reason": r} for i, r in sorted(bad.items())],
+            "ids": ids,
+            "skipped": skipped,
             "sha256": digest,
+            **describe_shard(shard),
         },
     )
 
 
 def _finish(
-    out: Path, plan: dict[str, Any], n_chunks: int, skipped: list[dict[str, str]]
+    out: Path,
+    plan: dict[str, Any],
+    chunks: Sequence[Sequence[Example]],
+    skipped: list[dict[str, str]],
 ) -> "Cache":
-
     shards: list[dict[str, Any]] = []
     ids: list[str] = []
-    for i in range(n_chunks):
+    plan_sha = _plan_sha256(plan)
+    for i, chunk in enumerate(chunks):
         side = out / f"shard-{i:05d}.json"
         if not side.exists():
             raise CacheError(
@@ -358,122 +492,37 @@ def _finish(
                 "multi-process build, rerun the same build once every rank is done)"
             )
         info = json.loads(side.read_text())
+        if info.get("chunk_sha256") != _chunk_sha256(chunk) or info.get("plan_sha256") != plan_sha:
+            raise CacheError(
+                f"{side} belongs to other examples or settings: rerun the same build once "
+                "every rank is done"
+            )
         shards.append(
             {
                 "file": f"shard-{i:05d}.safetensors",
                 "first_row": len(ids),
                 "n_rows": len(info["ids"]),
                 "sha256": info["sha256"],
+                "size": info["size"],
+                "header_sha256": info["header_sha256"],
+                "tensors": info["tensors"],
             }
         )
         ids += info["ids"]
         skipped += info["skipped"]
-    manifest = {**plan, "n_rows": len(ids), "ids": ids, "shards": shards, "skipped": skipped}
-    atomic_write_json(out / "manifest.json", manifest)
-    return open_cache(out, verify=False)
-
-
-@dataclass
-class Cache:
-    """An opened cache (see :func:`open_cache`)."""
-
-    path: Path
-    manifest: dict[str, Any]
-    _shards: list[MappedShard] = field(repr=False, default_factory=list)
-
-    @property
-    def ids(self) -> list[str]:
-        return self.manifest["ids"]
-
-    @property
-    def layers(self) -> list[int]:
-        return self.manifest["layers"]
-
-    @property
-    def stats(self) -> list[str]:
-        return self.manifest["stats"]
-
-    @property
-    def d_model(self) -> int:
-        return int(self.manifest["d_model"])
-
-    def __len__(self) -> int:
-        return int(self.manifest["n_rows"])
-
-    def stat(self, name: str, layer: int) -> StatView:
-        """The cached ``[n, d_model]`` matrix of statistic ``name`` at ``layer`` (lazy)."""
-        if name not in self.stats:
-            raise KeyError(f"statistic {name!r} is not in this cache (it has {self.stats})")
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} is not in this cache (it has {self.layers})")
-        key = tensor_key(name, layer)
-        parts = [
-            (info["first_row"], shard[key], shard[key + "/norm"])
-            for info, shard in zip(self.manifest["shards"], self._shards, strict=True)
-        ]
-        return StatView(parts, self.d_model)
-
-    def check(self, expect: Any) -> None:
-        """Raise :class:`CacheError` naming every field where the cache differs from ``expect``.
-
-        ``expect`` is a :class:`~lensattr.models.Model` or a dict of manifest fields (``model``
-        may itself be a Model).
-        """
-        want = {"model": expect} if isinstance(expect, Model) else dict(expect)
-        if isinstance(want.get("model"), Model):
-            want["model"] = want["model"].fingerprint()
-        problems = _diff(self.manifest, want)
-        if problems:
-            raise CacheError(f"{self.path} does not match: " + "; ".join(problems))
-
-
-def open_cache(path: str | Path, *, expect: Any = None, verify: bool = True) -> Cache:
-    """Open a finished cache, memory-mapped.
-
-    Args:
-        path: the cache directory.
-        expect: a :class:`~lensattr.models.Model` or dict of manifest fields that must match.
-        verify: check every shard's SHA-256 against the manifest (reads every byte once).
-
-    Raises:
-        CacheError: incomplete build, missing or corrupt shard, or a mismatch with ``expect``.
-    """
-
-    path = Path(path)
-    mfile = path / "manifest.json"
-    if not mfile.exists():
-        hint = (
-            " (an unfinished build: rerun the same build to resume)"
-            if (path / "build.json").exists()
-            else ""
-        )
-        raise CacheError(f"{path}: no manifest.json, not a finished lensattr cache{hint}")
-    try:
-        manifest = json.loads(mfile.read_text())
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-            raise ValueError("no shard list")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CacheError(f"{mfile}: corrupt manifest ({err})") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(
-            f"{mfile}: schema version {manifest.get('schema_version')} "
-            f"(this lensattr reads {SCHEMA_VERSION})"
-        )
-    shards = []
-    for info in manifest["shards"]:
-        f = path / info["file"]
-        if not f.exists():
-            raise CacheError(f"{f}: shard missing")
-        if verify and sha256_file(f) != info["sha256"]:
-            raise CacheError(f"{f}: checksum mismatch, the shard is corrupt")
-        try:
-            shards.append(MappedShard(f))
-        except ValueError as err:
-            raise CacheError(str(err)) from None
-    cache = Cache(path=path, manifest=manifest, _shards=shards)
-    if expect is not None:
-        cache.check(expect)
-    return cache
+    table = {ex.id: ex for chunk in chunks for ex in chunk}
+    records = write_records(out / RECORDS_FILE, (table[i] for i in ids))
+    manifest = {
+        **plan,
+        "n_rows": len(ids),
+        "ids": ids,
+        "shards": shards,
+        "skipped": skipped,
+        "records": records,
+    }
+    write_manifest(out, manifest)
+    remove_temporary_files(out)  # left by killed writers; every writer of this build is done
+    return open_cache(out)
 
 
 def world_from_env() -> tuple[int, int]:

@@ -1,16 +1,18 @@
 """The ``lensattr`` command line: ``cache``, ``query``, ``rank`` and ``demo``."""
 
 import argparse
+import errno
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lensattr._optional import explain
 from lensattr._version import __version__
-from lensattr.cache import DEFAULT_STATS
+from lensattr.cache import DEFAULT_STATS, STORAGE_DTYPES
 from lensattr.registry import names
 
 if TYPE_CHECKING:
@@ -58,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated phi names")
-    p.add_argument("--dtype-store", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--dtype-store",
+        default="bfloat16",
+        choices=list(STORAGE_DTYPES),
+        help="how rows are stored (default bfloat16)",
+    )
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in manifest)")
 
@@ -207,8 +214,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from lensattr import distributed
-    from lensattr.cache import build_cache
+    from lensattr.cache import build_cache, parse_dtype
 
+    args.dtype = parse_dtype(args.dtype)  # the model's: "bf16", "fp32", ... or None
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
     rank, world = distributed.init_process_group()
     args.device = args.device or distributed.default_device()
@@ -221,7 +229,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             stats=[s for s in args.stats.split(",") if s],
             batch_size=args.batch_size,
             max_length=args.max_length,
-            dtype=args.dtype_store,
+            storage_dtype=args.dtype_store,
             shard_size=args.shard_size,
             on_error="skip" if args.skip_bad else "raise",
             progress=False if args.quiet else None,
@@ -293,7 +301,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from lensattr.cache import open_cache
-    from lensattr.rank import examples_by_id, rank
+    from lensattr.rank import rank
 
     if (args.query is None) == (args.pairs is None):
         raise ValueError("give either --query (a saved query) or --pairs with --method auto")
@@ -311,19 +319,19 @@ def cmd_rank(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         bottom=args.bottom,
     )
-    examples = examples_by_id(cache, r.ids)
+    records = cache.records(r.ids)  # the cache's own checksummed copy of the training records
     with open(args.out, "w", encoding="utf-8") as fh:
-        for i, (eid, score, ex) in enumerate(zip(r.ids, r.scores.tolist(), examples, strict=True)):
-            rec = {
+        for i, (eid, score, rec) in enumerate(zip(r.ids, r.scores.tolist(), records, strict=True)):
+            row = {
                 "id": eid,
                 "score": score,
                 "rank": i + 1,
                 "layer": r.layer,
                 "phi": r.phi,
                 "g": r.g,
-                "example": {"messages": [dict(m) for m in ex.messages]},
+                "example": {k: v for k, v in rec.items() if k != "id"},
             }
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(r)} ranked examples (layer {r.layer}, {r.phi}, {r.g}) to {args.out}")
     return 0
 
@@ -356,9 +364,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-        print(f"lensattr {args.command}: error: {explain(err, args.command)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(
+            f"lensattr {args.command}: interrupted (rerun the same command to resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as err:
+        message = describe_error(err, args)
+        if message is None:
+            raise  # not a failure the CLI foresees: a bug, with its traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"lensattr {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+_ERRNO_HINTS = {
+    errno.ENOSPC: "no space left on the device: free some space, or write somewhere else",
+    errno.EDQUOT: "disk quota exceeded: free some space, or write somewhere else",
+    errno.EROFS: "read-only file system: choose a writable location",
+    errno.EACCES: "permission denied: check its permissions, or choose another location",
+    errno.EPERM: "operation not permitted: check its permissions, or choose another location",
+    errno.EEXIST: "already exists (and is in the way): remove it, or choose another path",
+    errno.ENOTDIR: "a path component is not a directory: check the path",
+    errno.EISDIR: "is a directory, a file was expected: check the path",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def describe_error(err: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for a failure the CLI foresees (naming the file and what to do), else ``None``."""
+    from safetensors import SafetensorError
+
+    from lensattr.data import DataError
+
+    if isinstance(err, ConnectionError) or type(err).__name__ in ("ConnectTimeout", "ReadTimeout"):
+        text = (
+            f"could not reach the network ({err}): check the connection, or use a local path "
+            "(a model already downloaded loads offline with HF_HUB_OFFLINE=1)"
+        )
+    elif isinstance(err, OSError) and (err.filename or err.errno in _ERRNO_HINTS):
+        hint = _ERRNO_HINTS.get(err.errno or 0, err.strerror or str(err))
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+        text = f"{where}: {hint}" if where else hint
+    elif isinstance(err, SafetensorError):
+        given = [str(getattr(args, a)) for a in ("query", "cache") if getattr(args, a, None)]
+        text = (
+            f"{', '.join(given) or 'a .safetensors file'}: not a readable safetensors file ({err})"
+        )
+    elif isinstance(err, KeyError):
+        text = str(err.args[0]) if err.args else "missing key"
+    elif isinstance(err, TypeError):
+        text = f"{err} (a wrong kind of value; rerun with -v for the traceback)"
+    elif isinstance(err, (DataError, ValueError, RuntimeError, OSError, ImportError, EOFError)):
+        text = explain(err, args.command) or type(err).__name__
+    else:
+        return None
+    return " ".join(text.split())  # one line
 
 
 if __name__ == "__main__":

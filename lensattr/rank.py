@@ -169,15 +169,6 @@ def check_query(cache: Cache, query: Query) -> None:
         )
 
 
-def examples_by_id(cache: Cache, ids: list[str]) -> list[Example]:
-    """The training examples behind ``ids``, read from the file recorded in the manifest."""
-    path = cache.manifest["train"].get("path")
-    if not path:
-        raise CacheError("the cache was built from in-memory data; pass the examples yourself")
-    table = {ex.id: ex for ex in load_examples(path, on_error="skip")}
-    return [table[i] for i in ids]
-
-
 @dataclass
 class Explanation:
     """Per-token contributions of one example's response to its score."""

@@ -12,11 +12,14 @@ import hashlib
 import json
 import mmap
 import os
+import re
+import secrets
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -27,8 +30,44 @@ def tensor_key(stat: str, layer: int) -> str:
     return f"{stat}/{layer}"
 
 
+# A file name a manifest may list: plain, inside the cache directory, not hidden.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (``0o666 & ~umask``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden temporary sibling of ``path`` unique to this writer (pid + random)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def remove_temporary_files(directory: Path) -> None:
+    """Delete the hidden ``*.tmp`` files writers leave when killed (call under the write lock)."""
+    for p in directory.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def plain_file(directory: Path, name: Any, what: str = "file") -> Path:
+    """``directory / name`` when ``name`` is a plain file name inside ``directory``.
+
+    Raises:
+        ValueError: a path with a separator, ``..``, a hidden name, or a symlink leading out.
+    """
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name.strip(".") == "":
+        raise ValueError(f"{directory}: {what} name {name!r} is not a plain file name")
+    path = directory / name
+    if path.is_symlink() and path.resolve().parent != directory.resolve():
+        raise ValueError(f"{path}: {what} is a symlink that leads out of {directory}")
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -40,15 +79,53 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write ``tensors`` to ``path`` atomically (temporary file + rename); return its SHA-256."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+def write_shard(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> str:
+    """Write ``tensors`` to ``path`` atomically (temporary file + rename); return its SHA-256.
+
+    The file gets the umask's mode (``safetensors`` alone creates it ``0600``).
+    """
+    tmp = temporary_name(path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, file_mode())
     with open(tmp, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return digest
+
+
+# Integer view and exponent mask per float dtype: all exponent bits set = inf or NaN.
+_EXPONENT = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+}
+
+
+def nonfinite_rows(t: torch.Tensor) -> list[int]:
+    """Indices of the rows (or elements, for a vector) of ``t`` holding an inf or NaN.
+
+    Tests the exponent bits through an integer view first (several times faster than
+    ``torch.isfinite`` on bf16), and looks for the rows only when one is found.
+    """
+    int_dtype, mask = _EXPONENT[t.dtype]
+    if t.numel() == 0 or int((t.view(int_dtype) & mask).max()) != mask:
+        return []
+    bad = ~torch.isfinite(t)
+    bad = bad.any(1) if bad.ndim == 2 else bad
+    return bad.nonzero()[:, 0].tolist()
+
+
+def describe_shard(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a shard file, of its header and of every tensor's bytes."""
+    shard = MappedShard(path)
+    return {
+        "size": shard.size,
+        "header_sha256": shard.header_sha256(),
+        "tensors": {k: shard.tensor_sha256(k) for k in sorted(shard.keys())},
+    }
 
 
 def sha256_file(path: Path) -> str:
@@ -72,10 +149,15 @@ class MappedShard:
             header = json.loads(self._map[8 : 8 + n])
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: corrupt shard header ({err})") from None
-        header.pop("__metadata__", None)
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.header_size = 8 + n
         self._base = 8 + n
         self._header = header
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        try:
+            end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise ValueError(f"{path}: corrupt shard header (no data offsets)") from None
+        self.size = size
         if self._base + end != size:
             raise ValueError(
                 f"{path}: truncated or padded shard ({size} bytes, expected {self._base + end})"
@@ -83,6 +165,22 @@ class MappedShard:
 
     def keys(self) -> list[str]:
         return list(self._header)
+
+    def info(self, key: str) -> dict[str, Any]:
+        """The header entry of ``key`` (``dtype``, ``shape``, ``data_offsets``), or ``{}``."""
+        return self._header.get(key, {})
+
+    def header_sha256(self) -> str:
+        return hashlib.sha256(memoryview(self._map)[: self.header_size]).hexdigest()
+
+    def tensor_sha256(self, key: str) -> str:
+        """SHA-256 of the stored bytes of tensor ``key``."""
+        begin, end = self._header[key]["data_offsets"]
+        view = memoryview(self._map)[self._base + begin : self._base + end]
+        try:
+            return hashlib.sha256(view).hexdigest()
+        finally:
+            view.release()
 
     def __getitem__(self, key: str) -> torch.Tensor:
         info = self._header[key]
@@ -98,6 +196,7 @@ class StatView:
 
     Indexing returns the requested rows only (a view when they lie in one shard), in the storage
     dtype; :meth:`chunks` streams the whole matrix. ``norms`` are the precomputed fp32 row norms.
+    :meth:`numpy` and ``np.asarray(view)`` give every row in float32.
 
     Examples:
         >>> # view = cache.stat("residual_change", 12); view[:5].float()
@@ -148,6 +247,15 @@ class StatView:
             if sel.any():
                 result[sel] = mat[idx[sel] - s]
         return result
+
+    def numpy(self) -> np.ndarray:
+        """Every row as a float32 numpy array (a copy; the storage dtype may be bf16)."""
+        return self[:].float().numpy()
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(view)``: float32 rows (or ``dtype``)."""
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
 
     def _empty(self) -> torch.Tensor:
         dtype = self._parts[0][1].dtype if self._parts else torch.float32

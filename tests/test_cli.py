@@ -159,3 +159,21 @@ def test_help_lists_the_registered_choices(capsys):
         main(["query", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "pool_contrast" in text and "deflated_cosine" in text
+
+
+def test_rank_prints_from_the_cache_not_the_train_file(tmp_path, train_records, pair_records):
+    """A moved train file does not matter, and extra fields come out with the example."""
+    recs = [dict(r, source=f"src{i}") for i, r in enumerate(train_records)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_records))
+    common = ["--model", "tiny-random", "--device", "cpu", "--quiet", "--layers", "2"]
+    cache, q, out = str(tmp_path / "c"), str(tmp_path / "q.st"), tmp_path / "r.jsonl"
+    assert main(["cache", *common, "--train", str(train), "--out", cache]) == 0
+    assert main(["query", *common, "--pairs", str(pairs), "--out", q]) == 0
+    train.rename(tmp_path / "moved.jsonl")
+    assert main(["rank", "--cache", cache, "--query", q, "--top-k", "3", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    by_id = {r["id"]: r for r in recs}
+    assert [r["example"]["source"] for r in rows] == [by_id[r["id"]]["source"] for r in rows]

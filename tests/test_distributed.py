@@ -44,10 +44,10 @@ CLI_SCRIPT = textwrap.dedent(
     written, group = [], []
     real = lensattr.cache.write_shard
 
-    def spy(path, tensors):
+    def spy(path, tensors, **kw):
         written.append(Path(path).name)
         group.append(lensattr.distributed.is_initialized())
-        return real(path, tensors)
+        return real(path, tensors, **kw)
 
     lensattr.cache.write_shard = spy
     code = main(argv)

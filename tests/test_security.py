@@ -7,6 +7,8 @@ to the same rules.
 """
 
 import ast
+import gzip
+import json
 import logging
 import pickle
 import re
@@ -175,11 +177,17 @@ def test_files_written_are_safetensors_or_json(tmp_path, tiny, train_records, pa
     behavior_query(tiny, pair_records, layers=[1]).save(tmp_path / "q.safetensors")
     for f in tmp_path.rglob("*"):
         if f.is_file():
-            assert f.suffix in (".json", ".safetensors"), f
+            # .lock: an empty file for flock; records.jsonl.gz: gzip-compressed JSON lines
+            assert f.suffix in (".json", ".safetensors") or f.name in (".lock", "records.jsonl.gz")
             if f.suffix == ".safetensors":  # the safetensors layout: u64 header size, JSON header
                 raw = f.read_bytes()
                 n = int.from_bytes(raw[:8], "little")
                 assert raw[8:9] == b"{" and raw[8 + n - 1 : 8 + n].rstrip() in (b"}", b"")
+            elif f.name == ".lock":
+                assert f.stat().st_size == 0
+            elif f.suffix == ".gz":
+                lines = gzip.decompress(f.read_bytes()).decode("ascii").splitlines()
+                assert [json.loads(line)["id"] for line in lines] == cache.ids
     assert len(cache) == len(train_records)
 
 
