@@ -46,7 +46,9 @@ def test_docs_build_strict(tmp_path):
     for page in ("concepts", "api/pipeline", "tutorials/01_quickstart"):
         assert (site / page / "index.html").exists(), page
     quickstart = (site / "tutorials" / "01_quickstart" / "index.html").read_text()
-    assert re.search(r"planted AUROC at layer \d+: \d\.\d{3}", quickstart)  # stored outputs shown
+    # stored outputs shown: precision among the pool first, planted AUROC second
+    assert re.search(r"precision@\d+ among the pool at layer \d+: \d\.\d{3}", quickstart)
+    assert re.search(r"planted AUROC at layer \d+: \d\.\d{3}", quickstart)
 
 
 def test_docs_point_at_data_users_have():
