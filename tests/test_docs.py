@@ -46,7 +46,9 @@ def test_docs_build_strict(tmp_path):
     for page in ("concepts", "api/pipeline", "tutorials/01_quickstart"):
         assert (site / page / "index.html").exists(), page
     quickstart = (site / "tutorials" / "01_quickstart" / "index.html").read_text()
-    assert re.search(r"planted AUROC at layer \d+: \d\.\d{3}", quickstart)  # stored outputs shown
+    # stored outputs shown: precision among the pool first, planted AUROC second
+    assert re.search(r"precision@\d+ among the pool at layer \d+: \d\.\d{3}", quickstart)
+    assert re.search(r"planted AUROC at layer \d+: \d\.\d{3}", quickstart)
 
 
 def test_docs_point_at_data_users_have():
@@ -85,3 +87,32 @@ def test_docs_nav_has_no_duplicate_pages():
     assert len(files) == len(set(files)), files
     titles = [t.lower().replace("-", " ") for t, _ in pairs if t]
     assert "scale out" not in titles and titles.count("scaling out") == 1, titles
+
+
+def test_custom_methods_guide_runs(tmp_path):
+    """The Python blocks of the custom-methods guide run top to bottom on the tiny model (in a
+    subprocess: their registrations must not leak into the test session), and ``select`` picks
+    one of the four methods the guide names."""
+    text = (ROOT / "docs" / "howto" / "custom-methods.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if not b.startswith(">>>")]
+    assert len(blocks) >= 5, "the guide lost its examples"
+    script = tmp_path / "guide.py"
+    script.write_text("\n".join(blocks) + "\nprint('CHOSEN', sel.method)\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    chosen = re.search(r"^CHOSEN (\S+)$", proc.stdout, re.M)
+    assert chosen, proc.stdout[-2000:]
+    assert chosen.group(1) in {
+        "unit_contrast|residual_change|abs_cosine",
+        "clipped_pool_contrast|resid_post|centered_cosine",
+        "pool_contrast|resid_post|deflated_cosine",
+        "residual_change|residual_change|cosine",
+    }
