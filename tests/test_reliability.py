@@ -260,7 +260,7 @@ def test_rerun_of_a_finished_build_verifies_and_never_ranks_corrupt_rows(
     train, ref = built
     out = fresh_copy(ref, tmp_path / "c")
     flip_byte_in(out / "shard-00002.safetensors", "residual_change/1")
-    q = behavior_query(tiny, pair_records, layers=[1])
+    q = behavior_query(tiny, pair_records, layers=[1], max_length=64)
     cache = rebuild(tiny, train, out)
     with pytest.raises(CacheError, match=r"shard-00002\.safetensors: checksum mismatch"):
         rank(cache, q, layer=1)
@@ -377,9 +377,9 @@ def test_expect_several_mismatches_are_all_named(built, other_model):
 def test_rank_refuses_a_query_from_another_model(built, tiny, other_model, pair_records):
     _, out = built
     cache = open_cache(out)
-    good = behavior_query(tiny, pair_records, layers=[1])
+    good = behavior_query(tiny, pair_records, layers=[1], max_length=64)
     assert len(rank(cache, good, layer=1, top_k=3)) == 3
-    bad = behavior_query(other_model, pair_records, layers=[1])
+    bad = behavior_query(other_model, pair_records, layers=[1], max_length=64)
     with pytest.raises(CacheError, match=r"model\.weights_sha256"):
         rank(cache, bad, layer=1)
     with pytest.raises(CacheError, match=r"model\.weights_sha256"):
@@ -391,7 +391,7 @@ def test_rank_and_stat_name_a_layer_the_cache_lacks(built, tiny, pair_records):
     cache = open_cache(out)
     with pytest.raises(KeyError, match=r"layer 2 is not in this cache \(it has \[1, 3\]\)"):
         cache.stat("grad", 2)
-    q = behavior_query(tiny, pair_records, layers=[2])
+    q = behavior_query(tiny, pair_records, layers=[2], max_length=64)
     with pytest.raises(KeyError, match="layer 2"):
         rank(cache, q, layer=2)
 

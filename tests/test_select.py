@@ -345,3 +345,11 @@ def test_candidates_cover_every_psi_stat_score_once():
         for k in itertools.product(stats_by_psi, ["resid_post"])
         if k[1] in stats_by_psi[k[0]]
     )
+
+
+def test_a_query_captured_with_other_settings_is_refused_naming_the_field(tiny, pool, pair_records):
+    q = lensattr.behavior_query(tiny, pair_records, layers=[1], max_length=64)
+    with pytest.raises(lensattr.CacheError, match="max_length=64.*max_length=512"):
+        lensattr.rank(pool, q, layer=1)
+    with pytest.raises(lensattr.CacheError, match="max_length"):
+        select(tiny, pool, pair_stats(tiny, pair_records, layers=[1], max_length=64))
