@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from lensattr.capture import LayerActs, _forward_kwargs, response_loss
+from lensattr.capture import _forward_kwargs, response_loss
 from lensattr.models import Model, frozen
 from lensattr.render import Batch
 from lensattr.sites import check_extra, locate, site_name
+from lensattr.types import LayerActs
 
 INSTALL_HINT = "pip install 'lensattr[tl]'"
 FINAL_NORM_HOOK = "ln_final.hook_out"
@@ -294,17 +295,13 @@ def capture_bridge(
             outs = [saved["z_out", layer] for layer in layers]
             grads = dict(zip(layers, torch.autograd.grad(loss, outs), strict=True))
 
-    def get(key: Any) -> torch.Tensor | None:
-        return saved[key].detach() if key in saved else None
-
     return {
         layer: LayerActs(
             z_in=saved["z_in", layer].detach(),
             z_out=saved["z_out", layer].detach(),
             grad=grads[layer].detach() if grad else None,
             mask=batch.mask,
-            attn_out=get(("attn_out", layer)),
-            mlp_out=get(("mlp_out", layer)),
+            **{kind: saved[kind, layer].detach() for kind in sites},
         )
         for layer in layers
     }

@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from einops import einsum
 
-from lensattr.capture import LayerActs
 from lensattr.moments import Moments, ScoreContext
 from lensattr.registry import register_phi, register_psi, register_score
-from lensattr.types import Acts, Mask, Queries, QueryScores, Scores, Vecs
+from lensattr.types import Acts, LayerActs, Mask, Queries, QueryScores, Scores, Vecs
 
 
 def pool(x: Acts, mask: Mask) -> Vecs:

@@ -11,7 +11,6 @@ backward pass stops at the lowest requested layer (its input is cut from the gra
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,28 +19,7 @@ import torch.nn.functional as F
 from lensattr.models import Model, frozen
 from lensattr.render import Batch
 from lensattr.sites import EXTRA, Port, check_extra, envoy, locate, module_paths, site_name
-from lensattr.types import Acts, Mask
-
-
-@dataclass
-class LayerActs:
-    """Captured activations of one layer for a batch (what a phi function receives).
-
-    Attributes:
-        z_in: block input, ``blocks.{l}.hook_resid_pre``.
-        z_out: block output, ``blocks.{l}.hook_resid_post``.
-        grad: ``d loss_x / d z_out`` (``None`` for a forward-only capture).
-        mask: True at the response positions.
-        attn_out: ``blocks.{l}.hook_attn_out``, when a statistic asked for it.
-        mlp_out: ``blocks.{l}.hook_mlp_out``, when a statistic asked for it.
-    """
-
-    z_in: Acts
-    z_out: Acts
-    grad: Acts | None
-    mask: Mask
-    attn_out: Acts | None = None
-    mlp_out: Acts | None = None
+from lensattr.types import LayerActs
 
 
 def _first(x: Any) -> Any:
@@ -52,10 +30,6 @@ def _read(lm: Any, port: Port) -> Any:
     """The tensor at a :class:`~lensattr.sites.Port` inside an nnsight trace."""
     value = getattr(envoy(lm, port.module), port.port)
     return value if port.port == "input" else _first(value)
-
-
-def _detach(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.detach()
 
 
 def response_loss(
@@ -172,8 +146,7 @@ def capture(
             z_out=z_out[layer].detach(),
             grad=grads[layer].detach() if grad else None,
             mask=batch.mask,
-            attn_out=_detach(extra.get((layer, "attn_out"))),
-            mlp_out=_detach(extra.get((layer, "mlp_out"))),
+            **{kind: extra[layer, kind].detach() for kind in sites},
         )
         for layer in layers
     }
