@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lensattr"
 CORE = {"lensattr.models", "lensattr.backend", "lensattr.bridge", "lensattr.capture"}
 """The modules of the old circle models <-> bridge <-> capture."""
-BY_DESIGN = {frozenset({"lensattr.registry", "lensattr.builtins"})}
+BY_DESIGN = {frozenset({"lensattr.registry", "lensattr.methods"})}
 """The registry imports the built-in methods at its end, and they register themselves in it."""
 
 
