@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 
 from lensattr.backend import Model as Model
 from lensattr.backend import frozen as frozen
-from lensattr.bridge import bridge_from_hf, wrap_bridge
+from lensattr.bridge import BridgeModel, bridge_from_hf, wrap_bridge
 from lensattr.capture import NnsightModel
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,9 @@ def load_model(
         >>> load_model("tiny-random", compute_dtype="bf16").dtype
         torch.bfloat16
     """
+    if type(spec) is Model:  # built by hand, before backends were classes: choose its backend now
+        cls = BridgeModel if spec.backend == "bridge" else NnsightModel
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(spec)})
     if isinstance(spec, Model):
         return spec
     if backend not in ("nnsight", "bridge"):
