@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from lensattr.capture import LayerActs, _forward_kwargs, response_loss
-from lensattr.models import Model, frozen
+from lensattr.backend import Model, frozen
+from lensattr.loss import forward_kwargs, response_loss
+from lensattr.loss import logits_loss as logits_loss  # re-exported: it lives with the loss
 from lensattr.render import Batch
 from lensattr.sites import check_extra, locate, site_name
+from lensattr.types import LayerActs
 
 INSTALL_HINT = "pip install 'lensattr[tl]'"
 FINAL_NORM_HOOK = "ln_final.hook_out"
@@ -70,29 +72,18 @@ def hf_state_dict(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class BridgeModel(Model):
-    """A :class:`~lensattr.models.Model` on the bridge backend.
+    """A :class:`~lensattr.backend.Model` on the bridge backend (:func:`capture_bridge`).
 
     Its fingerprint hashes the weights under their original Hugging Face names, so a cache built
     through the bridge matches the same weights loaded on the nnsight backend.
     """
 
-    def fingerprint(self) -> dict[str, str]:
-        if self._fingerprint is None:
-            hf = self.hf
-            self.hf = _UnwrappedWeights(hf)  # Model.fingerprint reads only self.hf.state_dict()
-            try:
-                super().fingerprint()
-            finally:
-                self.hf = hf
-        assert self._fingerprint is not None
-        return self._fingerprint
+    def capture(
+        self, batch: Batch, layers: Sequence[int], *, grad: bool = True, sites: Sequence[str] = ()
+    ) -> dict[int, LayerActs]:
+        return capture_bridge(self, batch, layers, grad=grad, sites=sites)
 
-
-class _UnwrappedWeights:
-    def __init__(self, hf: torch.nn.Module) -> None:
-        self.hf = hf
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def weights(self) -> dict[str, torch.Tensor]:
         return hf_state_dict(self.hf)
 
 
@@ -196,18 +187,6 @@ def _final_norm_hook(bridge: Any) -> str | None:
     return FINAL_NORM_HOOK if FINAL_NORM_HOOK in bridge.hook_dict else None
 
 
-def logits_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_x loss_x, [loss_x])`` from full logits (as :func:`~lensattr.capture.response_loss`).
-
-    Used when the bridge exposes no final-norm hook; position ``p - 1`` predicts token ``p``.
-    """
-    from lensattr.capture import reduce_response_nll
-
-    return reduce_response_nll(logits[:, :-1][mask[:, 1:]], input_ids, mask)
-
-
 def capture_bridge(
     model: Model,
     batch: Batch,
@@ -218,8 +197,8 @@ def capture_bridge(
 ) -> dict[int, LayerActs]:
     """Capture ``z_in``, ``z_out`` and (if ``grad``) ``g`` at ``layers`` with TransformerLens hooks.
 
-    Same contract as :func:`lensattr.capture.capture` (which dispatches here for
-    ``model.backend == "bridge"``).
+    Same contract as :func:`lensattr.capture.capture` (which calls it for a
+    :class:`BridgeModel`).
 
     Args:
         model: from :func:`wrap_bridge` or ``load_model(..., backend="bridge")``.
@@ -278,7 +257,7 @@ def capture_bridge(
         "attention_mask": batch.attention_mask,
     }
     if grad and final is not None:
-        kwargs.update(_forward_kwargs(model, batch))  # logits_to_keep=1 where supported
+        kwargs.update(forward_kwargs(model, batch))  # logits_to_keep=1 where supported
     return_type: str | None = "logits" if grad and final is None else None
     if not grad and layers[-1] + 1 < model.n_layers:
         kwargs["stop_at_layer"] = layers[-1] + 1  # nothing above the highest layer is needed
@@ -294,17 +273,13 @@ def capture_bridge(
             outs = [saved["z_out", layer] for layer in layers]
             grads = dict(zip(layers, torch.autograd.grad(loss, outs), strict=True))
 
-    def get(key: Any) -> torch.Tensor | None:
-        return saved[key].detach() if key in saved else None
-
     return {
         layer: LayerActs(
             z_in=saved["z_in", layer].detach(),
             z_out=saved["z_out", layer].detach(),
             grad=grads[layer].detach() if grad else None,
             mask=batch.mask,
-            attn_out=get(("attn_out", layer)),
-            mlp_out=get(("mlp_out", layer)),
+            **{kind: saved[kind, layer].detach() for kind in sites},
         )
         for layer in layers
     }

@@ -523,8 +523,3 @@ def _finish(
     write_manifest(out, manifest)
     remove_temporary_files(out)  # left by killed writers; every writer of this build is done
     return open_cache(out)
-
-
-def world_from_env() -> tuple[int, int]:
-    """``(rank, world_size)`` from ``torchrun`` / ``accelerate launch`` environment variables."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -2,46 +2,37 @@
 
 For each requested layer ``l`` this yields ``z_in`` (``blocks.{l}.hook_resid_pre``), ``z_out``
 (``blocks.{l}.hook_resid_post``) and ``g = d loss_x / d z_out``, where ``loss_x`` is the mean
-negative log-likelihood of the response tokens of example ``x``. The batch loss is
-``sum_x loss_x``: an example's gradient never depends on its batch-mates or on padding.
+negative log-likelihood of the response tokens of example ``x`` (:mod:`lensattr.loss`). The batch
+loss is ``sum_x loss_x``: an example's gradient never depends on its batch-mates or on padding.
 
 The language-model head is applied only at the positions that predict a response token, and the
 backward pass stops at the lowest requested layer (its input is cut from the graph there).
+
+:func:`capture` calls the model's backend (:meth:`lensattr.backend.Model.capture`); this module
+holds the nnsight one, :class:`NnsightModel`; :mod:`lensattr.bridge` the TransformerLens one.
 """
 
-import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from lensattr.models import Model, frozen
+from lensattr.backend import Model, frozen
+from lensattr.loss import forward_kwargs, response_loss
+from lensattr.loss import reduce_response_nll as reduce_response_nll  # re-exported
 from lensattr.render import Batch
-from lensattr.sites import EXTRA, Port, check_extra, envoy, locate, module_paths, site_name
-from lensattr.types import Acts, Mask
-
-
-@dataclass
-class LayerActs:
-    """Captured activations of one layer for a batch (what a phi function receives).
-
-    Attributes:
-        z_in: block input, ``blocks.{l}.hook_resid_pre``.
-        z_out: block output, ``blocks.{l}.hook_resid_post``.
-        grad: ``d loss_x / d z_out`` (``None`` for a forward-only capture).
-        mask: True at the response positions.
-        attn_out: ``blocks.{l}.hook_attn_out``, when a statistic asked for it.
-        mlp_out: ``blocks.{l}.hook_mlp_out``, when a statistic asked for it.
-    """
-
-    z_in: Acts
-    z_out: Acts
-    grad: Acts | None
-    mask: Mask
-    attn_out: Acts | None = None
-    mlp_out: Acts | None = None
+from lensattr.sites import (
+    EXTRA,
+    ModulePaths,
+    Port,
+    check_extra,
+    envoy,
+    locate,
+    module_paths,
+    site_name,
+)
+from lensattr.types import LayerActs as LayerActs  # re-exported: the record lives in types
 
 
 def _first(x: Any) -> Any:
@@ -52,48 +43,6 @@ def _read(lm: Any, port: Port) -> Any:
     """The tensor at a :class:`~lensattr.sites.Port` inside an nnsight trace."""
     value = getattr(envoy(lm, port.module), port.port)
     return value if port.port == "input" else _first(value)
-
-
-def _detach(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.detach()
-
-
-def response_loss(
-    hidden: torch.Tensor, model: Model, input_ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_x loss_x, [loss_x])``, the LM head applied only where a response token is predicted.
-
-    ``hidden`` is the final normalised residual stream; position ``p - 1`` predicts token ``p``.
-    """
-    pred = mask[:, 1:]
-    head = model.hf.get_output_embeddings()
-    logits = F.linear(hidden[:, :-1][pred], head.weight, getattr(head, "bias", None)).float()
-    cap = getattr(model.hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return reduce_response_nll(logits, input_ids, mask)
-
-
-def reduce_response_nll(
-    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_x loss_x, [loss_x])`` from the logits at the predicting positions ``mask[:, 1:]``
-    (in row-major order): each example's mean NLL over its own response tokens."""
-    pred = mask[:, 1:]
-    rows = pred.nonzero()[:, 0]
-    nll = F.cross_entropy(logits.float(), input_ids[:, 1:][pred], reduction="none")
-    n_tokens = mask.sum(1).clamp(min=1)
-    per_example = torch.zeros(mask.shape[0], dtype=nll.dtype, device=nll.device)
-    per_example = per_example.index_add(0, rows, nll) / n_tokens
-    return per_example.sum(), per_example
-
-
-def _forward_kwargs(model: Model, batch: Batch) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"position_ids": batch.position_ids}
-    params = inspect.signature(model.hf.forward).parameters
-    if "logits_to_keep" in params:  # the full head is not needed: the loss recomputes it sparsely
-        kwargs["logits_to_keep"] = 1
-    return kwargs
 
 
 def capture(
@@ -124,13 +73,42 @@ def capture(
         >>> acts[3].grad.shape == acts[3].z_out.shape
         True
     """
-    if model.backend == "bridge":
-        from lensattr.bridge import capture_bridge
+    return model.capture(batch, layers, grad=grad, sites=sites)
 
-        return capture_bridge(model, batch, layers, grad=grad, sites=sites)  # checks sites too
+
+class NnsightModel(Model):
+    """A :class:`~lensattr.backend.Model` on the nnsight backend: ``lm`` traces ``hf``.
+
+    The module paths of its sites are found once, at the first capture (:attr:`paths`).
+    """
+
+    @cached_property
+    def paths(self) -> ModulePaths:
+        """Where the blocks, attention and MLP live in ``hf`` (found by
+        :func:`~lensattr.sites.module_paths`)."""
+        return module_paths(self.hf)
+
+    def capture(
+        self, batch: Batch, layers: Sequence[int], *, grad: bool = True, sites: Sequence[str] = ()
+    ) -> dict[int, LayerActs]:
+        return capture_nnsight(self, batch, layers, grad=grad, sites=sites)
+
+
+def capture_nnsight(
+    model: NnsightModel,
+    batch: Batch,
+    layers: Sequence[int],
+    *,
+    grad: bool = True,
+    sites: Sequence[str] = (),
+) -> dict[int, LayerActs]:
+    """The nnsight capture: ``z_in``, ``z_out`` and ``g`` read inside one ``lm.trace``.
+
+    Same contract as :func:`capture` (which calls it for an :class:`NnsightModel`).
+    """
     sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
-    paths = module_paths(model.hf)
+    paths = model.paths
     lm = model.lm
     # Inside a trace, values are nnsight proxies of tensors (with .save()); typed Any for mypy.
     z_in: dict[int, Any] = {}
@@ -143,7 +121,7 @@ def capture(
     with (
         frozen(model.hf),
         torch.set_grad_enabled(grad),
-        lm.trace(inputs, **_forward_kwargs(model, batch)),
+        lm.trace(inputs, **forward_kwargs(model, batch)),
     ):
         for layer in layers:
             pre = locate(site_name(layer, "resid_pre"), paths=paths)
@@ -172,8 +150,7 @@ def capture(
             z_out=z_out[layer].detach(),
             grad=grads[layer].detach() if grad else None,
             mask=batch.mask,
-            attn_out=_detach(extra.get((layer, "attn_out"))),
-            mlp_out=_detach(extra.get((layer, "mlp_out"))),
+            **{kind: extra[layer, kind].detach() for kind in sites},
         )
         for layer in layers
     }

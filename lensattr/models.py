@@ -1,24 +1,30 @@
-"""Loading models, and the :class:`Model` handle the rest of lensattr works with.
+"""Loading models into the :class:`~lensattr.backend.Model` handle the rest of lensattr works with.
 
 ``load_model`` accepts the embedded default ``"smollm2-135m-instruct"``, ``"tiny-random"`` (a
 seeded random Llama for tests), a local directory or a hub id written ``hf://owner/name`` of a
 Hugging Face causal LM, a built ``transformers`` model (+ tokenizer), an
 ``nnsight.LanguageModel`` or a TransformerLens ``TransformerBridge``.
+
+The backend is chosen here, once: a :class:`~lensattr.capture.NnsightModel` or a
+:class:`~lensattr.bridge.BridgeModel` (``Model`` and ``frozen`` are re-exported from
+:mod:`lensattr.backend`).
 """
 
-import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lensattr.backend import Model as Model
+from lensattr.backend import frozen as frozen
+from lensattr.bridge import BridgeModel, bridge_from_hf, wrap_bridge
+from lensattr.capture import NnsightModel
 
 logger = logging.getLogger(__name__)
 
@@ -32,70 +38,6 @@ HUB_PREFIX = "hf://"
 def lensattr_home() -> Path:
     """Where lensattr caches converted models: ``$LENSATTR_HOME`` or ``~/.cache/lensattr``."""
     return Path(os.environ.get("LENSATTR_HOME", Path.home() / ".cache" / "lensattr"))
-
-
-@dataclass
-class Model:
-    """A causal LM ready for capture: the Hugging Face module, its tokenizer and a backend.
-
-    Attributes:
-        name: a human-readable name (recorded in cache manifests).
-        hf: the ``transformers`` model (also for ``TransformerBridge``, the wrapped HF model).
-        tokenizer: its tokenizer, with a chat template.
-        backend: ``"nnsight"`` (Hugging Face models, traced) or ``"bridge"``
-            (TransformerLens hooks).
-        lm: the ``nnsight.LanguageModel`` wrapping ``hf`` (nnsight backend).
-        bridge: the ``TransformerBridge`` (bridge backend).
-    """
-
-    name: str
-    hf: Any
-    tokenizer: Any
-    backend: str = "nnsight"
-    lm: Any = None
-    bridge: Any = None
-    _fingerprint: dict[str, str] | None = field(default=None, repr=False)
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.hf.config.num_hidden_layers)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.hf.config.hidden_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.hf.parameters()).dtype
-
-    @property
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return int(pid)
-
-    def fingerprint(self) -> dict[str, str]:
-        """SHA-256 of the weights (names, dtypes, shapes, bytes), tokenizer and chat template."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, t in self.hf.state_dict().items():
-                t = t.detach().contiguous().cpu()
-                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-            tok = hashlib.sha256(repr((vocab, self.tokenizer.eos_token)).encode()).hexdigest()
-            template = self.tokenizer.chat_template or ""
-            self._fingerprint = {
-                "name": self.name,
-                "weights_sha256": h.hexdigest(),
-                "tokenizer_sha256": tok,
-                "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-            }
-        return self._fingerprint
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -151,28 +93,6 @@ def _move(hf: Any, device: str | None, dtype: torch.dtype | None) -> Any:
     return hf
 
 
-@contextlib.contextmanager
-def frozen(*modules: Any) -> Iterator[None]:
-    """Parameters without gradients and modules in eval mode for the block, restored after.
-
-    The capture runs under this, so a user's model (passed to :func:`load_model`) is used
-    frozen without being changed: its ``requires_grad`` flags and train/eval modes come back.
-    """
-    thawed = [p for m in modules for p in m.parameters() if p.requires_grad]
-    training = [sub for m in modules for sub in m.modules() if sub.training]
-    for p in thawed:
-        p.requires_grad_(False)
-    for sub in training:
-        sub.training = False
-    try:
-        yield
-    finally:
-        for p in thawed:
-            p.requires_grad_(True)
-        for sub in training:
-            sub.training = True
-
-
 def _wrap_nnsight(name: str, hf: Any, tokenizer: Any) -> Model:
     try:  # nnsight >= 0.8 (LanguageModel is its deprecated alias)
         from nnsight.modeling.transformers import TransformersModel as Traced
@@ -182,7 +102,7 @@ def _wrap_nnsight(name: str, hf: Any, tokenizer: Any) -> Model:
     if tokenizer.chat_template is None:
         raise ValueError(f"{name}: the tokenizer has no chat template; lensattr renders chats")
     lm = Traced(hf, tokenizer=tokenizer, task="text-generation")
-    return Model(name=name, hf=hf, tokenizer=tokenizer, lm=lm)
+    return NnsightModel(name=name, hf=hf, tokenizer=tokenizer, lm=lm)
 
 
 def smollm2_gguf_path() -> Path:
@@ -273,6 +193,9 @@ def load_model(
         >>> load_model("tiny-random", compute_dtype="bf16").dtype
         torch.bfloat16
     """
+    if type(spec) is Model:  # built by hand, before backends were classes: choose its backend now
+        cls = BridgeModel if spec.backend == "bridge" else NnsightModel
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(spec)})
     if isinstance(spec, Model):
         return spec
     if backend not in ("nnsight", "bridge"):
@@ -285,8 +208,6 @@ def load_model(
 
     def wrap(name: str, hf: Any, tok: Any) -> Model:
         if backend == "bridge":
-            from lensattr.bridge import bridge_from_hf, wrap_bridge
-
             return wrap_bridge(bridge_from_hf(hf, tok, name=name))
         return _wrap_nnsight(name, hf, tok)
 
@@ -296,8 +217,6 @@ def load_model(
         dtype = default_dtype(device)
     kind = type(spec).__name__
     if kind == "TransformerBridge":
-        from lensattr.bridge import wrap_bridge
-
         return wrap_bridge(spec, device=device, dtype=dtype)
     if hasattr(spec, "trace") and isinstance(getattr(spec, "_module", None), torch.nn.Module):
         # An nnsight LanguageModel / TransformersModel; a lazy one (meta weights) is loaded now.
@@ -307,7 +226,8 @@ def load_model(
         if any(p.is_meta for p in hf.parameters()):
             raise ValueError("the nnsight model still has meta-device weights after dispatch()")
         tok = tokenizer or spec.tokenizer
-        return Model(name=hf.config.name_or_path or "nnsight-model", hf=hf, tokenizer=tok, lm=spec)
+        name = hf.config.name_or_path or "nnsight-model"
+        return NnsightModel(name=name, hf=hf, tokenizer=tok, lm=spec)
     if isinstance(spec, torch.nn.Module):
         if tokenizer is None:
             raise ValueError("a built transformers model needs its tokenizer: load_model(m, tok)")

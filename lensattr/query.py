@@ -19,14 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lensattr.cache import Cache, CacheError, open_cache, resolve_layers
-from lensattr.capture import LayerActs, capture
+from lensattr.capture import capture
 from lensattr.data import Pair, load_pairs
 from lensattr.models import load_model
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score
 from lensattr.render import collate, encode
-from lensattr.types import Vec
+from lensattr.types import LayerActs, Vec
 
 FOLDS = 4
 """Interleaved folds of the query pairs for held-out measurements (fewer with fewer pairs)."""
@@ -162,21 +162,7 @@ def _is_pair_list(pairs: Any) -> bool:
 
 def _split(acts: LayerActs) -> tuple[LayerActs, LayerActs]:
     """Split a capture of interleaved (treatment, control) rows into the two sides."""
-
-    def side(k: int) -> LayerActs:
-        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[k::2]
-
-        return LayerActs(
-            z_in=acts.z_in[k::2],
-            z_out=acts.z_out[k::2],
-            grad=pick(acts.grad),
-            mask=acts.mask[k::2],
-            attn_out=pick(acts.attn_out),
-            mlp_out=pick(acts.mlp_out),
-        )
-
-    return side(0), side(1)
+    return acts.rows(slice(0, None, 2)), acts.rows(slice(1, None, 2))
 
 
 # ---------------------------------------------------------------------------------- the query

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lensattr.cache import Cache, CacheError, open_cache
-from lensattr.capture import LayerActs, capture
+from lensattr.capture import capture
 from lensattr.data import Example, load_examples
 from lensattr.models import load_model
 from lensattr.moments import ScoreContext, content_digest
@@ -213,17 +213,7 @@ def explain(
     one_hot = torch.zeros((n, batch.mask.shape[1]), dtype=torch.bool, device=batch.mask.device)
     one_hot[torch.arange(n), positions] = True
 
-    def expand(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.expand(n, *x.shape[1:])
-
-    single = LayerActs(
-        z_in=acts.z_in.expand(n, -1, -1),
-        z_out=acts.z_out.expand(n, -1, -1),
-        grad=expand(acts.grad),
-        mask=one_hot,
-        attn_out=expand(acts.attn_out),
-        mlp_out=expand(acts.mlp_out),
-    )
+    single = acts.map(lambda x: x.expand(n, *x.shape[1:]), mask=one_hot)
     contrib = stat.fn(single).float().cpu() @ query.vector(layer)
     tokens = [model.tokenizer.decode([t]) for t in enc.ids[enc.n_prompt :]]
     return Explanation(tokens=tokens, contributions=contrib, total=float(contrib.mean()))

@@ -215,4 +215,4 @@ def names(kind: str) -> list[str]:
     return sorted(tables[kind])
 
 
-import lensattr.builtins  # noqa: E402, F401  (registers the built-ins, eagerly and in one place)
+import lensattr.methods  # noqa: E402, F401  (registers the built-ins, eagerly and in one place)

@@ -17,8 +17,10 @@ from typing import Any, overload
 
 import torch
 
+from lensattr.types import EXTRA_SITES
+
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-EXTRA = ("attn_out", "mlp_out")
+EXTRA = EXTRA_SITES
 """Sites a capture may keep besides ``z_in`` / ``z_out`` (``capture(..., sites=EXTRA)``)."""
 _SITE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
 _LAYER_LISTS = ("layers", "h", "blocks", "layer", "decoder.layers")

@@ -174,3 +174,28 @@ def test_transformerlens_hook_names_are_accepted(tiny):
     for bad in (4, "-5", "blocks.9.hook_resid_post", "twelve", True):
         with pytest.raises(ValueError, match="layer .* (is out of range|is not a block index)"):
             layer_index(bad, n)
+
+
+def test_layer_acts_rows_and_map_keep_every_field_together(tiny, train_records):
+    """``rows`` / ``map`` act on every tensor, extras included; the record is one type."""
+    import importlib
+
+    import lensattr
+    from lensattr.types import LayerActs
+
+    module = importlib.import_module("lensattr.capture")  # lensattr.capture is the function
+    assert lensattr.LayerActs is module.LayerActs is LayerActs
+    batch = collate(encoded(tiny, train_records[:4]), tiny.pad_id)
+    acts = capture(tiny, batch, [1], sites=["mlp_out"])[1]
+    assert set(acts.extra) == {"mlp_out"} and acts.attn_out is None
+    odd = acts.rows(slice(1, None, 2))
+    for name in ("z_in", "z_out", "grad", "mask", "mlp_out"):
+        assert torch.equal(getattr(odd, name), getattr(acts, name)[1::2])
+    assert odd.attn_out is None
+    picked = acts.rows(torch.tensor([False, True, True, False]))
+    assert torch.equal(picked.z_out, acts.z_out[1:3]) and torch.equal(picked.mask, acts.mask[1:3])
+    one = acts.rows(slice(0, 1))
+    mask = torch.zeros((3, *one.mask.shape[1:]), dtype=torch.bool)
+    wide = one.map(lambda x: x.expand(3, *x.shape[1:]), mask=mask)
+    assert wide.grad is not None and wide.grad.shape[0] == 3 and wide.mask is mask
+    assert torch.equal(wide.mlp_out[2], acts.mlp_out[0])

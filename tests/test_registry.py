@@ -8,7 +8,7 @@ import torch
 
 import lensattr
 from lensattr import registry
-from lensattr.builtins import pool
+from lensattr.methods import pool
 
 
 def test_builtins_are_registered_eagerly():
@@ -29,7 +29,7 @@ def test_duplicate_names_from_another_module_are_refused(deco):
         deco("resid_post" if deco is registry.register_phi else "cosine")(lambda *a: None)
     with pytest.raises(ValueError, match="already registered"):
         registry.register_psi("residual_diff", stat="resid_post")(lambda *a: None)
-    assert registry.SCORE["cosine"].module == "lensattr.builtins"  # nothing half-replaced
+    assert registry.SCORE["cosine"].module == "lensattr.methods"  # nothing half-replaced
 
 
 def test_re_registering_from_the_same_module_replaces_and_override_replaces_any():
@@ -104,7 +104,7 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
     pkg.write_text(
         textwrap.dedent("""
         from lensattr import register_phi
-        from lensattr.builtins import pool
+        from lensattr.methods import pool
         LOADS = [1]
 
         @register_phi("plugin_zin")
@@ -134,3 +134,15 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
     finally:
         registry.PHI.pop("plugin_zin", None)
         sys.modules.pop("myplugin", None)
+
+
+def test_old_builtins_module_warns_and_re_exports_the_methods():
+    import importlib
+
+    from lensattr import methods
+
+    sys.modules.pop("lensattr.builtins", None)
+    with pytest.warns(DeprecationWarning, match="renamed lensattr.methods"):
+        old = importlib.import_module("lensattr.builtins")
+    assert old.pool is methods.pool and old.cosine is methods.cosine
+    assert registry.SCORE["cosine"].module == "lensattr.methods"  # registered once, not again

@@ -1,0 +1,98 @@
+"""The module graph: the model loader, the backends and the capture import one another in one
+direction only (no circle through a lazy import either), so each can be read on its own."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lensattr"
+CORE = {"lensattr.models", "lensattr.backend", "lensattr.bridge", "lensattr.capture"}
+"""The modules of the old circle models <-> bridge <-> capture."""
+BY_DESIGN = {frozenset({"lensattr.registry", "lensattr.methods"})}
+"""The registry imports the built-in methods at its end, and they register themselves in it."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """Every lensattr module ``path`` imports, at the top or inside a function."""
+    found: set[str] = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path.parent)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
+                )
+                base = base.rstrip(".")
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # from lensattr import submodule
+    return {m for m in found if m in modules}
+
+
+def graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) - {module_name(p)} for p in paths}
+
+
+def cycles(edges: dict[str, set[str]], skip: set[str]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), ``skip`` left out."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v] - skip:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                found.append(sorted(part))
+
+    for v in sorted(set(edges) - skip):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_is_read_from_the_sources():
+    edges = graph()
+    assert "lensattr.backend" in edges["lensattr.capture"]  # a top-level import
+    assert "lensattr.distributed" in edges["lensattr.cache"]  # `from lensattr import distributed`
+    assert "lensattr.testing" in edges["lensattr.models"]  # an import inside a function
+
+
+def test_no_import_circle_among_loader_backends_and_capture():
+    edges = graph()
+    sub = {m: edges[m] & CORE for m in CORE}
+    assert cycles(sub, set()) == []
+    assert "lensattr.capture" not in edges["lensattr.bridge"]  # no private helper borrowed
+    assert not edges["lensattr.backend"] & CORE  # the interface imports no backend
+
+
+def test_no_other_import_circle_than_the_registry_and_its_methods():
+    """The package's ``__init__`` (the facade that imports everything) is left out."""
+    found = {frozenset(c) for c in cycles(graph(), skip={"lensattr"})}
+    assert found <= BY_DESIGN, sorted(map(sorted, found - BY_DESIGN))
+
+
+def test_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, set()) == [["a", "b", "c"]]
