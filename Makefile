@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint typecheck pytest docs katex browser notebooks bench-perf clean
+.PHONY: setup demo test lint typecheck pytest docs katex browser notebooks bench-perf bench-peers clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,5 +74,23 @@ notebooks: setup
 bench-perf: setup
 	$(PY) benchmarks/bench_perf.py
 
+# lensattr against EleutherAI's bergson (issue 14). bergson gets its own virtual environment with
+# the CPU torch: `--no-deps` keeps pip from pulling CUDA builds, bitsandbytes, torchvision and
+# torchaudio, which it does not need on a CPU; its other dependencies are installed by name.
+BERGSON_VENV ?= .venv-bergson
+BERGSON ?= bergson==2.5.1
+BERGSON_DEPS := accelerate datasets jinja2 jaxtyping ml_dtypes natsort numpy scipy peft petname \
+	pyarrow pyyaml simple-parsing torchopt transformers huggingface-hub
+$(BERGSON_VENV)/.installed:
+	test -x $(BERGSON_VENV)/bin/python || $(PYTHON) -m venv $(BERGSON_VENV)
+	$(BERGSON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BERGSON_VENV)/bin/python -m pip install -q $(TORCH)
+	$(BERGSON_VENV)/bin/python -m pip install -q --no-deps $(BERGSON)
+	$(BERGSON_VENV)/bin/python -m pip install -q $(BERGSON_DEPS)
+	touch $@
+
+bench-peers: setup $(BERGSON_VENV)/.installed
+	$(PY) benchmarks/bench_peers.py $(BENCH_PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) runs site build dist
+	rm -rf $(VENV) $(BERGSON_VENV) runs site build dist

@@ -9,9 +9,12 @@ query/ranking over millions of cached rows. Prints a table and ratios measured i
 (frozen parameters, plain hooks, no storage) on the same length-bucketed batches and padding as
 (c), with the LM head on every position ("full head") and only where a loss is taken ("sparse
 head", as lensattr does); (c) ``build_cache`` for all layers with the default statistics, written
-to disk, and again for the last third of the layers; (d) the TRAK-style baseline of
+to disk, again with ``resid_post`` only (no gradient: the forward only), and again for the last
+third of the layers; (d) the TRAK-style baseline of
 ``lensattr.bench.trak`` when present; (e) one query + ranking over N synthetic 16-bit rows,
 memory-mapped with precomputed norms, page cache warm and cold, with peak anonymous memory.
+``--parts layers`` adds the build's cost against the lowest cached layer (``--lowest-layers``),
+with the default statistics and with the forward-only one.
 Methods run in alternating rounds and the fastest round of each is kept (the machine is shared).
 """
 
@@ -305,7 +308,10 @@ def main() -> None:
     ap.add_argument("--rank-rows", type=int, default=1_000_000)
     ap.add_argument("--rank-dims", default="576,4096")
     ap.add_argument("--rss-sizes", default="32,128", help="corpus sizes for (c)'s peak RSS")
-    ap.add_argument("--parts", default="timing,rss,rank", help="which parts to run")
+    ap.add_argument("--parts", default="timing,rss,rank", help="which parts to run (also: layers)")
+    ap.add_argument(
+        "--lowest-layers", default="0,10,20,-1", help="the layers part: lowest cached layers"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check only")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -339,6 +345,32 @@ def main() -> None:
             progress=False,
         )
 
+    def cache_forward_only() -> None:
+        build_cache(
+            model,
+            examples,
+            out=tempfile.mkdtemp(dir=work),
+            layers="all",
+            stats=["resid_post"],  # needs no gradient: build_cache runs the forward only
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            progress=False,
+        )
+
+    def cache_from(lowest: int, stats) -> float:
+        t = time.perf_counter()
+        build_cache(
+            model,
+            examples,
+            out=tempfile.mkdtemp(dir=work),
+            layers=list(range(lowest, model.n_layers)),
+            stats=stats,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            progress=False,
+        )
+        return time.perf_counter() - t
+
     def cache_upper() -> None:
         build_cache(
             model,
@@ -358,6 +390,7 @@ def main() -> None:
             "(b) floor, full head": lambda: run_floor(model, bs, layers, sparse_head=False),
             "(b) floor, sparse head": lambda: run_floor(model, bs, layers, sparse_head=True),
             "(c) build_cache, all layers": cache_all,
+            "(c) build_cache, forward only": cache_forward_only,
             "(b) floor, sparse head, last third": lambda: run_floor(model, bs, upper, True),
             "(c) build_cache, last third": cache_upper,
         }
@@ -378,6 +411,8 @@ def main() -> None:
             "(c)/(b) sparse head": best["(c) build_cache, all layers"]
             / best["(b) floor, sparse head"],
             "(c)/(a)": best["(c) build_cache, all layers"] / best["(a) forward only"],
+            "(c) tokens/s fwd-only / gradient": best["(c) build_cache, all layers"]
+            / best["(c) build_cache, forward only"],
             "(c) last third / (c) all": best["(c) build_cache, last third"]
             / best["(c) build_cache, all layers"],
             "(c)/(b) last third, sparse": best["(c) build_cache, last third"]
@@ -390,6 +425,24 @@ def main() -> None:
         print()
         for k, v in r.items():
             print(f"ratio {k:<32}{v:>7.3f}")
+    sweep: list[dict] = []
+    if "layers" in parts:
+        # Issue 14 item 3: the build's cost against the lowest cached layer (the backward stops
+        # there), for the default statistics and for the forward-only one; alternating rounds.
+        lows = [int(x) % model.n_layers for x in args.lowest_layers.split(",")]
+        kinds = {"default stats": list(DEFAULT_STATS), "resid_post only": ["resid_post"]}
+        secs: dict[tuple[int, str], float] = {}
+        cache_from(model.n_layers - 1, ["grad"])  # warm-up: first nnsight trace, allocator
+        for r_ in range(args.rounds):
+            for low in lows if r_ % 2 == 0 else lows[::-1]:
+                for kind, stats in kinds.items():
+                    key = (low, kind)
+                    secs[key] = min(secs.get(key, float("inf")), cache_from(low, stats))
+        base = secs[(min(lows), "default stats")]
+        print(f"\n{'lowest layer':<14}{'statistics':<18}{'seconds':>9}{'tokens/s':>10}{'/ all':>8}")
+        for (low, kind), s in sorted(secs.items()):
+            sweep.append({"lowest": low, "stats": kind, "seconds": s, "tokens_per_s": n_tokens / s})
+            print(f"{low:<14}{kind:<18}{s:>9.2f}{n_tokens / s:>10.1f}{s / base:>8.2f}")
     per_example = 2 * model.d_model + 4
     print(
         f"\nbytes on disk per example, layer and statistic: {per_example} "
@@ -418,7 +471,14 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(
             json.dumps(
-                {"seconds": best, "tokens": n_tokens, "ratios": r, "rss": rss, "ranking": ranking},
+                {
+                    "seconds": best,
+                    "tokens": n_tokens,
+                    "ratios": r,
+                    "rss": rss,
+                    "ranking": ranking,
+                    "lowest_layer_sweep": sweep,
+                },
                 indent=1,
             )
         )
@@ -432,14 +492,14 @@ def trak_runner(model, examples, args):
     """(d): lensattr.bench.trak's projected per-example gradients (its default parameter subset
     and projection), timed on the same examples; None (and a line saying so) if unavailable."""
     try:
-        from lensattr.bench.trak import Projector, _n_params, default_targets, projected_grads
+        from lensattr.bench.trak import Projector, n_params, default_targets, projected_grads
     except ImportError as err:
         print(f"(d) not run: lensattr.bench.trak is unavailable ({err})")
         return None
     targets = default_targets(model)
-    projector = Projector(_n_params(model, targets), dim=512, seed=0)
+    projector = Projector(n_params(model, targets), dim=512, seed=0)
     print(
-        f"(d) TRAK-style: {_n_params(model, targets):,} parameters ({', '.join(targets)}), "
+        f"(d) TRAK-style: {n_params(model, targets):,} parameters ({', '.join(targets)}), "
         "projected to 512 dimensions"
     )
     return lambda: projected_grads(

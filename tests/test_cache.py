@@ -369,3 +369,29 @@ def test_nonfinite_rows_agrees_with_isfinite(values, dtype):
     assert (
         nonfinite_rows(t.reshape(-1)) == (~torch.isfinite(t.reshape(-1))).nonzero()[:, 0].tolist()
     )
+
+
+def test_a_gradient_free_build_runs_no_backward(tiny, train_records, tmp_path, monkeypatch):
+    """Only forward statistics asked for: no backward at all (issue 14, item 2), and the rows
+    are the gradient build's."""
+    full = build_cache(tiny, train_records, out=tmp_path / "g", layers=[1, 3], progress=False)
+    calls: list[str] = []
+
+    def refuse(*args, **kwargs):
+        calls.append("backward")
+        raise AssertionError("a gradient-free build ran a backward")
+
+    monkeypatch.setattr(torch.autograd, "backward", refuse)
+    monkeypatch.setattr(torch.autograd, "grad", refuse)
+    # The guard works: the same build with a gradient statistic now fails.
+    with pytest.raises(Exception, match="ran a backward"):
+        build_cache(
+            tiny, train_records, out=tmp_path / "x", layers=[3], stats=["grad"], progress=False
+        )
+    calls.clear()
+    fwd = build_cache(
+        tiny, train_records, out=tmp_path / "f", layers=[1, 3], stats=["resid_post"], progress=False
+    )
+    assert calls == []
+    for layer in (1, 3):
+        assert torch.equal(fwd.stat("resid_post", layer)[:], full.stat("resid_post", layer)[:])
