@@ -492,7 +492,7 @@ def trak_runner(model, examples, args):
     """(d): lensattr.bench.trak's projected per-example gradients (its default parameter subset
     and projection), timed on the same examples; None (and a line saying so) if unavailable."""
     try:
-        from lensattr.bench.trak import Projector, n_params, default_targets, projected_grads
+        from lensattr.bench.trak import Projector, default_targets, n_params, projected_grads
     except ImportError as err:
         print(f"(d) not run: lensattr.bench.trak is unavailable ({err})")
         return None
