@@ -11,9 +11,10 @@ the query pairs themselves. For every candidate ``(psi, stat, g)`` and layer, :f
    held-out controls together: a method scores high only if replies showing the behaviour rank
    above both the unrelated corpus and the same prompts answered without it,
 
-and keeps the candidate with the highest mean over folds (ties: higher held-out accuracy, then
-the deeper layer). Plant labels, held-out behaviour data and anything else outside the pairs and
-the unlabelled cache are never read.
+then chooses in two stages (:func:`choose`): the method with the highest criterion averaged over
+the layers, then that method's best layer (ties: higher held-out accuracy, then the deeper
+layer). Plant labels, held-out behaviour data and anything else outside the pairs and the
+unlabelled cache are never read.
 
 Cost: the pairs' statistics are captured once for every layer and statistic (:func:`pair_stats`);
 each candidate is then a few matrix products over the cache rows, with every fold and query of a
@@ -125,25 +126,61 @@ class Selection:
     table: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def best_per_method(self) -> dict[str, dict[str, Any]]:
-        """Each candidate's best layer row (by the same criterion)."""
-        out: dict[str, dict[str, Any]] = {}
-        for row in self.table:
-            cur = out.get(row["method"])
-            if cur is None or _key(row) > _key(cur):
-                out[row["method"]] = row
-        return out
-
     def summary(self, top: int = 8) -> str:
-        """A few lines: the choice, then the best candidates with their criterion."""
-        rows = sorted(self.best_per_method().values(), key=_key, reverse=True)
-        lines = [f"auto chose {self.method} at layer {self.layer} (held-out AP among the pool)"]
-        for r in rows[:top]:
+        """A few lines: the choice, then the best methods (criterion averaged over layers, and
+        at each method's best layer)."""
+        means = method_scores(self.table)
+        best_rows: dict[str, dict[str, Any]] = {}
+        for row in self.table:
+            cur = best_rows.get(row["method"])
+            if cur is None or _key(row) > _key(cur):
+                best_rows[row["method"]] = row
+        lines = [
+            f"auto chose {self.method} at layer {self.layer} (held-out AP among the pool: "
+            "mean over layers, then the best layer)"
+        ]
+        for m in sorted(means, key=lambda m: means[m], reverse=True)[:top]:
+            r = best_rows[m]
             lines.append(
-                f"  {r['method']:<48} layer {r['layer']:>2}  AP {r['criterion']:.3f}  "
-                f"accuracy {r['accuracy']:.2f}"
+                f"  {m:<48} mean AP {means[m][0]:.3f}  best L{r['layer']:>2} AP "
+                f"{r['criterion']:.3f}  accuracy {r['accuracy']:.2f}"
             )
         return "\n".join(lines)
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if not math.isnan(r[key])]
+    return sum(vals) / len(vals) if vals else -1.0
+
+
+def method_scores(table: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each method's criterion and held-out accuracy averaged over the layers."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in table:
+        by_method.setdefault(row["method"], []).append(row)
+    return {m: (_mean(rows, "criterion"), _mean(rows, "accuracy")) for m, rows in by_method.items()}
+
+
+def choose(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chosen row of a criterion table, in two stages: first the method with the highest
+    criterion averaged over the layers (ties: mean held-out accuracy), then that method's layer
+    with the highest criterion (ties: held-out accuracy, then the deeper layer).
+
+    Each cell's criterion rests on a few held-out pairs; the best of some 300 noisy cells is
+    mostly the luckiest. A method's mean over its layers is a steadier estimate of the bigger
+    decision, and the layer is then chosen among a handful of cells.
+
+    Examples:
+        >>> rows = [{"method": "a", "layer": 1, "criterion": 0.9, "accuracy": 1.0},
+        ...         {"method": "a", "layer": 2, "criterion": 0.1, "accuracy": 1.0},
+        ...         {"method": "b", "layer": 1, "criterion": 0.6, "accuracy": 1.0},
+        ...         {"method": "b", "layer": 2, "criterion": 0.7, "accuracy": 1.0}]
+        >>> (r := choose(rows))["method"], r["layer"]
+        ('b', 2)
+    """
+    means = method_scores(table)
+    method = max(means, key=lambda m: means[m])
+    return max((r for r in table if r["method"] == method), key=_key)
 
 
 def _key(row: dict[str, Any]) -> tuple[float, float, int]:
@@ -329,7 +366,7 @@ def select(
         ps, cache, method_list, layer_list, rows=rows, folds=folds, pool_sample=pool_sample
     )
     seconds = time.perf_counter() - t0
-    best = max(table, key=_key)
+    best = choose(table)
     method = Method.parse(best["method"])
     query = behavior_query(
         None, ps, psi=method.psi, stat=method.stat, layers=layer_list, pool=cache, g=method.g
@@ -345,6 +382,7 @@ __all__ = [
     "Method",
     "Selection",
     "candidates",
+    "choose",
     "evaluate",
     "heldout_accuracy",
     "select",
