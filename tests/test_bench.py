@@ -175,12 +175,20 @@ def test_centered_and_whitened_cosine_match_numpy():
     )
 
 
-def test_scores_read_moments_from_the_cache(tiny, train_records, tmp_path):
+def test_scores_read_moments_from_the_cache(tiny, train_records, tmp_path, monkeypatch):
+    import lensattr.moments
     from lensattr import build_cache
     from lensattr.moments import ScoreContext
 
+    monkeypatch.setattr(lensattr.moments, "PERSIST_ROWS", 0)
+
     cache = build_cache(
-        tiny, train_records, out=tmp_path / "c", layers=[2], stats=["resid_post"], dtype="float32"
+        tiny,
+        train_records,
+        out=tmp_path / "c",
+        layers=[2],
+        stats=["resid_post"],
+        storage_dtype="fp32",
     )
     x = cache.stat("resid_post", 2)[:].double().numpy()
     psi = torch.randn(x.shape[1])

@@ -74,13 +74,17 @@ def stats(tiny, pair_records):
 
 
 def test_pool_moments_equal_the_rows_and_follow_the_cache_not_the_path(
-    tiny, train_records, tmp_path
+    tiny, train_records, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(lensattr.moments, "PERSIST_ROWS", 0)  # keep them on disk at any size
     c1 = lensattr.build_cache(tiny, train_records, out=tmp_path / "c", layers=[2], progress=False)
     rows = c1.stat("resid_post", 2)[:].double()
     m = pool_moments(c1, "resid_post", 2)
     assert torch.allclose(m.mean, rows.mean(0), atol=1e-10)
     assert torch.allclose(m.cov, torch.cov(rows.T), atol=1e-8)
+    lensattr.moments._MEMO.clear()  # read back from the file (fp32 covariance)
+    back = pool_moments(c1, "resid_post", 2)
+    assert torch.allclose(back.cov, torch.cov(rows.T), rtol=1e-6, atol=1e-8)
     f = tmp_path / "c" / "moments-resid_post-2.safetensors"
     assert f.exists() and not list((tmp_path / "c").glob(".moments*"))
     # another cache rebuilt at the same path: its own moments, never the old ones
