@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from lensattr._version import __version__
 from lensattr.capture import capture
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.models import Model, load_model
 from lensattr.names import STORAGE_DTYPES, dtype_name, layer_index, parse_dtype, resolve_layers
+from lensattr.progress import Progress
 from lensattr.reader import (
     INFORMATIVE,
     SCHEMA_VERSION,
@@ -221,7 +221,8 @@ def build_cache(
         shard_size: examples per shard (the unit of resumption).
         padding_side: ``"right"`` or ``"left"``.
         on_error: ``"raise"`` or ``"skip"`` (skip and list bad records in the manifest).
-        progress: show a progress bar (default: when stderr is a terminal).
+        progress: ``None``: a bar on a terminal or in Jupyter, a line with rate and ETA every
+            30 s elsewhere (:mod:`lensattr.progress`); ``False``: silent.
         rank, world_size: data-parallel slice of the chunks (see :mod:`lensattr.distributed`);
             default: the running process group's, else ``RANK`` / ``WORLD_SIZE`` (a single
             process when unset). Under ``torchrun`` a process group is started for the barrier.
@@ -305,7 +306,6 @@ def build_cache(
         plan_sha = _plan_sha256(plan)
         needs_grad = any(p.needs_grad for p in phis)
         sites = sorted({s for p in phis for s in p.sites})
-        disable = None if progress is None else not progress  # None: only on a terminal
         sides = {
             i: {"chunk_sha256": _chunk_sha256(chunks[i]), "plan_sha256": plan_sha} for i in mine
         }
@@ -314,7 +314,7 @@ def build_cache(
             for i in todo:
                 encode_all(model, chunks[i], max_length, on_error, [])
         total = sum(len(chunks[i]) for i in todo)
-        with tqdm(total=total, desc="caching", unit="ex", disable=disable) as bar:
+        with Progress(total, "caching", "ex", progress) as bar:
             for i in todo:
                 side = sides[i]
                 bad: list[dict[str, str]] = []  # token ids are held for one chunk at a time

@@ -38,7 +38,7 @@ def _capture_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all", help='"all", "12", "0,5,10" or "20:30"')
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl (id, score, rank, example)")
     _model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="for capturing --pairs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2 and bundled data")
     p.add_argument("--model", default="smollm2-135m-instruct")

@@ -376,7 +376,7 @@ def behavior_query(
             pool's moments to the held-out accuracy of pool-aware scores.
         g: the score the query is ranked with by default (and its held-out accuracy measured in).
         batch_size, max_length, padding_side: as in :func:`~lensattr.build_cache`.
-        progress: show a progress bar (default: on a terminal).
+        progress: as in :func:`~lensattr.build_cache` (``False``: silent).
         **psi_kwargs: passed to the psi's pair builder (e.g. ``max_new_tokens`` for persona).
 
     Examples:
