@@ -51,14 +51,19 @@ def test_re_registering_from_the_same_module_replaces_and_override_replaces_any(
         registry.SCORE["dot"] = plain
 
 
-def test_a_broken_plugin_is_logged_and_skipped(tmp_path, monkeypatch, caplog):
-    (tmp_path / "brokenplugin.py").write_text("raise ImportError('boom')\n")
-    dist = tmp_path / "brokenplugin-0.1.dist-info"
+def install_plugin(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """A module ``name`` registered in the ``lensattr.methods`` entry-point group (a fake dist)."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    dist = tmp_path / f"{name}-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[lensattr.methods]\nbroken = brokenplugin\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[lensattr.methods]\nmine = {name}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_loaded", False)
+
+
+def test_a_broken_plugin_is_logged_and_skipped(tmp_path, monkeypatch, caplog):
+    install_plugin(tmp_path, monkeypatch, "brokenplugin", "raise ImportError('boom')\n")
     with caplog.at_level("WARNING", logger="lensattr.registry"):
         assert registry.get_phi("resid_post").name == "resid_post"
     assert "brokenplugin" in caplog.text and "boom" in caplog.text
@@ -100,9 +105,11 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
 
 
 def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, train_records):
-    pkg = tmp_path / "myplugin.py"
-    pkg.write_text(
-        textwrap.dedent("""
+    install_plugin(
+        tmp_path,
+        monkeypatch,
+        "myplugin",
+        """
         from lensattr import register_phi
         from lensattr.methods import pool
         LOADS = [1]
@@ -110,14 +117,8 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
         @register_phi("plugin_zin")
         def plugin_zin(acts):
             return pool(acts.z_in, acts.mask)
-    """)
+        """,
     )
-    dist = tmp_path / "myplugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[lensattr.methods]\nmine = myplugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_loaded", False)
     try:
         assert registry.get_phi("plugin_zin").name == "plugin_zin"
         registry.load_plugins()  # a second load is a no-op, not a duplicate error
