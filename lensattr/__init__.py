@@ -28,7 +28,7 @@ from lensattr.models import Model, load_model
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
 from lensattr.registry import register_phi, register_psi, register_score
-from lensattr.select import PAPER, Method, Selection, candidates, select
+from lensattr.select import PAPER, Method, Selection, candidates, select, select_then_cache
 
 __all__ = [
     "__version__",
@@ -41,6 +41,7 @@ __all__ = [
     "pair_stats",
     "pool_metrics",
     "select",
+    "select_then_cache",
     "Cache",
     "CacheError",
     "DataError",

@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -376,6 +377,81 @@ def select(
     return Selection(query=query, method=method, layer=best["layer"], table=table, seconds=seconds)
 
 
+def select_then_cache(
+    model: Any,
+    train: Any,
+    pairs: Any,
+    *,
+    out: str | Path,
+    sample: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    progress: bool | None = None,
+) -> tuple[Cache, Query, Selection]:
+    """The cheap path for one behaviour: choose on a sample, then cache the corpus for the choice.
+
+    :func:`select` runs on a cache of a seeded sample of ``sample`` training examples (every
+    default statistic at every layer, in a temporary directory); the whole corpus is then cached
+    at the chosen layer for the chosen statistic only. A gradient-free statistic (``resid_post``)
+    needs no backward at all, and the backward of a gradient statistic stops at the chosen layer.
+    The query is refitted against the full cache (its pool moments), ready for :func:`rank`.
+
+    Returns:
+        ``(cache, query, selection)``: the full cache, the query (``query.layer`` set) and the
+        choice made on the sample.
+
+    Examples:
+        >>> import tempfile, lensattr
+        >>> m = lensattr.load_model("tiny-random")
+        >>> train = [{"id": f"t{i}", "prompt": "Hi", "response": "ok " * (i % 5 + 1)}
+        ...          for i in range(12)]
+        >>> pairs = [{"prompt": f"Q{i}", "treatment": "ok ok", "control": "Hi."} for i in range(4)]
+        >>> cache, q, sel = select_then_cache(m, train, pairs, out=tempfile.mkdtemp(), sample=6)
+        >>> cache.layers == [sel.layer], cache.stats == [sel.method.stat], len(cache)
+        (True, True, 12)
+    """
+    import random
+    import tempfile
+
+    from lensattr.cache import DEFAULT_STATS, build_cache
+    from lensattr.data import load_examples
+    from lensattr.models import load_model
+
+    if sample < 1:
+        raise ValueError(f"sample must be >= 1, got {sample}")
+    model = load_model(model)
+    examples = load_examples(train)
+    picked = sorted(random.Random(seed).sample(range(len(examples)), min(sample, len(examples))))
+    kw: dict[str, Any] = {"batch_size": batch_size, "max_length": max_length}
+    ps = pair_stats(model, pairs, stats=DEFAULT_STATS, layers="all", progress=progress, **kw)
+    with tempfile.TemporaryDirectory(prefix="lensattr-sample-") as tmp:
+        small = build_cache(model, [examples[i] for i in picked], out=tmp, progress=progress, **kw)
+        assert small is not None  # a single-process build returns its cache
+        sel = select(model, small, ps)
+    cache = build_cache(
+        model,
+        examples,
+        out=out,
+        layers=[sel.layer],
+        stats=[sel.method.stat],
+        progress=progress,
+        **kw,
+    )
+    assert cache is not None
+    query = behavior_query(
+        None,
+        ps,
+        psi=sel.method.psi,
+        stat=sel.method.stat,
+        layers=[sel.layer],
+        pool=cache,
+        g=sel.method.g,
+    )
+    query.layer = sel.layer
+    return cache, query, sel
+
+
 __all__ = [
     "MIN_PAIRS",
     "PAPER",
@@ -386,4 +462,5 @@ __all__ = [
     "evaluate",
     "heldout_accuracy",
     "select",
+    "select_then_cache",
 ]

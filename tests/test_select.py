@@ -362,3 +362,24 @@ def test_a_query_captured_with_other_settings_is_refused_naming_the_field(tiny, 
         lensattr.rank(pool, q, layer=1)
     with pytest.raises(lensattr.CacheError, match="max_length"):
         select(tiny, pool, pair_stats(tiny, pair_records, layers=[1], max_length=64))
+
+
+def test_select_then_cache_ranks_as_the_full_cache_would(
+    tiny, train_records, pair_records, tmp_path
+):
+    """Choose on a sample, cache only the choice: the ranking equals that of a full cache."""
+    from lensattr.select import select_then_cache
+
+    cache, q, sel = select_then_cache(
+        tiny, train_records, pair_records, out=tmp_path / "one", sample=6, max_length=512
+    )
+    assert cache.layers == [sel.layer] and cache.stats == [sel.method.stat]
+    full = lensattr.build_cache(tiny, train_records, out=tmp_path / "all", progress=False)
+    m = sel.method
+    ref = lensattr.behavior_query(tiny, pair_records, psi=m.psi, stat=m.stat, pool=full, g=m.g)
+    got = lensattr.rank(cache, q, top_k=None)
+    want = lensattr.rank(full, ref, layer=sel.layer, top_k=None)
+    assert got.ids == want.ids
+    assert torch.allclose(got.scores, want.scores, atol=1e-5)
+    with pytest.raises(ValueError, match="sample"):
+        select_then_cache(tiny, train_records, pair_records, out=tmp_path / "x", sample=0)
