@@ -1,4 +1,4 @@
-"""Ranking metrics for planted-recovery checks."""
+"""Ranking metrics: precision among the pool (the headline) and planted AUROC (secondary)."""
 
 from typing import Any
 
@@ -31,39 +31,6 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks[order] = avg[inverse].to(scores.dtype)
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
-
-
-def precision_recall_at_k(
-    scores: torch.Tensor, labels: torch.Tensor, k: int
-) -> tuple[float, float]:
-    """Precision and recall of the positives among the ``k`` highest scores.
-
-    Examples:
-        >>> precision_recall_at_k(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1, 0, 1]), 2)
-        (0.5, 0.5)
-    """
-    top = torch.topk(scores, min(k, len(scores))).indices
-    hits = int(labels.bool()[top].sum())
-    n_pos = int(labels.bool().sum())
-    return hits / max(len(top), 1), hits / n_pos if n_pos else float("nan")
-
-
-def bootstrap_auroc(
-    scores: torch.Tensor, labels: torch.Tensor, n: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """A 95% percentile-bootstrap interval of :func:`auroc` (resampling within each class)."""
-    gen = torch.Generator().manual_seed(seed)
-    pos, neg = scores[labels.bool()], scores[~labels.bool()]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan"), float("nan")
-    lab = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-    vals = []
-    for _ in range(n):
-        p = pos[torch.randint(len(pos), (len(pos),), generator=gen)]
-        q = neg[torch.randint(len(neg), (len(neg),), generator=gen)]
-        vals.append(auroc(torch.cat([p, q]), lab))
-    t = torch.tensor(vals)
-    return float(t.quantile(0.025)), float(t.quantile(0.975))
 
 
 def _order(scores: torch.Tensor) -> torch.Tensor:
