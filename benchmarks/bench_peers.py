@@ -214,9 +214,7 @@ def queries(model, runs, rows, labels, pairs_path, sides, work, env, bergson_bui
     assert list(cache.manifest["ids"]) == ids, "the cache's rows are not the demo subset's order"
 
     def full_scores(ranking: lensattr.Ranking) -> torch.Tensor:
-        s = torch.full((len(ids),), float("nan"))
-        s[ranking.rows] = ranking.scores.float()
-        return s
+        return ranking.scores_of(range(len(ids))).float()
 
     results: dict[str, dict] = {}
     t = time.perf_counter()

@@ -38,10 +38,7 @@ def bundled(name: str) -> Path:
 
 def all_scores(cache: Any, query: Any, layer: int, g: str) -> torch.Tensor:
     """Every cached example's score (cache row order) under ``query`` at ``layer``."""
-    r = rank(cache, query, layer=layer, g=g, top_k=None)
-    scores = torch.empty(len(cache))
-    scores[r.rows] = r.scores
-    return scores
+    return rank(cache, query, layer=layer, g=g, top_k=None).scores_of(range(len(cache)))
 
 
 def layer_sweep(cache: Any, query: Any, g: str, labels: torch.Tensor) -> list[dict[str, Any]]:

@@ -38,14 +38,20 @@ class Ranking:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def scores_of(self, rows: Any) -> torch.Tensor:
+        """The scores of cache ``rows``, in that order (e.g. ``range(len(cache))`` after
+        ``top_k=None``: every example's score in cache order, for metrics).
 
-def _merge(
-    best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest of two (score, row) lists; ties by row index (rows ascend in order)."""
-    s_all, i_all = torch.cat([best_s, s]), torch.cat([best_i, i])
-    order = torch.sort(-s_all, stable=True).indices[:k]
-    return s_all[order], i_all[order]
+        Raises:
+            KeyError: a row that is not in this ranking.
+        """
+        want = torch.as_tensor(rows, dtype=torch.long)
+        order = torch.argsort(self.rows)
+        have = self.rows[order]
+        pos = torch.searchsorted(have, want).clamp(max=max(len(have) - 1, 0))
+        if len(want) and (len(have) == 0 or not torch.equal(have[pos], want)):
+            raise KeyError("some rows are not in this ranking (rank with top_k=None)")
+        return self.scores[order[pos]]
 
 
 def _layer_arg(layer: Any, query: Query) -> int:
@@ -128,8 +134,8 @@ def rank(
         raise ValueError("nothing to rank: the cache (or the rows asked for) is empty")
     chunk_rows = chunk_rows or max(1024, (32 << 20) // (4 * view.d_model))
     k = n_total if top_k is None else min(top_k, n_total)
-    best_s = torch.empty(0)
-    best_i = torch.empty(0, dtype=torch.long)
+    cand_s: list[torch.Tensor] = []  # each chunk's k best, in ranking order
+    cand_i: list[torch.Tensor] = []
     nonfinite = 0
     for start, block, norms in view.chunks(chunk_rows):  # never a full fp32 copy
         idx = torch.arange(start, start + len(block))
@@ -142,7 +148,14 @@ def rank(
         bad = ~torch.isfinite(s)
         nonfinite += int(bad.sum())
         s = (-s if bottom else s).masked_fill(bad, -torch.inf)  # non-finite: always last
-        best_s, best_i = _merge(best_s, best_i, s, idx, k)
+        keep = torch.sort(-s, stable=True).indices[:k]
+        cand_s.append(s[keep])
+        cand_i.append(idx[keep])
+    # one stable sort of the candidates: chunks ascend in row order, so ties keep the lower row
+    s_all = torch.cat(cand_s) if cand_s else torch.empty(0)
+    i_all = torch.cat(cand_i) if cand_i else torch.empty(0, dtype=torch.long)
+    top = torch.sort(-s_all, stable=True).indices[:k]
+    best_s, best_i = s_all[top], i_all[top]
     scores = -best_s if bottom else best_s
     if nonfinite:
         logger.warning("%d scores are not finite; they are ranked last", nonfinite)

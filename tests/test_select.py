@@ -383,3 +383,14 @@ def test_select_then_cache_ranks_as_the_full_cache_would(
     assert torch.allclose(got.scores, want.scores, atol=1e-5)
     with pytest.raises(ValueError, match="sample"):
         select_then_cache(tiny, train_records, pair_records, out=tmp_path / "x", sample=0)
+
+
+def test_scores_of_returns_each_rows_score_in_the_order_asked(pool, stats, tiny):
+    q = lensattr.behavior_query(tiny, stats, layers=[3])
+    rows = pool.stat("residual_change", 3)[:].float()
+    direct = torch.nn.functional.cosine_similarity(rows, q.vector(3)[None], dim=1)
+    r = lensattr.rank(pool, q, layer=3, top_k=None, chunk_rows=4)
+    assert torch.allclose(r.scores_of(range(len(pool))), direct, atol=1e-5)
+    assert torch.allclose(r.scores_of([5, 0, 2]), direct[[5, 0, 2]], atol=1e-5)
+    with pytest.raises(KeyError, match="not in this ranking"):
+        lensattr.rank(pool, q, layer=3, top_k=2).scores_of(range(len(pool)))

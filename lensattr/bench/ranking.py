@@ -30,12 +30,7 @@ from lensattr.registry import get_score
 
 def _scores(cache: Any, query: Any, layer: int, g: str, idx: torch.Tensor) -> torch.Tensor:
     """Scores of the pool rows ``idx`` (in that order) under ``query`` at ``layer`` with ``g``."""
-    r = rank(cache, query, layer=layer, g=g, rows=idx, top_k=None)
-    pos = torch.full((len(cache),), -1, dtype=torch.long)
-    pos[idx] = torch.arange(len(idx))
-    out = torch.empty(len(idx))
-    out[pos[r.rows]] = r.scores
-    return out
+    return rank(cache, query, layer=layer, g=g, rows=idx, top_k=None).scores_of(idx)
 
 
 def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, Any]:
