@@ -22,6 +22,7 @@ Examples:
 from lensattr._version import __version__
 from lensattr.cache import Cache, CacheError, build_cache, open_cache
 from lensattr.capture import LayerActs, capture
+from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, Pair, load_examples, load_pairs
 from lensattr.metrics import pool_metrics
 from lensattr.models import Model, load_model
@@ -44,6 +45,7 @@ __all__ = [
     "select_then_cache",
     "Cache",
     "CacheError",
+    "CaptureConfig",
     "DataError",
     "Example",
     "LayerActs",

@@ -23,6 +23,7 @@ allocation) and, once per open, the hash of each tensor the first time it is rea
 """
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -36,6 +37,7 @@ import torch
 
 from lensattr._version import __version__
 from lensattr.capture import capture
+from lensattr.config import POOLINGS, CaptureConfig
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.models import Model, load_model
 from lensattr.names import STORAGE_DTYPES, dtype_name, layer_index, parse_dtype, resolve_layers
@@ -84,7 +86,7 @@ __all__ = [
 ]
 logger = logging.getLogger(__name__)
 DEFAULT_STATS = ("residual_change", "residual_change_exact", "resid_post", "grad")
-POOLING = "mean_response"
+POOLING = POOLINGS[0]
 # Fields of build.json that must match for a resume or an `expect=` check.
 IDENTITY = (
     "schema_version",
@@ -134,18 +136,12 @@ def _positive_int(name: str, value: Any) -> int:
 def _check_arguments(
     stats: Any,
     batch_size: Any,
-    max_length: Any,
     shard_size: Any,
-    padding_side: Any,
     on_error: Any,
 ) -> list[str]:
     """Validate build_cache's sizes and choices before any work; return the statistic names."""
     _positive_int("batch_size", batch_size)
     _positive_int("shard_size", shard_size)
-    if max_length is not None:
-        _positive_int("max_length", max_length)
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     names = [s.strip() for s in stats.split(",")] if isinstance(stats, str) else list(stats)
@@ -203,6 +199,7 @@ def build_cache(
     rank: int | None = None,
     world_size: int | None = None,
     dtype: str | torch.dtype | None = None,
+    config: CaptureConfig | None = None,
 ) -> "Cache | None":
     """Stream ``train`` once and cache every statistic at every layer.
 
@@ -227,6 +224,9 @@ def build_cache(
             default: the running process group's, else ``RANK`` / ``WORLD_SIZE`` (a single
             process when unset). Under ``torchrun`` a process group is started for the barrier.
         dtype: deprecated name of ``storage_dtype``.
+        config: the capture settings as one :class:`~lensattr.config.CaptureConfig`, instead
+            of ``layers``, ``max_length``, ``padding_side`` and ``storage_dtype`` (which then
+            stay at their defaults). Either way the cache records them in its manifest.
 
     Returns:
         The opened :class:`Cache` (on rank 0; other ranks return ``None`` after their shards).
@@ -253,8 +253,8 @@ def build_cache(
             stacklevel=2,
         )
         storage_dtype = dtype
-    store_name = dtype_name(storage_dtype)
-    stats = _check_arguments(stats, batch_size, max_length, shard_size, padding_side, on_error)
+    cfg = _capture_config(config, layers, max_length, padding_side, storage_dtype)
+    stats = _check_arguments(stats, batch_size, shard_size, on_error)
     if rank is None or world_size is None:
         env_rank, env_world = distributed.world()
         rank = env_rank if rank is None else rank
@@ -271,20 +271,10 @@ def build_cache(
         where = str(train) if isinstance(train, (str, Path)) else "train"
         why = f"all {len(skipped)} records are bad ({skipped[0]['reason']})" if skipped else ""
         raise DataError(where, None, why or "no examples (empty, or only blank lines)")
-    layer_list = resolve_layers(layers, model.n_layers)
+    cfg = dataclasses.replace(cfg, layers=resolve_layers(cfg.layers, model.n_layers))
+    layer_list, max_length, padding_side = list(cfg.layers), cfg.max_length, cfg.padding_side
     phis = [get_phi(s) for s in stats]
-    plan = _plan(
-        model,
-        train,
-        layer_list,
-        stats,
-        max_length,
-        store_name,
-        shard_size,
-        batch_size,
-        padding_side,
-        examples,
-    )
+    plan = _plan(model, train, cfg, stats, shard_size, batch_size, examples)
     if (out / "manifest.json").exists():
         return _reopen(out, plan)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +290,7 @@ def build_cache(
                 )
         elif rank == 0:
             atomic_write_json(build_file, plan)
-        store_dtype = getattr(torch, store_name)
+        store_dtype = getattr(torch, dtype_name(cfg.storage_dtype))
         chunks = [examples[i : i + shard_size] for i in range(0, len(examples), shard_size)]
         mine = [i for i in range(len(chunks)) if i % world_size == rank]
         plan_sha = _plan_sha256(plan)
@@ -353,31 +343,56 @@ def _reopen(out: Path, plan: dict[str, Any]) -> "Cache":
     return cache
 
 
+def _capture_config(
+    config: CaptureConfig | None,
+    layers: Any,
+    max_length: Any,
+    padding_side: Any,
+    storage_dtype: Any,
+) -> CaptureConfig:
+    """build_cache's capture settings: ``config``, or one made of its keywords (not both)."""
+    given = CaptureConfig(
+        layers=layers,
+        max_length=max_length,
+        padding_side=padding_side,
+        storage_dtype=storage_dtype,
+    )
+    if config is None:
+        return given
+    if not isinstance(config, CaptureConfig):
+        raise TypeError(f"config must be a CaptureConfig, not {type(config).__name__}")
+    changed = [
+        f.name
+        for f in dataclasses.fields(given)
+        if getattr(given, f.name) != getattr(CaptureConfig(), f.name)
+    ]
+    if changed:
+        raise ValueError(
+            f"build_cache got config= and {', '.join(changed)}=: give the capture settings once"
+        )
+    return config
+
+
 def _plan(
     model: Model,
     train: Any,
-    layers: list[int],
+    config: CaptureConfig,
     stats: Sequence[str],
-    max_length: int | None,
-    dtype: str,
     shard_size: int,
     batch_size: int,
-    padding_side: str,
     examples: Sequence[Example],
 ) -> dict[str, Any]:
+    """build.json: the model, the capture settings (:meth:`CaptureConfig.to_manifest`, with
+    ``layers`` resolved), the statistics and the build's own settings."""
     plan: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "lensattr_version": __version__,
         "model": model.fingerprint(),
         "n_layers": model.n_layers,
-        "layers": layers,
         "stats": list(stats),
-        "pooling": POOLING,
-        "max_length": max_length,
-        "dtype": dtype,
+        **config.to_manifest(),
         "shard_size": shard_size,
         "batch_size": batch_size,
-        "padding_side": padding_side,
         "d_model": model.d_model,
     }
     plan["train"] = {**source_fingerprint(train, examples), "n_examples": len(examples)}

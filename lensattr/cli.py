@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from lensattr._optional import explain
 from lensattr._version import __version__
-from lensattr.cache import DEFAULT_STATS, STORAGE_DTYPES
+from lensattr.cache import DEFAULT_STATS
+from lensattr.config import add_arguments, from_arguments
 from lensattr.registry import names
 
 if TYPE_CHECKING:
@@ -34,10 +35,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
-def _capture_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", default="all", help='"all", "12", "0,5,10" or "20:30"')
+def _capture_args(p: argparse.ArgumentParser, *settings: str) -> None:
+    """The capture settings (generated from :class:`~lensattr.config.CaptureConfig`)."""
+    add_arguments(p, ("layers", "max_length", "padding_side", *settings))
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="cache per-example statistics for every layer")
     _model_args(p)
-    _capture_args(p)
+    _capture_args(p, "storage_dtype")
     p.add_argument(
         "--train",
         required=True,
@@ -60,12 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated phi names")
-    p.add_argument(
-        "--dtype-store",
-        default="bfloat16",
-        choices=list(STORAGE_DTYPES),
-        help="how rows are stored (default bfloat16)",
-    )
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in manifest)")
 
@@ -225,11 +220,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             _load(args),
             args.train,
             out=args.out,
-            layers=args.layers,
+            config=from_arguments(args),
             stats=[s for s in args.stats.split(",") if s],
             batch_size=args.batch_size,
-            max_length=args.max_length,
-            storage_dtype=args.dtype_store,
             shard_size=args.shard_size,
             on_error="skip" if args.skip_bad else "raise",
             progress=False if args.quiet else None,
@@ -288,6 +281,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         g=args.g,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        padding_side=args.padding_side,
         progress=False if args.quiet else None,
     )
     q.save(args.out)

@@ -10,7 +10,7 @@ mean over pairs, and the held-out accuracy a few matrix-vector products.
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from lensattr.cache import Cache, CacheError, open_cache, resolve_layers
 from lensattr.capture import capture
+from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
 from lensattr.models import load_model
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
@@ -42,12 +43,13 @@ class QueryError(ValueError):
 @dataclass
 class PairStats:
     """Statistics of every pair's treatment and control reply: ``side[stat][layer]`` is
-    ``[n_pairs, d_model]`` (fp32), row ``j`` from pair ``j`` on both sides."""
+    ``[n_pairs, d_model]`` (fp32), row ``j`` from pair ``j`` on both sides; ``capture``: the
+    capture settings (``None``: not recorded, nothing is checked)."""
 
     treatment: dict[str, dict[int, torch.Tensor]]
     control: dict[str, dict[int, torch.Tensor]]
     model: dict[str, str]
-    capture: dict[str, Any] = field(default_factory=dict)
+    capture: CaptureConfig | None = None
 
     @property
     def stats(self) -> list[str]:
@@ -78,7 +80,7 @@ class PairStats:
             for stat, by_layer in table.items()
             for layer, v in by_layer.items()
         }
-        meta = {"model": json.dumps(self.model), "capture": json.dumps(self.capture)}
+        meta = {"model": json.dumps(self.model), "capture": _capture_json(self.capture)}
         save_file(tensors, str(path), meta)
 
     @classmethod
@@ -89,9 +91,26 @@ class PairStats:
         for key, v in load_file(str(path)).items():
             side, stat, layer = key.split("/")
             sides[side].setdefault(stat, {})[int(layer)] = v
-        return cls(
-            sides["t"], sides["c"], json.loads(meta["model"]), json.loads(meta.get("capture", "{}"))
-        )
+        ps = cls(sides["t"], sides["c"], json.loads(meta["model"]))
+        ps.capture = _capture_of(meta, ps.layers)
+        return ps
+
+
+def _capture_json(config: CaptureConfig | None) -> str:
+    return json.dumps({} if config is None else config.to_manifest())
+
+
+def _capture_of(meta: dict[str, str], layers: list[int]) -> CaptureConfig | None:
+    """The capture settings a saved query or pair statistics record (``None``: none recorded).
+
+    Records saved before :class:`~lensattr.config.CaptureConfig` hold only ``max_length`` and
+    ``padding_side``: the rest is what they were then (the pairs' layers, fp32 rows, the one
+    pooling).
+    """
+    record = json.loads(meta.get("capture", "{}"))
+    if not record:
+        return None
+    return CaptureConfig.from_manifest({"layers": layers, "dtype": "float32", **record})
 
 
 def pair_stats(
@@ -152,7 +171,12 @@ def pair_stats(
         out["t"],
         out["c"],
         model.fingerprint(),
-        {"max_length": max_length, "padding_side": padding_side},
+        CaptureConfig(
+            layers=layer_list,
+            max_length=max_length,
+            padding_side=padding_side,
+            storage_dtype="float32",
+        ),
     )
 
 
@@ -181,7 +205,7 @@ class Query:
         g: the score it is ranked with by default.
         layer: the layer chosen for it (by :func:`lensattr.select`), if any.
         pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
-        capture: the capture settings of the pairs (``max_length``, ``padding_side``).
+        capture: the capture settings of the pairs (``None``: not recorded, nothing checked).
     """
 
     vectors: dict[int, torch.Tensor]
@@ -193,7 +217,7 @@ class Query:
     g: str = "cosine"
     layer: int | None = None
     pool: str | None = None
-    capture: dict[str, Any] = field(default_factory=dict)
+    capture: CaptureConfig | None = None
 
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
@@ -237,7 +261,7 @@ class Query:
             "g": self.g,
             "layer": json.dumps(self.layer),
             "pool": json.dumps(self.pool),
-            "capture": json.dumps(self.capture),
+            "capture": _capture_json(self.capture),
         }
         save_file({f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}, str(path), meta)
 
@@ -258,7 +282,7 @@ class Query:
                 g=meta.get("g", "cosine"),
                 layer=json.loads(meta.get("layer", "null")),
                 pool=json.loads(meta.get("pool", "null")),
-                capture=json.loads(meta.get("capture", "{}")),
+                capture=_capture_of(meta, sorted(vectors)),
             )
         except QueryError as err:
             raise QueryError(f"{path}: {err}") from None
@@ -268,17 +292,18 @@ class Query:
             ) from None
 
 
-def check_fits(cache: Cache, model: dict[str, str], capture: dict[str, Any], what: str) -> None:
+def check_fits(
+    cache: Cache, model: dict[str, str], capture: CaptureConfig | None, what: str
+) -> None:
     """Raise :class:`~lensattr.cache.CacheError` naming the field where statistics captured with
-    ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit ``cache``."""
+    ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit ``cache``
+    (the settings through :func:`~lensattr.config.check_capture`)."""
     cache.check({"model": model})
-    for key, want in capture.items():
-        have = cache.manifest.get(key)
-        if have is not None and want is not None and have != want:
-            raise CacheError(
-                f"{cache.path}: {what} were captured with {key}={want!r}, the cache with "
-                f"{key}={have!r}; capture them again with the cache's settings"
-            )
+
+    def error(text: str) -> CacheError:
+        return CacheError(f"{cache.path}: {text}; capture them again with the cache's settings")
+
+    check_capture(capture, cache.capture_config, what=what, other="the cache", error=error)
 
 
 def check_vectors(vectors: dict[int, torch.Tensor], what: str) -> None:

@@ -8,10 +8,11 @@ import torch
 
 from lensattr.cache import Cache, CacheError, open_cache
 from lensattr.capture import capture
+from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
 from lensattr.models import load_model
 from lensattr.moments import ScoreContext, content_digest
-from lensattr.query import Query, as_query, check_fits
+from lensattr.query import Query, QueryError, as_query, check_fits
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
 from lensattr.sites import layer_index
@@ -205,6 +206,10 @@ def explain(
     The statistic of token ``p`` is the phi evaluated with the response mask restricted to ``p``;
     for the mean-pooled built-ins the contributions average exactly to ``<phi(x), psi>``.
 
+    Raises:
+        QueryError: the query's pairs were captured with another ``max_length`` or pooling
+            (:func:`~lensattr.config.check_capture`); a single example has no padding.
+
     Examples:
         >>> from lensattr import behavior_query, load_model
         >>> m = load_model("tiny-random")
@@ -216,6 +221,14 @@ def explain(
     model = load_model(model)
     query = as_query(query)
     layer = _layer_arg(layer, query)
+    side = query.capture.padding_side if query.capture else "right"
+    check_capture(
+        query.capture,
+        CaptureConfig(max_length=max_length, padding_side=side),
+        what="the query's pairs",
+        other="this explain",
+        error=lambda text: QueryError(f"{text}; pass the query's setting"),
+    )
     ex = example if isinstance(example, Example) else load_examples([example])[0]
     stat = get_phi(phi or query.stat)
     enc = encode(model.tokenizer, ex, max_length)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lensattr.config import CaptureConfig
 from lensattr.data import Example
 from lensattr.models import Model
 from lensattr.names import layer_index
@@ -107,6 +108,11 @@ class Cache:
     @property
     def stats(self) -> list[str]:
         return self.manifest["stats"]
+
+    @property
+    def capture_config(self) -> CaptureConfig:
+        """The capture settings the cache was built with (from its manifest)."""
+        return CaptureConfig.from_manifest(self.manifest)
 
     @property
     def d_model(self) -> int:
