@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,27 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+class _Renamed(argparse.Action):
+    """The deprecated old spelling of a flag (``--g``, ``--phi``): stores into the new flag's
+    destination, and warns with the new flag's name (``const``)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        text = f"{option_string} is deprecated: use {self.const}"
+        warnings.warn(text, DeprecationWarning, stacklevel=2)
+        print(f"lensattr: {text}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    p.add_argument(old, dest=new.lstrip("-"), action=_Renamed, const=new, help=argparse.SUPPRESS)
+
+
 def _capture_args(p: argparse.ArgumentParser, *settings: str) -> None:
     """The capture settings (generated from :class:`~lensattr.config.CaptureConfig`)."""
     add_arguments(p, ("layers", "max_length", "padding_side", *settings))
@@ -60,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training data: .jsonl/.json/.csv/.parquet or hf://owner/name",
     )
     p.add_argument("--out", required=True, help="cache directory")
-    p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated phi names")
+    p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated statistics")
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in manifest)")
 
@@ -72,12 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--psi", default="residual_change", help=f"registered query: {', '.join(names('psi'))}"
     )
     p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('phi'))}")
-    p.add_argument("--g", default="cosine", help=f"score: {', '.join(names('score'))}")
+    p.add_argument("--score", default="cosine", help=f"score: {', '.join(names('score'))}")
+    _renamed(p, "--g", "--score")
     p.add_argument(
         "--method",
         default=None,
         help="'auto': choose statistic, psi, score and layer from the pairs and --cache "
-        "(no labels); overrides --psi/--stat/--g/--layers",
+        "(no labels); 'psi|stat|score': that method; overrides --psi/--stat/--score/--layers",
     )
     p.add_argument(
         "--cache",
@@ -100,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="block index (negative: from the last), 'best', or 'blocks.N.hook_resid_post'; "
         "default: the layer chosen for the query (else its best held-out accuracy)",
     )
-    p.add_argument("--phi", default=None, help="cached statistic (default: the query's)")
+    p.add_argument("--stat", default=None, help="cached statistic (default: the query's)")
+    _renamed(p, "--phi", "--stat")
     p.add_argument(
-        "--g", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
+        "--score", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
     )
+    _renamed(p, "--g", "--score")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--bottom", action="store_true", help="lowest scores instead")
     p.add_argument("--out", required=True, help="output .jsonl (id, score, rank, example)")
@@ -137,7 +162,7 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated 'psi|stat|g' methods of the grid, any registered names "
+        help="comma-separated 'psi|stat|score' methods of the grid, any registered names "
         "(default: every registered candidate)",
     )
     p.add_argument("--k", type=int, default=50, help="top-k of the fine-tuning selection")
@@ -152,7 +177,7 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
         "--ft-methods",
         default=None,
         help="comma-separated methods to fine-tune on: auto, paper, random, trak, persona or "
-        "'psi|stat|g'; default: auto,paper,residual_diff|resid_post|cosine,random",
+        "'psi|stat|score'; default: auto,paper,residual_diff|resid_post|cosine,random",
     )
     p.add_argument(
         "--smoke",
@@ -241,7 +266,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _print_choice(q: "Query") -> None:
     acc = ", ".join(f"L{k} {v:.2f}" for k, v in sorted((q.cv or {}).items()))
-    print(f"held-out accuracy per layer ({q.g}): {acc}")
+    print(f"held-out accuracy per layer ({q.score}): {acc}")
     try:
         print(f"layer used by `lensattr rank` by default: {q.best_layer()}")
     except ValueError as err:
@@ -256,7 +281,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         from lensattr.select import Method
 
         m = Method.parse(args.method)
-        args.psi, args.stat, args.g = m.psi, m.stat, m.g
+        args.psi, args.stat, args.score = m.psi, m.stat, m.score
     if args.method == "auto":
         if not args.cache:
             raise ValueError("--method auto chooses against the cache to be ranked: pass --cache")
@@ -278,7 +303,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         stat=args.stat,
         layers=args.layers,
         pool=args.cache,
-        g=args.g,
+        score=args.score,
         batch_size=args.batch_size,
         max_length=args.max_length,
         padding_side=args.padding_side,
@@ -308,8 +333,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         method=args.method if args.pairs is not None else None,
         model=_load(args) if args.pairs is not None else None,
         layer=args.layer,
-        phi=args.phi,
-        g=args.g,
+        stat=args.stat,
+        score=args.score,
         top_k=args.top_k,
         bottom=args.bottom,
     )
@@ -321,12 +346,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
                 "score": score,
                 "rank": i + 1,
                 "layer": r.layer,
-                "phi": r.phi,
-                "g": r.g,
+                "stat": r.stat,
+                "score_name": r.score,
                 "example": {k: v for k, v in rec.items() if k != "id"},
             }
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {len(r)} ranked examples (layer {r.layer}, {r.phi}, {r.g}) to {args.out}")
+    print(f"wrote {len(r)} ranked examples (layer {r.layer}, {r.stat}, {r.score}) to {args.out}")
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lensattr._deprecated import alias, renamed
 from lensattr.cache import Cache, CacheError, open_cache, resolve_layers
 from lensattr.capture import capture
 from lensattr.config import CaptureConfig, check_capture
@@ -202,7 +203,7 @@ class Query:
         model: the model fingerprint (checked against a cache's manifest when ranking).
         n_pairs: how many pairs went in.
         cv: per-layer held-out accuracy on the query pairs (see :func:`heldout_accuracy`).
-        g: the score it is ranked with by default.
+        score: the registered score it is ranked with by default (``g``: its deprecated name).
         layer: the layer chosen for it (by :func:`lensattr.select`), if any.
         pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
         capture: the capture settings of the pairs (``None``: not recorded, nothing checked).
@@ -214,10 +215,12 @@ class Query:
     model: dict[str, str]
     n_pairs: int
     cv: dict[int, float] | None = None
-    g: str = "cosine"
+    score: str = "cosine"
     layer: int | None = None
     pool: str | None = None
     capture: CaptureConfig | None = None
+
+    g = alias("g", "score")
 
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
@@ -258,7 +261,7 @@ class Query:
             "model": json.dumps(self.model),
             "n_pairs": str(self.n_pairs),
             "cv": json.dumps(self.cv),
-            "g": self.g,
+            "score": self.score,
             "layer": json.dumps(self.layer),
             "pool": json.dumps(self.pool),
             "capture": _capture_json(self.capture),
@@ -279,7 +282,7 @@ class Query:
                 model=json.loads(meta["model"]),
                 n_pairs=int(meta["n_pairs"]),
                 cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
-                g=meta.get("g", "cosine"),
+                score=meta.get("score", meta.get("g", "cosine")),  # "g": its old name
                 layer=json.loads(meta.get("layer", "null")),
                 pool=json.loads(meta.get("pool", "null")),
                 capture=_capture_of(meta, sorted(vectors)),
@@ -343,8 +346,8 @@ def heldout_accuracy(
 ) -> float:
     """The held-out accuracy of a method on its own query pairs (the one definition lensattr
     uses everywhere): for each of ``folds`` interleaved folds, fit psi on the other folds and
-    count the held-out pairs whose treatment scores above its control, ``g(phi(x'_j), psi) >
-    g(phi(x_j), psi)``. NaN with fewer than 2 pairs.
+    count the held-out pairs whose treatment scores above its control, ``score(phi(x'_j), psi) >
+    score(phi(x_j), psi)``. NaN with fewer than 2 pairs.
 
     Examples:
         >>> from lensattr.registry import get_psi, get_score
@@ -375,11 +378,12 @@ def behavior_query(
     stat: str | None = None,
     layers: Any = "all",
     pool: Any = None,
-    g: str = "cosine",
+    score: str = "cosine",
     batch_size: int = 8,
     max_length: int | None = 512,
     padding_side: str = "right",
     progress: bool | None = None,
+    g: str | None = None,
     **psi_kwargs: Any,
 ) -> Query:
     """Build the query ``psi = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
@@ -399,9 +403,11 @@ def behavior_query(
         layers: ``"all"``, an int, a list or ``"a:b"``.
         pool: the cache to be ranked (or its path): required by a pool-aware psi, and gives the
             pool's moments to the held-out accuracy of pool-aware scores.
-        g: the score the query is ranked with by default (and its held-out accuracy measured in).
+        score: the registered score the query is ranked with by default (and its held-out
+            accuracy measured in).
         batch_size, max_length, padding_side: as in :func:`~lensattr.build_cache`.
         progress: as in :func:`~lensattr.build_cache` (``False``: silent).
+        g: deprecated name of ``score``.
         **psi_kwargs: passed to the psi's pair builder (e.g. ``max_new_tokens`` for persona).
 
     Examples:
@@ -410,6 +416,7 @@ def behavior_query(
         >>> q.layers, round(float(q.vector(3).norm()), 4)
         ([1, 3], 1.0)
     """
+    score = renamed("behavior_query", "g", g, "score", score, default="cosine") or "cosine"
     spec = get_psi(psi)
     stat_name = stat or spec.stat
     if spec.stats is not None and stat_name not in spec.stats:
@@ -417,7 +424,7 @@ def behavior_query(
             f"psi {psi!r} is defined for statistics {list(spec.stats)}, not {stat_name!r}; "
             f"use psi='contrast' (or 'pool_contrast') with stat={stat_name!r}"
         )
-    score = get_score(g)
+    rule = get_score(score)
     cache = None if pool is None else pool if isinstance(pool, Cache) else open_cache(pool)
     if spec.uses_pool and cache is None:
         raise QueryError(f"psi {psi!r} contrasts with the training pool: pass pool=cache")
@@ -451,7 +458,7 @@ def behavior_query(
         ctx = None if cache is None else ScoreContext(cache, stat_name, layer)
         moments = pool_moments(cache, stat_name, layer) if spec.uses_pool and cache else None
         vectors[layer] = unit(fit(spec, t, c, moments))
-        cv[layer] = heldout_accuracy(t, c, spec, score, ctx)
+        cv[layer] = heldout_accuracy(t, c, spec, rule, ctx)
     return Query(
         vectors=vectors,
         psi=psi,
@@ -459,7 +466,7 @@ def behavior_query(
         model=ps.model,
         n_pairs=ps.n_pairs,
         cv=cv,
-        g=g,
+        score=score,
         pool=content_digest(cache) if spec.uses_pool and cache is not None else None,
         capture=ps.capture,
     )

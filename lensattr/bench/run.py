@@ -57,7 +57,7 @@ class BenchConfig:
         n_query: query pairs per behaviour (psi and every choice made without labels).
         layers: layer spec (default every 3rd block from 9).
         max_length, batch_size: truncation and batch size of every capture.
-        methods: ``psi|stat|g`` methods of the grid (default: every registered candidate).
+        methods: ``psi|stat|score`` methods of the grid (default: every registered candidate).
         k: top-k of the fine-tuning selection.
         persona_tokens, persona_questions: persona-vector generation settings.
         trak, trak_dim, trak_blocks: run the TRAK baseline, its projection dimension and how many

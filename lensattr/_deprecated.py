@@ -1,0 +1,55 @@
+"""Old spellings kept for one release: a keyword or attribute renamed to the one vocabulary.
+
+The cached per-example vector is the *statistic* (``stat``; ``phi`` is its symbol in the math)
+and the scoring rule is the *score* (``score``); ``phi=`` and ``g=`` were their old keywords.
+Each old spelling still works and emits a :class:`DeprecationWarning` naming the new one.
+"""
+
+import warnings
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def renamed(
+    where: str, old: str, old_value: T | None, new: str, new_value: T | None, default: Any = None
+) -> T | None:
+    """The value of keyword ``new`` of ``where``, taking the deprecated ``old`` into account.
+
+    ``old_value`` given: warn, and use it (a ``new_value`` other than ``default`` too: a
+    :class:`TypeError`, the two would disagree).
+
+    Examples:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     renamed("rank", "g", "dot", "score", None), str(w[0].message)
+        ('dot', 'rank(g=...) is deprecated: use score=')
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None and new_value != default and new_value != old_value:
+        raise TypeError(f"{where}() got {new}= and its deprecated name {old}=: give {new}= only")
+    warnings.warn(f"{where}({old}=...) is deprecated: use {new}=", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
+def alias(old: str, new: str) -> property:
+    """A deprecated attribute ``old`` that reads (and writes) the attribute ``new``."""
+
+    def warn(obj: Any) -> None:
+        warnings.warn(
+            f"{type(obj).__name__}.{old} is deprecated: use .{new}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+    def get(self: Any) -> Any:
+        warn(self)
+        return getattr(self, new)
+
+    def put(self: Any, value: Any) -> None:
+        warn(self)
+        setattr(self, new, value)
+
+    return property(get, put, doc=f"Deprecated name of :attr:`{new}`.")
