@@ -28,13 +28,13 @@ import errno
 import json
 import logging
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lensattr._deprecated import renamed
 from lensattr._version import __version__
 from lensattr.capture import capture
 from lensattr.config import POOLINGS, CaptureConfig
@@ -209,7 +209,7 @@ def build_cache(
         out: cache directory (created).
         layers: ``"all"``, an int (negative counts from the end), a list, ``"a:b"``, or
             TransformerLens hook names (``"blocks.12.hook_resid_post"``).
-        stats: registered phi names.
+        stats: registered statistic names.
         batch_size: examples per forward/backward (batched by length).
         max_length: truncate longer examples (prompt from the left, then reply from the right).
         storage_dtype: how rows are stored: ``"bf16"`` / ``"bfloat16"`` (default; fp16
@@ -246,13 +246,10 @@ def build_cache(
     """
     from lensattr import distributed
 
-    if dtype is not None:
-        warnings.warn(
-            "build_cache(dtype=...) is deprecated: use storage_dtype=",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        storage_dtype = dtype
+    storage_dtype = (
+        renamed("build_cache", "dtype", dtype, "storage_dtype", storage_dtype, "bfloat16")
+        or storage_dtype
+    )
     cfg = _capture_config(config, layers, max_length, padding_side, storage_dtype)
     stats = _check_arguments(stats, batch_size, shard_size, on_error)
     if rank is None or world_size is None:

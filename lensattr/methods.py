@@ -1,4 +1,4 @@
-"""The built-in statistics (phi), queries (psi) and scores (g), registered in one place.
+"""The built-in statistics (phi), queries (psi) and scores, registered in one place.
 
 Notation (per layer ``l``, token position ``p`` of example ``x``): ``z_in`` is the block input,
 ``z_out`` its output, ``g = d loss_x / d z_out`` and ``R(x)`` the response positions. Every phi
