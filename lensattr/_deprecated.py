@@ -1,10 +1,14 @@
 """Old spellings kept for one release: a keyword or attribute renamed to the one vocabulary.
 
+Moved modules (:func:`moved`) keep their old import path the same way.
+
 The cached per-example vector is the *statistic* (``stat``; ``phi`` is its symbol in the math)
 and the scoring rule is the *score* (``score``); ``phi=`` and ``g=`` were their old keywords.
 Each old spelling still works and emits a :class:`DeprecationWarning` naming the new one.
 """
 
+import importlib
+import sys
 import warnings
 from typing import Any, TypeVar
 
@@ -53,3 +57,11 @@ def alias(old: str, new: str) -> property:
         setattr(self, new, value)
 
     return property(get, put, doc=f"Deprecated name of :attr:`{new}`.")
+
+
+def moved(old: str, new: str) -> None:
+    """Make the old module path ``old`` the module ``new`` (one object: attributes, private
+    names and monkeypatches are shared) and warn that it moved. Called by the shim at ``old``."""
+    module = importlib.import_module(new)
+    warnings.warn(f"{old} moved to {new}", DeprecationWarning, stacklevel=3)
+    sys.modules[old] = module

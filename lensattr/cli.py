@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from lensattr._optional import explain
 from lensattr._version import __version__
-from lensattr.cache import DEFAULT_STATS
 from lensattr.config import add_arguments, from_arguments
 from lensattr.registry import names
+from lensattr.store.cache import DEFAULT_STATS
 
 if TYPE_CHECKING:
     from lensattr.query import Query
@@ -225,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
-    from lensattr.models import load_model
+    from lensattr.backends.models import load_model
 
     return load_model(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
@@ -234,7 +234,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from lensattr import distributed
-    from lensattr.cache import build_cache, parse_dtype
+    from lensattr.store.cache import build_cache, parse_dtype
 
     args.dtype = parse_dtype(args.dtype)  # the model's: "bf16", "fp32", ... or None
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
@@ -319,8 +319,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from lensattr.cache import open_cache
     from lensattr.rank import rank
+    from lensattr.store.cache import open_cache
 
     if (args.query is None) == (args.pairs is None):
         raise ValueError("give either --query (a saved query) or --pairs with --method auto")

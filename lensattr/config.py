@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lensattr.names import STORAGE_DTYPES, dtype_name
+from lensattr.store.names import STORAGE_DTYPES, dtype_name
 
 POOLINGS = ("mean_response",)
 """The poolings a cache can record: the mean over the reply's token positions (the built-ins')."""
@@ -34,7 +34,7 @@ def _max_length(text: str) -> int | None:
 class CaptureConfig:
     """How the activations behind a statistic are captured.
 
-    ``storage_dtype`` takes any spelling :func:`~lensattr.names.dtype_name` takes (or a
+    ``storage_dtype`` takes any spelling :func:`~lensattr.store.names.dtype_name` takes (or a
     ``torch.dtype``) and holds its name; a list of ``layers`` is held as a tuple.
 
     Field metadata drives the rest: ``help`` is the CLI help, ``match`` marks the settings that

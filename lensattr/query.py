@@ -19,15 +19,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lensattr._deprecated import alias, renamed
-from lensattr.cache import Cache, CacheError, open_cache, resolve_layers
-from lensattr.capture import capture
+from lensattr.backends.capture import capture
+from lensattr.backends.models import load_model
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
-from lensattr.models import load_model
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score
 from lensattr.render import collate, encode
+from lensattr.store.cache import Cache, CacheError, open_cache, resolve_layers
 from lensattr.types import LayerActs, Vec
 
 FOLDS = 4
@@ -298,9 +298,9 @@ class Query:
 def check_fits(
     cache: Cache, model: dict[str, str], capture: CaptureConfig | None, what: str
 ) -> None:
-    """Raise :class:`~lensattr.cache.CacheError` naming the field where statistics captured with
-    ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit ``cache``
-    (the settings through :func:`~lensattr.config.check_capture`)."""
+    """Raise :class:`~lensattr.store.cache.CacheError` naming the field where statistics captured
+    with ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit
+    ``cache`` (the settings through :func:`~lensattr.config.check_capture`)."""
     cache.check({"model": model})
 
     def error(text: str) -> CacheError:
@@ -395,7 +395,8 @@ def behavior_query(
     pairs and generates the replies first (see :func:`lensattr.persona.persona_pairs`).
 
     Args:
-        model: a :class:`~lensattr.models.Model` or anything :func:`~lensattr.load_model` takes.
+        model: a :class:`~lensattr.backends.models.Model` or anything
+            :func:`~lensattr.load_model` takes.
         pairs: pair records (path, dataset, list), a :class:`PairStats`, or for ``persona`` a
             trait spec.
         psi: registered psi name.

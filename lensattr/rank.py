@@ -7,16 +7,16 @@ from typing import Any
 import torch
 
 from lensattr._deprecated import alias, renamed
-from lensattr.cache import Cache, CacheError, open_cache
-from lensattr.capture import capture
+from lensattr.backends.capture import capture
+from lensattr.backends.models import load_model
+from lensattr.backends.sites import layer_index
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
-from lensattr.models import load_model
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
-from lensattr.sites import layer_index
+from lensattr.store.cache import Cache, CacheError, open_cache
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def rank(
     once per layer on the same cache.
 
     Args:
-        cache: an opened :class:`~lensattr.cache.Cache` or its directory.
+        cache: an opened :class:`~lensattr.store.cache.Cache` or its directory.
         query: a :class:`~lensattr.query.Query`, a saved one's path, a
             :class:`~lensattr.select.Selection`, or (with ``method="auto"``) query pairs.
         layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from lensattr._deprecated import alias
-from lensattr.cache import Cache, open_cache
 from lensattr.metrics import average_precision
 from lensattr.moments import ScoreContext, pool_moments
 from lensattr.query import (
@@ -47,6 +46,7 @@ from lensattr.query import (
     pair_stats,
 )
 from lensattr.registry import PSI, SCORE, Psi, Score, get_psi, get_score, load_plugins
+from lensattr.store.cache import Cache, open_cache
 
 logger = logging.getLogger(__name__)
 MIN_PAIRS = 4
@@ -424,9 +424,9 @@ def select_then_cache(
     import random
     import tempfile
 
-    from lensattr.cache import DEFAULT_STATS, build_cache
+    from lensattr.backends.models import load_model
     from lensattr.data import load_examples
-    from lensattr.models import load_model
+    from lensattr.store.cache import DEFAULT_STATS, build_cache
 
     if sample < 1:
         raise ValueError(f"sample must be >= 1, got {sample}")

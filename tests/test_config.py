@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lensattr import CaptureConfig, behavior_query, build_cache, explain, pair_stats, rank
-from lensattr.cache import CacheError
 from lensattr.cli import build_parser
 from lensattr.config import MATCHED, check_capture, from_arguments
 from lensattr.query import PairStats, Query, QueryError
+from lensattr.store.cache import CacheError
 
 LAYERS = [1, 2]
 
@@ -49,7 +49,7 @@ def test_the_manifest_records_the_config(cache64):
 
 
 def test_build_cache_takes_a_config(cache64, tiny, train_records, monkeypatch):
-    import lensattr.cache as cache_mod
+    import lensattr.store.cache as cache_mod
 
     cfg = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left", storage_dtype="fp32")
     monkeypatch.setattr(cache_mod, "capture", lambda *a, **k: pytest.fail("recomputed"))

@@ -137,7 +137,7 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch):
 
     import transformers
 
-    from lensattr.models import load_model
+    from lensattr.backends.models import load_model
     from lensattr.testing import tiny_hf_model, tiny_tokenizer
 
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False

@@ -66,7 +66,7 @@ def pool(tiny, train_records, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stats(tiny, pair_records):
     return pair_stats(
-        tiny, pair_records, stats=lensattr.cache.DEFAULT_STATS, layers=[1, 3], batch_size=4
+        tiny, pair_records, stats=lensattr.store.cache.DEFAULT_STATS, layers=[1, 3], batch_size=4
     )
 
 

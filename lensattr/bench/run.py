@@ -36,10 +36,10 @@ from lensattr import (
     load_model,
     pair_stats,
 )
+from lensattr.backends.models import Model
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
-from lensattr.cache import resolve_layers
 from lensattr.data import Example
-from lensattr.models import Model
+from lensattr.store.cache import resolve_layers
 
 logger = logging.getLogger(__name__)
 
