@@ -59,9 +59,26 @@ def alias(old: str, new: str) -> property:
     return property(get, put, doc=f"Deprecated name of :attr:`{new}`.")
 
 
-def moved(old: str, new: str) -> None:
-    """Make the old module path ``old`` the module ``new`` (one object: attributes, private
-    names and monkeypatches are shared) and warn that it moved. Called by the shim at ``old``."""
+MOVED = {
+    "lensattr.backend": "lensattr.backends.backend",
+    "lensattr.bridge": "lensattr.backends.bridge",
+    "lensattr.capture": "lensattr.backends.capture",
+    "lensattr.sites": "lensattr.backends.sites",
+    "lensattr.loss": "lensattr.backends.loss",
+    "lensattr.models": "lensattr.backends.models",
+    "lensattr.cache": "lensattr.store.cache",
+    "lensattr.reader": "lensattr.store.reader",
+    "lensattr.records": "lensattr.store.records",
+    "lensattr.names": "lensattr.store.names",
+}
+"""Old module path -> where the module lives now (each old path has a shim calling
+:func:`moved`)."""
+
+
+def moved(old: str) -> None:
+    """Make the old module path ``old`` the module it moved to (one object: attributes, private
+    names and monkeypatches are shared) and warn. Called by the shim at ``old``."""
+    new = MOVED[old]
     module = importlib.import_module(new)
     warnings.warn(f"{old} moved to {new}", DeprecationWarning, stacklevel=3)
     sys.modules[old] = module

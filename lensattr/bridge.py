@@ -2,4 +2,4 @@
 
 from lensattr._deprecated import moved
 
-moved(__name__, "lensattr.backends.bridge")
+moved(__name__)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lensattr._deprecated import MOVED
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lensattr"
 CORE = {
     "lensattr.backends.models",
@@ -117,20 +119,6 @@ def test_no_other_import_circle_than_the_registry_and_its_methods():
 
 def test_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, set()) == [["a", "b", "c"]]
-
-
-MOVED = {
-    "lensattr.backend": "lensattr.backends.backend",
-    "lensattr.bridge": "lensattr.backends.bridge",
-    "lensattr.capture": "lensattr.backends.capture",
-    "lensattr.sites": "lensattr.backends.sites",
-    "lensattr.loss": "lensattr.backends.loss",
-    "lensattr.models": "lensattr.backends.models",
-    "lensattr.cache": "lensattr.store.cache",
-    "lensattr.reader": "lensattr.store.reader",
-    "lensattr.records": "lensattr.store.records",
-    "lensattr.names": "lensattr.store.names",
-}
 
 
 def test_layout_backends_methods_store():

@@ -67,7 +67,7 @@ def _kw_is(call: ast.Call, name: str, value: object) -> bool:
 
 def test_sources_are_found():
     names = {p.name for p in SOURCES}
-    assert {"cache.py", "store.py", "models.py", "query.py", "distributed.py"} <= names
+    assert {"cache.py", "shards.py", "models.py", "query.py", "distributed.py"} <= names
 
 
 def test_no_pickle_imports_or_calls():
