@@ -77,7 +77,9 @@ class CaptureConfig:
     storage_dtype: str | torch.dtype = field(
         default="bfloat16",
         metadata={
-            "help": "how cached rows are stored (fp16 underflows on small gradients)",
+            "help": "how cached rows are stored: bf16/bfloat16, fp16/float16 (underflows on "
+            "small gradients) or fp32/float32",
+            "metavar": "DTYPE",
             "choices": tuple(STORAGE_DTYPES),
             "manifest": "dtype",
             "aliases": ("--dtype-store",),
@@ -176,6 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
             dest=f.name,
             default=f.default,
             type=f.metadata.get("type", str),
+            metavar=f.metadata.get("metavar"),
             help=f"{f.metadata['help']} (default: {f.default})",
             **extra,
         )
