@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from lensattr import build_cache, load_examples, load_model
-from lensattr.cache import DEFAULT_STATS
 from lensattr.demo import bundled
 from lensattr.render import collate, encode, length_batches
+from lensattr.store.cache import DEFAULT_STATS
 
 
 def rss_anon_mb() -> float:
@@ -191,8 +191,8 @@ def synthetic_cache(
 ) -> dict:
     """Write an n x d bf16 cache (random rows at every layer and statistic) in lensattr's on-disk
     format."""
-    from lensattr.cache import POOLING, SCHEMA_VERSION, write_manifest
-    from lensattr.store import describe_shard, tensor_key, write_shard
+    from lensattr.store.cache import POOLING, SCHEMA_VERSION, write_manifest
+    from lensattr.store.shards import describe_shard, tensor_key, write_shard
 
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -517,7 +517,7 @@ def random_shape_model(shape: str, device: str):
     """A randomly initialised model of a known shape in bf16 (no weights needed)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lensattr.models import Model, _smollm2_dir, _wrap_nnsight  # noqa: F401
+    from lensattr.backends.models import Model, _smollm2_dir, _wrap_nnsight  # noqa: F401
     from lensattr.testing import CHATML_TEMPLATE
 
     shapes = {

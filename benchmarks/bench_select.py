@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_perf import synthetic_cache  # noqa: E402
 
 from lensattr import PairStats, candidates, open_cache, select  # noqa: E402
-from lensattr.cache import DEFAULT_STATS  # noqa: E402
 from lensattr.moments import _MEMO  # noqa: E402
+from lensattr.store.cache import DEFAULT_STATS  # noqa: E402
 
 
 def main() -> None:

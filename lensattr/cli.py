@@ -6,14 +6,16 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lensattr._optional import explain
 from lensattr._version import __version__
-from lensattr.cache import DEFAULT_STATS, STORAGE_DTYPES
+from lensattr.config import add_arguments, from_arguments
 from lensattr.registry import names
+from lensattr.store.cache import DEFAULT_STATS
 
 if TYPE_CHECKING:
     from lensattr.query import Query
@@ -34,10 +36,31 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
-def _capture_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", default="all", help='"all", "12", "0,5,10" or "20:30"')
+class _Renamed(argparse.Action):
+    """The deprecated old spelling of a flag (``--g``, ``--phi``): stores into the new flag's
+    destination, and warns with the new flag's name (``const``)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        text = f"{option_string} is deprecated: use {self.const}"
+        warnings.warn(text, DeprecationWarning, stacklevel=2)
+        print(f"lensattr: {text}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    p.add_argument(old, dest=new.lstrip("-"), action=_Renamed, const=new, help=argparse.SUPPRESS)
+
+
+def _capture_args(p: argparse.ArgumentParser, *settings: str) -> None:
+    """The capture settings (generated from :class:`~lensattr.config.CaptureConfig`)."""
+    add_arguments(p, ("layers", "max_length", "padding_side", *settings))
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -52,20 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="cache per-example statistics for every layer")
     _model_args(p)
-    _capture_args(p)
+    _capture_args(p, "storage_dtype")
     p.add_argument(
         "--train",
         required=True,
         help="training data: .jsonl/.json/.csv/.parquet or hf://owner/name",
     )
     p.add_argument("--out", required=True, help="cache directory")
-    p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated phi names")
-    p.add_argument(
-        "--dtype-store",
-        default="bfloat16",
-        choices=list(STORAGE_DTYPES),
-        help="how rows are stored (default bfloat16)",
-    )
+    p.add_argument("--stats", default=",".join(DEFAULT_STATS), help="comma-separated statistics")
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in manifest)")
 
@@ -77,12 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--psi", default="residual_change", help=f"registered query: {', '.join(names('psi'))}"
     )
     p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('phi'))}")
-    p.add_argument("--g", default="cosine", help=f"score: {', '.join(names('score'))}")
+    p.add_argument("--score", default="cosine", help=f"score: {', '.join(names('score'))}")
+    _renamed(p, "--g", "--score")
     p.add_argument(
         "--method",
         default=None,
         help="'auto': choose statistic, psi, score and layer from the pairs and --cache "
-        "(no labels); overrides --psi/--stat/--g/--layers",
+        "(no labels); 'psi|stat|score': that method; overrides --psi/--stat/--score/--layers",
     )
     p.add_argument(
         "--cache",
@@ -105,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="block index (negative: from the last), 'best', or 'blocks.N.hook_resid_post'; "
         "default: the layer chosen for the query (else its best held-out accuracy)",
     )
-    p.add_argument("--phi", default=None, help="cached statistic (default: the query's)")
+    p.add_argument("--stat", default=None, help="cached statistic (default: the query's)")
+    _renamed(p, "--phi", "--stat")
     p.add_argument(
-        "--g", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
+        "--score", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
     )
+    _renamed(p, "--g", "--score")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--bottom", action="store_true", help="lowest scores instead")
     p.add_argument("--out", required=True, help="output .jsonl (id, score, rank, example)")
@@ -142,7 +162,7 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated 'psi|stat|g' methods of the grid, any registered names "
+        help="comma-separated 'psi|stat|score' methods of the grid, any registered names "
         "(default: every registered candidate)",
     )
     p.add_argument("--k", type=int, default=50, help="top-k of the fine-tuning selection")
@@ -157,7 +177,7 @@ def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
         "--ft-methods",
         default=None,
         help="comma-separated methods to fine-tune on: auto, paper, random, trak, persona or "
-        "'psi|stat|g'; default: auto,paper,residual_diff|resid_post|cosine,random",
+        "'psi|stat|score'; default: auto,paper,residual_diff|resid_post|cosine,random",
     )
     p.add_argument(
         "--smoke",
@@ -205,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
-    from lensattr.models import load_model
+    from lensattr.backends.models import load_model
 
     return load_model(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
@@ -214,7 +234,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from lensattr import distributed
-    from lensattr.cache import build_cache, parse_dtype
+    from lensattr.store.cache import build_cache, parse_dtype
 
     args.dtype = parse_dtype(args.dtype)  # the model's: "bf16", "fp32", ... or None
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
@@ -225,11 +245,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             _load(args),
             args.train,
             out=args.out,
-            layers=args.layers,
+            config=from_arguments(args),
             stats=[s for s in args.stats.split(",") if s],
             batch_size=args.batch_size,
-            max_length=args.max_length,
-            storage_dtype=args.dtype_store,
             shard_size=args.shard_size,
             on_error="skip" if args.skip_bad else "raise",
             progress=False if args.quiet else None,
@@ -248,7 +266,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _print_choice(q: "Query") -> None:
     acc = ", ".join(f"L{k} {v:.2f}" for k, v in sorted((q.cv or {}).items()))
-    print(f"held-out accuracy per layer ({q.g}): {acc}")
+    print(f"held-out accuracy per layer ({q.score}): {acc}")
     try:
         print(f"layer used by `lensattr rank` by default: {q.best_layer()}")
     except ValueError as err:
@@ -263,7 +281,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         from lensattr.select import Method
 
         m = Method.parse(args.method)
-        args.psi, args.stat, args.g = m.psi, m.stat, m.g
+        args.psi, args.stat, args.score = m.psi, m.stat, m.score
     if args.method == "auto":
         if not args.cache:
             raise ValueError("--method auto chooses against the cache to be ranked: pass --cache")
@@ -285,9 +303,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         stat=args.stat,
         layers=args.layers,
         pool=args.cache,
-        g=args.g,
+        score=args.score,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        padding_side=args.padding_side,
         progress=False if args.quiet else None,
     )
     q.save(args.out)
@@ -300,8 +319,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from lensattr.cache import open_cache
     from lensattr.rank import rank
+    from lensattr.store.cache import open_cache
 
     if (args.query is None) == (args.pairs is None):
         raise ValueError("give either --query (a saved query) or --pairs with --method auto")
@@ -314,8 +333,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         method=args.method if args.pairs is not None else None,
         model=_load(args) if args.pairs is not None else None,
         layer=args.layer,
-        phi=args.phi,
-        g=args.g,
+        stat=args.stat,
+        score=args.score,
         top_k=args.top_k,
         bottom=args.bottom,
     )
@@ -327,12 +346,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
                 "score": score,
                 "rank": i + 1,
                 "layer": r.layer,
-                "phi": r.phi,
-                "g": r.g,
+                "stat": r.stat,
+                "score_name": r.score,
                 "example": {k: v for k, v in rec.items() if k != "id"},
             }
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {len(r)} ranked examples (layer {r.layer}, {r.phi}, {r.g}) to {args.out}")
+    print(f"wrote {len(r)} ranked examples (layer {r.layer}, {r.stat}, {r.score}) to {args.out}")
     return 0
 
 

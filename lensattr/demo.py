@@ -36,16 +36,16 @@ def bundled(name: str) -> Path:
     return Path(str(files("lensattr") / "bundled" / name))
 
 
-def all_scores(cache: Any, query: Any, layer: int, g: str) -> torch.Tensor:
+def all_scores(cache: Any, query: Any, layer: int, score: str) -> torch.Tensor:
     """Every cached example's score (cache row order) under ``query`` at ``layer``."""
-    return rank(cache, query, layer=layer, g=g, top_k=None).scores_of(range(len(cache)))
+    return rank(cache, query, layer=layer, score=score, top_k=None).scores_of(range(len(cache)))
 
 
-def layer_sweep(cache: Any, query: Any, g: str, labels: torch.Tensor) -> list[dict[str, Any]]:
+def layer_sweep(cache: Any, query: Any, score: str, labels: torch.Tensor) -> list[dict[str, Any]]:
     """Precision among the pool (P@k, AP) and planted AUROC of one query at every layer."""
     rows = []
     for layer in query.layers:
-        m = pool_metrics(all_scores(cache, query, layer, g), labels)
+        m = pool_metrics(all_scores(cache, query, layer, score), labels)
         cv = (query.cv or {}).get(layer, float("nan"))
         rows.append({"layer": layer, **m, "heldout_accuracy": cv})
     return rows
@@ -141,7 +141,7 @@ def run_demo(
     top = rank(cache, sel, top_k=10)
     print(f"\nauto: top-10 of {len(cache)} ({sel.method}, layer {sel.layer}):")
     found = show_top(top, by_id)
-    auto_m = pool_metrics(all_scores(cache, sel, sel.layer, sel.method.g), labels, n_boot=500)
+    auto_m = pool_metrics(all_scores(cache, sel, sel.layer, sel.method.score), labels, n_boot=500)
     print(
         f"\nplanted (label 1) in the top-10: {found} of 10 ({k} planted among {len(cache)})\n"
         f"precision@{k} among the pool {auto_m['p_at_k']:.2f} "
@@ -151,12 +151,12 @@ def run_demo(
     )
 
     t0 = time.perf_counter()
-    paper = behavior_query(m, stats, psi=PAPER.psi, stat=PAPER.stat, pool=cache, g=PAPER.g)
+    paper = behavior_query(m, stats, psi=PAPER.psi, stat=PAPER.stat, pool=cache, score=PAPER.score)
     p_layer = paper.best_layer()
     p_top = rank(cache, paper, layer=p_layer, top_k=10)
     times["paper's residual change"] = time.perf_counter() - t0
     p_found = sum(by_id[e].extra.get("label") == 1 for e in p_top.ids)
-    paper_m = pool_metrics(all_scores(cache, paper, p_layer, PAPER.g), labels, n_boot=500)
+    paper_m = pool_metrics(all_scores(cache, paper, p_layer, PAPER.score), labels, n_boot=500)
     print(
         f"\nfor comparison, the paper's residual change ({PAPER}) at layer {p_layer} (its held-out "
         f"accuracy {(paper.cv or {})[p_layer]:.2f}): {p_found} of 10 planted in the top-10, "
@@ -164,8 +164,8 @@ def run_demo(
         f"{paper_m['p_at_k_ci'][1]:.2f}], AP {paper_m['ap']:.2f}, "
         f"planted AUROC {paper_m['auroc_planted']:.2f}"
     )
-    auto_sweep = layer_sweep(cache, sel.query, sel.method.g, labels)
-    paper_sweep = layer_sweep(cache, paper, PAPER.g, labels)
+    auto_sweep = layer_sweep(cache, sel.query, sel.method.score, labels)
+    paper_sweep = layer_sweep(cache, paper, PAPER.score, labels)
     plot = out / "layer_sweep.png"
     plot_sweep(
         {f"auto: {sel.method}": (auto_sweep, sel.layer), f"paper: {PAPER}": (paper_sweep, p_layer)},

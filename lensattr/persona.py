@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from lensattr.backends.models import Model
 from lensattr.data import Pair
-from lensattr.models import Model
 
 
 def load_trait(source: Any) -> dict[str, Any]:

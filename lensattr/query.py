@@ -10,7 +10,7 @@ mean over pairs, and the held-out accuracy a few matrix-vector products.
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lensattr.cache import Cache, CacheError, open_cache, resolve_layers
-from lensattr.capture import capture
+from lensattr._deprecated import alias, renamed
+from lensattr.backends.capture import capture
+from lensattr.backends.models import load_model
+from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
-from lensattr.models import load_model
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score
 from lensattr.render import collate, encode
+from lensattr.store.cache import Cache, CacheError, open_cache, resolve_layers
 from lensattr.types import LayerActs, Vec
 
 FOLDS = 4
@@ -42,12 +44,13 @@ class QueryError(ValueError):
 @dataclass
 class PairStats:
     """Statistics of every pair's treatment and control reply: ``side[stat][layer]`` is
-    ``[n_pairs, d_model]`` (fp32), row ``j`` from pair ``j`` on both sides."""
+    ``[n_pairs, d_model]`` (fp32), row ``j`` from pair ``j`` on both sides; ``capture``: the
+    capture settings (``None``: not recorded, nothing is checked)."""
 
     treatment: dict[str, dict[int, torch.Tensor]]
     control: dict[str, dict[int, torch.Tensor]]
     model: dict[str, str]
-    capture: dict[str, Any] = field(default_factory=dict)
+    capture: CaptureConfig | None = None
 
     @property
     def stats(self) -> list[str]:
@@ -78,7 +81,7 @@ class PairStats:
             for stat, by_layer in table.items()
             for layer, v in by_layer.items()
         }
-        meta = {"model": json.dumps(self.model), "capture": json.dumps(self.capture)}
+        meta = {"model": json.dumps(self.model), "capture": _capture_json(self.capture)}
         save_file(tensors, str(path), meta)
 
     @classmethod
@@ -89,9 +92,26 @@ class PairStats:
         for key, v in load_file(str(path)).items():
             side, stat, layer = key.split("/")
             sides[side].setdefault(stat, {})[int(layer)] = v
-        return cls(
-            sides["t"], sides["c"], json.loads(meta["model"]), json.loads(meta.get("capture", "{}"))
-        )
+        ps = cls(sides["t"], sides["c"], json.loads(meta["model"]))
+        ps.capture = _capture_of(meta, ps.layers)
+        return ps
+
+
+def _capture_json(config: CaptureConfig | None) -> str:
+    return json.dumps({} if config is None else config.to_manifest())
+
+
+def _capture_of(meta: dict[str, str], layers: list[int]) -> CaptureConfig | None:
+    """The capture settings a saved query or pair statistics record (``None``: none recorded).
+
+    Records saved before :class:`~lensattr.config.CaptureConfig` hold only ``max_length`` and
+    ``padding_side``: the rest is what they were then (the pairs' layers, fp32 rows, the one
+    pooling).
+    """
+    record = json.loads(meta.get("capture", "{}"))
+    if not record:
+        return None
+    return CaptureConfig.from_manifest({"layers": layers, "dtype": "float32", **record})
 
 
 def pair_stats(
@@ -152,7 +172,12 @@ def pair_stats(
         out["t"],
         out["c"],
         model.fingerprint(),
-        {"max_length": max_length, "padding_side": padding_side},
+        CaptureConfig(
+            layers=layer_list,
+            max_length=max_length,
+            padding_side=padding_side,
+            storage_dtype="float32",
+        ),
     )
 
 
@@ -178,10 +203,10 @@ class Query:
         model: the model fingerprint (checked against a cache's manifest when ranking).
         n_pairs: how many pairs went in.
         cv: per-layer held-out accuracy on the query pairs (see :func:`heldout_accuracy`).
-        g: the score it is ranked with by default.
+        score: the registered score it is ranked with by default (``g``: its deprecated name).
         layer: the layer chosen for it (by :func:`lensattr.select`), if any.
         pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
-        capture: the capture settings of the pairs (``max_length``, ``padding_side``).
+        capture: the capture settings of the pairs (``None``: not recorded, nothing checked).
     """
 
     vectors: dict[int, torch.Tensor]
@@ -190,10 +215,12 @@ class Query:
     model: dict[str, str]
     n_pairs: int
     cv: dict[int, float] | None = None
-    g: str = "cosine"
+    score: str = "cosine"
     layer: int | None = None
     pool: str | None = None
-    capture: dict[str, Any] = field(default_factory=dict)
+    capture: CaptureConfig | None = None
+
+    g = alias("g", "score")
 
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
@@ -234,10 +261,10 @@ class Query:
             "model": json.dumps(self.model),
             "n_pairs": str(self.n_pairs),
             "cv": json.dumps(self.cv),
-            "g": self.g,
+            "score": self.score,
             "layer": json.dumps(self.layer),
             "pool": json.dumps(self.pool),
-            "capture": json.dumps(self.capture),
+            "capture": _capture_json(self.capture),
         }
         save_file({f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}, str(path), meta)
 
@@ -255,10 +282,10 @@ class Query:
                 model=json.loads(meta["model"]),
                 n_pairs=int(meta["n_pairs"]),
                 cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
-                g=meta.get("g", "cosine"),
+                score=meta.get("score", meta.get("g", "cosine")),  # "g": its old name
                 layer=json.loads(meta.get("layer", "null")),
                 pool=json.loads(meta.get("pool", "null")),
-                capture=json.loads(meta.get("capture", "{}")),
+                capture=_capture_of(meta, sorted(vectors)),
             )
         except QueryError as err:
             raise QueryError(f"{path}: {err}") from None
@@ -268,17 +295,18 @@ class Query:
             ) from None
 
 
-def check_fits(cache: Cache, model: dict[str, str], capture: dict[str, Any], what: str) -> None:
-    """Raise :class:`~lensattr.cache.CacheError` naming the field where statistics captured with
-    ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit ``cache``."""
+def check_fits(
+    cache: Cache, model: dict[str, str], capture: CaptureConfig | None, what: str
+) -> None:
+    """Raise :class:`~lensattr.store.cache.CacheError` naming the field where statistics captured
+    with ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit
+    ``cache`` (the settings through :func:`~lensattr.config.check_capture`)."""
     cache.check({"model": model})
-    for key, want in capture.items():
-        have = cache.manifest.get(key)
-        if have is not None and want is not None and have != want:
-            raise CacheError(
-                f"{cache.path}: {what} were captured with {key}={want!r}, the cache with "
-                f"{key}={have!r}; capture them again with the cache's settings"
-            )
+
+    def error(text: str) -> CacheError:
+        return CacheError(f"{cache.path}: {text}; capture them again with the cache's settings")
+
+    check_capture(capture, cache.capture_config, what=what, other="the cache", error=error)
 
 
 def check_vectors(vectors: dict[int, torch.Tensor], what: str) -> None:
@@ -318,8 +346,8 @@ def heldout_accuracy(
 ) -> float:
     """The held-out accuracy of a method on its own query pairs (the one definition lensattr
     uses everywhere): for each of ``folds`` interleaved folds, fit psi on the other folds and
-    count the held-out pairs whose treatment scores above its control, ``g(phi(x'_j), psi) >
-    g(phi(x_j), psi)``. NaN with fewer than 2 pairs.
+    count the held-out pairs whose treatment scores above its control, ``score(phi(x'_j), psi) >
+    score(phi(x_j), psi)``. NaN with fewer than 2 pairs.
 
     Examples:
         >>> from lensattr.registry import get_psi, get_score
@@ -350,11 +378,12 @@ def behavior_query(
     stat: str | None = None,
     layers: Any = "all",
     pool: Any = None,
-    g: str = "cosine",
+    score: str = "cosine",
     batch_size: int = 8,
     max_length: int | None = 512,
     padding_side: str = "right",
     progress: bool | None = None,
+    g: str | None = None,
     **psi_kwargs: Any,
 ) -> Query:
     """Build the query ``psi = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
@@ -366,7 +395,8 @@ def behavior_query(
     pairs and generates the replies first (see :func:`lensattr.persona.persona_pairs`).
 
     Args:
-        model: a :class:`~lensattr.models.Model` or anything :func:`~lensattr.load_model` takes.
+        model: a :class:`~lensattr.backends.models.Model` or anything
+            :func:`~lensattr.load_model` takes.
         pairs: pair records (path, dataset, list), a :class:`PairStats`, or for ``persona`` a
             trait spec.
         psi: registered psi name.
@@ -374,9 +404,11 @@ def behavior_query(
         layers: ``"all"``, an int, a list or ``"a:b"``.
         pool: the cache to be ranked (or its path): required by a pool-aware psi, and gives the
             pool's moments to the held-out accuracy of pool-aware scores.
-        g: the score the query is ranked with by default (and its held-out accuracy measured in).
+        score: the registered score the query is ranked with by default (and its held-out
+            accuracy measured in).
         batch_size, max_length, padding_side: as in :func:`~lensattr.build_cache`.
         progress: as in :func:`~lensattr.build_cache` (``False``: silent).
+        g: deprecated name of ``score``.
         **psi_kwargs: passed to the psi's pair builder (e.g. ``max_new_tokens`` for persona).
 
     Examples:
@@ -385,6 +417,7 @@ def behavior_query(
         >>> q.layers, round(float(q.vector(3).norm()), 4)
         ([1, 3], 1.0)
     """
+    score = renamed("behavior_query", "g", g, "score", score, default="cosine") or "cosine"
     spec = get_psi(psi)
     stat_name = stat or spec.stat
     if spec.stats is not None and stat_name not in spec.stats:
@@ -392,7 +425,7 @@ def behavior_query(
             f"psi {psi!r} is defined for statistics {list(spec.stats)}, not {stat_name!r}; "
             f"use psi='contrast' (or 'pool_contrast') with stat={stat_name!r}"
         )
-    score = get_score(g)
+    rule = get_score(score)
     cache = None if pool is None else pool if isinstance(pool, Cache) else open_cache(pool)
     if spec.uses_pool and cache is None:
         raise QueryError(f"psi {psi!r} contrasts with the training pool: pass pool=cache")
@@ -426,7 +459,7 @@ def behavior_query(
         ctx = None if cache is None else ScoreContext(cache, stat_name, layer)
         moments = pool_moments(cache, stat_name, layer) if spec.uses_pool and cache else None
         vectors[layer] = unit(fit(spec, t, c, moments))
-        cv[layer] = heldout_accuracy(t, c, spec, score, ctx)
+        cv[layer] = heldout_accuracy(t, c, spec, rule, ctx)
     return Query(
         vectors=vectors,
         psi=psi,
@@ -434,7 +467,7 @@ def behavior_query(
         model=ps.model,
         n_pairs=ps.n_pairs,
         cv=cv,
-        g=g,
+        score=score,
         pool=content_digest(cache) if spec.uses_pool and cache is not None else None,
         capture=ps.capture,
     )

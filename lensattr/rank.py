@@ -6,15 +6,17 @@ from typing import Any
 
 import torch
 
-from lensattr.cache import Cache, CacheError, open_cache
-from lensattr.capture import capture
+from lensattr._deprecated import alias, renamed
+from lensattr.backends.capture import capture
+from lensattr.backends.models import load_model
+from lensattr.backends.sites import layer_index
+from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
-from lensattr.models import load_model
 from lensattr.moments import ScoreContext, content_digest
-from lensattr.query import Query, as_query, check_fits
+from lensattr.query import Query, QueryError, as_query, check_fits
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
-from lensattr.sites import layer_index
+from lensattr.store.cache import Cache, CacheError, open_cache
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +26,20 @@ class Ranking:
     """Top (or bottom) examples: ``ids[i]`` has ``scores[i]`` and cache row ``rows[i]``.
 
     Ordered by score (highest first; lowest first for ``bottom=True``), ties by row index;
-    non-finite scores always come last and are counted in ``n_nonfinite``.
+    non-finite scores always come last and are counted in ``n_nonfinite``. ``stat`` is the
+    cached statistic ranked and ``score`` the registered score that gave ``scores``.
     """
 
     ids: list[str]
     scores: torch.Tensor
     rows: torch.Tensor
     layer: int
-    phi: str
-    g: str
+    stat: str
+    score: str
     n_nonfinite: int = 0
+
+    phi = alias("phi", "stat")
+    g = alias("g", "score")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,30 +73,32 @@ def rank(
     query: Any,
     *,
     layer: Any = None,
-    phi: str | None = None,
-    g: str | None = None,
+    stat: str | None = None,
+    score: str | None = None,
     top_k: int | None = 100,
     bottom: bool = False,
     rows: Any = None,
     method: str | None = None,
     model: Any = None,
     chunk_rows: int | None = None,
+    phi: str | None = None,
+    g: str | None = None,
 ) -> Ranking:
     """Score every cached example against ``query`` and keep the top (or bottom) ``top_k``.
 
-    Scores follow the registered rule ``g`` (default: the query's, cosine unless chosen by
+    Scores follow the registered score ``score`` (default: the query's, cosine unless chosen by
     :func:`~lensattr.select`); higher = more associated with the treatment side. The cache is
     streamed in blocks of ``chunk_rows`` rows (never a full fp32 copy); a layer sweep calls this
     once per layer on the same cache.
 
     Args:
-        cache: an opened :class:`~lensattr.cache.Cache` or its directory.
+        cache: an opened :class:`~lensattr.store.cache.Cache` or its directory.
         query: a :class:`~lensattr.query.Query`, a saved one's path, a
             :class:`~lensattr.select.Selection`, or (with ``method="auto"``) query pairs.
         layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;
             default: the layer chosen for the query, else its best by held-out accuracy.
-        phi: cached statistic (default: the query's ``stat``).
-        g: registered score name (default: the query's ``g``).
+        stat: cached statistic (default: the query's ``stat``).
+        score: registered score name (default: the query's ``score``).
         top_k: how many to keep (``None``: all, sorted).
         bottom: keep the lowest scores instead.
         rows: rank only these cache rows (indices; default: all).
@@ -98,6 +106,7 @@ def rank(
             from the pairs given as ``query`` and this cache (needs ``model``).
         model: the model, for ``method="auto"``.
         chunk_rows: rows converted to fp32 at a time (default: about 32 MiB worth).
+        phi, g: deprecated names of ``stat`` and ``score``.
 
     Raises:
         CacheError: the query was built with another model, settings or pool than the cache.
@@ -105,6 +114,8 @@ def rank(
     Examples:
         >>> # r = rank(cache, query, top_k=10); list(zip(r.ids, r.scores.tolist()))
     """
+    stat = renamed("rank", "phi", phi, "stat", stat)
+    score = renamed("rank", "g", g, "score", score)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if method is not None:
         if method != "auto":
@@ -119,12 +130,12 @@ def rank(
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     layer = _layer_arg(layer, query)
-    phi = phi or query.stat
-    g = g or query.g
+    stat = stat or query.stat
+    score = score or query.score
     psi = query.vector(layer).float()
-    score = get_score(g)
-    ctx = ScoreContext(cache=cache, stat=phi, layer=layer)
-    view = cache.stat(phi, layer)
+    rule = get_score(score)
+    ctx = ScoreContext(cache=cache, stat=stat, layer=layer)
+    view = cache.stat(stat, layer)
     keep_rows = None
     if rows is not None:
         keep_rows = torch.zeros(len(view), dtype=torch.bool)
@@ -144,7 +155,7 @@ def rank(
             if not sel.any():
                 continue
             block, norms, idx = block[sel], norms[sel], idx[sel]
-        s = score.fn(block.float(), norms, psi, ctx).float()
+        s = rule.fn(block.float(), norms, psi, ctx).float()
         bad = ~torch.isfinite(s)
         nonfinite += int(bad.sum())
         s = (-s if bottom else s).masked_fill(bad, -torch.inf)  # non-finite: always last
@@ -165,8 +176,8 @@ def rank(
         scores=scores,
         rows=best_i,
         layer=layer,
-        phi=phi,
-        g=g,
+        stat=stat,
+        score=score,
         n_nonfinite=nonfinite,
     )
 
@@ -197,13 +208,19 @@ def explain(
     query: Query,
     layer: Any = None,
     *,
-    phi: str | None = None,
+    stat: str | None = None,
     max_length: int | None = 512,
+    phi: str | None = None,
 ) -> Explanation:
     """Which response tokens of ``example`` drive its score: each token's statistic dotted with psi.
 
-    The statistic of token ``p`` is the phi evaluated with the response mask restricted to ``p``;
+    The statistic of token ``p`` is the statistic (``stat``, default: the query's; ``phi`` is
+    its deprecated name) evaluated with the response mask restricted to ``p``;
     for the mean-pooled built-ins the contributions average exactly to ``<phi(x), psi>``.
+
+    Raises:
+        QueryError: the query's pairs were captured with another ``max_length`` or pooling
+            (:func:`~lensattr.config.check_capture`); a single example has no padding.
 
     Examples:
         >>> from lensattr import behavior_query, load_model
@@ -213,20 +230,29 @@ def explain(
         >>> len(e.tokens) == len(e.contributions)
         True
     """
+    stat = renamed("explain", "phi", phi, "stat", stat)
     model = load_model(model)
     query = as_query(query)
     layer = _layer_arg(layer, query)
+    side = query.capture.padding_side if query.capture else "right"
+    check_capture(
+        query.capture,
+        CaptureConfig(max_length=max_length, padding_side=side),
+        what="the query's pairs",
+        other="this explain",
+        error=lambda text: QueryError(f"{text}; pass the query's setting"),
+    )
     ex = example if isinstance(example, Example) else load_examples([example])[0]
-    stat = get_phi(phi or query.stat)
+    spec = get_phi(stat or query.stat)
     enc = encode(model.tokenizer, ex, max_length)
     batch = collate([enc], model.pad_id, "right", str(model.device))
-    acts = capture(model, batch, [layer], grad=stat.needs_grad, sites=stat.sites)[layer]
+    acts = capture(model, batch, [layer], grad=spec.needs_grad, sites=spec.sites)[layer]
     positions = batch.mask[0].nonzero()[:, 0]
     n = len(positions)
     one_hot = torch.zeros((n, batch.mask.shape[1]), dtype=torch.bool, device=batch.mask.device)
     one_hot[torch.arange(n), positions] = True
 
     single = acts.map(lambda x: x.expand(n, *x.shape[1:]), mask=one_hot)
-    contrib = stat.fn(single).float().cpu() @ query.vector(layer)
+    contrib = spec.fn(single).float().cpu() @ query.vector(layer)
     tokens = [model.tokenizer.decode([t]) for t in enc.ids[enc.n_prompt :]]
     return Explanation(tokens=tokens, contributions=contrib, total=float(contrib.mean()))

@@ -1,4 +1,4 @@
-"""Plain dict registries of training-side statistics (phi), behaviour queries (psi) and scores (g).
+"""Plain dict registries of training-side statistics (phi), behaviour queries (psi) and scores.
 
 Register your own with the decorators. A name belongs to the module that registered it first:
 registering it again from the same module (re-running a notebook cell, reloading a module)

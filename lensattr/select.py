@@ -2,11 +2,11 @@
 
 Ranking a behaviour's training examples inside a mostly unrelated corpus is what lensattr is for,
 so a method is judged by how it does exactly that, on data whose answer is known without labels:
-the query pairs themselves. For every candidate ``(psi, stat, g)`` and layer, :func:`select`
+the query pairs themselves. For every candidate ``(psi, stat, score)`` and layer, :func:`select`
 
 1. fits psi on all but one of ``folds`` interleaved folds of the pairs,
 2. scores the held-out treatment replies, the held-out control replies and the training pool
-   (the cache, unlabelled) with g,
+   (the cache, unlabelled) with the score,
 3. measures the *average precision* of the held-out treatment replies against the pool and the
    held-out controls together: a method scores high only if replies showing the behaviour rank
    above both the unrelated corpus and the same prompts answered without it,
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lensattr.cache import Cache, open_cache
+from lensattr._deprecated import alias
 from lensattr.metrics import average_precision
 from lensattr.moments import ScoreContext, pool_moments
 from lensattr.query import (
@@ -46,6 +46,7 @@ from lensattr.query import (
     pair_stats,
 )
 from lensattr.registry import PSI, SCORE, Psi, Score, get_psi, get_score, load_plugins
+from lensattr.store.cache import Cache, open_cache
 
 logger = logging.getLogger(__name__)
 MIN_PAIRS = 4
@@ -55,21 +56,24 @@ POOL_SAMPLE = 20_000
 
 @dataclass(frozen=True)
 class Method:
-    """A ranking method: a psi, the cached statistic it is built from and a score g.
+    """A ranking method: a psi, the cached statistic it is built from and a score.
 
-    Written ``"psi|stat|g"``, e.g. ``"residual_change|residual_change|cosine"`` (the paper's).
+    Written ``"psi|stat|score"``, e.g. ``"residual_change|residual_change|cosine"`` (the
+    paper's). ``g`` is the deprecated name of ``score``.
 
     Examples:
-        >>> Method.parse("pool_contrast|resid_post|centered_cosine").g
+        >>> Method.parse("pool_contrast|resid_post|centered_cosine").score
         'centered_cosine'
     """
 
     psi: str
     stat: str
-    g: str
+    score: str
+
+    g = alias("g", "score")
 
     def __str__(self) -> str:
-        return f"{self.psi}|{self.stat}|{self.g}"
+        return f"{self.psi}|{self.stat}|{self.score}"
 
     @classmethod
     def parse(cls, text: "str | Method") -> "Method":
@@ -77,7 +81,7 @@ class Method:
             return text
         parts = str(text).split("|")
         if len(parts) != 3 or not all(parts):
-            raise ValueError(f"method {text!r}: write it as 'psi|stat|g'")
+            raise ValueError(f"method {text!r}: write it as 'psi|stat|score'")
         return cls(*parts)
 
 
@@ -86,7 +90,7 @@ PAPER = Method("residual_change", "residual_change", "cosine")
 
 
 def candidates(stats: Sequence[str]) -> list[Method]:
-    """Every registered ``(psi, stat, g)`` usable with the cached ``stats`` (plugins included).
+    """Every registered ``(psi, stat, score)`` usable with the cached ``stats`` (plugins included).
 
     A psi that names its statistics is paired with those only; a generic one (``contrast``,
     ``pool_contrast``) with every cached statistic, except where a named psi already covers the
@@ -104,7 +108,7 @@ def candidates(stats: Sequence[str]) -> list[Method]:
             if (id(p.fn), stat) in seen:
                 continue
             seen.add((id(p.fn), stat))
-            out += [Method(p.name, stat, g) for g in sorted(SCORE)]
+            out += [Method(p.name, stat, score) for score in sorted(SCORE)]
     return out
 
 
@@ -260,11 +264,11 @@ def evaluate(
             }  # {psi: [d, folds]}
             names = list(fitted)
             cols = torch.cat([fitted[nm] for nm in names], 1)
-            for g in dict.fromkeys(m.g for m in ms):
-                score = get_score(g)
+            for name in dict.fromkeys(m.score for m in ms):
+                score = get_score(name)
                 sx, st, sc = (_scores(score, a, cols, ctx) for a in (x, t, c))
                 for j, nm in enumerate(names):
-                    if Method(nm, stat, g) not in ms:
+                    if Method(nm, stat, name) not in ms:
                         continue
                     sl = slice(j * folds, (j + 1) * folds)
                     aps = _fold_ap(sx[:, sl], st[:, sl], sc[:, sl], tests)
@@ -274,7 +278,7 @@ def evaluate(
                     )
                     out.append(
                         {
-                            "method": str(Method(nm, stat, g)),
+                            "method": str(Method(nm, stat, name)),
                             "layer": layer,
                             "criterion": float(sum(aps) / len(aps)),
                             "accuracy": hits / n,
@@ -304,7 +308,7 @@ def select(
             takes); unused when ``pairs`` is a :class:`~lensattr.query.PairStats`.
         cache: the cache to rank (or its directory): the pool.
         pairs: the behaviour's query pairs (path, dataset, list) or their :class:`PairStats`.
-        methods: candidate methods (``"psi|stat|g"`` strings or :class:`Method`; default:
+        methods: candidate methods (``"psi|stat|score"`` strings or :class:`Method`; default:
             :func:`candidates` of the cached statistics: every registered psi and score).
         layers: candidate layers (default: every cached layer).
         rows: the cache rows that form the pool (default: all).
@@ -336,7 +340,7 @@ def select(
         raise QueryError(f"statistics {missing} are not in the cache (it has {cache.stats})")
     for m in method_list:  # unknown names fail before any work
         get_psi(m.psi)
-        get_score(m.g)
+        get_score(m.score)
     layer_list = list(layers) if layers is not None else list(cache.layers)
     if isinstance(pairs, PairStats):
         ps = pairs
@@ -347,8 +351,8 @@ def select(
             stats=sorted({m.stat for m in method_list}),
             layers=layer_list,
             batch_size=batch_size,
-            max_length=cache.manifest.get("max_length"),
-            padding_side=cache.manifest.get("padding_side", "right"),
+            max_length=cache.capture_config.max_length,
+            padding_side=cache.capture_config.padding_side,
             progress=progress,
         )
     if ps.n_pairs < MIN_PAIRS:
@@ -370,7 +374,13 @@ def select(
     best = choose(table)
     method = Method.parse(best["method"])
     query = behavior_query(
-        None, ps, psi=method.psi, stat=method.stat, layers=layer_list, pool=cache, g=method.g
+        None,
+        ps,
+        psi=method.psi,
+        stat=method.stat,
+        layers=layer_list,
+        pool=cache,
+        score=method.score,
     )
     query.layer = best["layer"]
     logger.info("auto: %s at layer %d (AP %.3f)", method, best["layer"], best["criterion"])
@@ -414,9 +424,9 @@ def select_then_cache(
     import random
     import tempfile
 
-    from lensattr.cache import DEFAULT_STATS, build_cache
+    from lensattr.backends.models import load_model
     from lensattr.data import load_examples
-    from lensattr.models import load_model
+    from lensattr.store.cache import DEFAULT_STATS, build_cache
 
     if sample < 1:
         raise ValueError(f"sample must be >= 1, got {sample}")
@@ -446,7 +456,7 @@ def select_then_cache(
         stat=sel.method.stat,
         layers=[sel.layer],
         pool=cache,
-        g=sel.method.g,
+        score=sel.method.score,
     )
     query.layer = sel.layer
     return cache, query, sel

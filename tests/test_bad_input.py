@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lensattr import build_cache, load_examples, load_pairs
-from lensattr.cache import CacheError
-from lensattr.capture import capture
+from lensattr.backends.capture import capture
 from lensattr.data import DataError, Example
 from lensattr.render import TruncationError, collate, encode
+from lensattr.store.cache import CacheError
 
 GOOD = {"id": "good", "prompt": "Say hi.", "response": "Hi!"}
 
@@ -233,9 +233,9 @@ def test_cli_reports_bad_input_and_skips_it(tmp_path, messy, capsys):
 
 def _poison(monkeypatch, bad_id: str) -> None:  # noqa: ANN001
     """Make the activation gradient of example ``bad_id`` NaN, as an overflow would."""
-    import lensattr.cache
+    import lensattr.store.cache
 
-    real = lensattr.cache.capture
+    real = lensattr.store.cache.capture
 
     def poisoned(model, batch, layers, **kw):  # noqa: ANN001, ANN202
         acts = real(model, batch, layers, **kw)
@@ -246,7 +246,7 @@ def _poison(monkeypatch, bad_id: str) -> None:  # noqa: ANN001
                         la.grad[row] = float("nan")
         return acts
 
-    monkeypatch.setattr(lensattr.cache, "capture", poisoned)
+    monkeypatch.setattr(lensattr.store.cache, "capture", poisoned)
 
 
 def test_non_finite_gradient_raises_or_is_skipped(tmp_path, tiny, train_records, monkeypatch):

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lensattr.backends.capture import response_loss
 from lensattr.bench.behaviors import load_behaviour
 from lensattr.bench.finetune import lora_finetune, trait_score
 from lensattr.bench.smoke import smoke_config, write_synthetic_data
 from lensattr.bench.trak import Projector, default_targets, per_example_grads
-from lensattr.capture import response_loss
 from lensattr.data import Example, load_pairs
 from lensattr.methods import centered_cosine, whitened_cosine
 from lensattr.render import collate, encode

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("transformer_lens")
 
 from lensattr import build_cache, capture, load_examples, load_model  # noqa: E402
-from lensattr.bridge import (  # noqa: E402
+from lensattr.backends.bridge import (  # noqa: E402
     BridgeModel,
     bridge_from_hf,
     capture_bridge,
@@ -86,7 +86,7 @@ def test_forward_only_and_logits_fallback(pair, train_records, monkeypatch):
     fwd = capture_bridge(bridged, batch, [1, 2], grad=False)  # stops after block 2
     assert fwd[2].grad is None
     assert rel(fwd[2].z_out, want[2].z_out) < TOL and rel(fwd[1].z_in, want[1].z_in) < TOL
-    monkeypatch.setattr("lensattr.bridge._final_norm_hook", lambda bridge: None)
+    monkeypatch.setattr("lensattr.backends.bridge._final_norm_hook", lambda bridge: None)
     via_logits = capture_bridge(bridged, batch, [1, 2])
     for layer in (1, 2):
         assert rel(via_logits[layer].grad, want[layer].grad) < TOL

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import lensattr.cache as cache_mod
+import lensattr.store.cache as cache_mod
 from lensattr import CacheError, build_cache, open_cache
 from lensattr.data import DataError
 
@@ -178,7 +178,7 @@ def test_dtype_is_a_deprecated_alias_of_storage_dtype(tmp_path, tiny, train_reco
 
 
 def test_layers_negative_ranges_and_hook_names():
-    from lensattr.cache import layer_index, resolve_layers
+    from lensattr.store.cache import layer_index, resolve_layers
 
     assert resolve_layers(-1, 30) == [29]
     assert resolve_layers("-1", 30) == [29]
@@ -332,7 +332,7 @@ _extra = st.dictionaries(
 )
 def test_records_copy_round_trips_any_text(tmp_path_factory, texts):
     from lensattr.data import Example
-    from lensattr.records import read_records, record_of, write_records
+    from lensattr.store.records import read_records, record_of, write_records
 
     exs = [
         Example(
@@ -361,7 +361,7 @@ def test_records_copy_round_trips_any_text(tmp_path_factory, texts):
     dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
 )
 def test_nonfinite_rows_agrees_with_isfinite(values, dtype):
-    from lensattr.store import nonfinite_rows
+    from lensattr.store.shards import nonfinite_rows
 
     t = torch.tensor(values, dtype=torch.float32).to(dtype).view(-1, 4)
     want = (~torch.isfinite(t)).any(1).nonzero()[:, 0].tolist()  # fp16 overflow included

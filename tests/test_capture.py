@@ -116,7 +116,7 @@ def test_forward_only_capture_has_no_grad(tiny, train_records):
 
 def test_sites_map_to_the_modules_that_hooks_see(tiny, train_records):
     """``locate`` puts each TransformerLens name on the module a plain torch hook reads."""
-    from lensattr.sites import locate, module_paths
+    from lensattr.backends.sites import locate, module_paths
 
     batch = collate(encoded(tiny, train_records[:2]), tiny.pad_id)
     paths = module_paths(tiny.hf)
@@ -147,7 +147,7 @@ def test_sites_map_to_the_modules_that_hooks_see(tiny, train_records):
 
 
 def test_transformerlens_hook_names_are_accepted(tiny):
-    from lensattr.sites import layer_index, site_kind
+    from lensattr.backends.sites import layer_index, site_kind
 
     batch = collate(
         [encode(tiny.tokenizer, Example.from_prompt("a", "Hi there", "Yo"))], tiny.pad_id
@@ -183,7 +183,9 @@ def test_layer_acts_rows_and_map_keep_every_field_together(tiny, train_records):
     import lensattr
     from lensattr.types import LayerActs
 
-    module = importlib.import_module("lensattr.capture")  # lensattr.capture is the function
+    module = importlib.import_module(
+        "lensattr.backends.capture"
+    )  # lensattr.backends.capture is the function
     assert lensattr.LayerActs is module.LayerActs is LayerActs
     batch = collate(encoded(tiny, train_records[:4]), tiny.pad_id)
     acts = capture(tiny, batch, [1], sites=["mlp_out"])[1]

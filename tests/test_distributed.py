@@ -16,7 +16,7 @@ import pytest
 
 from lensattr import build_cache, open_cache
 from lensattr import distributed as dist_helpers
-from lensattr.cache import CacheError
+from lensattr.store.cache import CacheError
 
 LAUNCH_ENV = (
     "RANK",
@@ -35,21 +35,21 @@ CLI_SCRIPT = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
 
-    import lensattr.cache
+    import lensattr.store.cache
     import lensattr.distributed
     from lensattr.cli import main
 
     log, argv = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ.get("RANK", 0))
     written, group = [], []
-    real = lensattr.cache.write_shard
+    real = lensattr.store.cache.write_shard
 
     def spy(path, tensors, **kw):
         written.append(Path(path).name)
         group.append(lensattr.distributed.is_initialized())
         return real(path, tensors, **kw)
 
-    lensattr.cache.write_shard = spy
+    lensattr.store.cache.write_shard = spy
     code = main(argv)
     (log / f"rank-{rank}.json").write_text(json.dumps({
         "code": code, "written": written,

@@ -2,12 +2,33 @@
 direction only (no circle through a lazy import either), so each can be read on its own."""
 
 import ast
+import importlib
+import sys
 from pathlib import Path
 
+import pytest
+
+from lensattr._deprecated import MOVED
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lensattr"
-CORE = {"lensattr.models", "lensattr.backend", "lensattr.bridge", "lensattr.capture"}
+CORE = {
+    "lensattr.backends.models",
+    "lensattr.backends.backend",
+    "lensattr.backends.bridge",
+    "lensattr.backends.capture",
+}
 """The modules of the old circle models <-> bridge <-> capture."""
-BY_DESIGN = {frozenset({"lensattr.registry", "lensattr.methods"})}
+BY_DESIGN = {
+    frozenset(
+        {
+            "lensattr.registry",
+            "lensattr.methods",
+            "lensattr.methods.statistics",
+            "lensattr.methods.queries",
+            "lensattr.methods.scores",
+        }
+    )
+}
 """The registry imports the built-in methods at its end, and they register themselves in it."""
 
 
@@ -75,17 +96,19 @@ def cycles(edges: dict[str, set[str]], skip: set[str]) -> list[list[str]]:
 
 def test_the_graph_is_read_from_the_sources():
     edges = graph()
-    assert "lensattr.backend" in edges["lensattr.capture"]  # a top-level import
-    assert "lensattr.distributed" in edges["lensattr.cache"]  # `from lensattr import distributed`
-    assert "lensattr.testing" in edges["lensattr.models"]  # an import inside a function
+    assert "lensattr.backends.backend" in edges["lensattr.backends.capture"]  # at the top
+    assert "lensattr.distributed" in edges["lensattr.store.cache"]  # from lensattr import ...
+    assert "lensattr.testing" in edges["lensattr.backends.models"]  # inside a function
 
 
 def test_no_import_circle_among_loader_backends_and_capture():
     edges = graph()
     sub = {m: edges[m] & CORE for m in CORE}
     assert cycles(sub, set()) == []
-    assert "lensattr.capture" not in edges["lensattr.bridge"]  # no private helper borrowed
-    assert not edges["lensattr.backend"] & CORE  # the interface imports no backend
+    assert (
+        "lensattr.backends.capture" not in edges["lensattr.backends.bridge"]
+    )  # no helper borrowed
+    assert not edges["lensattr.backends.backend"] & CORE  # the interface imports no backend
 
 
 def test_no_other_import_circle_than_the_registry_and_its_methods():
@@ -96,3 +119,48 @@ def test_no_other_import_circle_than_the_registry_and_its_methods():
 
 def test_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, set()) == [["a", "b", "c"]]
+
+
+def test_layout_backends_methods_store():
+    """Each box of the architecture page is a subpackage, and nothing inside lensattr (but the
+    shims) imports an old path."""
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert {"backends", "methods", "store"} <= subpackages
+    edges = graph()
+    users = {m for m, e in edges.items() if e & (set(MOVED) | {"lensattr.store"})}
+    assert users <= {"lensattr"}, sorted(users)  # the facade's `from lensattr.store.x` only
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED.items()))
+def test_old_module_paths_are_deprecated_aliases(old, new, monkeypatch):
+    import lensattr
+
+    name = old.split(".")[1]  # restored afterwards (``lensattr.capture`` is the function)
+    monkeypatch.setattr(lensattr, name, getattr(lensattr, name, None), raising=False)
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)  # one module: monkeypatches reach it
+
+
+def test_the_old_capture_path_leaves_the_capture_function():
+    """``lensattr.capture`` is a function and was a module: importing from the old module path
+    (a tutorial does) must not turn the function into the module."""
+    import lensattr
+    from lensattr.backends.capture import capture
+    from lensattr.capture import response_loss  # noqa: F401
+
+    assert lensattr.capture is capture and callable(lensattr.capture)
+
+
+def test_old_names_stay_reachable():
+    import lensattr.store
+    from lensattr.methods import pool_weighted  # the tutorials' import
+    from lensattr.methods.statistics import pool_weighted as moved
+    from lensattr.store.shards import atomic_write_json
+
+    assert pool_weighted is moved
+    with pytest.warns(DeprecationWarning, match="lensattr.store.atomic_write_json moved to"):
+        assert lensattr.store.atomic_write_json is atomic_write_json
+    with pytest.raises(AttributeError):
+        _ = lensattr.store.no_such_name

@@ -8,9 +8,9 @@ import torch
 import transformers
 
 from lensattr import load_model
-from lensattr.capture import capture
+from lensattr.backends.capture import capture
+from lensattr.backends.models import DTYPES, parse_dtype
 from lensattr.data import Example
-from lensattr.models import DTYPES, parse_dtype
 from lensattr.render import collate, encode
 from lensattr.testing import tiny_hf_model, tiny_tokenizer
 
@@ -127,7 +127,7 @@ def test_a_hand_built_model_gets_its_backend_from_load_model(tiny):
     is given its backend by ``load_model`` (which every entry point calls), and a bare one
     passed straight to ``capture`` says what to do."""
     from lensattr import Model
-    from lensattr.capture import NnsightModel
+    from lensattr.backends.capture import NnsightModel
 
     bare = Model(name="mine", hf=tiny.hf, tokenizer=tiny.tokenizer, lm=tiny.lm)
     with pytest.raises(NotImplementedError, match="load_model"):

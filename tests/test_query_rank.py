@@ -84,12 +84,12 @@ def test_rank_streams_to_the_same_order_as_a_full_sort(built, g):
         "projection": rows @ psi / psi.norm(),
         "cosine": torch.nn.functional.cosine_similarity(rows, psi[None], dim=1),
     }[g]
-    r = rank(cache, q, layer=2, g=g, top_k=5, chunk_rows=3)
+    r = rank(cache, q, layer=2, score=g, top_k=5, chunk_rows=3)
     assert r.ids == [cache.ids[i] for i in torch.topk(direct, 5).indices.tolist()]
     assert torch.allclose(r.scores, torch.topk(direct, 5).values, atol=1e-5)
-    low = rank(cache, q, layer=2, g=g, top_k=4, bottom=True, chunk_rows=5)
+    low = rank(cache, q, layer=2, score=g, top_k=4, bottom=True, chunk_rows=5)
     assert torch.allclose(low.scores, torch.topk(-direct, 4).values.neg(), atol=1e-5)
-    assert len(rank(cache, q, layer=2, g=g, top_k=None)) == len(cache)
+    assert len(rank(cache, q, layer=2, score=g, top_k=None)) == len(cache)
 
 
 def test_rank_refuses_a_query_from_another_model(built, pair_records):

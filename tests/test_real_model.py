@@ -14,7 +14,7 @@ pytestmark = pytest.mark.real_model
 @pytest.fixture(scope="module")
 def smol():
     pytest.importorskip("gguf")
-    from lensattr.models import load_model, smollm2_gguf_path
+    from lensattr.backends.models import load_model, smollm2_gguf_path
 
     try:
         smollm2_gguf_path()
@@ -29,7 +29,7 @@ def smol():
 def test_converted_weights_match_the_gguf(smol):
     from transformers import AutoModelForCausalLM
 
-    from lensattr.models import smollm2_gguf_path
+    from lensattr.backends.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     direct = AutoModelForCausalLM.from_pretrained(

@@ -29,7 +29,7 @@ def test_duplicate_names_from_another_module_are_refused(deco):
         deco("resid_post" if deco is registry.register_phi else "cosine")(lambda *a: None)
     with pytest.raises(ValueError, match="already registered"):
         registry.register_psi("residual_diff", stat="resid_post")(lambda *a: None)
-    assert registry.SCORE["cosine"].module == "lensattr.methods"  # nothing half-replaced
+    assert registry.SCORE["cosine"].module == "lensattr.methods.scores"  # nothing half-replaced
 
 
 def test_re_registering_from_the_same_module_replaces_and_override_replaces_any():
@@ -146,4 +146,6 @@ def test_old_builtins_module_warns_and_re_exports_the_methods():
     with pytest.warns(DeprecationWarning, match="renamed lensattr.methods"):
         old = importlib.import_module("lensattr.builtins")
     assert old.pool is methods.pool and old.cosine is methods.cosine
-    assert registry.SCORE["cosine"].module == "lensattr.methods"  # registered once, not again
+    assert (
+        registry.SCORE["cosine"].module == "lensattr.methods.scores"
+    )  # registered once, not again

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from lensattr import behavior_query, build_cache, load_model, open_cache, rank
-from lensattr.cache import CacheError
 from lensattr.data import DataError
+from lensattr.store.cache import CacheError
 from lensattr.testing import tiny_hf_model, tiny_tokenizer
 
 LAYERS = [1, 3]
@@ -188,8 +188,8 @@ def test_finished_build_is_a_noop(tmp_path, tiny, built):
 
 
 def test_shards_are_written_through_a_temporary_file_and_rename(tmp_path, tiny, monkeypatch):
-    import lensattr.records as records
-    import lensattr.store as store
+    import lensattr.store.records as records
+    import lensattr.store.shards as store
 
     renames: list[tuple[str, str]] = []
     real = os.replace
@@ -217,7 +217,7 @@ def test_shards_are_written_through_a_temporary_file_and_rename(tmp_path, tiny, 
 
 
 def test_manifest_records_a_checksum_per_shard(built):
-    from lensattr.store import sha256_file
+    from lensattr.store.shards import sha256_file
 
     _, out = built
     manifest = json.loads((out / "manifest.json").read_text())
@@ -228,7 +228,7 @@ def test_manifest_records_a_checksum_per_shard(built):
 
 def flip_byte_in(shard: Path, key: str) -> None:
     """Flip one bit of one stored value of tensor ``key`` (the header stays intact)."""
-    from lensattr.store import MappedShard
+    from lensattr.store.shards import MappedShard
 
     m = MappedShard(shard)
     begin, end = m.info(key)["data_offsets"]
@@ -273,7 +273,7 @@ def test_rerun_of_a_finished_build_verifies_and_never_ranks_corrupt_rows(
 
 
 def test_a_tensor_is_hashed_once_per_open(tmp_path, built, monkeypatch):
-    from lensattr.store import MappedShard
+    from lensattr.store.shards import MappedShard
 
     _, ref = built
     calls = []
@@ -417,7 +417,7 @@ def test_rebuilding_into_a_cache_of_something_else_is_refused(tmp_path, tiny, ot
 
 def edit_manifest(out: Path, edit, *, rehash: bool) -> None:  # noqa: ANN001
     """Apply ``edit`` to the manifest; ``rehash``: as a careful forger would, fix its checksum."""
-    from lensattr.cache import write_manifest
+    from lensattr.store.cache import write_manifest
 
     manifest = json.loads((out / "manifest.json").read_text())
     edit(manifest)
@@ -524,7 +524,7 @@ def test_stale_shards_are_not_reused_when_build_json_is_gone(tmp_path, tiny, bui
 
 def test_encoding_is_per_chunk(tmp_path, tiny, train_records, monkeypatch):
     # Token ids of one chunk at a time, so memory stays flat in the number of examples.
-    import lensattr.cache as cache_mod
+    import lensattr.store.cache as cache_mod
 
     sizes = []
     real = cache_mod.encode_all
@@ -539,7 +539,7 @@ def test_encoding_is_per_chunk(tmp_path, tiny, train_records, monkeypatch):
 
 
 def test_a_record_too_long_fails_before_any_work(tmp_path, tiny, monkeypatch):
-    import lensattr.cache as cache_mod
+    import lensattr.store.cache as cache_mod
 
     # A short system prompt leaves room for the reply; the template's default one does not.
     recs = [{"id": f"ok{i}", "system": "s", "prompt": "Hi", "response": "Yo"} for i in range(11)]
@@ -602,9 +602,9 @@ def test_files_respect_the_umask(tmp_path, tiny, train_records, umask):
 
 def _scale(monkeypatch, ids: set[str], factor: float) -> None:  # noqa: ANN001
     """Multiply the captured activations of ``ids`` by ``factor`` (fp32-finite, fp16-inf)."""
-    import lensattr.cache
+    import lensattr.store.cache
 
-    real = lensattr.cache.capture
+    real = lensattr.store.cache.capture
 
     def scaled(model, batch, layers, **kw):  # noqa: ANN001, ANN202
         acts = real(model, batch, layers, **kw)
@@ -614,7 +614,7 @@ def _scale(monkeypatch, ids: set[str], factor: float) -> None:  # noqa: ANN001
                     la.z_out[row] *= factor
         return acts
 
-    monkeypatch.setattr(lensattr.cache, "capture", scaled)
+    monkeypatch.setattr(lensattr.store.cache, "capture", scaled)
 
 
 def test_float16_overflow_is_an_error_naming_the_examples(
@@ -638,8 +638,8 @@ def test_float16_overflow_is_an_error_naming_the_examples(
 
 
 def test_open_reports_non_finite_rows(tmp_path, tiny, train_records):
-    from lensattr.cache import write_manifest
-    from lensattr.store import MappedShard, describe_shard, sha256_file, write_shard
+    from lensattr.store.cache import write_manifest
+    from lensattr.store.shards import MappedShard, describe_shard, sha256_file, write_shard
 
     out = tmp_path / "c"
     build_cache(tiny, train_records, out=out, layers=[1], stats=["grad"], shard_size=6)

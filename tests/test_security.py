@@ -67,7 +67,7 @@ def _kw_is(call: ast.Call, name: str, value: object) -> bool:
 
 def test_sources_are_found():
     names = {p.name for p in SOURCES}
-    assert {"cache.py", "store.py", "models.py", "query.py", "distributed.py"} <= names
+    assert {"cache.py", "shards.py", "models.py", "query.py", "distributed.py"} <= names
 
 
 def test_no_pickle_imports_or_calls():
@@ -137,7 +137,7 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch):
 
     import transformers
 
-    from lensattr.models import load_model
+    from lensattr.backends.models import load_model
     from lensattr.testing import tiny_hf_model, tiny_tokenizer
 
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False

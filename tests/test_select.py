@@ -66,7 +66,7 @@ def pool(tiny, train_records, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stats(tiny, pair_records):
     return pair_stats(
-        tiny, pair_records, stats=lensattr.cache.DEFAULT_STATS, layers=[1, 3], batch_size=4
+        tiny, pair_records, stats=lensattr.store.cache.DEFAULT_STATS, layers=[1, 3], batch_size=4
     )
 
 
@@ -185,7 +185,7 @@ def test_rank_breaks_ties_by_row_and_never_ranks_a_nonfinite_score_first(pool, s
 
     try:
         orders = {
-            tuple(lensattr.rank(pool, q, layer=1, g="test_ties", top_k=None, chunk_rows=c).ids)
+            tuple(lensattr.rank(pool, q, layer=1, score="test_ties", top_k=None, chunk_rows=c).ids)
             for c in (1, 2, 5, 100)
         }
         assert len(orders) == 1
@@ -194,7 +194,7 @@ def test_rank_breaks_ties_by_row_and_never_ranks_a_nonfinite_score_first(pool, s
         s = (pool.stat("residual_change", 1)[:].float()[:, 0] > 0).float()
         want = sorted(range(1, len(pool)), key=lambda i: (-float(s[i]), i))
         assert list(ids[:-1]) == [pool.ids[i] for i in want]
-        low = lensattr.rank(pool, q, layer=1, g="test_ties", top_k=3, bottom=True)
+        low = lensattr.rank(pool, q, layer=1, score="test_ties", top_k=3, bottom=True)
         assert pool.ids[0] not in low.ids and low.n_nonfinite == 1
     finally:
         registry.SCORE.pop("test_ties")
@@ -252,7 +252,7 @@ def test_held_out_accuracy_is_one_definition(pool, stats):
         m = Method.parse(row["method"])
         t, c = stats.sides(m.stat, row["layer"])
         ctx = ScoreContext(pool, m.stat, row["layer"])
-        acc = heldout_accuracy(t, c, registry.get_psi(m.psi), registry.get_score(m.g), ctx)
+        acc = heldout_accuracy(t, c, registry.get_psi(m.psi), registry.get_score(m.score), ctx)
         assert row["accuracy"] == pytest.approx(acc)
 
 
@@ -285,10 +285,10 @@ def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, 
     best = max((r for r in sel.table if r["method"] == method),
                key=lambda r: (r["criterion"], r["accuracy"], r["layer"]))  # fmt: skip
     assert (str(sel.method), sel.layer) == (best["method"], best["layer"])
-    assert sel.query.layer == sel.layer and sel.query.g == sel.method.g
+    assert sel.query.layer == sel.layer and sel.query.score == sel.method.score
     assert "auto chose" in sel.summary()
     r = lensattr.rank(pool, sel, top_k=4)
-    assert (r.layer, r.g, r.phi) == (sel.layer, sel.method.g, sel.method.stat)
+    assert (r.layer, r.score, r.stat) == (sel.layer, sel.method.score, sel.method.stat)
     # from pairs directly, as `rank(..., method="auto")`
     r2 = lensattr.rank(pool, pair_records, method="auto", model=tiny, top_k=4)
     assert r2.ids == r.ids
@@ -342,7 +342,7 @@ def test_a_plugin_psi_and_score_are_candidates_by_name(pool, stats):
 
 def test_candidates_cover_every_psi_stat_score_once():
     ms = candidates(["residual_change", "resid_post", "grad"])
-    keys = [(m.psi, m.stat, m.g) for m in ms]
+    keys = [(m.psi, m.stat, m.score) for m in ms]
     assert len(keys) == len(set(keys))
     assert ("residual_change", "residual_change", "cosine") in keys
     assert not any(p == "contrast" and s == "residual_change" for p, s, _ in keys)  # = the paper's
@@ -376,7 +376,9 @@ def test_select_then_cache_ranks_as_the_full_cache_would(
     assert cache.layers == [sel.layer] and cache.stats == [sel.method.stat]
     full = lensattr.build_cache(tiny, train_records, out=tmp_path / "all", progress=False)
     m = sel.method
-    ref = lensattr.behavior_query(tiny, pair_records, psi=m.psi, stat=m.stat, pool=full, g=m.g)
+    ref = lensattr.behavior_query(
+        tiny, pair_records, psi=m.psi, stat=m.stat, pool=full, score=m.score
+    )
     got = lensattr.rank(cache, q, top_k=None)
     want = lensattr.rank(full, ref, layer=sel.layer, top_k=None)
     assert got.ids == want.ids

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lensattr.render as render
+from lensattr.backends.models import lensattr_home
 from lensattr.data import Example, load_examples
-from lensattr.models import lensattr_home
 from lensattr.render import TruncationError, encode
 from lensattr.testing import SPECIAL_TOKENS, tiny_tokenizer
 

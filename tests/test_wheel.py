@@ -59,7 +59,7 @@ def test_wheel_contents(wheel):
         "lensattr/bundled/demo/query.jsonl",
         "lensattr/bundled/README.md",
         "lensattr/cli.py",
-        "lensattr/bridge.py",
+        "lensattr/backends/bridge.py",
     ):
         assert required in names, f"{required} missing from {wheel.name}"
     assert any(n.startswith("lensattr/bundled/LICENSES/") for n in names)

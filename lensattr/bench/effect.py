@@ -15,7 +15,7 @@ from lensattr.data import load_examples
 from lensattr.registry import get_score
 
 BASELINES = ("auto", "paper", "random", "trak", "persona")
-"""Fine-tuning methods besides any ``psi|stat|g`` of the grid."""
+"""Fine-tuning methods besides any ``psi|stat|score`` of the grid."""
 
 
 def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]) -> Query:
@@ -27,7 +27,13 @@ def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]
         return q
     m = Method.parse(r[method]["method"] if method in ("auto", "paper") else method)
     q = behavior_query(
-        None, h["pairs"][name], psi=m.psi, stat=m.stat, layers=h["layers"], pool=h["cache"], g=m.g
+        None,
+        h["pairs"][name],
+        psi=m.psi,
+        stat=m.stat,
+        layers=h["layers"],
+        pool=h["cache"],
+        score=m.score,
     )
     q.layer = r[method]["layer"] if method in ("auto", "paper") else q.best_layer()
     return q
@@ -37,7 +43,7 @@ def top_ids(
     method: str, name: str, h: dict[str, Any], ranking: dict[str, Any], k: int, seed: int
 ) -> list[str]:
     """Pool ids of the top-``k`` of ``method`` in behaviour ``name``'s pool (``random``: a seeded
-    sample); ``psi|stat|g`` methods use the layer their own query pairs choose."""
+    sample); ``psi|stat|score`` methods use the layer their own query pairs choose."""
     idx, _ = subpools(h)[name]
     cache = h["cache"]
     if method == "random":

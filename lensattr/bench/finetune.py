@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lensattr._optional import require
-from lensattr.capture import response_loss
+from lensattr.backends.capture import response_loss
+from lensattr.backends.models import Model, load_model
 from lensattr.data import Example, Pair, load_examples, load_pairs
-from lensattr.models import Model, load_model
 from lensattr.render import collate, encode
 
 logger = logging.getLogger(__name__)
@@ -42,13 +42,13 @@ def lora_finetune(
 ) -> Model:
     """LoRA-fine-tune a copy of ``model`` on the replies of ``examples`` and return it merged.
 
-    AdamW on LoRA adapters of every linear projection (``LORA_TARGETS``), loss = mean response
-    NLL (:func:`lensattr.capture.response_loss`), ``steps`` steps of ``batch_size`` examples
-    drawn by a seeded shuffle (cycling when there are fewer examples than steps x batch). The
-    base model is untouched.
+    AdamW on LoRA adapters of every linear projection (``LORA_TARGETS``), loss = mean response NLL
+    (:func:`lensattr.backends.capture.response_loss`), ``steps`` steps of ``batch_size`` examples
+    drawn by a seeded shuffle (cycling when there are fewer examples than steps x batch). The base
+    model is untouched.
 
     Args:
-        model: a :class:`~lensattr.models.Model` (or anything ``load_model`` takes).
+        model: a :class:`~lensattr.backends.models.Model` (or anything ``load_model`` takes).
         examples: training examples (list of :class:`Example` / dicts / a path).
         steps, lr, rank, seed: optimisation steps, learning rate, LoRA rank, seed.
         batch_size, max_length: examples per step and truncation.

@@ -5,7 +5,7 @@ behaviour, label 0: decoys with the same prompts). Everything is computed throug
 public API:
 
 - ``auto``: :func:`lensattr.select` on ``b``'s query pairs and the unlabelled pool;
-- every method of the grid (``psi|stat|g``, default every registered candidate) at every layer:
+- every method of the grid (``psi|stat|score``, default every registered candidate) at every layer:
   :func:`lensattr.behavior_query` + :func:`lensattr.rank` over the pool rows;
 - the paper's residual change at the layer its own held-out accuracy chooses
   (``Query.best_layer``);
@@ -28,9 +28,10 @@ from lensattr.bench.run import BenchConfig, _save_json, say, subpools
 from lensattr.registry import get_score
 
 
-def _scores(cache: Any, query: Any, layer: int, g: str, idx: torch.Tensor) -> torch.Tensor:
-    """Scores of the pool rows ``idx`` (in that order) under ``query`` at ``layer`` with ``g``."""
-    return rank(cache, query, layer=layer, g=g, rows=idx, top_k=None).scores_of(idx)
+def _scores(cache: Any, query: Any, layer: int, score: str, idx: torch.Tensor) -> torch.Tensor:
+    """Scores of the pool rows ``idx`` (in that order) under ``query`` at ``layer`` with
+    ``score``."""
+    return rank(cache, query, layer=layer, score=score, rows=idx, top_k=None).scores_of(idx)
 
 
 def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, Any]:
@@ -45,13 +46,15 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
     grid: dict[str, dict[str, Any]] = {}
     queries: dict[tuple[str, str, str], Any] = {}
     for m in methods:
-        q = queries.get((m.psi, m.stat, m.g))
+        q = queries.get((m.psi, m.stat, m.score))
         if q is None:
-            q = behavior_query(None, ps, psi=m.psi, stat=m.stat, layers=layers, pool=cache, g=m.g)
-            queries[(m.psi, m.stat, m.g)] = q
+            q = behavior_query(
+                None, ps, psi=m.psi, stat=m.stat, layers=layers, pool=cache, score=m.score
+            )
+            queries[(m.psi, m.stat, m.score)] = q
         grid[str(m)] = {
             "layers": {
-                str(la): pool_metrics(_scores(cache, q, la, m.g, idx), labels) for la in layers
+                str(la): pool_metrics(_scores(cache, q, la, m.score, idx), labels) for la in layers
             },
             "cv": {str(la): (q.cv or {}).get(la) for la in layers},
             "query_layer": q.best_layer(),
@@ -71,16 +74,18 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
     q_auto = sel.query
     out["auto"].update(
         pool_metrics(
-            _scores(cache, q_auto, sel.layer, sel.method.g, idx), labels, n_boot=cfg.n_boot
+            _scores(cache, q_auto, sel.layer, sel.method.score, idx), labels, n_boot=cfg.n_boot
         )
     )
     paper = grid[str(PAPER)]
-    q_paper = queries[(PAPER.psi, PAPER.stat, PAPER.g)]
+    q_paper = queries[(PAPER.psi, PAPER.stat, PAPER.score)]
     out["paper"] = {
         "method": str(PAPER),
         "layer": paper["query_layer"],
         **pool_metrics(
-            _scores(cache, q_paper, paper["query_layer"], PAPER.g, idx), labels, n_boot=cfg.n_boot
+            _scores(cache, q_paper, paper["query_layer"], PAPER.score, idx),
+            labels,
+            n_boot=cfg.n_boot,
         ),
     }
     best = max(

@@ -15,7 +15,8 @@ from lensattr.select import PAPER
 
 
 def _n(method: str) -> str:
-    """A method name fit for a markdown table cell (``psi|stat|g`` -> ``psi / stat / g``)."""
+    """A method name fit for a markdown table cell (``psi|stat|score`` ->
+    ``psi / stat / score``)."""
     return method.replace("|", " / ")
 
 
@@ -79,8 +80,8 @@ def paper_table(ranking: dict[str, Any]) -> list[str]:
     lines = [
         "## The paper's residual change, every layer",
         "",
-        "P@k of `residual_change / residual_change / g` per layer (`*` = the layer its held-out "
-        "accuracy chooses), next to auto's method at the same layers.",
+        "P@k of `residual_change / residual_change / score` per layer (`*` = the layer its "
+        "held-out accuracy chooses), next to auto's method at the same layers.",
         "",
     ]
     for name, r in ranking.items():

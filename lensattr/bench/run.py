@@ -36,10 +36,10 @@ from lensattr import (
     load_model,
     pair_stats,
 )
+from lensattr.backends.models import Model
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
-from lensattr.cache import resolve_layers
 from lensattr.data import Example
-from lensattr.models import Model
+from lensattr.store.cache import resolve_layers
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class BenchConfig:
         n_query: query pairs per behaviour (psi and every choice made without labels).
         layers: layer spec (default every 3rd block from 9).
         max_length, batch_size: truncation and batch size of every capture.
-        methods: ``psi|stat|g`` methods of the grid (default: every registered candidate).
+        methods: ``psi|stat|score`` methods of the grid (default: every registered candidate).
         k: top-k of the fine-tuning selection.
         persona_tokens, persona_questions: persona-vector generation settings.
         trak, trak_dim, trak_blocks: run the TRAK baseline, its projection dimension and how many

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lensattr.capture import response_loss
+from lensattr.backends.capture import response_loss
+from lensattr.backends.models import Model
 from lensattr.data import Example
-from lensattr.models import Model
 from lensattr.render import Batch, collate, encode, length_batches
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,203 @@
+"""The capture settings, one frozen dataclass recorded end to end.
+
+A :class:`CaptureConfig` says how the activations behind a statistic were captured: at which
+layers, truncated to what length, padded on which side, pooled how, and stored in which dtype.
+:func:`~lensattr.build_cache` builds one from its keywords and writes its fields into the
+manifest; :func:`~lensattr.pair_stats` records one for the query pairs, and a saved
+:class:`~lensattr.query.Query` carries it. :func:`check_capture` is the one comparison:
+``rank`` (query against cache) and ``explain`` (query against its own capture) call it, and a
+mismatch names the field and both values. The command line's flags, help and defaults for these
+settings are generated from the fields (:func:`add_arguments`), so they cannot drift apart.
+"""
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lensattr.store.names import STORAGE_DTYPES, dtype_name
+
+POOLINGS = ("mean_response",)
+"""The poolings a cache can record: the mean over the reply's token positions (the built-ins')."""
+PADDING_SIDES = ("right", "left")
+
+
+def _max_length(text: str) -> int | None:
+    """The CLI's ``--max-length``: an integer, or ``none`` (no truncation)."""
+    return None if text.strip().lower() == "none" else int(text)
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """How the activations behind a statistic are captured.
+
+    ``storage_dtype`` takes any spelling :func:`~lensattr.store.names.dtype_name` takes (or a
+    ``torch.dtype``) and holds its name; a list of ``layers`` is held as a tuple.
+
+    Field metadata drives the rest: ``help`` is the CLI help, ``match`` marks the settings that
+    change the numbers (a query's pairs and the cache must agree on them), ``manifest`` the
+    manifest key when it is not the field name, ``cli`` whether the CLI has a flag for it.
+
+    Examples:
+        >>> CaptureConfig(max_length=256, storage_dtype="bf16").storage_dtype
+        'bfloat16'
+        >>> CaptureConfig.from_manifest(CaptureConfig(layers=[1, 3]).to_manifest()).layers
+        (1, 3)
+    """
+
+    layers: Any = field(
+        default="all",
+        metadata={"help": '"all", "12", "0,5,10", "20:30" or TransformerLens hook names'},
+    )
+    max_length: int | None = field(
+        default=512,
+        metadata={
+            "help": "truncate longer examples (prompt from the left, then reply from the right); "
+            "none: no truncation",
+            "type": _max_length,
+            "match": True,
+        },
+    )
+    padding_side: str = field(
+        default="right",
+        metadata={"help": "pad batches on this side", "choices": PADDING_SIDES, "match": True},
+    )
+    pooling: str = field(
+        default=POOLINGS[0],
+        metadata={
+            "help": "how token positions become one vector (one pooling exists: no flag)",
+            "choices": POOLINGS,
+            "match": True,
+            "cli": False,
+        },
+    )
+    storage_dtype: str | torch.dtype = field(
+        default="bfloat16",
+        metadata={
+            "help": "how cached rows are stored: bf16/bfloat16, fp16/float16 (underflows on "
+            "small gradients) or fp32/float32",
+            "metavar": "DTYPE",
+            "choices": tuple(STORAGE_DTYPES),
+            "manifest": "dtype",
+            "aliases": ("--dtype-store",),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        ml = self.max_length
+        if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 1):
+            raise ValueError(f"max_length must be a positive integer, not {ml!r}")
+        for name in ("padding_side", "pooling"):
+            choices = _field(name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be {' or '.join(map(repr, choices))}, not {getattr(self, name)!r}"
+                )
+        object.__setattr__(self, "storage_dtype", dtype_name(self.storage_dtype))
+        if isinstance(self.layers, list):  # hashable, like the rest of a frozen record
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The fields as manifest entries (``storage_dtype`` is the manifest's ``dtype``)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.metadata.get("manifest", f.name)] = list(value) if f.name == "layers" else value
+        return out
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> "CaptureConfig":
+        """The capture settings a manifest (or a saved query's record) holds.
+
+        Every manifest lensattr writes has every field; a record written before a field existed
+        (a query saved before ``pooling`` and ``layers`` were recorded) gets the field's default,
+        the only value it could have had.
+        """
+        kw = {}
+        for f in dataclasses.fields(cls):
+            key = f.metadata.get("manifest", f.name)
+            if key in manifest:
+                kw[f.name] = manifest[key]
+            elif f.name in manifest:
+                kw[f.name] = manifest[f.name]
+        return cls(**kw)
+
+
+def _field(name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(CaptureConfig) if f.name == name)
+
+
+MATCHED = tuple(f.name for f in dataclasses.fields(CaptureConfig) if f.metadata.get("match"))
+"""The settings that change a statistic's numbers: a query's pairs and the cache must agree."""
+
+
+def check_capture(
+    recorded: "CaptureConfig | None",
+    used: CaptureConfig,
+    *,
+    what: str,
+    other: str,
+    error: Callable[[str], Exception] = ValueError,
+    fields: Iterable[str] = MATCHED,
+) -> None:
+    """Raise ``error`` naming the first of ``fields`` where statistics captured with
+    ``recorded`` (``what``, e.g. "the query's pairs") and with ``used`` (``other``, e.g. "the
+    cache") differ. ``recorded=None`` (a query that records no capture settings) passes.
+
+    Examples:
+        >>> check_capture(CaptureConfig(max_length=256), CaptureConfig(), what="the pairs",
+        ...               other="the cache")
+        Traceback (most recent call last):
+        ...
+        ValueError: the pairs were captured with max_length=256, the cache with max_length=512
+    """
+    if recorded is None:
+        return
+    for name in fields:
+        want, have = getattr(recorded, name), getattr(used, name)
+        if want != have:
+            raise error(f"{what} were captured with {name}={want!r}, {other} with {name}={have!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """Add a flag for each CLI field of :class:`CaptureConfig` (or only ``names``): its name
+    with dashes, its help, choices and default from the field, so the CLI cannot drift."""
+    wanted = None if names is None else set(names)
+    for f in dataclasses.fields(CaptureConfig):
+        if not f.metadata.get("cli", True) or (wanted is not None and f.name not in wanted):
+            continue
+        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
+        extra: dict[str, Any] = (
+            {"choices": list(f.metadata["choices"])} if "choices" in f.metadata else {}
+        )
+        parser.add_argument(
+            *flags,
+            dest=f.name,
+            default=f.default,
+            type=f.metadata.get("type", str),
+            metavar=f.metadata.get("metavar"),
+            help=f"{f.metadata['help']} (default: {f.default})",
+            **extra,
+        )
+
+
+def from_arguments(args: argparse.Namespace, **overrides: Any) -> CaptureConfig:
+    """The :class:`CaptureConfig` of parsed arguments (fields without a flag: their default)."""
+    kw: dict[str, Any] = {
+        f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(CaptureConfig)
+    }
+    return CaptureConfig(**(kw | overrides))
+
+
+__all__ = [
+    "MATCHED",
+    "PADDING_SIDES",
+    "POOLINGS",
+    "CaptureConfig",
+    "add_arguments",
+    "check_capture",
+    "from_arguments",
+]

@@ -1,0 +1,43 @@
+"""The registered methods: the built-in statistics, behaviour queries and scores.
+
+:mod:`~lensattr.methods.statistics` (phi: one vector per example and layer, and the poolings
+:func:`pool` and :func:`pool_weighted`), :mod:`~lensattr.methods.queries` (psi: the query from
+pairs) and :mod:`~lensattr.methods.scores` (how a cached row compares with a query). Importing
+this package registers them, in this order (the registry does it at its end); every name stays
+importable from here (``lensattr.methods.pool_weighted``).
+"""
+
+from lensattr.methods.queries import contrast, pool_contrast
+from lensattr.methods.scores import (
+    centered_cosine,
+    cosine,
+    deflated_cosine,
+    dot,
+    projection,
+    whitened_cosine,
+)
+from lensattr.methods.statistics import (
+    grad,
+    pool,
+    pool_weighted,
+    resid_post,
+    residual_change,
+    residual_change_exact,
+)
+
+__all__ = [
+    "centered_cosine",
+    "contrast",
+    "cosine",
+    "deflated_cosine",
+    "dot",
+    "grad",
+    "pool",
+    "pool_contrast",
+    "pool_weighted",
+    "projection",
+    "resid_post",
+    "residual_change",
+    "residual_change_exact",
+    "whitened_cosine",
+]

@@ -1,0 +1,61 @@
+"""The built-in behaviour queries (psi).
+
+A psi maps the statistic of each pair's treatment and control reply (and, when it is
+pool-aware, the pool's moments of that statistic) to one contribution per pair; the query is
+psi = norm(mean_j contribution_j).
+"""
+
+from typing import Any
+
+from lensattr.moments import Moments
+from lensattr.registry import register_psi
+from lensattr.types import Vecs
+
+
+@register_psi("contrast", stat="residual_change")
+def contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
+    """Treatment-minus-control contrast: ``psi = norm(mean_j s(x'_j) - s(x_j))``.
+
+    With ``s = t`` this is the paper's residual-change query (registered as
+    ``residual_change``), with ``s`` = pooled ``z_out`` the residual-difference query
+    (``residual_diff``); ``contrast`` takes any cached statistic.
+
+    Examples:
+        >>> import torch
+        >>> contrast(torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0]]))
+        tensor([[1., 0.]])
+    """
+    return treatment - control
+
+
+register_psi("residual_change", stat="residual_change", stats=("residual_change",))(contrast)
+register_psi("residual_diff", stat="resid_post", stats=("resid_post",))(contrast)
+
+
+@register_psi("pool_contrast", stat="resid_post", uses_pool=True)
+def pool_contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
+    """Treatment-minus-pool contrast: ``psi = norm(mean_j s(x'_j) - mu)``, with ``mu`` the mean
+    of ``s`` over the training pool (the cache being ranked).
+
+    The control replies do not enter: what sets the behaviour's examples apart from the rest of
+    *this* corpus is what the query points at, which is what ranking inside a mostly unrelated
+    corpus needs.
+
+    Examples:
+        >>> import torch
+        >>> m = Moments.of_rows(torch.tensor([[0.0, 1.0], [2.0, 1.0]]))
+        >>> pool_contrast(torch.tensor([[3.0, 1.0]]), torch.zeros(1, 2), m)
+        tensor([[2., 0.]])
+    """
+    if pool is None:
+        raise ValueError("pool_contrast needs the training pool: pass pool=cache")
+    return treatment - pool.mean.to(treatment.dtype)
+
+
+def _persona_pairs(model: Any, source: Any, **kwargs: Any) -> Any:
+    from lensattr.persona import persona_pairs
+
+    return persona_pairs(model, source, **kwargs)
+
+
+register_psi("persona", stat="resid_post", pairs_from=_persona_pairs)(contrast)

@@ -1,0 +1,103 @@
+"""The built-in scores (sigma in the math): how a cached statistic row compares with a query.
+
+Every built-in score takes one query psi ``[d]`` or several as columns ``[d, q]`` (batched).
+"""
+
+from typing import Any
+
+import torch
+
+from lensattr.moments import Moments, ScoreContext
+from lensattr.registry import register_score
+from lensattr.types import Queries, QueryScores, Scores, Vecs
+
+
+def _cos(x: torch.Tensor, x_norms: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``<x_i, p> / (||x_i|| ||p||)`` for one query ``[d]`` or several ``[d, q]`` (0 for zeros)."""
+    pn = p.norm(dim=0)
+    den = x_norms[:, None] * pn if p.ndim == 2 else x_norms * pn
+    return (x @ p) / den.clamp(min=torch.finfo(x.dtype).tiny)
+
+
+@register_score("dot", batched=True)
+def dot(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
+    """``<phi, psi>``."""
+    return rows @ psi
+
+
+@register_score("cosine", batched=True)
+def cosine(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
+    """``<phi, psi> / (||phi|| ||psi||)`` (0 for a zero row). The default.
+
+    Examples:
+        >>> rows = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> cosine(rows, rows.norm(dim=1), torch.tensor([2.0, 0.0]))
+        tensor([1.0000, 0.7071])
+    """
+    return _cos(rows, norms, psi)
+
+
+@register_score("projection", batched=True)
+def projection(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
+    """``<phi, psi> / ||psi||``."""
+    return (rows @ psi) / psi.norm(dim=0)
+
+
+def _pool(rows: torch.Tensor, ctx: ScoreContext | None) -> Moments:
+    """The pool's moments from the context; without one, the moments of the rows given."""
+    return ctx.moments() if ctx is not None else Moments.of_rows(rows)
+
+
+@register_score("centered_cosine", batched=True)
+def centered_cosine(
+    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+) -> QueryScores:
+    """``cos(phi - mu, psi)`` with ``mu`` the pool mean of phi. Removes the shared offset that the
+    few huge outlier dimensions of the residual stream put into every row.
+
+    Examples:
+        >>> rows = torch.tensor([[1.0, 5.0], [3.0, 5.0]])  # mean (2, 5)
+        >>> centered_cosine(rows, rows.norm(dim=1), torch.tensor([1.0, 0.0]))
+        tensor([-1.,  1.])
+    """
+    x = rows - _pool(rows, ctx).mean32
+    return _cos(x, x.norm(dim=1), psi)
+
+
+@register_score("whitened_cosine", batched=True)
+def whitened_cosine(
+    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+) -> QueryScores:
+    """``cos(W (phi - mu), W psi)`` with ``W = (Sigma + lam I)^(-1/2)``, ``Sigma`` the pool
+    covariance of phi and ``lam = 0.01 trace(Sigma) / d`` (ridge).
+
+    The inner product is ``(phi - mu)^T (Sigma + lam I)^(-1) psi``: the activation-space analogue
+    of TRAK's ``(X^T X)^(-1)`` preconditioner, so no single high-variance direction dominates.
+    """
+    m = _pool(rows, ctx)
+    x = (rows - m.mean32) @ m.whitener.T  # W (phi - mu), row by row
+    return _cos(x, x.norm(dim=1), m.whitener @ psi)
+
+
+@register_score("deflated_cosine", batched=True)
+def deflated_cosine(
+    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+) -> QueryScores:
+    """``cos(P (phi - mu), P psi)`` with ``P = I - U U^T`` removing the pool's ``m = 10`` leading
+    principal directions ``U`` (see :data:`lensattr.moments.DEFLATE`).
+
+    What every training example varies along (length, format, topic) is taken out before the
+    angle is measured; unlike whitening, the remaining directions keep their scale.
+
+    Examples:
+        >>> rows = torch.randn(40, 16)
+        >>> s = deflated_cosine(rows, rows.norm(dim=1), torch.randn(16))
+        >>> s.shape
+        torch.Size([40])
+    """
+    m = _pool(rows, ctx)
+    u = m.top
+    x = rows - m.mean32
+    x = x - (x @ u) @ u.T
+    p = psi - u @ (u.T @ psi)
+    return _cos(x, x.norm(dim=1), p)

@@ -1,0 +1,167 @@
+"""One CaptureConfig, recorded end to end: manifest, pair statistics, saved query, rank, explain,
+and the command line's flags (generated from the dataclass, so their defaults cannot drift)."""
+
+import dataclasses
+import inspect
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lensattr import CaptureConfig, behavior_query, build_cache, explain, pair_stats, rank
+from lensattr.cli import build_parser
+from lensattr.config import MATCHED, check_capture, from_arguments
+from lensattr.query import PairStats, Query, QueryError
+from lensattr.store.cache import CacheError
+
+LAYERS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def cache64(tiny, train_records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c64")
+    return build_cache(
+        tiny,
+        train_records[:6],
+        out=out,
+        layers=LAYERS,
+        max_length=64,
+        padding_side="left",
+        storage_dtype="fp32",
+        progress=False,
+    )
+
+
+def test_the_manifest_records_the_config(cache64):
+    want = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left", storage_dtype="float32")
+    assert cache64.capture_config == want
+    m = cache64.manifest  # the manifest's fields, as every lensattr since schema 2 wrote them
+    assert (m["layers"], m["max_length"], m["padding_side"], m["pooling"], m["dtype"]) == (
+        [1, 2],
+        64,
+        "left",
+        "mean_response",
+        "float32",
+    )
+    assert CaptureConfig.from_manifest(json.loads((cache64.path / "manifest.json").read_text()))
+
+
+def test_build_cache_takes_a_config(cache64, tiny, train_records, monkeypatch):
+    import lensattr.store.cache as cache_mod
+
+    cfg = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left", storage_dtype="fp32")
+    monkeypatch.setattr(cache_mod, "capture", lambda *a, **k: pytest.fail("recomputed"))
+    again = build_cache(tiny, train_records[:6], out=cache64.path, config=cfg, progress=False)
+    assert again is not None and again.capture_config == cache64.capture_config
+    with pytest.raises(ValueError, match="config= and max_length="):
+        build_cache(tiny, train_records, out=cache64.path, config=cfg, max_length=32)
+
+
+def test_pair_stats_and_saved_query_round_trip_the_config(tiny, pair_records, tmp_path):
+    ps = pair_stats(tiny, pair_records, layers=LAYERS, max_length=64, padding_side="left")
+    want = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left", storage_dtype="fp32")
+    assert ps.capture == want
+    ps.save(tmp_path / "ps.safetensors")
+    assert PairStats.load(tmp_path / "ps.safetensors").capture == want
+    q = behavior_query(None, ps)
+    assert q.capture == want
+    q.save(tmp_path / "q.safetensors")
+    assert Query.load(tmp_path / "q.safetensors").capture == want
+
+
+def _rewrite_meta(path, **meta):
+    with safe_open(str(path), framework="pt") as fh:
+        old = fh.metadata()
+    new = {k: v for k, v in {**old, **meta}.items() if v is not None}
+    save_file(load_file(str(path)), str(path), new)
+
+
+def test_old_saved_queries_map_into_the_config(tiny, pair_records, tmp_path):
+    path = tmp_path / "q.safetensors"
+    behavior_query(tiny, pair_records, layers=LAYERS, max_length=64).save(path)
+    # before CaptureConfig, a query recorded max_length and padding_side only
+    _rewrite_meta(path, capture=json.dumps({"max_length": 64, "padding_side": "right"}))
+    old = Query.load(path)
+    assert old.capture == CaptureConfig(layers=LAYERS, max_length=64, storage_dtype="float32")
+    _rewrite_meta(path, capture=None)  # and before that, nothing (checked against nothing)
+    assert Query.load(path).capture is None
+    _rewrite_meta(path, capture=json.dumps({"max_length": 64, "padding_side": "middle"}))
+    with pytest.raises(QueryError, match="padding_side must be 'right' or 'left'"):
+        Query.load(path)
+
+
+def test_rank_refuses_a_query_at_another_max_length(cache64, tiny, pair_records):
+    q = behavior_query(tiny, pair_records, layers=LAYERS, max_length=128, padding_side="left")
+    with pytest.raises(CacheError, match="max_length=128, the cache with max_length=64"):
+        rank(cache64, q, layer=2)
+    q = behavior_query(tiny, pair_records, layers=LAYERS, max_length=64)  # right padding
+    with pytest.raises(CacheError, match="padding_side='right', the cache with padding_side='l"):
+        rank(cache64, q, layer=2)
+    ok = behavior_query(tiny, pair_records, layers=LAYERS, max_length=64, padding_side="left")
+    assert len(rank(cache64, ok, layer=2, top_k=3)) == 3
+
+
+def test_explain_refuses_a_query_at_another_max_length(tiny, pair_records):
+    q = behavior_query(tiny, pair_records, layers=[2], max_length=128)
+    ex = {"id": "x", "prompt": "Q", "response": "Sure"}
+    with pytest.raises(QueryError, match="max_length=128, this explain with max_length=512"):
+        explain(tiny, ex, q, 2)
+    assert len(explain(tiny, ex, q, 2, max_length=128).tokens) > 0
+
+
+def test_check_capture_names_field_and_both_values():
+    a, b = CaptureConfig(), CaptureConfig(max_length=None)
+    with pytest.raises(ValueError, match="the pairs were captured with max_length=512, the c"):
+        check_capture(a, b, what="the pairs", other="the cache")
+    check_capture(None, b, what="the pairs", other="the cache")  # nothing recorded
+    check_capture(a, CaptureConfig(layers=[3], storage_dtype="fp16"), what="x", other="y")
+    assert MATCHED == ("max_length", "padding_side", "pooling")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cache", "--train", "t.jsonl", "--out", "c"],
+        ["query", "--pairs", "p.jsonl", "--out", "q.safetensors"],
+    ],
+)
+def test_cli_defaults_are_the_dataclass_defaults(argv):
+    args = build_parser().parse_args(argv)
+    for f in dataclasses.fields(CaptureConfig):
+        if f.metadata.get("cli", True) and hasattr(args, f.name):
+            assert getattr(args, f.name) == f.default, f.name
+    assert from_arguments(args, storage_dtype="bfloat16") == CaptureConfig()
+
+
+def test_cli_flags_reach_the_config():
+    argv = ["cache", "--train", "t", "--out", "c", "--layers", "1,2", "--max-length", "none"]
+    argv += ["--padding-side", "left", "--dtype-store", "fp32"]  # the flag's older name
+    cfg = from_arguments(build_parser().parse_args(argv))
+    assert cfg == CaptureConfig(
+        layers="1,2", max_length=None, padding_side="left", storage_dtype="fp32"
+    )
+    sub = build_parser()._subparsers._group_actions[0].choices["cache"]  # type: ignore[union-attr]
+    help_text = " ".join(sub.format_help().split())
+    assert "(default: 512)" in help_text and "--storage-dtype" in help_text
+
+
+@pytest.mark.parametrize("fn", ["build_cache", "pair_stats", "behavior_query"])
+def test_api_defaults_are_the_dataclass_defaults(fn):
+    import lensattr
+
+    params = inspect.signature(getattr(lensattr, fn)).parameters
+    for f in dataclasses.fields(CaptureConfig):
+        if f.name in params:
+            assert params[f.name].default == f.default, (fn, f.name)
+
+
+def test_bad_settings_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="max_length must be a positive integer, not 0"):
+        CaptureConfig(max_length=0)
+    with pytest.raises(ValueError, match="pooling must be 'mean_response', not 'max'"):
+        CaptureConfig(pooling="max")
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        CaptureConfig(storage_dtype="int8")
+    assert CaptureConfig(storage_dtype=torch.float16).storage_dtype == "float16"
