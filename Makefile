@@ -67,7 +67,7 @@ katex:
 		build/katex/package/dist/katex.min.css > $(KATEX_DIR)/katex.min.css
 	echo "KaTeX $(KATEX_VERSION) from the npm package katex (MIT, see LICENSE)" > $(KATEX_DIR)/VERSION
 
-# Re-execute the tutorials on the tiny model and store their outputs (the docs render them as is).
+# Re-execute the tutorials on the real model (SmolLM2) and store their outputs (the docs render them as is).
 notebooks: setup
 	$(PY) tests/test_notebooks.py
 
