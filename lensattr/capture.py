@@ -6,7 +6,8 @@ negative log-likelihood of the response tokens of example ``x`` (:mod:`lensattr.
 loss is ``sum_x loss_x``: an example's gradient never depends on its batch-mates or on padding.
 
 The language-model head is applied only at the positions that predict a response token, and the
-backward pass stops at the lowest requested layer (its input is cut from the graph there).
+backward pass stops at the lowest requested layer (its input is cut from the graph there). A
+forward-only capture (``grad=False``) stops the forward pass after the highest requested layer.
 
 :func:`capture` calls the model's backend (:meth:`lensattr.backend.Model.capture`); this module
 holds the nnsight one, :class:`NnsightModel`; :mod:`lensattr.bridge` the TransformerLens one.
@@ -121,7 +122,7 @@ def capture_nnsight(
     with (
         frozen(model.hf),
         torch.set_grad_enabled(grad),
-        lm.trace(inputs, **forward_kwargs(model, batch)),
+        lm.trace(inputs, **forward_kwargs(model, batch)) as tracer,
     ):
         for layer in layers:
             pre = locate(site_name(layer, "resid_pre"), paths=paths)
@@ -138,6 +139,10 @@ def capture_nnsight(
                         lm, locate(site_name(layer, kind), paths=paths)
                     ).save()
             z_out[layer] = _read(lm, locate(site_name(layer, "resid_post"), paths=paths)).save()
+        if not grad:
+            # Nothing above the highest requested layer is needed: the blocks above it, the
+            # final norm and the head are not run (a layer-2 capture costs ~3/30 of a forward).
+            tracer.stop()
         if grad:
             hidden = _first(envoy(lm, paths.base).output)
             loss, _ = response_loss(hidden, model, batch.input_ids, batch.mask)
