@@ -396,9 +396,11 @@ def select_then_cache(
 
     :func:`select` runs on a cache of a seeded sample of ``sample`` training examples (the
     statistics ``stats`` at every layer, in a temporary directory); the whole corpus is then
-    cached at the chosen layer for the chosen statistic only. The default statistics are the
-    gradient-free ones (``resid_post``): the pairs, the sample and the corpus then go through
-    forward passes only, and the corpus's forward stops after the chosen layer. With gradient
+    cached at the chosen layer for the chosen statistic only, the sample's rows copied from
+    the sample's cache (``build_cache(reuse=...)``) rather than captured again. The default
+    statistics are the gradient-free ones (``resid_post``): the pairs, the sample and the
+    corpus then go through forward passes only, and the corpus's forward stops after the
+    chosen layer. With gradient
     statistics (e.g. ``stats=DEFAULT_STATS``, the full ``auto``'s) the backward of the final
     build stops at the chosen layer. The query is refitted against the full cache (its pool
     moments), ready for :func:`rank`.
@@ -452,16 +454,17 @@ def select_then_cache(
         )
         assert small is not None
         sel = select(model, small, ps)
-    cache = build_cache(
-        model,
-        examples,
-        out=out,
-        layers=[sel.layer],
-        stats=[sel.method.stat],
-        progress=progress,
-        **kw,
-    )
-    assert cache is not None
+        cache = build_cache(  # the sample's rows are copied, not captured again
+            model,
+            examples,
+            out=out,
+            layers=[sel.layer],
+            stats=[sel.method.stat],
+            progress=progress,
+            reuse=small,
+            **kw,
+        )
+        assert cache is not None
     query = behavior_query(
         None,
         ps,

@@ -439,3 +439,37 @@ def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_bui
     monkeypatch.setattr(lensattr.cache, "build_cache", counting_build)
     select_then_cache(tiny, train_records, pair_records, out=tmp_path / "two", sample=99)
     assert builds == [["resid_post"]]
+
+
+def test_select_then_cache_captures_the_sample_once(
+    tiny, train_records, pair_records, tmp_path, monkeypatch
+):
+    """The final build copies the sample's rows (``reuse=``): every training example is
+    captured exactly once over the two builds, and the sample's rows are the sample cache's."""
+    import lensattr.cache
+    from lensattr.select import select_then_cache
+
+    captured: list[int] = []
+    kept: dict[str, lensattr.Cache] = {}
+    real_capture, real_build = lensattr.cache.capture, lensattr.cache.build_cache
+
+    def counting(model, batch, *args, **kwargs):
+        captured.append(batch.input_ids.shape[0])
+        return real_capture(model, batch, *args, **kwargs)
+
+    def keeping(model, train, **kwargs):
+        cache = real_build(model, train, **kwargs)
+        if kwargs.get("reuse") is not None:  # the final build: the sample's rows, still open
+            src = kwargs["reuse"]
+            stat, layer = cache.stats[0], cache.layers[0]
+            for i, row in enumerate(src.ids):
+                j = cache.ids.index(row)
+                assert torch.equal(cache.stat(stat, layer)[j], src.stat(stat, layer)[i])
+            kept["sample"] = src
+        return cache
+
+    monkeypatch.setattr(lensattr.cache, "capture", counting)
+    monkeypatch.setattr(lensattr.cache, "build_cache", keeping)
+    cache, _, _ = select_then_cache(tiny, train_records, pair_records, out=tmp_path / "c", sample=5)
+    assert "sample" in kept and len(kept["sample"]) == 5
+    assert sum(captured) == len(train_records) == len(cache)
