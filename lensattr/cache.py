@@ -346,7 +346,7 @@ def build_cache(
                     on_error,
                     bar,
                     side={**side, "skipped": bad},
-                    reuse=(reuse, known) if known else None,
+                    reuse=(reuse, known) if reuse is not None and known else None,
                 )
         if world_size > 1:
             distributed.barrier()  # every rank's shards are written before rank 0 merges
