@@ -142,6 +142,10 @@ def capture_nnsight(
         if not grad:
             # Nothing above the highest requested layer is needed: the blocks above it, the
             # final norm and the head are not run (a layer-2 capture costs ~3/30 of a forward).
+            # With a block above, the run stops as that block is entered, so the highest
+            # requested block finishes (hooks included); else right at the last block's output.
+            if layers[-1] + 1 < model.n_layers:
+                envoy(lm, f"{paths.layers}.{layers[-1] + 1}").input  # noqa: B018 - waits for it
             tracer.stop()
         if grad:
             hidden = _first(envoy(lm, paths.base).output)

@@ -221,9 +221,7 @@ def test_forward_only_capture_stops_after_the_highest_layer(tiny, train_records,
     ]
     try:
         early = capture(m, batch, [0, 1], grad=False)
-        # (a hook on the block where the capture stops may not fire: the stop comes first)
-        later = [f"block {i}" for i in range(2, m.n_layers)] + ["norm", "head"]
-        assert "block 0" in ran and not set(later) & set(ran), ran
+        assert ran == ["block 0", "block 1"], ran  # the highest block finishes, hooks included
         ran.clear()
         full = capture(m, batch, [0, 1, top], grad=False)  # every block runs
         assert {f"block {i}" for i in range(top)} <= set(ran), ran
