@@ -1,24 +1,41 @@
-"""lensattr against EleutherAI's bergson, side by side in ONE run (issue 14, item 1).
+"""lensattr against EleutherAI's bergson, side by side in ONE run (issue 14).
 
     make bench-peers                                   # creates .venv-bergson, then runs this
     python benchmarks/bench_peers.py --n-examples 72 --rounds 1    # a small run
+    python benchmarks/bench_peers.py --data medhallu --clean 600 --plants 50 --pairs 32
 
 Same model (SmolLM2-135M-Instruct, the local safetensors directory lensattr caches: nothing is
-downloaded), same examples (the bundled demo set: every planted and decoy example plus the first
-clean ones, in file order), same compute dtype (fp32 on CPU), same batch size, and no example
-reaches the maximum length (checked), so both sides see the same tokens. In alternating rounds:
+downloaded), same examples, same compute dtype (fp32 on CPU), same batch size, and no example
+reaches the maximum length (checked), so both sides see the same tokens. Data:
 
-- lensattr: ``build_cache`` (all layers, default statistics, bf16 storage) in a fresh process;
-- bergson: ``bergson build`` (per-example gradients of every linear module, randomly projected to
-  ``--projection-dim`` per side, fp32 store) on a local jsonl with ``--conversation_column
-  messages``, in its own virtual environment (``.venv-bergson``).
+- ``--data demo``: the bundled demo set (every planted and decoy example plus the first clean
+  ones, in file order) and its 16 query pairs;
+- ``--data medhallu``: a seeded subsample of the shared clean corpus, ``--plants`` treatment and
+  ``--plants`` control plants of MedHallu's ``plant`` split, shuffled together (seeded), and
+  ``--pairs`` seeded pairs of its ``query`` split.
 
-Each build's wall time (process start to exit: imports and model load included on both sides),
-peak RSS (``wait4``) and bytes on disk. Then the behaviour query on the demo's pairs and the
-precision@k / average precision of the 12 planted examples among the whole pool
-(:func:`lensattr.pool_metrics`) for lensattr's ``auto`` (:func:`lensattr.select`), the paper's
-residual change, and bergson's treatment-minus-control gradient query in four modes (plain dot,
-unit-normalised, preconditioned, both; ``peers_bergson_score.py``).
+Every contender runs its whole pipeline for the behaviour in fresh processes, in alternating
+rounds (the order reverses every round):
+
+- ``bergson``: ``bergson build`` of the corpus (per-example gradients of every linear module,
+  randomly projected to ``--projection-dim`` per side, fp32 store) on a local jsonl with
+  ``--conversation_column messages``, in its own virtual environment (``.venv-bergson``); then
+  the pairs' two sides through ``bergson build`` and the treatment-minus-control query scored
+  in four modes (plain dot, unit-normalised, preconditioned, both; ``peers_bergson_score.py``);
+- ``full``: lensattr's ``build_cache`` (all layers, default statistics, bf16 storage), then
+  ``auto`` (:func:`lensattr.select`) and ``rank``; then the paper's residual change;
+- ``gradfree``: :func:`lensattr.select_then_cache` with the whole corpus as the sample: one
+  forward-only build of ``resid_post`` at every layer, ``auto`` among the gradient-free
+  methods, ``rank``;
+- ``cheap``: :func:`lensattr.select_then_cache` with ``--sample`` examples: a forward-only
+  sample build, the choice on it, then the corpus at the chosen layer (forward stopped there).
+
+Times are wall seconds from process start to exit (imports and model loads included on both
+sides); a build's time ends when its cache is written. Peak RSS is each process's ``wait4``
+maximum. The plant labels are read for the metrics only: precision@k and average precision
+of the label-1 plants among the whole pool (:func:`lensattr.pool_metrics`). ``--out`` gets the
+results as JSON, rewritten after every contender, so a long run that is stopped keeps what it
+measured.
 
 Without ``.venv-bergson`` this prints one line saying so and exits 0.
 """
@@ -82,28 +99,99 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-LENSATTR_BUILD = """
-import json, sys
-from lensattr import build_cache, load_model
-spec, train, out, batch_size, max_length = sys.argv[1:6]
-m = load_model(spec, device="cpu", compute_dtype="float32")
-build_cache(m, train, out=out, batch_size=int(batch_size), max_length=int(max_length),
-            progress=False)
+def medhallu_pool(data: Path, n_clean: int, n_plants: int, seed: int) -> list[dict]:
+    """``n_clean`` seeded clean examples and ``n_plants`` seeded treatment (label 1) and control
+    (label 0) plants of MedHallu, shuffled together (seeded)."""
+    import random
+
+    from lensattr.bench.behaviors import clean_subsample
+
+    clean = clean_subsample(data / "train" / "clean.jsonl", n_clean, seed=seed)
+    rows = [{"id": ex.id, "messages": [dict(m) for m in ex.messages]} for ex in clean]
+    plant_file = data / "behaviors" / "medhallu" / "plant.jsonl"
+    plants = [json.loads(x) for x in plant_file.read_text().splitlines() if x.strip()]
+    rng = random.Random(seed)
+    for label in (1, 0):
+        pick = [r for r in plants if r["label"] == label]
+        if len(pick) < n_plants:
+            sys.exit(f"bench-peers: {plant_file} has only {len(pick)} plants of label {label}")
+        for r in rng.sample(pick, n_plants):
+            rows.append({"id": f"medhallu/{r['id']}", "messages": r["messages"], "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def pick_pairs(path: Path, n: int | None, seed: int) -> list[dict]:
+    """The pairs of ``path`` (all, or ``n`` of them drawn with ``seed``, in file order)."""
+    import random
+
+    pairs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if n is not None and n < len(pairs):
+        keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
+        pairs = [pairs[i] for i in keep]
+    return [{k: p[k] for k in ("id", "prompt", "treatment", "control")} for p in pairs]
+
+
+# One lensattr pipeline in a fresh process; writes its scores (row order) and wall-clock marks.
+LENSATTR_PIPELINE = """
+import json, sys, time
+import lensattr
+spec, train, pairs, out, mode, batch_size, max_length, sample, result = sys.argv[1:10]
+kw = dict(batch_size=int(batch_size), max_length=int(max_length))
+m = lensattr.load_model(spec, device="cpu", compute_dtype="float32")
+marks, res = {}, {}
+def scores(cache, r):
+    return r.scores_of(range(len(cache))).float().tolist()
+if mode == "full":
+    cache = lensattr.build_cache(m, train, out=out, progress=False, **kw)
+    marks["build"] = time.time()
+    sel = lensattr.select(m, cache, pairs, batch_size=kw["batch_size"], progress=False)
+    r = lensattr.rank(cache, sel, top_k=None)
+    marks["rank"] = time.time()
+    res["auto"] = {"choice": f"{sel.method} @ {sel.layer}", "scores": scores(cache, r)}
+    q = lensattr.behavior_query(m, pairs, progress=False, **kw)
+    r = lensattr.rank(cache, q, top_k=None)
+    marks["paper"] = time.time()
+    res["paper"] = {"choice": f"{lensattr.PAPER} @ {r.layer}", "scores": scores(cache, r)}
+else:
+    n = None if mode == "gradfree" else int(sample)
+    cache, q, sel = lensattr.select_then_cache(m, train, pairs, out=out, sample=n,
+                                               progress=False, **kw)
+    r = lensattr.rank(cache, q, top_k=None)
+    marks["rank"] = time.time()
+    res[mode] = {"choice": f"{sel.method} @ {sel.layer}", "scores": scores(cache, r)}
+json.dump({"marks": marks, "results": res, "ids": list(cache.ids)}, open(result, "w"))
 """
+CONTENDERS = ("bergson", "full", "gradfree", "cheap")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--venv", default=str(ROOT / ".venv-bergson"), help="bergson's venv")
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--data", choices=("demo", "medhallu"), default="demo")
     ap.add_argument("--n-examples", type=int, default=264, help="demo examples (24 to 264)")
+    ap.add_argument("--shared", default="/work/shared/data", help="the shared data (medhallu)")
+    ap.add_argument("--clean", type=int, default=600, help="medhallu: clean examples")
+    ap.add_argument("--plants", type=int, default=50, help="medhallu: plants per label")
+    ap.add_argument("--pairs", type=int, default=None, help="query pairs (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="medhallu: subsample seed")
+    ap.add_argument("--sample", type=int, default=64, help="the cheap path's sample")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-length", type=int, default=None, help="default 512 (medhallu 1024)")
     ap.add_argument("--projection-dim", type=int, default=16)
-    ap.add_argument("--parts", default="builds,queries", help="builds: the timed builds only")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=", ".join(CONTENDERS))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of every process")
+    ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
+    contenders = [c for c in args.contenders.split(",") if c]
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown:
+        sys.exit(f"bench-peers: --contenders: unknown {unknown} (choose from {CONTENDERS})")
+    if args.max_length is None:
+        args.max_length = 1024 if args.data == "medhallu" else 512
     bergson = Path(args.venv) / "bin" / "bergson"
     if not bergson.exists():
         print(
@@ -111,50 +199,70 @@ def main() -> int:
             "(`make bench-peers` creates it)"
         )
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = lensattr.load_model(args.model, device="cpu", compute_dtype="float32")
     model_dir = Path(model.hf.name_or_path)
     if not (model_dir / "config.json").exists():
         sys.exit(f"bench-peers: {args.model} has no local directory for bergson ({model_dir})")
-    work = Path(tempfile.mkdtemp(prefix="lensattr-peers-"))
-    rows = demo_subset(args.n_examples)
+    work = Path(args.work or tempfile.mkdtemp(prefix="lensattr-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.data == "demo":
+        rows = demo_subset(args.n_examples)
+        pair_rows = pick_pairs(bundled("demo/query.jsonl"), args.pairs, args.seed)
+        what = f"{len(rows)} demo examples"
+    else:
+        shared = Path(args.shared)
+        rows = medhallu_pool(shared, args.clean, args.plants, args.seed)
+        pair_rows = pick_pairs(
+            shared / "behaviors" / "medhallu" / "query.jsonl", args.pairs, args.seed
+        )
+        what = f"MedHallu pool: {args.clean} clean + {2 * args.plants} plants (seed {args.seed})"
     labels = torch.tensor([r.get("label", -1) for r in rows])
     train = write_jsonl(
         work / "train.jsonl", [{"id": r["id"], "messages": r["messages"]} for r in rows]
     )
-    pairs_path = bundled("demo/query.jsonl")
-    pairs = lensattr.load_pairs(pairs_path)
+    pairs_path = write_jsonl(work / "pairs.jsonl", pair_rows)
     sides = {
         side: write_jsonl(
             work / f"{side}.jsonl",
             [
                 {
-                    "id": p.id,
+                    "id": p["id"],
                     "messages": [
-                        {"role": "user", "content": p.prompt},
-                        {"role": "assistant", "content": getattr(p, side)},
+                        {"role": "user", "content": p["prompt"]},
+                        {"role": "assistant", "content": p[side]},
                     ],
                 }
-                for p in pairs
+                for p in pair_rows
             ],
         )
         for side in ("treatment", "control")
     }
     tok = model.tokenizer
-    longest = max(
-        len(
-            tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)[
-                "input_ids"
-            ]
-        )
-        for r in rows
+
+    def n_tokens(messages: list[dict]) -> int:
+        text = tok.apply_chat_template(messages, tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    longest = max(n_tokens(r["messages"]) for r in rows)
+    longest_pair = max(
+        n_tokens([{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[s]}])
+        for p in pair_rows
+        for s in ("treatment", "control")
     )
-    if longest >= args.max_length:
-        sys.exit(f"bench-peers: the longest example has {longest} tokens >= --max-length")
+    if max(longest, longest_pair) >= args.max_length:
+        sys.exit(
+            f"bench-peers: the longest example has {longest} tokens, the longest pair side "
+            f"{longest_pair}: not below --max-length {args.max_length}"
+        )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {model.name} from "
-        f"{model_dir}; {len(rows)} demo examples ({int((labels == 1).sum())} planted, "
-        f"{int((labels == 0).sum())} decoys), longest {longest} tokens < max length "
-        f"{args.max_length}; {len(pairs)} query pairs; batch size {args.batch_size}; fp32"
+        f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads; "
+        f"{model.name} from {model_dir}; {what} ({int((labels == 1).sum())} planted, "
+        f"{int((labels == 0).sum())} decoys), longest {longest} tokens; {len(pair_rows)} query "
+        f"pairs (longest side {longest_pair}); max length {args.max_length}; batch size "
+        f"{args.batch_size}; fp32; cheap-path sample {args.sample}; work in {work}",
+        flush=True,
     )
     env = {
         **os.environ,
@@ -164,6 +272,9 @@ def main() -> int:
         "WANDB_MODE": "disabled",
         "TQDM_DISABLE": "1",
     }
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    bpython = str(Path(args.venv) / "bin" / "python")
 
     def bergson_build(data: Path, out: Path) -> dict:
         e = {**env, "HF_DATASETS_CACHE": str(out.parent / f"hf-datasets-{out.name}")}
@@ -173,101 +284,117 @@ def main() -> int:
         cmd += [str(args.batch_size), "--token_batch_size", str(args.batch_size * args.max_length)]
         return run_measured(cmd, e)
 
-    def lensattr_build(out: Path) -> dict:
-        cmd = [sys.executable, "-c", LENSATTR_BUILD, args.model, str(train), str(out)]
-        return run_measured(cmd + [str(args.batch_size), str(args.max_length)], env)
+    def run_bergson(r: int) -> dict:
+        out = work / f"bergson-{r}"
+        build = bergson_build(train, out)
+        procs = [build]
+        for side, path in sides.items():
+            procs.append(bergson_build(path, work / f"bergson-{r}-query-{side}"))
+        scored = work / f"bergson-{r}-scores.json"
+        cmd = [bpython, str(HERE / "peers_bergson_score.py"), str(out)]
+        cmd += [str(work / f"bergson-{r}-query-{s}") for s in ("treatment", "control")]
+        procs.append(run_measured(cmd + [str(scored)], env))
+        res = {
+            "build_s": build["seconds"],
+            "pipeline_s": sum(p["seconds"] for p in procs),
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in procs),
+            "build_peak_rss_mb": build["peak_rss_mb"],
+            "bytes": dir_bytes(out),
+            "methods": {},
+        }
+        for mode, sc in json.loads(scored.read_text())["scores"].items():
+            res["methods"][f"bergson {mode}"] = {
+                "pipeline_s": res["pipeline_s"],
+                **lensattr.pool_metrics(torch.tensor(sc), labels),
+            }
+        return res
 
-    runs: dict[str, list[dict]] = {"lensattr": [], "bergson": []}
+    def run_lensattr(mode: str, r: int) -> dict:
+        out = work / f"{mode}-{r}"
+        result = work / f"{mode}-{r}.json"
+        cmd = [sys.executable, "-c", LENSATTR_PIPELINE, args.model, str(train), str(pairs_path)]
+        cmd += [str(out), mode, str(args.batch_size), str(args.max_length), str(args.sample)]
+        t0 = time.time()
+        proc = run_measured(cmd + [str(result)], env)
+        got = json.loads(result.read_text())
+        if got["ids"] != [row["id"] for row in rows]:
+            sys.exit(f"bench-peers: {mode}: the cache's rows are not the pool's order")
+        marks = got["marks"]
+        res: dict = {
+            "pipeline_s": proc["seconds"],
+            "peak_rss_mb": proc["peak_rss_mb"],
+            "bytes": dir_bytes(out),
+            "methods": {},
+        }
+        if mode == "full":
+            res["build_s"] = marks["build"] - t0
+            res["pipeline_s"] = marks["rank"] - t0  # auto's pipeline; the paper's below
+        for name, m in got["results"].items():
+            seconds = res["pipeline_s"]
+            if name == "paper":
+                seconds = res["build_s"] + marks["paper"] - marks["rank"]
+            res["methods"][f"lensattr {name} ({m['choice']})"] = {
+                "pipeline_s": seconds,
+                **lensattr.pool_metrics(torch.tensor(m["scores"]), labels),
+            }
+        return res
+
+    runs: dict[str, list[dict]] = {c: [] for c in contenders}
     for r in range(args.rounds):
-        for name in ("lensattr", "bergson") if r % 2 == 0 else ("bergson", "lensattr"):
-            out = work / f"{name}-{r}"
-            res = bergson_build(train, out) if name == "bergson" else lensattr_build(out)
-            res["bytes"] = dir_bytes(out)
-            res["out"] = out
+        for name in contenders if r % 2 == 0 else contenders[::-1]:
+            res = run_bergson(r) if name == "bergson" else run_lensattr(name, r)
             runs[name].append(res)
+            build = f"build {res['build_s']:7.1f} s  " if "build_s" in res else ""
             print(
-                f"round {r + 1} {name:<9} build {res['seconds']:7.1f} s  peak RSS "
-                f"{res['peak_rss_mb']:6.0f} MB  disk {res['bytes'] / 2**20:6.1f} MiB"
+                f"round {r + 1} {name:<9} {build}pipeline {res['pipeline_s']:7.1f} s  peak RSS "
+                f"{res['peak_rss_mb']:6.0f} MB  disk {res['bytes'] / 2**20:6.1f} MiB",
+                flush=True,
             )
-
-    results: dict[str, dict] = {}
-    if "queries" in args.parts.split(","):
-        results = queries(
-            model, runs, rows, labels, pairs_path, sides, work, env, bergson_build, args=args
-        )
-    print_results(runs, results, labels)
-    if args.out:
-        for name in runs:
-            for res in runs[name]:
-                res.pop("log")
-                res["out"] = str(res["out"])
-        Path(args.out).write_text(json.dumps({"builds": runs, "queries": results}, indent=1))
+            if args.out:
+                Path(args.out).write_text(
+                    json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str)
+                )
+    print_results(runs, labels)
     return 0
 
 
-def queries(model, runs, rows, labels, pairs_path, sides, work, env, bergson_build, *, args):
-    """The behaviour query on both sides, scored over the pool of the last round's builds."""
-    bpython = str(Path(args.venv) / "bin" / "python")
-    # lensattr's side of the query: choose (auto) and rank; the paper's fixed method.
-    cache = lensattr.open_cache(runs["lensattr"][-1]["out"])
-    ids = [r["id"] for r in rows]
-    assert list(cache.manifest["ids"]) == ids, "the cache's rows are not the demo subset's order"
+def print_results(runs: dict[str, list[dict]], labels: torch.Tensor) -> None:
+    """Ratios against bergson (the fastest round of each side), and the metrics table."""
 
-    def full_scores(ranking: lensattr.Ranking) -> torch.Tensor:
-        return ranking.scores_of(range(len(ids))).float()
-
-    results: dict[str, dict] = {}
-    t = time.perf_counter()
-    sel = lensattr.select(model, cache, pairs_path, progress=False)
-    ranking = lensattr.rank(cache, sel, top_k=None)
-    results[f"lensattr auto ({sel.method} @ {sel.layer})"] = {
-        "seconds": time.perf_counter() - t,
-        **lensattr.pool_metrics(full_scores(ranking), labels),
-    }
-    t = time.perf_counter()
-    q = lensattr.behavior_query(
-        model, pairs_path, max_length=args.max_length, batch_size=args.batch_size, progress=False
-    )
-    ranking = lensattr.rank(cache, q, top_k=None)
-    results[f"lensattr paper ({lensattr.PAPER} @ {ranking.layer})"] = {
-        "seconds": time.perf_counter() - t,
-        **lensattr.pool_metrics(full_scores(ranking), labels),
-    }
-
-    # bergson's side: gradients of the pairs' two sides (same projection seed), then score.
-    t = time.perf_counter()
-    qdirs = {}
-    for side, path in sides.items():
-        qdirs[side] = work / f"bergson-query-{side}"
-        bergson_build(path, qdirs[side])
-    scored = work / "bergson-scores.json"
-    cmd = [bpython, str(HERE / "peers_bergson_score.py"), str(runs["bergson"][-1]["out"])]
-    run_measured(cmd + [str(qdirs["treatment"]), str(qdirs["control"]), str(scored)], env)
-    query_seconds = time.perf_counter() - t
-    for mode, s in json.loads(scored.read_text())["scores"].items():
-        results[f"bergson {mode}"] = {
-            "seconds": query_seconds,
-            **lensattr.pool_metrics(torch.tensor(s), labels),
-        }
-    return results
-
-
-def print_results(runs: dict[str, list[dict]], results: dict[str, dict], labels) -> None:
     def best(name: str, key: str) -> float:  # the fastest round; the highest peak RSS
-        return (max if key == "peak_rss_mb" else min)(r[key] for r in runs[name])
+        vals = [r[key] for r in runs.get(name, []) if key in r]
+        return (max if "rss" in key else min)(vals) if vals else float("nan")
 
-    ratio = best("lensattr", "seconds") / best("bergson", "seconds")
-    print(
-        f"\nbuild time lensattr / bergson (fastest round each): {ratio:.2f}; highest peak RSS "
-        f"{best('lensattr', 'peak_rss_mb'):.0f} / {best('bergson', 'peak_rss_mb'):.0f} MB "
-        f"({best('lensattr', 'peak_rss_mb') / best('bergson', 'peak_rss_mb'):.2f}); disk "
-        f"{runs['lensattr'][-1]['bytes'] / 2**20:.1f} / {runs['bergson'][-1]['bytes'] / 2**20:.1f}"
-        " MiB"
-    )
+    if "bergson" in runs:
+        b_build, b_pipe = best("bergson", "build_s"), best("bergson", "pipeline_s")
+        b_rss = best("bergson", "build_peak_rss_mb")
+        print(f"\nbergson: build {b_build:.1f} s, build + query + score {b_pipe:.1f} s")
+        if "full" in runs:
+            print(
+                "lensattr build_cache / bergson build: time "
+                f"{best('full', 'build_s') / b_build:.2f}"
+                f"; peak RSS (lensattr's whole process) {best('full', 'peak_rss_mb'):.0f} / "
+                f"{b_rss:.0f} MB ({best('full', 'peak_rss_mb') / b_rss:.2f}); disk "
+                f"{runs['full'][-1]['bytes'] / 2**20:.1f} / "
+                f"{runs['bergson'][-1]['bytes'] / 2**20:.1f} MiB"
+            )
+        for name in ("full", "gradfree", "cheap"):
+            if name in runs:
+                per_round = [
+                    f"{a['pipeline_s'] / b['pipeline_s']:.2f}"
+                    for a, b in zip(runs[name], runs["bergson"], strict=False)
+                ]
+                print(
+                    f"pipeline {name:<8} / bergson: {best(name, 'pipeline_s') / b_pipe:.2f} "
+                    f"(rounds: {', '.join(per_round)}); peak RSS "
+                    f"{best(name, 'peak_rss_mb') / b_rss:.2f} of bergson's build; disk "
+                    f"{runs[name][-1]['bytes'] / 2**20:.1f} MiB"
+                )
     k = int((labels == 1).sum())
-    print(f"\n{'query (all pairs; seconds: query + rank)':<72}{'s':>6}  P@{k:<4}{'AP':>6}")
-    for name, m in results.items():
-        print(f"{name:<72}{m['seconds']:>6.1f}  {m['p_at_k']:<6.2f}{m['ap']:>6.3f}")
+    print(f"\n{'method (last round)':<80}{'pipeline s':>11}  P@{k:<4}{'AP':>6}")
+    for name in runs:
+        for method, m in runs[name][-1]["methods"].items():
+            print(f"{method:<80}{m['pipeline_s']:>11.1f}  {m['p_at_k']:<6.2f}{m['ap']:>6.3f}")
 
 
 if __name__ == "__main__":

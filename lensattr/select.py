@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 MIN_PAIRS = 4
 POOL_SAMPLE = 20_000
 """At most this many pool rows (a seeded uniform sample) enter the choice."""
+GRADIENT_FREE = ("resid_post",)
+"""The default statistics of :func:`select_then_cache`: captured by a forward pass alone."""
 
 
 @dataclass(frozen=True)
@@ -393,7 +395,8 @@ def select_then_cache(
     pairs: Any,
     *,
     out: str | Path,
-    sample: int = 512,
+    sample: int | None = 512,
+    stats: Sequence[str] = GRADIENT_FREE,
     seed: int = 0,
     batch_size: int = 8,
     max_length: int | None = 512,
@@ -401,11 +404,20 @@ def select_then_cache(
 ) -> tuple[Cache, Query, Selection]:
     """The cheap path for one behaviour: choose on a sample, then cache the corpus for the choice.
 
-    :func:`select` runs on a cache of a seeded sample of ``sample`` training examples (every
-    default statistic at every layer, in a temporary directory); the whole corpus is then cached
-    at the chosen layer for the chosen statistic only. A gradient-free statistic (``resid_post``)
-    needs no backward at all, and the backward of a gradient statistic stops at the chosen layer.
-    The query is refitted against the full cache (its pool moments), ready for :func:`rank`.
+    :func:`select` runs on a cache of a seeded sample of ``sample`` training examples (the
+    statistics ``stats`` at every layer, in a temporary directory); the whole corpus is then
+    cached at the chosen layer for the chosen statistic only, the sample's rows copied from
+    the sample's cache (``build_cache(reuse=...)``) rather than captured again. The default
+    statistics are the gradient-free ones (``resid_post``): the pairs, the sample and the
+    corpus then go through forward passes only, and the corpus's forward stops after the
+    chosen layer. With gradient
+    statistics (e.g. ``stats=DEFAULT_STATS``, the full ``auto``'s) the backward of the final
+    build stops at the chosen layer. The query is refitted against the full cache (its pool
+    moments), ready for :func:`rank`.
+
+    When the sample is the whole corpus (``sample=None`` or ``sample >= len(train)``) there is
+    one build, of ``stats`` at every layer into ``out``: the choice is then exactly
+    :func:`select`'s on that cache (restricted to ``stats``), and nothing is computed twice.
 
     Returns:
         ``(cache, query, selection)``: the full cache, the query (``query.layer`` set) and the
@@ -426,29 +438,43 @@ def select_then_cache(
 
     from lensattr.backends.models import load_model
     from lensattr.data import load_examples
-    from lensattr.store.cache import DEFAULT_STATS, build_cache
+    from lensattr.store.cache import build_cache
 
-    if sample < 1:
-        raise ValueError(f"sample must be >= 1, got {sample}")
+    if sample is not None and sample < 1:
+        raise ValueError(f"sample must be >= 1 or None (the whole corpus), got {sample}")
     model = load_model(model)
     examples = load_examples(train)
-    picked = sorted(random.Random(seed).sample(range(len(examples)), min(sample, len(examples))))
     kw: dict[str, Any] = {"batch_size": batch_size, "max_length": max_length}
-    ps = pair_stats(model, pairs, stats=DEFAULT_STATS, layers="all", progress=progress, **kw)
+    stat_list = list(stats)
+    ps = pair_stats(model, pairs, stats=stat_list, layers="all", progress=progress, **kw)
+    if sample is None or sample >= len(examples):
+        cache = build_cache(model, examples, out=out, stats=stat_list, progress=progress, **kw)
+        assert cache is not None  # a single-process build returns its cache
+        sel = select(model, cache, ps)
+        return cache, sel.query, sel
+    picked = sorted(random.Random(seed).sample(range(len(examples)), sample))
     with tempfile.TemporaryDirectory(prefix="lensattr-sample-") as tmp:
-        small = build_cache(model, [examples[i] for i in picked], out=tmp, progress=progress, **kw)
-        assert small is not None  # a single-process build returns its cache
+        small = build_cache(
+            model,
+            [examples[i] for i in picked],
+            out=tmp,
+            stats=stat_list,
+            progress=progress,
+            **kw,
+        )
+        assert small is not None
         sel = select(model, small, ps)
-    cache = build_cache(
-        model,
-        examples,
-        out=out,
-        layers=[sel.layer],
-        stats=[sel.method.stat],
-        progress=progress,
-        **kw,
-    )
-    assert cache is not None
+        cache = build_cache(  # the sample's rows are copied, not captured again
+            model,
+            examples,
+            out=out,
+            layers=[sel.layer],
+            stats=[sel.method.stat],
+            progress=progress,
+            reuse=small,
+            **kw,
+        )
+        assert cache is not None
     query = behavior_query(
         None,
         ps,

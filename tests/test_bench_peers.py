@@ -45,3 +45,52 @@ def test_demo_subset_keeps_every_labelled_example_and_the_first_clean_ones():
     assert [order.index(r["id"]) for r in sub] == sorted(order.index(r["id"]) for r in sub)
     with pytest.raises(SystemExit, match="at least 24"):
         bench_peers().demo_subset(23)
+
+
+def write_lines(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def chat(i: int, reply: str) -> list[dict]:
+    return [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": reply}]
+
+
+def test_medhallu_pool_is_a_seeded_subsample_with_both_kinds_of_plant(tmp_path):
+    write_lines(
+        tmp_path / "train" / "clean.jsonl",
+        [{"id": f"c{i}", "messages": chat(i, "clean")} for i in range(30)],
+    )
+    write_lines(
+        tmp_path / "behaviors" / "medhallu" / "plant.jsonl",
+        [{"id": f"p{i}", "messages": chat(i, "plant"), "label": i % 2} for i in range(20)],
+    )
+    mod = bench_peers()
+    pool = mod.medhallu_pool(tmp_path, 10, 4, seed=0)
+    assert len(pool) == 18 and len({r["id"] for r in pool}) == 18
+    assert sum(r["id"].startswith("clean/c") and "label" not in r for r in pool) == 10
+    plants = [r for r in pool if "label" in r]
+    assert sorted(r["label"] for r in plants) == [0] * 4 + [1] * 4
+    assert all(int(r["id"].split("/p")[1]) % 2 == r["label"] for r in plants)
+    assert [i for i, r in enumerate(pool) if "label" in r] != list(range(10, 18))  # shuffled
+    assert pool == mod.medhallu_pool(tmp_path, 10, 4, seed=0)  # seeded
+    assert pool != mod.medhallu_pool(tmp_path, 10, 4, seed=1)
+    with pytest.raises(SystemExit, match="only 10 plants of label 1"):
+        mod.medhallu_pool(tmp_path, 10, 11, seed=0)
+
+
+def test_pick_pairs_draws_a_seeded_subset_in_file_order(tmp_path):
+    pairs = [
+        {"id": f"q{i}", "prompt": "p", "treatment": "t", "control": "c", "meta": {}}
+        for i in range(10)
+    ]
+    write_lines(tmp_path / "q.jsonl", pairs)
+    mod = bench_peers()
+    assert [p["id"] for p in mod.pick_pairs(tmp_path / "q.jsonl", None, 0)] == [
+        f"q{i}" for i in range(10)
+    ]
+    got = mod.pick_pairs(tmp_path / "q.jsonl", 4, 0)
+    assert len(got) == 4 and [p["id"] for p in got] == sorted(
+        (p["id"] for p in got), key=lambda x: int(x[1:])
+    )
+    assert set(got[0]) == {"id", "prompt", "treatment", "control"}

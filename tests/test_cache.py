@@ -395,3 +395,52 @@ def test_a_gradient_free_build_runs_no_backward(tiny, train_records, tmp_path, m
     assert calls == []
     for layer in (1, 3):
         assert torch.equal(fwd.stat("resid_post", layer)[:], full.stat("resid_post", layer)[:])
+
+
+def test_reuse_copies_the_rows_it_holds_and_captures_only_the_rest(
+    tiny, train_records, tmp_path, monkeypatch
+):
+    """``build_cache(reuse=...)`` (the cheap path's sample, issue 14): rows of examples the
+    other cache holds with the same messages are copied bitwise, every other example is
+    captured, and a cache with other settings or without the rows is refused."""
+    sample_recs = [train_records[i] for i in (0, 3, 7, 9)]
+    sample = build_cache(tiny, sample_recs, out=tmp_path / "s", layers=[1, 3], progress=False)
+    changed = [dict(r) for r in train_records]
+    changed[9]["response"] = "a different reply"  # same id, other messages: captured
+    captured: list[int] = []
+    real = cache_mod.capture
+
+    def counting(model, batch, *args, **kwargs):
+        captured.append(batch.input_ids.shape[0])
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "capture", counting)
+    got = build_cache(
+        tiny,
+        changed,
+        out=tmp_path / "r",
+        layers=[3],
+        stats=["resid_post"],
+        reuse=sample,
+        shard_size=5,
+        progress=False,
+    )
+    assert sum(captured) == len(changed) - 3
+    monkeypatch.undo()
+    fresh = build_cache(
+        tiny, changed, out=tmp_path / "f", layers=[3], stats=["resid_post"], progress=False
+    )
+    rows, fresh_rows = got.stat("resid_post", 3)[:], fresh.stat("resid_post", 3)[:]
+    for i, rec in enumerate(changed):
+        if rec["id"] in ("ex0", "ex3", "ex7"):
+            j = sample.ids.index(rec["id"])
+            assert torch.equal(rows[i], sample.stat("resid_post", 3)[j])
+        else:
+            assert torch.equal(rows[i], fresh_rows[i])
+    assert torch.allclose(rows.float(), fresh_rows.float(), atol=1e-2)  # bf16 rounding
+    with pytest.raises(CacheError, match="cannot be reused.*max_length"):
+        build_cache(tiny, changed, out=tmp_path / "x", layers=[3], max_length=64, reuse=sample)
+    with pytest.raises(CacheError, match="lacks resid_post at layer 2"):
+        build_cache(
+            tiny, changed, out=tmp_path / "y", layers=[2], stats=["resid_post"], reuse=sample
+        )

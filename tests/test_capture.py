@@ -201,3 +201,38 @@ def test_layer_acts_rows_and_map_keep_every_field_together(tiny, train_records):
     wide = one.map(lambda x: x.expand(3, *x.shape[1:]), mask=mask)
     assert wide.grad is not None and wide.grad.shape[0] == 3 and wide.mask is mask
     assert torch.equal(wide.mlp_out[2], acts.mlp_out[0])
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "bridge"])
+def test_forward_only_capture_stops_after_the_highest_layer(tiny, train_records, backend):
+    """A forward-only capture runs no block above the highest requested layer, nor the final
+    norm or the head (issue 14), and its rows are bitwise those of a full forward."""
+    from lensattr import load_model
+
+    m = tiny if backend == "nnsight" else load_model("tiny-random", backend="bridge")
+    batch = collate(encoded(m, train_records[:5]), m.pad_id)
+    top = m.n_layers - 1
+    ran: list[str] = []
+    handles = [
+        mod.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name, mod in [
+            *((f"block {i}", b) for i, b in enumerate(m.hf.model.layers)),
+            ("norm", m.hf.model.norm),
+            ("head", m.hf.lm_head),
+        ]
+    ]
+    try:
+        early = capture(m, batch, [0, 1], grad=False)
+        assert ran == ["block 0", "block 1"], ran  # the highest block finishes, hooks included
+        ran.clear()
+        full = capture(m, batch, [0, 1, top], grad=False)  # every block runs
+        assert {f"block {i}" for i in range(top)} <= set(ran), ran
+        with_grad = capture(m, batch, [0, 1])  # the full forward, then the backward
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in (0, 1):
+        for other in (full, with_grad):
+            assert torch.equal(early[layer].z_in, other[layer].z_in)
+            assert torch.equal(early[layer].z_out, other[layer].z_out)
+    assert early[1].z_out.abs().max() > 0

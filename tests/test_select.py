@@ -396,3 +396,82 @@ def test_scores_of_returns_each_rows_score_in_the_order_asked(pool, stats, tiny)
     assert torch.allclose(r.scores_of([5, 0, 2]), direct[[5, 0, 2]], atol=1e-5)
     with pytest.raises(KeyError, match="not in this ranking"):
         lensattr.rank(pool, q, layer=3, top_k=2).scores_of(range(len(pool)))
+
+
+def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_build(
+    tiny, train_records, pair_records, tmp_path, monkeypatch
+):
+    """``sample=None``: one build (forward passes only, every layer, the gradient-free
+    statistic), and the choice and ranking are ``select``'s on a gradient build's cache
+    restricted to the gradient-free methods (issue 14)."""
+    import lensattr.cache
+    from lensattr.select import candidates, select_then_cache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the gradient-free path ran a backward")
+
+    builds: list[list[str]] = []
+    real_build = lensattr.cache.build_cache
+
+    def counting_build(*args, **kwargs):
+        builds.append(list(kwargs.get("stats", [])))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "backward", refuse)
+    monkeypatch.setattr(torch.autograd, "grad", refuse)
+    monkeypatch.setattr(lensattr.cache, "build_cache", counting_build)
+    cache, q, sel = select_then_cache(
+        tiny, train_records, pair_records, out=tmp_path / "one", sample=None
+    )
+    monkeypatch.undo()
+    assert builds == [["resid_post"]]  # no second build
+    assert cache.layers == list(range(tiny.n_layers)) and cache.stats == ["resid_post"]
+    full = lensattr.build_cache(tiny, train_records, out=tmp_path / "all", progress=False)
+    free = [m for m in candidates(full.stats) if m.stat == "resid_post"]
+    ref = select(tiny, full, pair_records, methods=free)
+    assert (sel.method, sel.layer) == (ref.method, ref.layer)
+    assert [r["criterion"] for r in sel.table] == [r["criterion"] for r in ref.table]
+    got = lensattr.rank(cache, q, top_k=None)
+    want = lensattr.rank(full, ref, top_k=None)
+    assert got.layer == want.layer == sel.layer
+    assert got.ids == want.ids
+    assert torch.allclose(got.scores, want.scores, atol=1e-5)
+    # a sample as large as the corpus takes the same single-build path
+    builds.clear()
+    monkeypatch.setattr(lensattr.cache, "build_cache", counting_build)
+    select_then_cache(tiny, train_records, pair_records, out=tmp_path / "two", sample=99)
+    assert builds == [["resid_post"]]
+
+
+def test_select_then_cache_captures_the_sample_once(
+    tiny, train_records, pair_records, tmp_path, monkeypatch
+):
+    """The final build copies the sample's rows (``reuse=``): every training example is
+    captured exactly once over the two builds, and the sample's rows are the sample cache's."""
+    import lensattr.cache
+    from lensattr.select import select_then_cache
+
+    captured: list[int] = []
+    kept: dict[str, lensattr.Cache] = {}
+    real_capture, real_build = lensattr.cache.capture, lensattr.cache.build_cache
+
+    def counting(model, batch, *args, **kwargs):
+        captured.append(batch.input_ids.shape[0])
+        return real_capture(model, batch, *args, **kwargs)
+
+    def keeping(model, train, **kwargs):
+        cache = real_build(model, train, **kwargs)
+        if kwargs.get("reuse") is not None:  # the final build: the sample's rows, still open
+            src = kwargs["reuse"]
+            stat, layer = cache.stats[0], cache.layers[0]
+            for i, row in enumerate(src.ids):
+                j = cache.ids.index(row)
+                assert torch.equal(cache.stat(stat, layer)[j], src.stat(stat, layer)[i])
+            kept["sample"] = src
+        return cache
+
+    monkeypatch.setattr(lensattr.cache, "capture", counting)
+    monkeypatch.setattr(lensattr.cache, "build_cache", keeping)
+    cache, _, _ = select_then_cache(tiny, train_records, pair_records, out=tmp_path / "c", sample=5)
+    assert "sample" in kept and len(kept["sample"]) == 5
+    assert sum(captured) == len(train_records) == len(cache)

@@ -300,8 +300,11 @@ def build_cache(
         plan_sha = _plan_sha256(plan)
         needs_grad = any(p.needs_grad for p in phis)
         sites = sorted({s for p in phis for s in p.sites})
+        reused = manifest_sha256(reuse.manifest) if reuse is not None else None
         sides = {
-            i: {"chunk_sha256": _chunk_sha256(chunks[i]), "plan_sha256": plan_sha} for i in mine
+            i: {"chunk_sha256": _chunk_sha256(chunks[i]), "plan_sha256": plan_sha}
+            | ({"reused": reused} if reused else {})
+            for i in mine
         }
         todo = [i for i in mine if not _chunk_done(out, i, sides[i])]
         if on_error == "raise":  # a record too long for max_length fails now, not hours in
@@ -329,12 +332,37 @@ def build_cache(
                     on_error,
                     bar,
                     side={**side, "skipped": bad},
+                    reuse=(reuse, known) if reuse is not None and known else None,
                 )
         if world_size > 1:
             distributed.barrier()  # every rank's shards are written before rank 0 merges
         if rank != 0:
             return None
         return _finish(out, plan, chunks, skipped)
+
+
+def _reusable(reuse: Cache, plan: dict[str, Any], examples: Sequence[Example]) -> dict[str, int]:
+    """``{example id: row of reuse}`` for the examples ``reuse`` holds with the same messages,
+    after checking that its rows are what this build would compute."""
+    want = {k: plan[k] for k in ("pooling", "max_length", "dtype", "padding_side")}
+    have = {k: reuse.manifest.get(k) for k in want}
+    want["model"] = {k: v for k, v in plan["model"].items() if k not in INFORMATIVE}
+    have["model"] = {k: v for k, v in reuse.manifest["model"].items() if k not in INFORMATIVE}
+    problems = diff_fields(have, want)
+    missing = [
+        f"{stat} at layer {layer}"
+        for stat in plan["stats"]
+        for layer in plan["layers"]
+        if stat not in reuse.stats or layer not in reuse.layers
+    ]
+    if missing:
+        problems.append(f"it lacks {', '.join(missing)}")
+    if problems:
+        raise CacheError(f"{reuse.path} cannot be reused for this build: " + "; ".join(problems))
+    row_of = {i: r for r, i in enumerate(reuse.ids)}
+    held = [ex for ex in examples if ex.id in row_of]
+    stored = {r["id"]: r["messages"] for r in reuse.records([ex.id for ex in held])}
+    return {ex.id: row_of[ex.id] for ex in held if stored[ex.id] == [dict(m) for m in ex.messages]}
 
 
 def _reopen(out: Path, plan: dict[str, Any]) -> "Cache":
@@ -446,6 +474,7 @@ def _build_chunk(
     on_error: str,
     bar: Any,
     side: dict[str, Any],
+    reuse: tuple[Cache, dict[str, int]] | None = None,
 ) -> None:
     n, d = len(chunk), model.d_model
     rows = {
@@ -453,7 +482,18 @@ def _build_chunk(
     }
     bad: dict[int, str] = {}
     dname = str(store_dtype).removeprefix("torch.")
-    for idx in length_batches(chunk, batch_size):
+    todo = list(range(n))
+    if reuse is not None:  # rows another cache already holds are copied, not captured
+        src, known = reuse
+        copied = [i for i in todo if chunk[i].id in known]
+        if copied:
+            at = [known[chunk[i].id] for i in copied]
+            for (stat, layer), mat in rows.items():
+                mat[copied] = src.stat(stat, layer)[at]
+            todo = [i for i in todo if chunk[i].id not in known]
+            bar.update(len(copied))
+    for batch_idx in length_batches([chunk[i] for i in todo], batch_size):
+        idx = [todo[i] for i in batch_idx]
         batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
         acts = capture(model, batch, layers, grad=needs_grad, sites=sites)
         for layer in layers:
