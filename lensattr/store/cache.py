@@ -206,6 +206,7 @@ def build_cache(
     world_size: int | None = None,
     dtype: str | torch.dtype | None = None,
     config: CaptureConfig | None = None,
+    reuse: "Cache | None" = None,
 ) -> "Cache | None":
     """Stream ``train`` once and cache every statistic at every layer.
 
@@ -234,6 +235,12 @@ def build_cache(
         config: the capture settings as one :class:`~lensattr.config.CaptureConfig`, instead
             of ``layers``, ``max_length``, ``padding_side`` and ``storage_dtype`` (which then
             stay at their defaults). Either way the cache records them in its manifest.
+        reuse: a finished cache of the same model, storage dtype, maximum length, padding side
+            and pooling that holds every requested statistic and layer: the rows of the
+            examples it holds (same id and messages) are copied from it instead of captured
+            (the cheap path's sample, :func:`lensattr.select_then_cache`). Its manifest hash is
+            part of each shard's settings, so a resumed build reuses the same cache or redoes
+            the shard.
 
     Returns:
         The opened :class:`Cache` (on rank 0; other ranks return ``None`` after their shards).
@@ -279,6 +286,7 @@ def build_cache(
     layer_list, max_length, padding_side = list(cfg.layers), cfg.max_length, cfg.padding_side
     phis = [get_phi(s) for s in stats]
     plan = _plan(model, train, cfg, stats, shard_size, batch_size, examples)
+    known = _reusable(reuse, plan, examples) if reuse is not None else {}
     if (out / "manifest.json").exists():
         return _reopen(out, plan)
     out.mkdir(parents=True, exist_ok=True)
