@@ -1,0 +1,79 @@
+"""Why did ``auto`` choose what it chose? Its criterion next to precision among the pool.
+
+    python benchmarks/why_auto.py --cache CACHE --pairs PAIRS.jsonl --labels PLANTS.jsonl \
+        [--prefix medhallu/] [--max-length 1024] [--top 12]
+
+``select`` runs on the cache and the pairs exactly as ``rank(..., method="auto")`` would (no
+labels). Then, for diagnosis only, every candidate is ranked at every cached layer and judged
+with the plant labels (``label`` of each record of ``--labels``, matched by ``--prefix`` + id;
+rows without a label count as clean): per candidate, its criterion averaged over layers (what
+``select`` orders by), the layer its criterion picks, the precision@k there, and the best
+precision@k at any layer (hindsight). The labels never feed the choice.
+"""
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+import lensattr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--pairs", required=True, help="pairs jsonl, or a saved PairStats")
+    ap.add_argument("--labels", required=True, help="jsonl records with id and label (1 / 0)")
+    ap.add_argument("--prefix", default="", help="prefix of the cache ids of the labelled rows")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--top", type=int, default=12, help="candidates to print")
+    args = ap.parse_args()
+
+    cache = lensattr.open_cache(args.cache)
+    label_of = {}
+    with open(args.labels) as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                label_of[args.prefix + rec["id"]] = int(rec["label"])
+    labels = torch.tensor([label_of.get(i, -1) for i in cache.ids])
+    model = lensattr.load_model(args.model)
+    if args.pairs.endswith(".safetensors"):
+        stats = lensattr.PairStats.load(args.pairs)
+    else:
+        stats = lensattr.pair_stats(
+            model, args.pairs, stats=cache.stats, layers=cache.layers, max_length=args.max_length
+        )
+    sel = lensattr.select(model, cache, stats)
+    print(sel.summary(top=5))
+
+    by_method: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for row in sel.table:
+        by_method[row["method"]].append((row["layer"], row["criterion"], 0.0))
+    table = []
+    for name, rows in by_method.items():
+        psi, stat, score = name.split("|")
+        query = lensattr.behavior_query(None, stats, psi=psi, stat=stat, score=score, pool=cache)
+        p_at_k = {}
+        for layer, _, _ in rows:
+            scores = lensattr.rank(cache, query, layer=layer, top_k=None).scores_of(
+                range(len(cache))
+            )
+            p_at_k[layer] = lensattr.pool_metrics(scores, labels)["p_at_k"]
+        mean = sum(c for _, c, _ in rows) / len(rows)
+        chosen = max(rows, key=lambda r: r[1])[0]
+        table.append((mean, name, chosen, p_at_k[chosen], max(p_at_k.values())))
+    table.sort(reverse=True)
+    k = int((labels == 1).sum())
+    print(
+        f"\n{'candidate (by mean criterion)':50s} {'crit':>6s} {'layer':>5s} "
+        f"{'P@' + str(k):>6s} {'hindsight':>9s}"
+    )
+    for mean, name, chosen, there, best in table[: args.top]:
+        print(f"{name:50s} {mean:6.3f} {chosen:5d} {there:6.2f} {best:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
