@@ -137,7 +137,10 @@ def test_old_module_paths_are_deprecated_aliases(old, new, monkeypatch):
 
     name = old.split(".")[1]  # restored afterwards (``lensattr.capture`` is the function)
     monkeypatch.setattr(lensattr, name, getattr(lensattr, name, None), raising=False)
-    monkeypatch.delitem(sys.modules, old, raising=False)
+    # Leave sys.modules as it was: an entry left behind while the attribute is restored away
+    # would make a later ``import lensattr.cache`` skip binding ``lensattr.cache``.
+    monkeypatch.setitem(sys.modules, old, sys.modules.get(old))
+    monkeypatch.delitem(sys.modules, old)
     with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)  # one module: monkeypatches reach it

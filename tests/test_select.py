@@ -404,14 +404,14 @@ def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_bui
     """``sample=None``: one build (forward passes only, every layer, the gradient-free
     statistic), and the choice and ranking are ``select``'s on a gradient build's cache
     restricted to the gradient-free methods (issue 14)."""
-    import lensattr.cache
+    import lensattr.store.cache as cache_mod
     from lensattr.select import candidates, select_then_cache
 
     def refuse(*args, **kwargs):
         raise AssertionError("the gradient-free path ran a backward")
 
     builds: list[list[str]] = []
-    real_build = lensattr.cache.build_cache
+    real_build = cache_mod.build_cache
 
     def counting_build(*args, **kwargs):
         builds.append(list(kwargs.get("stats", [])))
@@ -419,7 +419,7 @@ def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_bui
 
     monkeypatch.setattr(torch.autograd, "backward", refuse)
     monkeypatch.setattr(torch.autograd, "grad", refuse)
-    monkeypatch.setattr(lensattr.cache, "build_cache", counting_build)
+    monkeypatch.setattr(cache_mod, "build_cache", counting_build)
     cache, q, sel = select_then_cache(
         tiny, train_records, pair_records, out=tmp_path / "one", sample=None
     )
@@ -438,7 +438,7 @@ def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_bui
     assert torch.allclose(got.scores, want.scores, atol=1e-5)
     # a sample as large as the corpus takes the same single-build path
     builds.clear()
-    monkeypatch.setattr(lensattr.cache, "build_cache", counting_build)
+    monkeypatch.setattr(cache_mod, "build_cache", counting_build)
     select_then_cache(tiny, train_records, pair_records, out=tmp_path / "two", sample=99)
     assert builds == [["resid_post"]]
 
@@ -448,12 +448,12 @@ def test_select_then_cache_captures_the_sample_once(
 ):
     """The final build copies the sample's rows (``reuse=``): every training example is
     captured exactly once over the two builds, and the sample's rows are the sample cache's."""
-    import lensattr.cache
+    import lensattr.store.cache as cache_mod
     from lensattr.select import select_then_cache
 
     captured: list[int] = []
     kept: dict[str, lensattr.Cache] = {}
-    real_capture, real_build = lensattr.cache.capture, lensattr.cache.build_cache
+    real_capture, real_build = cache_mod.capture, cache_mod.build_cache
 
     def counting(model, batch, *args, **kwargs):
         captured.append(batch.input_ids.shape[0])
@@ -470,8 +470,8 @@ def test_select_then_cache_captures_the_sample_once(
             kept["sample"] = src
         return cache
 
-    monkeypatch.setattr(lensattr.cache, "capture", counting)
-    monkeypatch.setattr(lensattr.cache, "build_cache", keeping)
+    monkeypatch.setattr(cache_mod, "capture", counting)
+    monkeypatch.setattr(cache_mod, "build_cache", keeping)
     cache, _, _ = select_then_cache(tiny, train_records, pair_records, out=tmp_path / "c", sample=5)
     assert "sample" in kept and len(kept["sample"]) == 5
     assert sum(captured) == len(train_records) == len(cache)
