@@ -21,7 +21,8 @@ import torch
 from lensattr.store.names import STORAGE_DTYPES, dtype_name
 
 POOLINGS = ("mean_response",)
-"""The poolings a cache can record: the mean over the reply's token positions (the built-ins')."""
+"""The built-in statistics' pooling: the mean over the reply's token positions. A statistic
+registered with another ``pooling=`` name brings its own (``register_phi``)."""
 PADDING_SIDES = ("right", "left")
 
 
@@ -68,8 +69,7 @@ class CaptureConfig:
     pooling: str = field(
         default=POOLINGS[0],
         metadata={
-            "help": "how token positions become one vector (one pooling exists: no flag)",
-            "choices": POOLINGS,
+            "help": "how token positions become one vector: the statistics' own (no flag)",
             "match": True,
             "cli": False,
         },
@@ -90,12 +90,13 @@ class CaptureConfig:
         ml = self.max_length
         if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 1):
             raise ValueError(f"max_length must be a positive integer, not {ml!r}")
-        for name in ("padding_side", "pooling"):
-            choices = _field(name).metadata["choices"]
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"{name} must be {' or '.join(map(repr, choices))}, not {getattr(self, name)!r}"
-                )
+        choices = _field("padding_side").metadata["choices"]
+        if self.padding_side not in choices:
+            raise ValueError(
+                f"padding_side must be {' or '.join(map(repr, choices))}, not {self.padding_side!r}"
+            )
+        if not isinstance(self.pooling, str) or not self.pooling:
+            raise ValueError(f"pooling must be a non-empty name, not {self.pooling!r}")
         object.__setattr__(self, "storage_dtype", dtype_name(self.storage_dtype))
         if isinstance(self.layers, list):  # hashable, like the rest of a frozen record
             object.__setattr__(self, "layers", tuple(self.layers))

@@ -25,7 +25,7 @@ from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
-from lensattr.registry import Psi, Score, get_phi, get_psi, get_score
+from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
 from lensattr.render import collate, encode
 from lensattr.store.cache import Cache, CacheError, open_cache, resolve_layers
 from lensattr.types import LayerActs, Vec
@@ -143,6 +143,7 @@ def pair_stats(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     phis = [get_phi(s) for s in dict.fromkeys(stats)]
+    pooling = pooling_of(phis)  # before any work: statistics captured together share one
     layer_list = resolve_layers(layers, model.n_layers)
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
     longest = [max(len(e.ids) for e in pair) for pair in encs]
@@ -176,6 +177,7 @@ def pair_stats(
             layers=layer_list,
             max_length=max_length,
             padding_side=padding_side,
+            pooling=pooling,
             storage_dtype="float32",
         ),
     )

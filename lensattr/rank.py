@@ -234,6 +234,11 @@ def explain(
     model = load_model(model)
     query = as_query(query)
     layer = _layer_arg(layer, query)
+    spec = get_phi(stat or query.stat)
+    if spec.pooling != "mean_response":
+        raise QueryError(
+            f"explain splits a mean over the reply tokens; {spec.name} pools by {spec.pooling!r}"
+        )
     side = query.capture.padding_side if query.capture else "right"
     check_capture(
         query.capture,
@@ -243,7 +248,6 @@ def explain(
         error=lambda text: QueryError(f"{text}; pass the query's setting"),
     )
     ex = example if isinstance(example, Example) else load_examples([example])[0]
-    spec = get_phi(stat or query.stat)
     enc = encode(model.tokenizer, ex, max_length)
     batch = collate([enc], model.pad_id, "right", str(model.device))
     acts = capture(model, batch, [layer], grad=spec.needs_grad, sites=spec.sites)[layer]

@@ -20,7 +20,7 @@ Examples:
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
@@ -53,7 +53,9 @@ class Phi:
     """A training-side statistic: ``fn(acts: LayerActs) -> Float[Tensor, "batch d_model"]``.
 
     ``needs_grad``: whether it reads ``acts.grad`` (else the capture skips the backward);
-    ``sites``: extra sites to capture (``"attn_out"``, ``"mlp_out"``).
+    ``sites``: extra sites to capture (``"attn_out"``, ``"mlp_out"``); ``pooling``: how it turns
+    token positions into one vector (``"mean_response"``: the mean over the reply tokens, the
+    built-ins'), recorded in the manifest and the query and checked between them.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Phi:
     needs_grad: bool = True
     sites: tuple[str, ...] = ()
     module: str = ""
+    pooling: str = "mean_response"
 
 
 @dataclass(frozen=True)
@@ -124,21 +127,45 @@ def register_phi(
     *,
     needs_grad: bool = True,
     sites: tuple[str, ...] = (),
+    pooling: str = "mean_response",
     override: bool = False,
     doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a training-side statistic (decorator).
 
-    A name taken by another module raises ``ValueError`` unless ``override=True``; the same
-    module registering it again replaces it. ``doc_only`` is accepted for older notebooks.
+    ``pooling`` names how the function turns token positions into one vector (default
+    ``"mean_response"``, the mean over the reply tokens); statistics cached or captured together
+    must share it. A name taken by another module raises ``ValueError`` unless
+    ``override=True``; the same module registering it again replaces it. ``doc_only`` is
+    accepted for older notebooks.
     """
     del doc_only
+    if not isinstance(pooling, str) or not pooling:
+        raise ValueError(f"pooling must be a non-empty name, not {pooling!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _add(PHI, "phi", Phi(name, fn, needs_grad, tuple(sites), fn.__module__), override)
+        item = Phi(name, fn, needs_grad, tuple(sites), fn.__module__, pooling)
+        _add(PHI, "phi", item, override)
         return fn
 
     return deco
+
+
+def pooling_of(phis: Sequence[Phi]) -> str:
+    """The one pooling of statistics captured together (a cache, a query's pairs).
+
+    Raises:
+        ValueError: they pool differently (the message names each statistic's pooling).
+
+    Examples:
+        >>> pooling_of([get_phi("residual_change"), get_phi("resid_post")])
+        'mean_response'
+    """
+    kinds = {p.pooling for p in phis}
+    if len(kinds) > 1:
+        each = ", ".join(f"{p.name} ({p.pooling})" for p in phis)
+        raise ValueError(f"statistics captured together must share a pooling; got {each}")
+    return kinds.pop() if kinds else Phi.pooling
 
 
 def register_psi(

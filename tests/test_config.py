@@ -160,8 +160,48 @@ def test_api_defaults_are_the_dataclass_defaults(fn):
 def test_bad_settings_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="max_length must be a positive integer, not 0"):
         CaptureConfig(max_length=0)
-    with pytest.raises(ValueError, match="pooling must be 'mean_response', not 'max'"):
-        CaptureConfig(pooling="max")
+    with pytest.raises(ValueError, match="pooling must be a non-empty name, not ''"):
+        CaptureConfig(pooling="")
     with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
         CaptureConfig(storage_dtype="int8")
     assert CaptureConfig(storage_dtype=torch.float16).storage_dtype == "float16"
+
+
+def test_a_statistic_brings_its_own_pooling(tiny, train_records, pair_records, tmp_path):
+    """Pooling is an attribute of a statistic (``register_phi(pooling=...)``): the cache and the
+    query record it, statistics that pool differently are not captured together, ``rank``
+    refuses a query of another pooling and ``explain`` a statistic it cannot split by token."""
+    from lensattr.registry import PHI, register_phi
+
+    @register_phi("last_reply_token", needs_grad=False, pooling="last_token")
+    def last_reply_token(acts):
+        last = acts.mask.float().cumsum(1).argmax(1)  # the last reply position of each row
+        return acts.z_out[torch.arange(len(last)), last]
+
+    try:
+        cache = build_cache(
+            tiny, train_records, out=tmp_path / "c", layers=[2], stats=["last_reply_token"]
+        )
+        assert cache.manifest["pooling"] == "last_token"
+        assert cache.capture_config.pooling == "last_token"
+        with pytest.raises(ValueError, match=r"residual_change \(mean_response\), last_reply"):
+            build_cache(
+                tiny,
+                train_records,
+                out=tmp_path / "mixed",
+                layers=[2],
+                stats=["residual_change", "last_reply_token"],
+            )
+        last = pair_stats(tiny, pair_records, stats=["last_reply_token"], layers=[2])
+        assert last.capture.pooling == "last_token"
+        query = behavior_query(None, last, psi="contrast", stat="last_reply_token")
+        assert len(rank(cache, query, layer=2, top_k=3)) == 3  # same pooling: ranked
+        mean = pair_stats(tiny, pair_records, stats=["resid_post"], layers=[2])
+        other = behavior_query(None, mean, psi="contrast", stat="resid_post")
+        refused = "pooling='mean_response', the cache with pooling='last_token'"
+        with pytest.raises(CacheError, match=refused):
+            rank(cache, other, layer=2, stat="last_reply_token")
+        with pytest.raises(QueryError, match="pools by 'last_token'"):
+            explain(tiny, train_records[0], query, 2)
+    finally:
+        PHI.pop("last_reply_token", None)

@@ -41,7 +41,7 @@ from lensattr.backends.models import Model, load_model
 from lensattr.config import POOLINGS, CaptureConfig
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.progress import Progress
-from lensattr.registry import get_phi
+from lensattr.registry import get_phi, pooling_of
 from lensattr.render import Encoded, TruncationError, collate, encode, length_batches
 from lensattr.store.names import (
     STORAGE_DTYPES,
@@ -285,6 +285,10 @@ def build_cache(
     cfg = dataclasses.replace(cfg, layers=resolve_layers(cfg.layers, model.n_layers))
     layer_list, max_length, padding_side = list(cfg.layers), cfg.max_length, cfg.padding_side
     phis = [get_phi(s) for s in stats]
+    pooling = pooling_of(phis)  # the statistics' own; a config naming another is refused
+    if cfg.pooling not in (pooling, CaptureConfig().pooling):
+        raise ValueError(f"config pooling {cfg.pooling!r}, but the statistics pool by {pooling!r}")
+    cfg = dataclasses.replace(cfg, pooling=pooling)
     plan = _plan(model, train, cfg, stats, shard_size, batch_size, examples)
     known = _reusable(reuse, plan, examples) if reuse is not None else {}
     if (out / "manifest.json").exists():
