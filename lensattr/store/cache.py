@@ -356,11 +356,8 @@ def build_cache(
 def _reusable(reuse: Cache, plan: dict[str, Any], examples: Sequence[Example]) -> dict[str, int]:
     """``{example id: row of reuse}`` for the examples ``reuse`` holds with the same messages,
     after checking that its rows are what this build would compute."""
-    want = {k: plan[k] for k in ("pooling", "max_length", "dtype", "padding_side")}
-    have = {k: reuse.manifest.get(k) for k in want}
-    want["model"] = {k: v for k, v in plan["model"].items() if k not in INFORMATIVE}
-    have["model"] = {k: v for k, v in reuse.manifest["model"].items() if k not in INFORMATIVE}
-    problems = diff_fields(have, want)
+    keys = ("model", "pooling", "max_length", "dtype", "padding_side")  # what the rows depend on
+    problems = diff_fields({k: reuse.manifest.get(k) for k in keys}, {k: plan[k] for k in keys})
     missing = [
         f"{stat} at layer {layer}"
         for stat in plan["stats"]
