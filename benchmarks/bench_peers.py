@@ -37,7 +37,9 @@ of the label-1 plants among the whole pool (:func:`lensattr.pool_metrics`). ``--
 results as JSON, rewritten after every contender, so a long run that is stopped keeps what it
 measured.
 
-Without ``.venv-bergson`` this prints one line saying so and exits 0.
+Without ``.venv-bergson`` this prints one line saying so and exits 0, unless bergson is not
+among ``--contenders`` (lensattr's pipelines alone, e.g. after a change to ``auto``; the
+ratios then need a bergson run of the same data from another run, and say nothing).
 """
 
 import argparse
@@ -193,7 +195,7 @@ def main() -> int:
     if args.max_length is None:
         args.max_length = 1024 if args.data == "medhallu" else 512
     bergson = Path(args.venv) / "bin" / "bergson"
-    if not bergson.exists():
+    if "bergson" in contenders and not bergson.exists():
         print(
             f"bench-peers: skipped: bergson's virtual environment {args.venv} is absent "
             "(`make bench-peers` creates it)"

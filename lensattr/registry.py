@@ -97,13 +97,16 @@ class Score:
     ``rows`` is a ``[n, d_model]`` fp32 block of cached rows, ``norms`` their ``[n]`` norms,
     ``psi`` one query ``[d_model]`` or, when ``batched``, several as columns ``[d_model, q]``
     (the scores are then ``[n, q]``); ``ctx`` is a :class:`~lensattr.rank.ScoreContext` that
-    gives the pool's moments of the statistic (``ctx.moments()``).
+    gives the pool's moments of the statistic (``ctx.moments()``). ``full_rank``: the rule
+    inverts the pool's covariance, so it needs more pool rows than the statistic has dimensions
+    (``auto`` leaves it out of its default candidates on a smaller pool).
     """
 
     name: str
     fn: ScoreFn
     batched: bool = False
     module: str = ""
+    full_rank: bool = False
 
 
 PHI: dict[str, Phi] = {}
@@ -190,13 +193,19 @@ def register_psi(
 
 
 def register_score(
-    name: str, *, batched: bool = False, override: bool = False, doc_only: bool = False
+    name: str,
+    *,
+    batched: bool = False,
+    full_rank: bool = False,
+    override: bool = False,
+    doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a scoring rule g (decorator); ``batched``: it scores ``[d, q]`` queries at once."""
+    """Register a scoring rule (decorator); ``batched``: it scores ``[d, q]`` queries at once;
+    ``full_rank``: it inverts the pool's covariance (see :class:`Score`)."""
     del doc_only
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _add(SCORE, "score", Score(name, fn, batched, fn.__module__), override)
+        _add(SCORE, "score", Score(name, fn, batched, fn.__module__, full_rank), override)
         return fn
 
     return deco

@@ -24,7 +24,7 @@ each candidate is then a few matrix products over the cache rows, with every fol
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,8 @@ class Selection:
         table: one row per candidate and layer: ``method``, ``layer``, ``criterion`` (mean
             held-out average precision among the pool), ``accuracy`` (held-out accuracy).
         seconds: time spent scoring candidates (pair statistics excluded).
+        left_out: default candidates that were not offered, and why (a score that inverts
+            the pool's covariance, on a pool with no more rows than dimensions).
     """
 
     query: Query
@@ -132,6 +134,7 @@ class Selection:
     layer: int
     table: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def summary(self, top: int = 8) -> str:
         """A few lines: the choice, then the best methods (criterion averaged over layers, and
@@ -152,6 +155,8 @@ class Selection:
                 f"  {m:<48} mean AP {means[m][0]:.3f}  best L{r['layer']:>2} AP "
                 f"{r['criterion']:.3f}  accuracy {r['accuracy']:.2f}"
             )
+        for why in dict.fromkeys(self.left_out.values()):
+            lines.append(f"  not offered: {why}")
         return "\n".join(lines)
 
 
@@ -207,21 +212,49 @@ def _scores(score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext
     return out.float().nan_to_num(nan=-torch.inf, posinf=-torch.inf)
 
 
-def _fold_ap(
-    pool_s: torch.Tensor, t_s: torch.Tensor, c_s: torch.Tensor, tests: list[torch.Tensor]
-) -> list[float]:
-    """Per fold: AP of the held-out treatments among the pool and the held-out controls."""
-    out = []
-    for f, test in enumerate(tests):
-        # held-out treatments last: ties go against them (a constant score earns no credit)
-        s = torch.cat([pool_s[:, f], c_s[test, f], t_s[test, f]])
-        lab = torch.zeros(len(s), dtype=torch.bool)
-        lab[len(s) - len(test) :] = True
-        out.append(average_precision(s, lab))
-    return out
+@dataclass
+class FoldScores:
+    """One candidate at one layer, scored on every fold: what a criterion is computed from.
+
+    ``pool`` ``[n_pool, folds]``, ``treatment`` and ``control`` ``[n_pairs, folds]``: column
+    ``f`` holds the scores under the query fitted without fold ``f``; ``tests[f]`` are the
+    pairs held out of it (only those rows of ``treatment`` / ``control`` are held-out scores).
+    """
+
+    method: Method
+    layer: int
+    pool: torch.Tensor
+    treatment: torch.Tensor
+    control: torch.Tensor
+    tests: list[torch.Tensor]
+
+    def heldout(self, f: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fold ``f``'s pool, held-out treatment and held-out control scores."""
+        te = self.tests[f]
+        return self.pool[:, f], self.treatment[te, f], self.control[te, f]
+
+    def criterion(self) -> float:
+        """Mean over folds of the held-out treatments' average precision among the pool and the
+        held-out controls together (see the module doc)."""
+        aps = []
+        for f in range(len(self.tests)):
+            pool_s, t_s, c_s = self.heldout(f)
+            # held-out treatments last: ties go against them (a constant score earns no credit)
+            s = torch.cat([pool_s, c_s, t_s])
+            lab = torch.zeros(len(s), dtype=torch.bool)
+            lab[len(s) - len(t_s) :] = True
+            aps.append(average_precision(s, lab))
+        return float(sum(aps) / len(aps))
+
+    def accuracy(self) -> float:
+        """Fraction of pairs whose held-out treatment scores above its control."""
+        hits = sum(
+            int((t > c).sum()) for t, c in (self.heldout(f)[1:] for f in range(len(self.tests)))
+        )
+        return hits / len(self.treatment)
 
 
-def evaluate(
+def fold_scores(
     ps: PairStats,
     cache: Cache,
     methods: Sequence[Method],
@@ -231,8 +264,11 @@ def evaluate(
     folds: int = FOLDS,
     pool_sample: int | None = POOL_SAMPLE,
     seed: int = 0,
-) -> list[dict[str, Any]]:
-    """The criterion and held-out accuracy of every method at every layer (see the module doc)."""
+) -> Iterator[FoldScores]:
+    """Every method at every layer scored on ``folds`` interleaved folds of the pairs: each
+    fold's query is fitted on the other folds' pairs, then the pool (``rows`` of the cache, at
+    most ``pool_sample`` of them, a seeded sample) and every pair are scored with it. Every fold
+    and query of a (statistic, layer) is scored in one batched call."""
     n = ps.n_pairs
     folds = min(folds, n)
     tests = [torch.arange(k, n, folds) for k in range(folds)]
@@ -243,7 +279,6 @@ def evaluate(
     if pool_sample is not None and len(pool_rows) > pool_sample:
         gen = torch.Generator().manual_seed(seed)
         pool_rows = pool_rows[torch.randperm(len(pool_rows), generator=gen)[:pool_sample]].sort()[0]
-    out: list[dict[str, Any]] = []
     by_stat: dict[str, list[Method]] = {}
     for m in methods:
         by_stat.setdefault(m.stat, []).append(m)
@@ -270,23 +305,36 @@ def evaluate(
                 score = get_score(name)
                 sx, st, sc = (_scores(score, a, cols, ctx) for a in (x, t, c))
                 for j, nm in enumerate(names):
-                    if Method(nm, stat, name) not in ms:
+                    method = Method(nm, stat, name)
+                    if method not in ms:
                         continue
                     sl = slice(j * folds, (j + 1) * folds)
-                    aps = _fold_ap(sx[:, sl], st[:, sl], sc[:, sl], tests)
-                    hits = sum(
-                        int((st[te, f + j * folds] > sc[te, f + j * folds]).sum())
-                        for f, te in enumerate(tests)
-                    )
-                    out.append(
-                        {
-                            "method": str(Method(nm, stat, name)),
-                            "layer": layer,
-                            "criterion": float(sum(aps) / len(aps)),
-                            "accuracy": hits / n,
-                        }
-                    )
-    return out
+                    yield FoldScores(method, layer, sx[:, sl], st[:, sl], sc[:, sl], tests)
+
+
+def evaluate(
+    ps: PairStats,
+    cache: Cache,
+    methods: Sequence[Method],
+    layers: Sequence[int],
+    *,
+    rows: Any = None,
+    folds: int = FOLDS,
+    pool_sample: int | None = POOL_SAMPLE,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The criterion and held-out accuracy of every method at every layer (see the module doc)."""
+    return [
+        {
+            "method": str(fs.method),
+            "layer": fs.layer,
+            "criterion": fs.criterion(),
+            "accuracy": fs.accuracy(),
+        }
+        for fs in fold_scores(
+            ps, cache, methods, layers, rows=rows, folds=folds, pool_sample=pool_sample, seed=seed
+        )
+    ]
 
 
 def select(
@@ -311,7 +359,9 @@ def select(
         cache: the cache to rank (or its directory): the pool.
         pairs: the behaviour's query pairs (path, dataset, list) or their :class:`PairStats`.
         methods: candidate methods (``"psi|stat|score"`` strings or :class:`Method`; default:
-            :func:`candidates` of the cached statistics: every registered psi and score).
+            :func:`candidates` of the cached statistics: every registered psi and score, less
+            the scores that invert the pool's covariance when the cache has no more rows than
+            dimensions; see :attr:`Selection.left_out`).
         layers: candidate layers (default: every cached layer).
         rows: the cache rows that form the pool (default: all).
         folds: interleaved folds of the pairs.
@@ -334,9 +384,19 @@ def select(
         (True, 3)
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    method_list = (
-        [Method.parse(x) for x in methods] if methods is not None else candidates(cache.stats)
-    )
+    left_out: dict[str, str] = {}
+    if methods is not None:
+        method_list = [Method.parse(x) for x in methods]
+    else:
+        method_list = []
+        for m in candidates(cache.stats):
+            if get_score(m.score).full_rank and len(cache) <= cache.d_model:
+                left_out[str(m)] = (
+                    f"{m.score} (it inverts the pool's covariance, and {len(cache)} rows in "
+                    f"{cache.d_model} dimensions give a singular one)"
+                )
+            else:
+                method_list.append(m)
     missing = sorted({m.stat for m in method_list} - set(cache.stats))
     if missing:
         raise QueryError(f"statistics {missing} are not in the cache (it has {cache.stats})")
@@ -386,7 +446,14 @@ def select(
     )
     query.layer = best["layer"]
     logger.info("auto: %s at layer %d (AP %.3f)", method, best["layer"], best["criterion"])
-    return Selection(query=query, method=method, layer=best["layer"], table=table, seconds=seconds)
+    return Selection(
+        query=query,
+        method=method,
+        layer=best["layer"],
+        table=table,
+        seconds=seconds,
+        left_out=left_out,
+    )
 
 
 def select_then_cache(

@@ -294,6 +294,40 @@ def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, 
     assert r2.ids == r.ids
 
 
+def test_auto_offers_a_covariance_inverse_only_on_a_pool_with_more_rows_than_dimensions(
+    tiny, pool, stats, pair_records, tmp_path
+):
+    """12 rows in 32 dimensions: the covariance is singular, so ``whitened_cosine`` is left out
+    of the default candidates (named explicitly, it is scored); 33 rows: it is offered."""
+    from lensattr.select import candidates
+
+    whitened = {str(m) for m in candidates(pool.stats) if m.score == "whitened_cosine"}
+    assert len(pool) <= pool.d_model and whitened
+    sel = select(tiny, pool, stats)
+    assert set(sel.left_out) == whitened
+    assert not whitened & {r["method"] for r in sel.table}
+    assert "not offered: whitened_cosine (it inverts the pool's covariance, and 12 rows" in (
+        sel.summary()
+    )
+    named = select(tiny, pool, stats, methods=sorted(whitened))
+    assert not named.left_out and {r["method"] for r in named.table} == whitened
+    rng = torch.Generator().manual_seed(0)
+    big = [
+        {
+            "id": f"b{i}",
+            "prompt": "Hi",
+            "response": "ok " * int(torch.randint(1, 9, (1,), generator=rng)),
+        }
+        for i in range(pool.d_model + 1)
+    ]
+    wide = lensattr.build_cache(
+        tiny, big, out=tmp_path, layers=[1], stats=["resid_post"], progress=False
+    )
+    sel = select(tiny, wide, pair_records)
+    assert not sel.left_out
+    assert "pool_contrast|resid_post|whitened_cosine" in {r["method"] for r in sel.table}
+
+
 def test_select_refuses_bad_input(tiny, pool, stats, pair_records):
     with pytest.raises(QueryError, match="at least 4"):
         select(tiny, pool, pair_records[:3])
@@ -428,6 +462,7 @@ def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_bui
     assert cache.layers == list(range(tiny.n_layers)) and cache.stats == ["resid_post"]
     full = lensattr.build_cache(tiny, train_records, out=tmp_path / "all", progress=False)
     free = [m for m in candidates(full.stats) if m.stat == "resid_post"]
+    free = [m for m in free if str(m) not in sel.left_out]  # the same 12-row pool
     ref = select(tiny, full, pair_records, methods=free)
     assert (sel.method, sel.layer) == (ref.method, ref.layer)
     assert [r["criterion"] for r in sel.table] == [r["criterion"] for r in ref.table]

@@ -64,7 +64,7 @@ def centered_cosine(
     return _cos(x, x.norm(dim=1), psi)
 
 
-@register_score("whitened_cosine", batched=True)
+@register_score("whitened_cosine", batched=True, full_rank=True)
 def whitened_cosine(
     rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
 ) -> QueryScores:
@@ -73,6 +73,11 @@ def whitened_cosine(
 
     The inner product is ``(phi - mu)^T (Sigma + lam I)^(-1) psi``: the activation-space analogue
     of TRAK's ``(X^T X)^(-1)`` preconditioner, so no single high-variance direction dominates.
+
+    It needs a pool of more rows than dimensions: a covariance of ``n <= d`` rows is singular,
+    and in the ``d - n + 1`` directions no pool row varies along, the ridge alone divides, so
+    the query's part there, which no pool row shares, dominates its whitened direction
+    (registered ``full_rank``; ``auto`` does not offer it on such a pool).
     """
     m = _pool(rows, ctx)
     x = (rows - m.mean32) @ m.whitener.T  # W (phi - mu), row by row
