@@ -1,0 +1,178 @@
+"""How would ``auto`` have chosen under other criteria? Each rule's choice beside its precision@k.
+
+    python benchmarks/choice_study.py --bench runs/pool          # a lensattr bench output
+    python benchmarks/choice_study.py --cache C --pairs P.safetensors --labels L.json --name X
+    python benchmarks/choice_study.py ... --in-sample      # pairs inside the pool's moments
+
+For every candidate ``psi|stat|score`` at every cached layer this scores the held-out folds exactly
+as :func:`lensattr.select` does (:func:`lensattr.select.fold_scores`, pairs and unlabelled pool
+only) and computes several criteria from the same fold scores; then, for diagnosis only, it ranks
+the pool with the candidate fitted on all pairs and reads the plant labels for precision@k. Each
+rule chooses as ``select`` does (the method with the best criterion averaged over layers, then its
+best layer) and the table prints the precision@k of what it chose.
+
+``--bench`` reads a ``lensattr bench`` output directory (``cache/``, ``pairs/{b}.safetensors``,
+``pool-labels.json``: each behaviour ranked in the clean corpus plus its own plants);
+``--labels`` is a JSON list of one label per cache row (1 behaviour, 0 decoy, -1 clean).
+``--in-sample`` puts every pair side into the pool's moments, so the held-out treatments are
+scored in sample, as the pool's own behaviour examples are in the final ranking.
+"""
+
+import argparse
+import importlib
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lensattr
+from lensattr.metrics import average_precision, pool_metrics
+from lensattr.moments import Moments, pool_moments
+
+S = importlib.import_module("lensattr.select")  # the module (lensattr.select is the function)
+
+
+def _ap(t: torch.Tensor, neg: torch.Tensor) -> float:
+    s = torch.cat([neg, t])  # treatments last: ties go against them, as in select
+    lab = torch.zeros(len(s), dtype=torch.bool)
+    lab[len(neg) :] = True
+    return average_precision(s, lab)
+
+
+def _log_rank(t: torch.Tensor, neg: torch.Tensor) -> float:
+    """Mean over treatments of log(1 / fraction of negatives at or above it), over log(n + 1):
+    the recall of the treatments in the top q of the pool, averaged over q log-uniform."""
+    r = (1 + (neg[None, :] >= t[:, None]).sum(1).double()) / (len(neg) + 1)
+    return float(-r.log().mean() / torch.log(torch.tensor(len(neg) + 1.0)))
+
+
+def criteria(fs: Any) -> dict[str, float]:
+    """Every criterion of one candidate at one layer, averaged over the folds."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for f in range(len(fs.tests)):
+        pool, t, c = fs.heldout(f)
+        neg = torch.cat([pool, c])
+        out["ap_all"].append(_ap(t, neg))
+        out["ap_pool"].append(_ap(t, pool))
+        out["ap_ctrl"].append(_ap(t, c))
+        out["auc_ctrl"].append(float((t[:, None] > c[None, :]).double().mean()))
+        out["auc_pool"].append(float((t[:, None] > pool[None, :]).double().mean()))
+        out["log_rank"].append(_log_rank(t, neg))
+    return {k: sum(v) / len(v) for k, v in out.items()} | {"accuracy": fs.accuracy()}
+
+
+RULES: dict[str, Callable[[dict[str, float]], float]] = {
+    "select before (AP, pool + controls)": lambda c: c["ap_all"],
+    "AP among pool x AUROC vs controls": lambda c: c["ap_pool"] * c["auc_ctrl"],
+    "min(AP among pool, AP vs controls)": lambda c: min(c["ap_pool"], c["ap_ctrl"]),
+    "AUROC vs pool x AUROC vs controls": lambda c: c["auc_pool"] * c["auc_ctrl"],
+    "log-rank among pool + controls": lambda c: c["log_rank"],
+}
+
+
+def choose(cells: list[dict[str, Any]], rule: Callable[[dict[str, float]], float]) -> dict:
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        by[c["method"]].append(c)
+    mean = {m: sum(rule(c) for c in cs) / len(cs) for m, cs in by.items()}
+    best = max(mean, key=lambda m: mean[m])
+    return max(by[best], key=lambda c: (rule(c), c["accuracy"], c["layer"]))
+
+
+def with_pairs_in_moments(ps: Any) -> Callable[..., Moments]:
+    """A ``pool_moments`` whose moments also hold every pair side of ``ps``."""
+
+    def moments(cache: Any, stat: str, layer: int) -> Moments:
+        m = pool_moments(cache, stat, layer)
+        x = torch.cat(ps.sides(stat, layer)).double()
+        n = m.n + len(x)
+        s1 = m.mean * m.n + x.sum(0)
+        s2 = m.cov * (m.n - 1) + m.n * torch.outer(m.mean, m.mean) + x.T @ x
+        mu = s1 / n
+        return Moments(mu, (s2 - n * torch.outer(mu, mu)) / (n - 1), n)
+
+    return moments
+
+
+def study(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool) -> list[dict]:
+    methods = S.candidates(cache.stats)  # every candidate, whatever select would leave out
+    if in_sample:
+        moments = with_pairs_in_moments(ps)
+        S.pool_moments = moments
+        real_ctx = S.ScoreContext
+        S.ScoreContext = lambda c, s, la: real_ctx(pool=moments(c, s, la))
+    try:
+        cells = [
+            {"method": str(fs.method), "layer": fs.layer, **criteria(fs)}
+            for fs in S.fold_scores(ps, cache, methods, cache.layers, rows=rows)
+        ]
+    finally:
+        S.pool_moments, S.ScoreContext = pool_moments, lensattr.moments.ScoreContext
+    idx = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
+    queries: dict[str, Any] = {}
+    for cell in cells:
+        m = S.Method.parse(cell["method"])
+        if cell["method"] not in queries:
+            queries[cell["method"]] = lensattr.behavior_query(
+                None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
+            )
+        r = lensattr.rank(cache, queries[cell["method"]], layer=cell["layer"], rows=idx, top_k=None)
+        cell.update({k: pool_metrics(r.scores_of(idx), labels)[k] for k in ("p_at_k", "ap")})
+    return cells
+
+
+def offered_by_select(cell: dict[str, Any], cache: Any) -> bool:
+    """Whether :func:`lensattr.select` offers this candidate by default on ``cache``."""
+    score = lensattr.registry.get_score(S.Method.parse(cell["method"]).score)
+    return not (score.full_rank and len(cache) <= cache.d_model)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", help="a lensattr bench output directory")
+    ap.add_argument("--cache")
+    ap.add_argument("--pairs", help="the pairs' saved PairStats (.safetensors)")
+    ap.add_argument("--labels", help="JSON list: one label per cache row")
+    ap.add_argument("--name", default="behaviour")
+    ap.add_argument("--in-sample", action="store_true")
+    ap.add_argument("--out", help="also write every cell as JSON here")
+    args = ap.parse_args()
+    setups: dict[str, tuple[Any, Any, Any, torch.Tensor]] = {}
+    if args.bench:
+        base = Path(args.bench)
+        cache = lensattr.open_cache(base / "cache")
+        owner = json.loads((base / "pool-labels.json").read_text())
+        for f in sorted((base / "pairs").glob("*.safetensors")):
+            idx = [k for k, i in enumerate(cache.ids) if owner[i][0] in ("clean", f.stem)]
+            labels = torch.tensor([owner[cache.ids[k]][1] for k in idx])
+            setups[f.stem] = (cache, lensattr.PairStats.load(f), idx, labels)
+    else:
+        cache = lensattr.open_cache(args.cache)
+        labels = torch.tensor(json.loads(Path(args.labels).read_text()))
+        setups[args.name] = (cache, lensattr.PairStats.load(args.pairs), None, labels)
+    cells = {name: study(*setup, args.in_sample) for name, setup in setups.items()}
+    if args.out:
+        Path(args.out).write_text(json.dumps(cells))
+    names = list(cells)
+    print(f"{'rule (P@k of its choice)':40s}" + "".join(f"{n[:11]:>12s}" for n in names))
+    for rule_name, rule in RULES.items():
+        row = [choose(cells[n], rule)["p_at_k"] for n in names]
+        print(f"{rule_name:40s}" + "".join(f"{p:12.2f}" for p in row))
+    offered = {n: [c for c in cells[n] if offered_by_select(c, setups[n][0])] for n in names}
+    row = [
+        choose(offered[n], RULES["select before (AP, pool + controls)"])["p_at_k"] for n in names
+    ]
+    print(f"{'select now (full-rank scores: n > d)':40s}" + "".join(f"{p:12.2f}" for p in row))
+    print(f"{'hindsight (best cell)':40s}" + "".join(
+        f"{max(c['p_at_k'] for c in cells[n]):12.2f}" for n in names))  # fmt: skip
+    choice = {n: choose(offered[n], RULES["select before (AP, pool + controls)"]) for n in names}
+    for n in names:
+        c = choice[n]
+        print(f"{n}: select chooses {c['method']} L{c['layer']} (P@k {c['p_at_k']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

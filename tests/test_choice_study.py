@@ -1,0 +1,49 @@
+"""benchmarks/choice_study.py: its "select now" rule is select's choice, computed independently of
+select's own table, and its in-sample moments are the moments of the pool plus the pairs."""
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+
+import lensattr
+from lensattr.moments import Moments, pool_moments
+from lensattr.query import pair_stats
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "choice_study.py"
+
+
+def choice_study():
+    spec = importlib.util.spec_from_file_location("choice_study", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_study_reproduces_select_and_its_in_sample_moments(
+    tiny, train_records, pair_records, tmp_path
+):
+    cs = choice_study()
+    cache = lensattr.build_cache(tiny, train_records, out=tmp_path, layers=[1, 3], progress=False)
+    ps = pair_stats(tiny, pair_records, stats=cache.stats, layers=[1, 3], batch_size=4)
+    labels = torch.tensor([1, 0] + [-1] * (len(cache) - 2))
+    cells = cs.study(cache, ps, None, labels, in_sample=False)
+    sel = lensattr.select(tiny, cache, ps)
+    offered = [c for c in cells if cs.offered_by_select(c, cache)]
+    assert {c["method"] for c in offered} == {r["method"] for r in sel.table}
+    got = cs.choose(offered, cs.RULES["select before (AP, pool + controls)"])
+    assert (got["method"], got["layer"]) == (str(sel.method), sel.layer)
+    crit = {(r["method"], r["layer"]): r["criterion"] for r in sel.table}
+    assert all(abs(c["ap_all"] - crit[(c["method"], c["layer"])]) < 1e-9 for c in offered)
+    assert all(0 <= c["p_at_k"] <= 1 and 0 <= c["log_rank"] <= 1 for c in cells)
+    # in-sample moments: exactly those of the pool's rows and every pair side together
+    m = cs.with_pairs_in_moments(ps)(cache, "resid_post", 3)
+    rows = torch.cat([cache.stat("resid_post", 3)[:].double(), *ps.sides("resid_post", 3)])
+    ref = Moments.of_rows(rows)
+    assert m.n == len(rows)
+    assert torch.allclose(m.mean, ref.mean) and torch.allclose(m.cov, ref.cov, atol=1e-8)
+    cs.study(cache, ps, None, labels, in_sample=True)
+    sel_module = importlib.import_module("lensattr.select")
+    assert sel_module.pool_moments is pool_moments  # the patch is undone
