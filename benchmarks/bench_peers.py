@@ -28,7 +28,10 @@ rounds (the order reverses every round):
   forward-only build of ``resid_post`` at every layer, ``auto`` among the gradient-free
   methods, ``rank``;
 - ``cheap``: :func:`lensattr.select_then_cache` with ``--sample`` examples: a forward-only
-  sample build, the choice on it, then the corpus at the chosen layer (forward stopped there).
+  sample build, the choice on it, then the corpus at the chosen layer (forward stopped there);
+- ``cheapgrad``: the same with the full ``auto``'s statistics (``stats=DEFAULT_STATS``): a
+  gradient build of the sample at every layer, the choice among every candidate on it, then the
+  corpus for the chosen statistic at the chosen layer (the backward stops there).
 
 Times are wall seconds from process start to exit (imports and model loads included on both
 sides); a build's time ends when its cache is written. Peak RSS is each process's ``wait4``
@@ -156,15 +159,17 @@ if mode == "full":
     marks["paper"] = time.time()
     res["paper"] = {"choice": f"{lensattr.PAPER} @ {r.layer}", "scores": scores(cache, r)}
 else:
+    from lensattr.store.cache import DEFAULT_STATS
     n = None if mode == "gradfree" else int(sample)
-    cache, q, sel = lensattr.select_then_cache(m, train, pairs, out=out, sample=n,
+    stats = DEFAULT_STATS if mode == "cheapgrad" else ("resid_post",)
+    cache, q, sel = lensattr.select_then_cache(m, train, pairs, out=out, sample=n, stats=stats,
                                                progress=False, **kw)
     r = lensattr.rank(cache, q, top_k=None)
     marks["rank"] = time.time()
     res[mode] = {"choice": f"{sel.method} @ {sel.layer}", "scores": scores(cache, r)}
 json.dump({"marks": marks, "results": res, "ids": list(cache.ids)}, open(result, "w"))
 """
-CONTENDERS = ("bergson", "full", "gradfree", "cheap")
+CONTENDERS = ("bergson", "full", "gradfree", "cheap", "cheapgrad")
 
 
 def main() -> int:
@@ -380,7 +385,7 @@ def print_results(runs: dict[str, list[dict]], labels: torch.Tensor) -> None:
                 f"{runs['full'][-1]['bytes'] / 2**20:.1f} / "
                 f"{runs['bergson'][-1]['bytes'] / 2**20:.1f} MiB"
             )
-        for name in ("full", "gradfree", "cheap"):
+        for name in ("full", "gradfree", "cheap", "cheapgrad"):
             if name in runs:
                 per_round = [
                     f"{a['pipeline_s'] / b['pipeline_s']:.2f}"
