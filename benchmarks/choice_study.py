@@ -5,7 +5,7 @@
     python benchmarks/choice_study.py ... --in-sample      # pairs inside the pool's moments
 
 For every candidate ``psi|stat|score`` at every cached layer this scores the held-out folds exactly
-as :func:`lensattr.select` does (:func:`lensattr.select.fold_scores`, pairs and unlabelled pool
+as :func:`lensattr.select` does (:func:`lensattr.criterion.fold_scores`, pairs and unlabelled pool
 only) and computes several criteria from the same fold scores; then, for diagnosis only, it ranks
 the pool with the candidate fitted on all pairs and reads the plant labels for precision@k. Each
 rule chooses as ``select`` does (the method with the best criterion averaged over layers, then its
@@ -32,7 +32,7 @@ import lensattr
 from lensattr.metrics import average_precision, pool_metrics
 from lensattr.moments import Moments, pool_moments
 
-S = importlib.import_module("lensattr.select")  # the module (lensattr.select is the function)
+S = importlib.import_module("lensattr.criterion")  # where fold_scores reads the pool's moments
 
 
 def _ap(t: torch.Tensor, neg: torch.Tensor) -> float:

@@ -44,6 +44,12 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     ref = Moments.of_rows(rows)
     assert m.n == len(rows)
     assert torch.allclose(m.mean, ref.mean) and torch.allclose(m.cov, ref.cov, atol=1e-8)
-    cs.study(cache, ps, None, labels, in_sample=True)
-    sel_module = importlib.import_module("lensattr.select")
-    assert sel_module.pool_moments is pool_moments  # the patch is undone
+    inside = cs.study(cache, ps, None, labels, in_sample=True)
+    key = ("pool_contrast|resid_post|whitened_cosine", 3)
+    crit = {(c["method"], c["layer"]): c["ap_all"] for c in cells}
+    crit_in = {(c["method"], c["layer"]): c["ap_all"] for c in inside}
+    assert crit_in[key] != crit[key]  # the pairs' moments reached the scores
+    cos = ("residual_diff|resid_post|cosine", 3)
+    assert crit_in[cos] == crit[cos]  # a score without the pool's moments is unchanged
+    criterion = importlib.import_module("lensattr.criterion")
+    assert criterion.pool_moments is pool_moments  # the patch is undone

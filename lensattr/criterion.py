@@ -1,0 +1,274 @@
+"""How ``auto`` judges a candidate: the candidates and the held-out criterion.
+
+A candidate is a :class:`Method` (``psi|stat|score``) at a layer. :func:`fold_scores` scores it on
+interleaved folds of the query pairs, each fold's query fitted on the other folds, together with
+the unlabelled pool; :class:`FoldScores` turns those scores into the criterion (the held-out
+treatments' average precision among the pool and the held-out controls) and the held-out
+accuracy; :func:`choose` picks the row of a criterion table. :func:`lensattr.select` runs them
+(see :mod:`lensattr.select`).
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lensattr._deprecated import alias
+from lensattr.metrics import average_precision
+from lensattr.moments import ScoreContext, pool_moments
+from lensattr.query import FOLDS, PairStats, fit
+from lensattr.registry import PSI, SCORE, Psi, Score, get_psi, get_score, load_plugins
+from lensattr.store.cache import Cache
+
+POOL_SAMPLE = 20_000
+"""At most this many pool rows (a seeded uniform sample) enter the choice."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A ranking method: a psi, the cached statistic it is built from and a score.
+
+    Written ``"psi|stat|score"``, e.g. ``"residual_change|residual_change|cosine"`` (the
+    paper's). ``g`` is the deprecated name of ``score``.
+
+    Examples:
+        >>> Method.parse("pool_contrast|resid_post|centered_cosine").score
+        'centered_cosine'
+    """
+
+    psi: str
+    stat: str
+    score: str
+
+    g = alias("g", "score")
+
+    def __str__(self) -> str:
+        return f"{self.psi}|{self.stat}|{self.score}"
+
+    @classmethod
+    def parse(cls, text: "str | Method") -> "Method":
+        if isinstance(text, Method):
+            return text
+        parts = str(text).split("|")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"method {text!r}: write it as 'psi|stat|score'")
+        return cls(*parts)
+
+
+PAPER = Method("residual_change", "residual_change", "cosine")
+"""The paper's method: residual-change statistic, treatment-minus-control query, cosine."""
+
+
+def candidates(stats: Sequence[str]) -> list[Method]:
+    """Every registered ``(psi, stat, score)`` usable with the cached ``stats`` (plugins included).
+
+    A psi that names its statistics is paired with those only; a generic one (``contrast``,
+    ``pool_contrast``) with every cached statistic, except where a named psi already covers the
+    same function and statistic (``residual_change`` is ``contrast`` of the residual change).
+    psis that build their own pairs (``persona``) are not candidates: they do not fit on folds.
+    """
+    load_plugins()
+    seen: set[tuple[int, str]] = set()
+    out: list[Method] = []
+    named = sorted(PSI.values(), key=lambda p: p.stats is None)  # named statistics first
+    for p in named:
+        if p.pairs_from is not None:
+            continue
+        for stat in [s for s in (p.stats or stats) if s in stats]:
+            if (id(p.fn), stat) in seen:
+                continue
+            seen.add((id(p.fn), stat))
+            out += [Method(p.name, stat, score) for score in sorted(SCORE)]
+    return out
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if not math.isnan(r[key])]
+    return sum(vals) / len(vals) if vals else -1.0
+
+
+def method_scores(table: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each method's criterion and held-out accuracy averaged over the layers."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in table:
+        by_method.setdefault(row["method"], []).append(row)
+    return {m: (_mean(rows, "criterion"), _mean(rows, "accuracy")) for m, rows in by_method.items()}
+
+
+def choose(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chosen row of a criterion table, in two stages: first the method with the highest
+    criterion averaged over the layers (ties: mean held-out accuracy), then that method's layer
+    with the highest criterion (ties: held-out accuracy, then the deeper layer).
+
+    Each cell's criterion rests on a few held-out pairs; the best of some 300 noisy cells is
+    mostly the luckiest. A method's mean over its layers is a steadier estimate of the bigger
+    decision, and the layer is then chosen among a handful of cells.
+
+    Examples:
+        >>> rows = [{"method": "a", "layer": 1, "criterion": 0.9, "accuracy": 1.0},
+        ...         {"method": "a", "layer": 2, "criterion": 0.1, "accuracy": 1.0},
+        ...         {"method": "b", "layer": 1, "criterion": 0.6, "accuracy": 1.0},
+        ...         {"method": "b", "layer": 2, "criterion": 0.7, "accuracy": 1.0}]
+        >>> (r := choose(rows))["method"], r["layer"]
+        ('b', 2)
+    """
+    means = method_scores(table)
+    method = max(means, key=lambda m: means[m])
+    return max((r for r in table if r["method"] == method), key=_key)
+
+
+def _key(row: dict[str, Any]) -> tuple[float, float, int]:
+    def num(x: float) -> float:
+        return -1.0 if math.isnan(x) else x
+
+    return (num(row["criterion"]), num(row["accuracy"]), row["layer"])
+
+
+def _scores(score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """``[n, q]`` scores of rows ``x`` against the query columns ``psis`` ``[d, q]``."""
+    norms = x.norm(dim=1)
+    if score.batched:
+        out = score.fn(x, norms, psis, ctx)
+    else:
+        out = torch.stack([score.fn(x, norms, psis[:, j], ctx) for j in range(psis.shape[1])], 1)
+    return out.float().nan_to_num(nan=-torch.inf, posinf=-torch.inf)
+
+
+@dataclass
+class FoldScores:
+    """One candidate at one layer, scored on every fold: what a criterion is computed from.
+
+    ``pool`` ``[n_pool, folds]``, ``treatment`` and ``control`` ``[n_pairs, folds]``: column
+    ``f`` holds the scores under the query fitted without fold ``f``; ``tests[f]`` are the
+    pairs held out of it (only those rows of ``treatment`` / ``control`` are held-out scores).
+    """
+
+    method: Method
+    layer: int
+    pool: torch.Tensor
+    treatment: torch.Tensor
+    control: torch.Tensor
+    tests: list[torch.Tensor]
+
+    def heldout(self, f: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fold ``f``'s pool, held-out treatment and held-out control scores."""
+        te = self.tests[f]
+        return self.pool[:, f], self.treatment[te, f], self.control[te, f]
+
+    def criterion(self) -> float:
+        """Mean over folds of the held-out treatments' average precision among the pool and the
+        held-out controls together (see the module doc)."""
+        aps = []
+        for f in range(len(self.tests)):
+            pool_s, t_s, c_s = self.heldout(f)
+            # held-out treatments last: ties go against them (a constant score earns no credit)
+            s = torch.cat([pool_s, c_s, t_s])
+            lab = torch.zeros(len(s), dtype=torch.bool)
+            lab[len(s) - len(t_s) :] = True
+            aps.append(average_precision(s, lab))
+        return float(sum(aps) / len(aps))
+
+    def accuracy(self) -> float:
+        """Fraction of pairs whose held-out treatment scores above its control."""
+        hits = sum(
+            int((t > c).sum()) for t, c in (self.heldout(f)[1:] for f in range(len(self.tests)))
+        )
+        return hits / len(self.treatment)
+
+
+def fold_scores(
+    ps: PairStats,
+    cache: Cache,
+    methods: Sequence[Method],
+    layers: Sequence[int],
+    *,
+    rows: Any = None,
+    folds: int = FOLDS,
+    pool_sample: int | None = POOL_SAMPLE,
+    seed: int = 0,
+) -> Iterator[FoldScores]:
+    """Every method at every layer scored on ``folds`` interleaved folds of the pairs: each
+    fold's query is fitted on the other folds' pairs, then the pool (``rows`` of the cache, at
+    most ``pool_sample`` of them, a seeded sample) and every pair are scored with it. Every fold
+    and query of a (statistic, layer) is scored in one batched call."""
+    n = ps.n_pairs
+    folds = min(folds, n)
+    tests = [torch.arange(k, n, folds) for k in range(folds)]
+    trains = [torch.ones(n, dtype=torch.bool) for _ in tests]
+    for tr, te in zip(trains, tests, strict=True):
+        tr[te] = False
+    pool_rows = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
+    if pool_sample is not None and len(pool_rows) > pool_sample:
+        gen = torch.Generator().manual_seed(seed)
+        pool_rows = pool_rows[torch.randperm(len(pool_rows), generator=gen)[:pool_sample]].sort()[0]
+    by_stat: dict[str, list[Method]] = {}
+    for m in methods:
+        by_stat.setdefault(m.stat, []).append(m)
+    for stat, ms in by_stat.items():
+        for layer in layers:
+            x = cache.stat(stat, layer)[pool_rows].float()
+            t, c = ps.sides(stat, layer)
+            ctx = ScoreContext(cache, stat, layer)
+            psis: dict[str, Psi] = {m.psi: get_psi(m.psi) for m in ms}
+            moments = (
+                pool_moments(cache, stat, layer)
+                if any(p.uses_pool for p in psis.values())
+                else None
+            )
+            fitted = {
+                name: torch.stack(
+                    [fit(p, t[tr], c[tr], moments if p.uses_pool else None) for tr in trains], 1
+                )
+                for name, p in psis.items()
+            }  # {psi: [d, folds]}
+            names = list(fitted)
+            cols = torch.cat([fitted[nm] for nm in names], 1)
+            for name in dict.fromkeys(m.score for m in ms):
+                score = get_score(name)
+                sx, st, sc = (_scores(score, a, cols, ctx) for a in (x, t, c))
+                for j, nm in enumerate(names):
+                    method = Method(nm, stat, name)
+                    if method not in ms:
+                        continue
+                    sl = slice(j * folds, (j + 1) * folds)
+                    yield FoldScores(method, layer, sx[:, sl], st[:, sl], sc[:, sl], tests)
+
+
+def evaluate(
+    ps: PairStats,
+    cache: Cache,
+    methods: Sequence[Method],
+    layers: Sequence[int],
+    *,
+    rows: Any = None,
+    folds: int = FOLDS,
+    pool_sample: int | None = POOL_SAMPLE,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The criterion and held-out accuracy of every method at every layer (see the module doc)."""
+    return [
+        {
+            "method": str(fs.method),
+            "layer": fs.layer,
+            "criterion": fs.criterion(),
+            "accuracy": fs.accuracy(),
+        }
+        for fs in fold_scores(
+            ps, cache, methods, layers, rows=rows, folds=folds, pool_sample=pool_sample, seed=seed
+        )
+    ]
+
+
+__all__ = [
+    "PAPER",
+    "POOL_SAMPLE",
+    "FoldScores",
+    "Method",
+    "candidates",
+    "choose",
+    "evaluate",
+    "fold_scores",
+    "method_scores",
+]
