@@ -237,17 +237,10 @@ def fold_scores(
 
 
 def evaluate(
-    ps: PairStats,
-    cache: Cache,
-    methods: Sequence[Method],
-    layers: Sequence[int],
-    *,
-    rows: Any = None,
-    folds: int = FOLDS,
-    pool_sample: int | None = POOL_SAMPLE,
-    seed: int = 0,
+    ps: PairStats, cache: Cache, methods: Sequence[Method], layers: Sequence[int], **kwargs: Any
 ) -> list[dict[str, Any]]:
-    """The criterion and held-out accuracy of every method at every layer (see the module doc)."""
+    """The criterion and held-out accuracy of every method at every layer, a row each (the
+    keywords are :func:`fold_scores`'s: ``rows``, ``folds``, ``pool_sample``, ``seed``)."""
     return [
         {
             "method": str(fs.method),
@@ -255,9 +248,7 @@ def evaluate(
             "criterion": fs.criterion(),
             "accuracy": fs.accuracy(),
         }
-        for fs in fold_scores(
-            ps, cache, methods, layers, rows=rows, folds=folds, pool_sample=pool_sample, seed=seed
-        )
+        for fs in fold_scores(ps, cache, methods, layers, **kwargs)
     ]
 
 
