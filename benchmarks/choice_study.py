@@ -29,17 +29,11 @@ from typing import Any
 import torch
 
 import lensattr
-from lensattr.metrics import average_precision, pool_metrics
+from lensattr.criterion import heldout_ap
+from lensattr.metrics import pool_metrics
 from lensattr.moments import Moments, pool_moments
 
 S = importlib.import_module("lensattr.criterion")  # where fold_scores reads the pool's moments
-
-
-def _ap(t: torch.Tensor, neg: torch.Tensor) -> float:
-    s = torch.cat([neg, t])  # treatments last: ties go against them, as in select
-    lab = torch.zeros(len(s), dtype=torch.bool)
-    lab[len(neg) :] = True
-    return average_precision(s, lab)
 
 
 def _log_rank(t: torch.Tensor, neg: torch.Tensor) -> float:
@@ -55,9 +49,9 @@ def criteria(fs: Any) -> dict[str, float]:
     for f in range(len(fs.tests)):
         pool, t, c = fs.heldout(f)
         neg = torch.cat([pool, c])
-        out["ap_all"].append(_ap(t, neg))
-        out["ap_pool"].append(_ap(t, pool))
-        out["ap_ctrl"].append(_ap(t, c))
+        out["ap_all"].append(heldout_ap(t, neg))
+        out["ap_pool"].append(heldout_ap(t, pool))
+        out["ap_ctrl"].append(heldout_ap(t, c))
         out["auc_ctrl"].append(float((t[:, None] > c[None, :]).double().mean()))
         out["auc_pool"].append(float((t[:, None] > pool[None, :]).double().mean()))
         out["log_rank"].append(_log_rank(t, neg))
@@ -74,12 +68,9 @@ RULES: dict[str, Callable[[dict[str, float]], float]] = {
 
 
 def choose(cells: list[dict[str, Any]], rule: Callable[[dict[str, float]], float]) -> dict:
-    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for c in cells:
-        by[c["method"]].append(c)
-    mean = {m: sum(rule(c) for c in cs) / len(cs) for m, cs in by.items()}
-    best = max(mean, key=lambda m: mean[m])
-    return max(by[best], key=lambda c: (rule(c), c["accuracy"], c["layer"]))
+    """The cell ``select``'s two-stage choice (:func:`lensattr.criterion.choose`) picks when
+    ``rule`` is the criterion."""
+    return S.choose([{**c, "criterion": rule(c)} for c in cells])
 
 
 def with_pairs_in_moments(ps: Any) -> Callable[..., Moments]:

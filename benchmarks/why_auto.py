@@ -13,11 +13,11 @@ precision@k at any layer (hindsight). The labels never feed the choice.
 
 import argparse
 import json
-from collections import defaultdict
 
 import torch
 
 import lensattr
+from lensattr.criterion import best_rows, method_scores
 
 
 def main() -> None:
@@ -49,30 +49,29 @@ def main() -> None:
     sel = lensattr.select(model, cache, stats)
     print(sel.summary(top=5))
 
-    by_method: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-    for row in sel.table:
-        by_method[row["method"]].append((row["layer"], row["criterion"], 0.0))
+    means = method_scores(sel.table)  # what select orders the methods by
+    chosen = best_rows(sel.table)  # each method's layer, as select picks it
     table = []
-    for name, rows in by_method.items():
+    for name in means:
         psi, stat, score = name.split("|")
         query = lensattr.behavior_query(None, stats, psi=psi, stat=stat, score=score, pool=cache)
         p_at_k = {}
-        for layer, _, _ in rows:
-            scores = lensattr.rank(cache, query, layer=layer, top_k=None).scores_of(
-                range(len(cache))
-            )
-            p_at_k[layer] = lensattr.pool_metrics(scores, labels)["p_at_k"]
-        mean = sum(c for _, c, _ in rows) / len(rows)
-        chosen = max(rows, key=lambda r: r[1])[0]
-        table.append((mean, name, chosen, p_at_k[chosen], max(p_at_k.values())))
+        for row in sel.table:
+            if row["method"] == name:
+                scores = lensattr.rank(cache, query, layer=row["layer"], top_k=None).scores_of(
+                    range(len(cache))
+                )
+                p_at_k[row["layer"]] = lensattr.pool_metrics(scores, labels)["p_at_k"]
+        layer = chosen[name]["layer"]
+        table.append((means[name][0], name, layer, p_at_k[layer], max(p_at_k.values())))
     table.sort(reverse=True)
     k = int((labels == 1).sum())
     print(
         f"\n{'candidate (by mean criterion)':50s} {'crit':>6s} {'layer':>5s} "
         f"{'P@' + str(k):>6s} {'hindsight':>9s}"
     )
-    for mean, name, chosen, there, best in table[: args.top]:
-        print(f"{name:50s} {mean:6.3f} {chosen:5d} {there:6.2f} {best:9.2f}")
+    for mean, name, layer, there, best in table[: args.top]:
+        print(f"{name:50s} {mean:6.3f} {layer:5d} {there:6.2f} {best:9.2f}")
 
 
 if __name__ == "__main__":

@@ -89,12 +89,25 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(vals) / len(vals) if vals else -1.0
 
 
-def method_scores(table: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Each method's criterion and held-out accuracy averaged over the layers."""
+def _by_method(table: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in table:
         by_method.setdefault(row["method"], []).append(row)
-    return {m: (_mean(rows, "criterion"), _mean(rows, "accuracy")) for m, rows in by_method.items()}
+    return by_method
+
+
+def method_scores(table: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each method's criterion and held-out accuracy averaged over the layers."""
+    return {
+        m: (_mean(rows, "criterion"), _mean(rows, "accuracy"))
+        for m, rows in _by_method(table).items()
+    }
+
+
+def best_rows(table: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each method's best layer: its row with the highest criterion (ties: held-out accuracy,
+    then the deeper layer)."""
+    return {m: max(rows, key=_key) for m, rows in _by_method(table).items()}
 
 
 def choose(table: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,7 +129,7 @@ def choose(table: list[dict[str, Any]]) -> dict[str, Any]:
     """
     means = method_scores(table)
     method = max(means, key=lambda m: means[m])
-    return max((r for r in table if r["method"] == method), key=_key)
+    return best_rows(table)[method]
 
 
 def _key(row: dict[str, Any]) -> tuple[float, float, int]:
@@ -124,6 +137,22 @@ def _key(row: dict[str, Any]) -> tuple[float, float, int]:
         return -1.0 if math.isnan(x) else x
 
     return (num(row["criterion"]), num(row["accuracy"]), row["layer"])
+
+
+def heldout_ap(treatment: torch.Tensor, negatives: torch.Tensor) -> float:
+    """Average precision of held-out treatment scores among ``negatives``; the treatments go
+    last, so ties count against them (a constant score earns no credit).
+
+    Examples:
+        >>> heldout_ap(torch.tensor([2.0, 1.0]), torch.tensor([1.5, 0.0]))  # ranks 1 and 3
+        0.8333333333333333
+        >>> heldout_ap(torch.tensor([1.0]), torch.tensor([1.0, 1.0]))  # a tie: ranked last
+        0.3333333333333333
+    """
+    s = torch.cat([negatives, treatment])
+    lab = torch.zeros(len(s), dtype=torch.bool)
+    lab[len(negatives) :] = True
+    return average_precision(s, lab)
 
 
 def _scores(score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
@@ -163,17 +192,14 @@ class FoldScores:
         aps = []
         for f in range(len(self.tests)):
             pool_s, t_s, c_s = self.heldout(f)
-            # held-out treatments last: ties go against them (a constant score earns no credit)
-            s = torch.cat([pool_s, c_s, t_s])
-            lab = torch.zeros(len(s), dtype=torch.bool)
-            lab[len(s) - len(t_s) :] = True
-            aps.append(average_precision(s, lab))
+            aps.append(heldout_ap(t_s, torch.cat([pool_s, c_s])))
         return float(sum(aps) / len(aps))
 
     def accuracy(self) -> float:
         """Fraction of pairs whose held-out treatment scores above its control."""
         hits = sum(
-            int((t > c).sum()) for t, c in (self.heldout(f)[1:] for f in range(len(self.tests)))
+            int((self.treatment[te, f] > self.control[te, f]).sum())
+            for f, te in enumerate(self.tests)
         )
         return hits / len(self.treatment)
 
@@ -257,9 +283,11 @@ __all__ = [
     "POOL_SAMPLE",
     "FoldScores",
     "Method",
+    "best_rows",
     "candidates",
     "choose",
     "evaluate",
     "fold_scores",
+    "heldout_ap",
     "method_scores",
 ]

@@ -42,7 +42,7 @@ from lensattr.criterion import (
     POOL_SAMPLE,
     FoldScores,
     Method,
-    _key,
+    best_rows,
     candidates,
     choose,
     evaluate,
@@ -94,17 +94,13 @@ class Selection:
         """A few lines: the choice, then the best methods (criterion averaged over layers, and
         at each method's best layer)."""
         means = method_scores(self.table)
-        best_rows: dict[str, dict[str, Any]] = {}
-        for row in self.table:
-            cur = best_rows.get(row["method"])
-            if cur is None or _key(row) > _key(cur):
-                best_rows[row["method"]] = row
+        best = best_rows(self.table)
         lines = [
             f"auto chose {self.method} at layer {self.layer} (held-out AP among the pool: "
             "mean over layers, then the best layer)"
         ]
         for m in sorted(means, key=lambda m: means[m], reverse=True)[:top]:
-            r = best_rows[m]
+            r = best[m]
             lines.append(
                 f"  {m:<48} mean AP {means[m][0]:.3f}  best L{r['layer']:>2} AP "
                 f"{r['criterion']:.3f}  accuracy {r['accuracy']:.2f}"
