@@ -10,7 +10,7 @@ from lensattr._deprecated import alias, renamed
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.sites import layer_index
-from lensattr.config import CaptureConfig, check_capture
+from lensattr.config import POOLINGS, CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
@@ -235,17 +235,17 @@ def explain(
     query = as_query(query)
     layer = _layer_arg(layer, query)
     spec = get_phi(stat or query.stat)
-    if spec.pooling != "mean_response":
+    if spec.pooling != POOLINGS[0]:
         raise QueryError(
             f"explain splits a mean over the reply tokens; {spec.name} pools by {spec.pooling!r}"
         )
-    side = query.capture.padding_side if query.capture else "right"
-    check_capture(
+    check_capture(  # one example has no padding: its side cannot differ
         query.capture,
-        CaptureConfig(max_length=max_length, padding_side=side),
+        CaptureConfig(max_length=max_length),
         what="the query's pairs",
         other="this explain",
         error=lambda text: QueryError(f"{text}; pass the query's setting"),
+        fields=("max_length", "pooling"),
     )
     ex = example if isinstance(example, Example) else load_examples([example])[0]
     enc = encode(model.tokenizer, ex, max_length)
