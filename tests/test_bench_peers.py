@@ -1,6 +1,5 @@
 """benchmarks/bench_peers.py (issue 14): the parts that need neither bergson nor the real model."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,16 +8,13 @@ from pathlib import Path
 import pytest
 
 from lensattr.demo import bundled
+from scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_peers.py"
 
 
 def bench_peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_peers")
 
 
 def test_without_bergsons_venv_it_says_so_in_one_line_and_exits_0(tmp_path):

@@ -1,31 +1,21 @@
-"""benchmarks/choice_study.py: its "select now" rule is select's choice, computed independently of
-select's own table, and its in-sample moments are the moments of the pool plus the pairs."""
+"""benchmarks/choice_study.py: its "select now" rule reproduces select's table and choice (from
+the same fold scores and choice rule, which tests/test_select.py checks against direct
+computations), and its in-sample moments are the moments of the pool plus the pairs."""
 
 import importlib
-import importlib.util
-from pathlib import Path
 
 import torch
 
 import lensattr
 from lensattr.moments import Moments, pool_moments
 from lensattr.query import pair_stats
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "choice_study.py"
-
-
-def choice_study():
-    spec = importlib.util.spec_from_file_location("choice_study", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from scripts import load_benchmark
 
 
 def test_the_study_reproduces_select_and_its_in_sample_moments(
     tiny, train_records, pair_records, tmp_path
 ):
-    cs = choice_study()
+    cs = load_benchmark("choice_study")
     cache = lensattr.build_cache(tiny, train_records, out=tmp_path, layers=[1, 3], progress=False)
     ps = pair_stats(tiny, pair_records, stats=cache.stats, layers=[1, 3], batch_size=4)
     labels = torch.tensor([1, 0] + [-1] * (len(cache) - 2))
