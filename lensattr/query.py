@@ -156,13 +156,16 @@ def pair_stats(
     }
     sites = tuple(dict.fromkeys(s for p in phis for s in p.sites))
     need_grad = any(p.needs_grad for p in phis)
+    keep_prompt = any(p.reads_prompt for p in phis)
     bar = Progress(n, "query pairs", "pair", progress)
     for i in range(0, n, per):
         idx = order[i : i + per]
         batch = collate(
             [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
         )
-        acts = capture(model, batch, layer_list, grad=need_grad, sites=sites)
+        acts = capture(
+            model, batch, layer_list, grad=need_grad, sites=sites, keep_prompt=keep_prompt
+        )
         for layer, a in acts.items():
             for side, rows in zip(("t", "c"), _split(a), strict=True):
                 for p in phis:

@@ -250,10 +250,11 @@ def explain(
     ex = example if isinstance(example, Example) else load_examples([example])[0]
     enc = encode(model.tokenizer, ex, max_length)
     batch = collate([enc], model.pad_id, "right", str(model.device))
-    acts = capture(model, batch, [layer], grad=spec.needs_grad, sites=spec.sites)[layer]
-    positions = batch.mask[0].nonzero()[:, 0]
+    acts = capture(model, batch, [layer], grad=spec.needs_grad, sites=spec.sites, keep_prompt=False)
+    acts = acts[layer]  # from the first position that predicts a reply token: acts.mask says where
+    positions = acts.mask[0].nonzero()[:, 0]
     n = len(positions)
-    one_hot = torch.zeros((n, batch.mask.shape[1]), dtype=torch.bool, device=batch.mask.device)
+    one_hot = torch.zeros((n, acts.mask.shape[1]), dtype=torch.bool, device=acts.mask.device)
     one_hot[torch.arange(n), positions] = True
 
     single = acts.map(lambda x: x.expand(n, *x.shape[1:]), mask=one_hot)

@@ -65,6 +65,13 @@ class Phi:
     module: str = ""
     pooling: str = "mean_response"
 
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether it may read positions outside the response: any pooling but
+        ``"mean_response"``, whose statistics read the response positions only (so a capture
+        for them runs the prompt forward-only; ``capture(..., keep_prompt=False)``)."""
+        return self.pooling != "mean_response"
+
 
 @dataclass(frozen=True)
 class Psi:

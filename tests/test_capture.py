@@ -236,3 +236,69 @@ def test_forward_only_capture_stops_after_the_highest_layer(tiny, train_records,
             assert torch.equal(early[layer].z_in, other[layer].z_in)
             assert torch.equal(early[layer].z_out, other[layer].z_out)
     assert early[1].z_out.abs().max() > 0
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_capture_after_the_prompt_prefix_matches_hooks_and_autograd(
+    tiny, train_records, padding_side
+):
+    """``keep_prompt=False`` runs the positions before the first predicting one forward-only and
+    returns the rest: every response position's ``z_in``, ``z_out`` and ``g`` are those of a
+    one-pass hooks + autograd computation, and so are the statistics."""
+    from lensattr.backends.capture import prompt_prefix
+
+    batch = collate(encoded(tiny, train_records), tiny.pad_id, padding_side)
+    start = prompt_prefix(batch.mask)
+    first = batch.mask.int().argmax(1)
+    assert start == int(first.min()) - 1 > 0  # a prefix to skip: the test is not vacuous
+    layers = [0, 2, 3]
+    acts = capture(tiny, batch, layers, keep_prompt=False)
+    ref = reference_capture(
+        tiny.hf, batch.input_ids, batch.attention_mask, batch.position_ids, batch.mask, layers
+    )
+    m = batch.mask
+    for layer in layers:
+        a = acts[layer]
+        assert a.z_in.shape[1] == a.grad.shape[1] == m.shape[1] - start
+        assert torch.equal(a.mask, m[:, start:])
+        zi, zo, g = ref[layer]
+        assert rel(a.z_in[a.mask], zi[m]) < 1e-5
+        assert rel(a.z_out[a.mask], zo[m]) < 1e-5
+        assert rel(a.grad[a.mask], g[m]) < 1e-5 and g[m].abs().max() > 0
+        want = reference_stats(zi, zo, g, m)
+        for stat in STATS:
+            assert rel(get_phi(stat).fn(a), want[stat]) < 1e-5, (stat, layer)
+    whole = capture(tiny, batch, layers)  # the default keeps every position
+    assert whole[0].z_in.shape[1] == m.shape[1]
+
+
+def test_prompt_prefix_is_zero_without_a_reply_in_some_row():
+    from lensattr.backends.capture import prompt_prefix
+
+    mask = torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    assert prompt_prefix(mask) == 0 and prompt_prefix(mask[:1]) == 1
+    assert prompt_prefix(torch.zeros((2, 0), dtype=torch.bool)) == 0
+
+
+def test_a_statistic_that_reads_the_prompt_is_captured_whole(tiny, train_records, tmp_path):
+    """Statistics pooled over the response let ``build_cache`` skip the prompt's backward; one
+    with another pooling gets every position, and its cached rows match a one-pass reference."""
+    from lensattr.registry import PHI, register_phi
+
+    @register_phi("prompt_grad", pooling="first_token")
+    def prompt_grad(acts):  # g at the first token, a prompt token with right padding
+        return acts.grad[:, 0]
+
+    recs = train_records[:4]
+    try:
+        assert PHI["prompt_grad"].reads_prompt and not PHI["grad"].reads_prompt
+        cache = build_cache(tiny, recs, out=tmp_path / "c", layers=[1], stats=["prompt_grad"])
+        batch = collate(encoded(tiny, recs), tiny.pad_id)
+        ref = reference_capture(
+            tiny.hf, batch.input_ids, batch.attention_mask, batch.position_ids, batch.mask, [1]
+        )
+        want = ref[1][2][:, 0]
+        got = cache.stat("prompt_grad", 1)[[cache.ids.index(i) for i in batch.ids]].float()
+        assert want.norm(dim=1).min() > 0 and rel(got, want) < 1e-2  # bf16 storage
+    finally:
+        PHI.pop("prompt_grad", None)

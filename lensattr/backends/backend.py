@@ -67,7 +67,13 @@ class Model:
         return int(pid)
 
     def capture(
-        self, batch: Batch, layers: Sequence[int], *, grad: bool = True, sites: Sequence[str] = ()
+        self,
+        batch: Batch,
+        layers: Sequence[int],
+        *,
+        grad: bool = True,
+        sites: Sequence[str] = (),
+        keep_prompt: bool = True,
     ) -> dict[int, LayerActs]:
         """This backend's capture (see :func:`lensattr.backends.capture.capture`, which calls it).
 
@@ -76,6 +82,9 @@ class Model:
             layers: block indices.
             grad: run the activation backward; ``False`` for a forward-only capture.
             sites: extra per-layer sites to keep (``"attn_out"``, ``"mlp_out"``).
+            keep_prompt: ``False`` allows starting the result at
+                :func:`~lensattr.backends.capture.prompt_prefix` (a backend may keep every
+                position).
         """
         raise NotImplementedError(
             f"{type(self).__name__} has no capture backend; get a model from load_model"

@@ -79,8 +79,15 @@ class BridgeModel(Model):
     """
 
     def capture(
-        self, batch: Batch, layers: Sequence[int], *, grad: bool = True, sites: Sequence[str] = ()
+        self,
+        batch: Batch,
+        layers: Sequence[int],
+        *,
+        grad: bool = True,
+        sites: Sequence[str] = (),
+        keep_prompt: bool = True,
     ) -> dict[int, LayerActs]:
+        del keep_prompt  # every position is kept: the bridge runs one pass without a KV cache
         return capture_bridge(self, batch, layers, grad=grad, sites=sites)
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -10,11 +10,20 @@ The language-model head is applied only at the positions that predict a response
 backward pass stops at the lowest requested layer (its input is cut from the graph there). A
 forward-only capture (``grad=False``) stops the forward pass after the highest requested layer.
 
+With ``keep_prompt=False`` (what lensattr's own captures pass for statistics pooled over the
+response) the backward also stops at the first position that predicts a response token: the
+positions before it, in every row, run forward once without a graph, and the traced pass
+continues from their keys and values. A position's activations reach only itself and later
+positions, so ``g`` at every later position is unchanged; the captured tensors then start at that
+position (``mask`` sliced with them). On MedHallu, whose prompts carry a long passage, this is
+most of the backward.
+
 :func:`capture` calls the model's backend (:meth:`lensattr.backends.backend.Model.capture`);
 this module holds the nnsight one, :class:`NnsightModel`; :mod:`lensattr.backends.bridge` the
 TransformerLens one.
 """
 
+import inspect
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -55,6 +64,7 @@ def capture(
     *,
     grad: bool = True,
     sites: Sequence[str] = (),
+    keep_prompt: bool = True,
 ) -> dict[int, LayerActs]:
     """Capture ``z_in``, ``z_out`` and (if ``grad``) ``g`` at ``layers`` for one batch.
 
@@ -65,6 +75,9 @@ def capture(
         grad: run the activation backward (default); ``False`` for a forward-only capture.
         sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"`` (or their
             TransformerLens names ``"hook_attn_out"``, ``"hook_mlp_out"``).
+        keep_prompt: return every position (default). ``False`` lets a gradient capture start
+            at :func:`prompt_prefix` (the nnsight backend does; the bridge keeps every
+            position): what statistics pooled over the response need, for less backward.
 
     Examples:
         >>> from lensattr import load_model
@@ -76,7 +89,39 @@ def capture(
         >>> acts[3].grad.shape == acts[3].z_out.shape
         True
     """
-    return model.capture(batch, layers, grad=grad, sites=sites)
+    return model.capture(batch, layers, grad=grad, sites=sites, keep_prompt=keep_prompt)
+
+
+def prompt_prefix(mask: torch.Tensor) -> int:
+    """How many leading positions neither the loss nor a response statistic needs: those before
+    the first position that predicts a response token, in every row (0 if a row has none).
+
+    Examples:
+        >>> prompt_prefix(torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool))
+        2
+    """
+    if mask.shape[1] == 0 or not bool(mask.any(1).all()):
+        return 0
+    return max(int(mask.int().argmax(1).min()) - 1, 0)
+
+
+def _run_prefix(model: "NnsightModel", batch: Batch, start: int) -> dict[str, Any]:
+    """Run the first ``start`` positions forward without a graph; returns the forward keyword
+    that hands their keys and values to the traced pass (``cache``, ``past_key_values`` before
+    transformers 5)."""
+    base = envoy(model.hf, model.paths.base)  # the module itself: no trace
+    with torch.no_grad():
+        out = base(
+            input_ids=batch.input_ids[:, :start],
+            attention_mask=batch.attention_mask[:, :start],
+            position_ids=batch.position_ids[:, :start],
+            use_cache=True,
+        )
+    kv = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    name = (
+        "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
+    )
+    return {name: kv}
 
 
 class NnsightModel(Model):
@@ -92,9 +137,15 @@ class NnsightModel(Model):
         return module_paths(self.hf)
 
     def capture(
-        self, batch: Batch, layers: Sequence[int], *, grad: bool = True, sites: Sequence[str] = ()
+        self,
+        batch: Batch,
+        layers: Sequence[int],
+        *,
+        grad: bool = True,
+        sites: Sequence[str] = (),
+        keep_prompt: bool = True,
     ) -> dict[int, LayerActs]:
-        return capture_nnsight(self, batch, layers, grad=grad, sites=sites)
+        return capture_nnsight(self, batch, layers, grad=grad, sites=sites, keep_prompt=keep_prompt)
 
 
 def capture_nnsight(
@@ -104,6 +155,7 @@ def capture_nnsight(
     *,
     grad: bool = True,
     sites: Sequence[str] = (),
+    keep_prompt: bool = True,
 ) -> dict[int, LayerActs]:
     """The nnsight capture: ``z_in``, ``z_out`` and ``g`` read inside one ``lm.trace``.
 
@@ -111,21 +163,35 @@ def capture_nnsight(
     """
     sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
-    paths = model.paths
-    lm = model.lm
+    start = 0 if keep_prompt or not grad else prompt_prefix(batch.mask)
+    ids, mask = batch.input_ids[:, start:], batch.mask[:, start:]
+    inputs = {"input_ids": ids, "attention_mask": batch.attention_mask}  # the mask: every position
+    kwargs = forward_kwargs(model, batch) | {"position_ids": batch.position_ids[:, start:]}
+    # The parameters are frozen for the capture only: a user's model is left as it was.
+    with frozen(model.hf):
+        if start:
+            kwargs |= _run_prefix(model, batch, start)
+        return _trace(model, inputs, kwargs, layers, grad, sites, ids, mask)
+
+
+def _trace(
+    model: NnsightModel,
+    inputs: dict[str, torch.Tensor],
+    kwargs: dict[str, Any],
+    layers: list[int],
+    grad: bool,
+    sites: tuple[str, ...],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[int, LayerActs]:
+    """The traced pass of :func:`capture_nnsight` over ``ids`` (after any prompt prefix)."""
+    paths, lm, lowest = model.paths, model.lm, layers[0]
     # Inside a trace, values are nnsight proxies of tensors (with .save()); typed Any for mypy.
     z_in: dict[int, Any] = {}
     z_out: dict[int, Any] = {}
     extra: dict[tuple[int, str], Any] = {}
     grads: dict[int, Any] = {}
-    lowest = layers[0]
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    # The parameters are frozen for the capture only: a user's model is left as it was.
-    with (
-        frozen(model.hf),
-        torch.set_grad_enabled(grad),
-        lm.trace(inputs, **forward_kwargs(model, batch)) as tracer,
-    ):
+    with torch.set_grad_enabled(grad), lm.trace(inputs, **kwargs) as tracer:
         for layer in layers:
             pre = locate(site_name(layer, "resid_pre"), paths=paths)
             x = _read(lm, pre)
@@ -151,7 +217,7 @@ def capture_nnsight(
             tracer.stop()
         if grad:
             hidden = _first(envoy(lm, paths.base).output)
-            loss, _ = response_loss(hidden, model, batch.input_ids, batch.mask)
+            loss, _ = response_loss(hidden, model, ids, mask)
             with loss.backward():
                 for layer in reversed(layers):
                     grads[layer] = z_out[layer].grad.save()
@@ -160,7 +226,7 @@ def capture_nnsight(
             z_in=z_in[layer].detach(),
             z_out=z_out[layer].detach(),
             grad=grads[layer].detach() if grad else None,
-            mask=batch.mask,
+            mask=mask,
             **{kind: extra[layer, kind].detach() for kind in sites},
         )
         for layer in layers

@@ -491,6 +491,7 @@ def _build_chunk(
     }
     bad: dict[int, str] = {}
     dname = str(store_dtype).removeprefix("torch.")
+    keep_prompt = any(p.reads_prompt for p in phis)
     todo = list(range(n))
     if reuse is not None:  # rows another cache already holds are copied, not captured
         src, known = reuse
@@ -504,7 +505,7 @@ def _build_chunk(
     for batch_idx in length_batches([chunk[i] for i in todo], batch_size):
         idx = [todo[i] for i in batch_idx]
         batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
-        acts = capture(model, batch, layers, grad=needs_grad, sites=sites)
+        acts = capture(model, batch, layers, grad=needs_grad, sites=sites, keep_prompt=keep_prompt)
         for layer in layers:
             for p in phis:
                 vec = p.fn(acts[layer]).float().cpu().to(store_dtype)  # checked as stored
