@@ -250,8 +250,10 @@ def explain(
     ex = example if isinstance(example, Example) else load_examples([example])[0]
     enc = encode(model.tokenizer, ex, max_length)
     batch = collate([enc], model.pad_id, "right", str(model.device))
-    acts = capture(model, batch, [layer], grad=spec.needs_grad, sites=spec.sites, keep_prompt=False)
-    acts = acts[layer]  # from the first position that predicts a reply token: acts.mask says where
+    # From the first position that predicts a reply token on: acts.mask says where the reply is.
+    acts = capture(
+        model, batch, [layer], grad=spec.needs_grad, sites=spec.sites, keep_prompt=False
+    )[layer]
     positions = acts.mask[0].nonzero()[:, 0]
     n = len(positions)
     one_hot = torch.zeros((n, acts.mask.shape[1]), dtype=torch.bool, device=acts.mask.device)
