@@ -264,7 +264,33 @@ def collate(
     )
 
 
-def length_batches(items: Sequence[Encoded], batch_size: int) -> list[list[int]]:
-    """Indices of ``items`` grouped into batches of similar length (longest first, stable)."""
+PROMPT_WINDOW = 4
+"""Batches' worth of examples, by length, that ``length_batches(..., by_prompt=True)`` reorders
+by prompt length (measured on MedHallu and the demo corpus: docs/performance.md)."""
+
+
+def length_batches(
+    items: Sequence[Encoded], batch_size: int, *, by_prompt: bool = False
+) -> list[list[int]]:
+    """Indices of ``items`` grouped into batches of similar length (longest first, stable).
+
+    ``by_prompt``: within each run of :data:`PROMPT_WINDOW` batches' worth of examples, put
+    those of similar prompt length together, for captures that run a batch's shared prompt
+    prefix forward-only (``capture(..., keep_prompt=False)``): a batch's prefix is its
+    shortest prompt, so one short prompt would put every long one in the backward.
+
+    Examples:
+        >>> items = [Encoded(f"e{i}", tuple(range(n)), p)
+        ...          for i, (n, p) in enumerate([(10, 8), (10, 2), (9, 7), (9, 1)])]
+        >>> length_batches(items, 2), length_batches(items, 2, by_prompt=True)
+        ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
+    """
     order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+    if by_prompt:
+        span = PROMPT_WINDOW * batch_size
+        order = [
+            i
+            for start in range(0, len(order), span)
+            for i in sorted(order[start : start + span], key=lambda i: -items[i].n_prompt)
+        ]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -302,3 +302,31 @@ def test_a_statistic_that_reads_the_prompt_is_captured_whole(tiny, train_records
         assert want.norm(dim=1).min() > 0 and rel(got, want) < 1e-2  # bf16 storage
     finally:
         PHI.pop("prompt_grad", None)
+
+
+def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
+    """``pair_stats`` batches a pair's two replies together; their shared prompt prefix runs
+    forward once per pair, and each side's statistics equal a whole capture of that side."""
+    from lensattr import pair_stats
+    from lensattr.data import load_pairs
+
+    pairs = load_pairs(pair_records[:3])
+    sides = [encode(tiny.tokenizer, ex, None) for p in pairs for ex in p.sides()]
+    prefix_rows: list[int] = []
+
+    def count(mod, args, kwargs):
+        if not torch.is_grad_enabled():  # the prefix pass is the only one without a graph
+            prefix_rows.append(kwargs["input_ids"].shape[0])
+
+    handle = tiny.hf.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        got = pair_stats(tiny, pair_records[:3], stats=list(STATS), layers=[1, 3], batch_size=6)
+    finally:
+        handle.remove()
+    assert prefix_rows == [3]  # 6 replies, 3 prompts
+    whole = capture(tiny, collate(sides, tiny.pad_id), [1, 3])  # every position, one pass
+    for layer in (1, 3):
+        for stat in STATS:
+            want = get_phi(stat).fn(whole[layer])
+            t, c = got.sides(stat, layer)
+            assert rel(t, want[0::2]) < 1e-5 and rel(c, want[1::2]) < 1e-5, (stat, layer)

@@ -108,16 +108,16 @@ def prompt_prefix(mask: torch.Tensor) -> int:
 def _run_prefix(model: "NnsightModel", batch: Batch, start: int) -> dict[str, Any]:
     """Run the first ``start`` positions forward without a graph; returns the forward keyword
     that hands their keys and values to the traced pass (``cache``, ``past_key_values`` before
-    transformers 5)."""
+    transformers 5). Identical prefixes run once: a pair's two replies share their prompt."""
+    parts = (batch.input_ids, batch.attention_mask, batch.position_ids)
+    rows = torch.cat([x[:, :start] for x in parts], dim=1)
+    unique, where = torch.unique(rows, dim=0, return_inverse=True)
+    ids, attention, positions = unique.split(start, dim=1)
     base = envoy(model.hf, model.paths.base)  # the module itself: no trace
     with torch.no_grad():
-        out = base(
-            input_ids=batch.input_ids[:, :start],
-            attention_mask=batch.attention_mask[:, :start],
-            position_ids=batch.position_ids[:, :start],
-            use_cache=True,
-        )
+        out = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
     kv = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    kv.reorder_cache(where)  # back to the batch's rows: each gets its prefix's keys and values
     name = (
         "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
     )

@@ -502,7 +502,8 @@ def _build_chunk(
                 mat[copied] = src.stat(stat, layer)[at]
             todo = [i for i in todo if chunk[i].id not in known]
             bar.update(len(copied))
-    for batch_idx in length_batches([chunk[i] for i in todo], batch_size):
+    by_prompt = needs_grad and not keep_prompt  # a backward from each batch's prompt prefix
+    for batch_idx in length_batches([chunk[i] for i in todo], batch_size, by_prompt=by_prompt):
         idx = [todo[i] for i in batch_idx]
         batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
         acts = capture(model, batch, layers, grad=needs_grad, sites=sites, keep_prompt=keep_prompt)
