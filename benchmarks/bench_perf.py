@@ -93,8 +93,14 @@ def run_forward(model, bs) -> None:
             )
 
 
-def run_floor(model, bs, layers, sparse_head: bool) -> None:
-    """Forward + backward to the activations only, hooks that keep nothing."""
+def run_floor(model, bs, layers, sparse_head: bool, prefix: bool = False) -> None:
+    """Forward + backward to the activations only, hooks that keep nothing.
+
+    ``prefix``: the positions before the first one that predicts a response token (in every
+    row of the batch) run forward without a graph, and the graph's pass continues from their
+    keys and values: the same work as lensattr's capture for response statistics, written here
+    in plain transformers calls (sparse head only).
+    """
     hf = model.hf
     blocks = hf.model.layers
     lowest = min(layers)
@@ -112,6 +118,31 @@ def run_floor(model, bs, layers, sparse_head: bool) -> None:
     try:
         for b in bs:
             outs.clear()
+            if prefix:
+                first = b.mask.int().argmax(1)
+                start = max(int(first.min()) - 1, 0)
+                with torch.no_grad():
+                    pre = hf.model(
+                        input_ids=b.input_ids[:, :start],
+                        attention_mask=b.attention_mask[:, :start],
+                        position_ids=b.position_ids[:, :start],
+                        use_cache=True,
+                    )
+                outs.clear()  # the prefix's block outputs are not differentiated
+                with torch.enable_grad():
+                    h = hf.model(
+                        input_ids=b.input_ids[:, start:],
+                        attention_mask=b.attention_mask,
+                        position_ids=b.position_ids[:, start:],
+                        cache=pre.cache,
+                    ).last_hidden_state
+                    pred = b.mask[:, start + 1 :]
+                    logits = hf.lm_head(h[:, :-1][pred]).float()
+                    nll = F.cross_entropy(
+                        logits, b.input_ids[:, start + 1 :][pred], reduction="none"
+                    )
+                    torch.autograd.grad(nll.sum(), outs)
+                continue
             with torch.enable_grad():
                 if sparse_head:
                     h = hf.model(
@@ -390,6 +421,9 @@ def main() -> None:
             "(a) forward only": lambda: run_forward(model, bs),
             "(b) floor, full head": lambda: run_floor(model, bs, layers, sparse_head=False),
             "(b) floor, sparse head": lambda: run_floor(model, bs, layers, sparse_head=True),
+            "(b) floor, sparse head, prompt forward-only": lambda: run_floor(
+                model, bs, layers, sparse_head=True, prefix=True
+            ),
             "(c) build_cache, all layers": cache_all,
             "(c) build_cache, forward only": cache_forward_only,
             "(b) floor, sparse head, last third": lambda: run_floor(model, bs, upper, True),
@@ -411,6 +445,8 @@ def main() -> None:
             "(c)/(b) full head": best["(c) build_cache, all layers"] / best["(b) floor, full head"],
             "(c)/(b) sparse head": best["(c) build_cache, all layers"]
             / best["(b) floor, sparse head"],
+            "(c)/(b) prompt forward-only": best["(c) build_cache, all layers"]
+            / best["(b) floor, sparse head, prompt forward-only"],
             "(c)/(a)": best["(c) build_cache, all layers"] / best["(a) forward only"],
             "(c) tokens/s fwd-only / gradient": best["(c) build_cache, all layers"]
             / best["(c) build_cache, forward only"],
