@@ -8,7 +8,9 @@ query/ranking over millions of cached rows. Prints a table and ratios measured i
 (a) forward only; (b) the floor: plain torch forward + backward to the activations only
 (frozen parameters, plain hooks, no storage) on the same length-bucketed batches and padding as
 (c), with the LM head on every position ("full head") and only where a loss is taken ("sparse
-head", as lensattr does); (c) ``build_cache`` for all layers with the default statistics, written
+head", as lensattr does), and with each batch's prompt prefix run forward-only (the work
+lensattr's capture does for statistics pooled over the response; in build_cache's batches,
+and in plain length batches to show what the grouping by prompt length gives); (c) ``build_cache`` for all layers with the default statistics, written
 to disk, again with ``resid_post`` only (no gradient: the forward only), and again for the last
 third of the layers; (d) the TRAK-style baseline of
 ``lensattr.bench.trak`` when present; (e) one query + ranking over N synthetic 16-bit rows,
@@ -70,15 +72,14 @@ class PeakAnon:
         self.peak = max(self.peak, rss_anon_mb())
 
 
-def batches(model, examples, batch_size, max_length):
+def batches(model, examples, batch_size, max_length, by_prompt=False):
+    """The batches build_cache makes of one chunk (``by_prompt``: those of a gradient build
+    of response statistics, grouped by prompt length within windows)."""
     encs = [encode(model.tokenizer, ex, max_length) for ex in examples]
-    out = []
-    for i in range(0, len(encs), 10**9):  # one chunk: the same batches as build_cache
-        chunk = encs[i:]
-        out += [
-            collate([chunk[j] for j in idx], model.pad_id, "right", str(model.device))
-            for idx in length_batches(chunk, batch_size)
-        ]
+    out = [
+        collate([encs[j] for j in idx], model.pad_id, "right", str(model.device))
+        for idx in length_batches(encs, batch_size, by_prompt=by_prompt)
+    ]
     return out, sum(len(e.ids) for e in encs)
 
 
@@ -358,6 +359,7 @@ def main() -> None:
         model = load_model(args.model, device=args.device)
     examples = load_examples(bundled("demo/train.jsonl"))[: args.n_examples]
     bs, n_tokens = batches(model, examples, args.batch_size, args.max_length)
+    by_prompt, _ = batches(model, examples, args.batch_size, args.max_length, by_prompt=True)
     layers = list(range(model.n_layers))
     upper = layers[-(model.n_layers // 3) :]
     print(
@@ -422,6 +424,9 @@ def main() -> None:
             "(b) floor, full head": lambda: run_floor(model, bs, layers, sparse_head=False),
             "(b) floor, sparse head": lambda: run_floor(model, bs, layers, sparse_head=True),
             "(b) floor, sparse head, prompt forward-only": lambda: run_floor(
+                model, by_prompt, layers, sparse_head=True, prefix=True
+            ),
+            "(b) floor, prompt forward-only, batched by length only": lambda: run_floor(
                 model, bs, layers, sparse_head=True, prefix=True
             ),
             "(c) build_cache, all layers": cache_all,
