@@ -78,17 +78,8 @@ class BridgeModel(Model):
     through the bridge matches the same weights loaded on the nnsight backend.
     """
 
-    def capture(
-        self,
-        batch: Batch,
-        layers: Sequence[int],
-        *,
-        grad: bool = True,
-        sites: Sequence[str] = (),
-        keep_prompt: bool = True,
-    ) -> dict[int, LayerActs]:
-        del keep_prompt  # every position is kept: the bridge runs one pass without a KV cache
-        return capture_bridge(self, batch, layers, grad=grad, sites=sites)
+    def capture(self, batch: Batch, layers: Sequence[int], **options: Any) -> dict[int, LayerActs]:
+        return capture_bridge(self, batch, layers, **options)  # options: see Model.capture
 
     def weights(self) -> dict[str, torch.Tensor]:
         return hf_state_dict(self.hf)
@@ -201,6 +192,7 @@ def capture_bridge(
     *,
     grad: bool = True,
     sites: Sequence[str] = (),
+    keep_prompt: bool = True,
 ) -> dict[int, LayerActs]:
     """Capture ``z_in``, ``z_out`` and (if ``grad``) ``g`` at ``layers`` with TransformerLens hooks.
 
@@ -214,6 +206,7 @@ def capture_bridge(
         grad: run the activation backward (default); ``False`` for a forward-only capture.
         sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"`` (or their
             TransformerLens names ``"hook_attn_out"``, ``"hook_mlp_out"``).
+        keep_prompt: accepted and ignored: every position is kept (one pass, no KV cache).
 
     Examples:
         >>> from lensattr import load_model
@@ -228,6 +221,7 @@ def capture_bridge(
     bridge = model.bridge
     if bridge is None:
         raise ValueError("capture_bridge needs a model with a TransformerBridge (wrap_bridge)")
+    del keep_prompt  # every position is kept: one pass, no KV cache
     sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
     if not layers or layers[0] < 0 or layers[-1] >= model.n_layers:

@@ -136,16 +136,8 @@ class NnsightModel(Model):
         :func:`~lensattr.backends.sites.module_paths`)."""
         return module_paths(self.hf)
 
-    def capture(
-        self,
-        batch: Batch,
-        layers: Sequence[int],
-        *,
-        grad: bool = True,
-        sites: Sequence[str] = (),
-        keep_prompt: bool = True,
-    ) -> dict[int, LayerActs]:
-        return capture_nnsight(self, batch, layers, grad=grad, sites=sites, keep_prompt=keep_prompt)
+    def capture(self, batch: Batch, layers: Sequence[int], **options: Any) -> dict[int, LayerActs]:
+        return capture_nnsight(self, batch, layers, **options)  # options: see Model.capture
 
 
 def capture_nnsight(
