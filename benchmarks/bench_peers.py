@@ -3,6 +3,7 @@
     make bench-peers                                   # creates .venv-bergson, then runs this
     python benchmarks/bench_peers.py --n-examples 72 --rounds 1    # a small run
     python benchmarks/bench_peers.py --data medhallu --clean 600 --plants 50 --pairs 32
+    python benchmarks/bench_peers.py --data persona-agreeableness --clean 300 --plants 30
 
 Same model (SmolLM2-135M-Instruct, the local safetensors directory lensattr caches: nothing is
 downloaded), same examples, same compute dtype (fp32 on CPU), same batch size, and no example
@@ -10,9 +11,10 @@ reaches the maximum length (checked), so both sides see the same tokens. Data:
 
 - ``--data demo``: the bundled demo set (every planted and decoy example plus the first clean
   ones, in file order) and its 16 query pairs;
-- ``--data medhallu``: a seeded subsample of the shared clean corpus, ``--plants`` treatment and
-  ``--plants`` control plants of MedHallu's ``plant`` split, shuffled together (seeded), and
-  ``--pairs`` seeded pairs of its ``query`` split.
+- ``--data medhallu`` (or any behaviour of the shared data: ``persona-agreeableness``, ...): a
+  seeded subsample of the shared clean corpus, ``--plants`` treatment and ``--plants`` control
+  plants of the behaviour's ``plant`` split, shuffled together (seeded), and ``--pairs`` seeded
+  pairs of its ``query`` split.
 
 Every contender runs its whole pipeline for the behaviour in fresh processes, in alternating
 rounds (the order reverses every round):
@@ -104,16 +106,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def medhallu_pool(data: Path, n_clean: int, n_plants: int, seed: int) -> list[dict]:
+def behavior_pool(data: Path, behavior: str, n_clean: int, n_plants: int, seed: int) -> list[dict]:
     """``n_clean`` seeded clean examples and ``n_plants`` seeded treatment (label 1) and control
-    (label 0) plants of MedHallu, shuffled together (seeded)."""
+    (label 0) plants of a shared behaviour (``"medhallu"``, ...), shuffled together (seeded)."""
     import random
 
     from lensattr.bench.behaviors import clean_subsample
 
     clean = clean_subsample(data / "train" / "clean.jsonl", n_clean, seed=seed)
     rows = [{"id": ex.id, "messages": [dict(m) for m in ex.messages]} for ex in clean]
-    plant_file = data / "behaviors" / "medhallu" / "plant.jsonl"
+    plant_file = data / "behaviors" / behavior / "plant.jsonl"
     plants = [json.loads(x) for x in plant_file.read_text().splitlines() if x.strip()]
     rng = random.Random(seed)
     for label in (1, 0):
@@ -121,7 +123,7 @@ def medhallu_pool(data: Path, n_clean: int, n_plants: int, seed: int) -> list[di
         if len(pick) < n_plants:
             sys.exit(f"bench-peers: {plant_file} has only {len(pick)} plants of label {label}")
         for r in rng.sample(pick, n_plants):
-            rows.append({"id": f"medhallu/{r['id']}", "messages": r["messages"], "label": label})
+            rows.append({"id": f"{behavior}/{r['id']}", "messages": r["messages"], "label": label})
     rng.shuffle(rows)
     return rows
 
@@ -176,13 +178,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--venv", default=str(ROOT / ".venv-bergson"), help="bergson's venv")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--data", choices=("demo", "medhallu"), default="demo")
+    ap.add_argument("--data", default="demo", help="demo, or a shared behaviour: medhallu, ...")
     ap.add_argument("--n-examples", type=int, default=264, help="demo examples (24 to 264)")
-    ap.add_argument("--shared", default="/work/shared/data", help="the shared data (medhallu)")
-    ap.add_argument("--clean", type=int, default=600, help="medhallu: clean examples")
-    ap.add_argument("--plants", type=int, default=50, help="medhallu: plants per label")
+    ap.add_argument("--shared", default="/work/shared/data", help="the shared data")
+    ap.add_argument("--clean", type=int, default=600, help="a behaviour's pool: clean examples")
+    ap.add_argument("--plants", type=int, default=50, help="a behaviour's pool: plants per label")
     ap.add_argument("--pairs", type=int, default=None, help="query pairs (default: all)")
-    ap.add_argument("--seed", type=int, default=0, help="medhallu: subsample seed")
+    ap.add_argument("--seed", type=int, default=0, help="a behaviour's pool: subsample seed")
     ap.add_argument("--sample", type=int, default=64, help="the cheap path's sample")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -220,11 +222,14 @@ def main() -> int:
         what = f"{len(rows)} demo examples"
     else:
         shared = Path(args.shared)
-        rows = medhallu_pool(shared, args.clean, args.plants, args.seed)
+        if not (shared / "behaviors" / args.data / "plant.jsonl").exists():
+            known = sorted(p.name for p in (shared / "behaviors").glob("*/"))
+            sys.exit(f"bench-peers: --data {args.data}: not demo nor a behaviour of {known}")
+        rows = behavior_pool(shared, args.data, args.clean, args.plants, args.seed)
         pair_rows = pick_pairs(
-            shared / "behaviors" / "medhallu" / "query.jsonl", args.pairs, args.seed
+            shared / "behaviors" / args.data / "query.jsonl", args.pairs, args.seed
         )
-        what = f"MedHallu pool: {args.clean} clean + {2 * args.plants} plants (seed {args.seed})"
+        what = f"{args.data} pool: {args.clean} clean + {2 * args.plants} plants (seed {args.seed})"
     labels = torch.tensor([r.get("label", -1) for r in rows])
     train = write_jsonl(
         work / "train.jsonl", [{"id": r["id"], "messages": r["messages"]} for r in rows]

@@ -10,7 +10,8 @@ query/ranking over millions of cached rows. Prints a table and ratios measured i
 (c), with the LM head on every position ("full head") and only where a loss is taken ("sparse
 head", as lensattr does), and with each batch's prompt prefix run forward-only (the work
 lensattr's capture does for statistics pooled over the response; in build_cache's batches,
-and in plain length batches to show what the grouping by prompt length gives); (c) ``build_cache`` for all layers with the default statistics, written
+and in plain length batches to show what the grouping by prompt length gives);
+(c) ``build_cache`` for all layers with the default statistics, written
 to disk, again with ``resid_post`` only (no gradient: the forward only), and again for the last
 third of the layers; (d) the TRAK-style baseline of
 ``lensattr.bench.trak`` when present; (e) one query + ranking over N synthetic 16-bit rows,

@@ -52,7 +52,7 @@ def chat(i: int, reply: str) -> list[dict]:
     return [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": reply}]
 
 
-def test_medhallu_pool_is_a_seeded_subsample_with_both_kinds_of_plant(tmp_path):
+def test_a_behaviors_pool_is_a_seeded_subsample_with_both_kinds_of_plant(tmp_path):
     write_lines(
         tmp_path / "train" / "clean.jsonl",
         [{"id": f"c{i}", "messages": chat(i, "clean")} for i in range(30)],
@@ -62,17 +62,17 @@ def test_medhallu_pool_is_a_seeded_subsample_with_both_kinds_of_plant(tmp_path):
         [{"id": f"p{i}", "messages": chat(i, "plant"), "label": i % 2} for i in range(20)],
     )
     mod = bench_peers()
-    pool = mod.medhallu_pool(tmp_path, 10, 4, seed=0)
+    pool = mod.behavior_pool(tmp_path, "medhallu", 10, 4, seed=0)
     assert len(pool) == 18 and len({r["id"] for r in pool}) == 18
     assert sum(r["id"].startswith("clean/c") and "label" not in r for r in pool) == 10
     plants = [r for r in pool if "label" in r]
     assert sorted(r["label"] for r in plants) == [0] * 4 + [1] * 4
     assert all(int(r["id"].split("/p")[1]) % 2 == r["label"] for r in plants)
     assert [i for i, r in enumerate(pool) if "label" in r] != list(range(10, 18))  # shuffled
-    assert pool == mod.medhallu_pool(tmp_path, 10, 4, seed=0)  # seeded
-    assert pool != mod.medhallu_pool(tmp_path, 10, 4, seed=1)
+    assert pool == mod.behavior_pool(tmp_path, "medhallu", 10, 4, seed=0)  # seeded
+    assert pool != mod.behavior_pool(tmp_path, "medhallu", 10, 4, seed=1)
     with pytest.raises(SystemExit, match="only 10 plants of label 1"):
-        mod.medhallu_pool(tmp_path, 10, 11, seed=0)
+        mod.behavior_pool(tmp_path, "medhallu", 10, 11, seed=0)
 
 
 def test_pick_pairs_draws_a_seeded_subset_in_file_order(tmp_path):
