@@ -32,6 +32,10 @@ EXTRA_SITES = ("attn_out", "mlp_out")
 class LayerActs:
     """Captured activations of one layer for a batch (what a statistic receives).
 
+    Positions are the batch's, or, for a capture with ``keep_prompt=False`` (what lensattr's
+    captures for statistics pooled over the response use), those from
+    :func:`~lensattr.backends.capture.prompt_prefix` on; ``mask`` is sliced with them.
+
     Every backend returns one per layer; row selection (:meth:`rows`) and element-wise
     transforms (:meth:`map`) keep all fields together, so code that splits or expands a capture
     never lists the fields itself.
