@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lensattr import build_cache, load_examples, load_model
+from lensattr.backends.capture import prompt_prefix
 from lensattr.demo import bundled
 from lensattr.render import collate, encode, length_batches
 from lensattr.store.cache import DEFAULT_STATS
@@ -101,8 +102,11 @@ def run_floor(model, bs, layers, sparse_head: bool, prefix: bool = False) -> Non
     ``prefix``: the positions before the first one that predicts a response token (in every
     row of the batch) run forward without a graph, and the graph's pass continues from their
     keys and values: the same work as lensattr's capture for response statistics, written here
-    in plain transformers calls (sparse head only).
+    in plain transformers calls (sparse head only; the prefix's length is lensattr's
+    ``prompt_prefix``).
     """
+    if prefix and not sparse_head:
+        raise ValueError("the prefix floor takes the sparse head")
     hf = model.hf
     blocks = hf.model.layers
     lowest = min(layers)
@@ -120,9 +124,9 @@ def run_floor(model, bs, layers, sparse_head: bool, prefix: bool = False) -> Non
     try:
         for b in bs:
             outs.clear()
-            if prefix:
-                first = b.mask.int().argmax(1)
-                start = max(int(first.min()) - 1, 0)
+            start = prompt_prefix(b.mask) if prefix else 0
+            past: dict = {}  # the prefix's keys and values, when there is one
+            if start:
                 with torch.no_grad():
                     pre = hf.model(
                         input_ids=b.input_ids[:, :start],
@@ -131,30 +135,19 @@ def run_floor(model, bs, layers, sparse_head: bool, prefix: bool = False) -> Non
                         use_cache=True,
                     )
                 outs.clear()  # the prefix's block outputs are not differentiated
-                with torch.enable_grad():
-                    h = hf.model(
-                        input_ids=b.input_ids[:, start:],
-                        attention_mask=b.attention_mask,
-                        position_ids=b.position_ids[:, start:],
-                        cache=pre.cache,
-                    ).last_hidden_state
-                    pred = b.mask[:, start + 1 :]
-                    logits = hf.lm_head(h[:, :-1][pred]).float()
-                    nll = F.cross_entropy(
-                        logits, b.input_ids[:, start + 1 :][pred], reduction="none"
-                    )
-                    torch.autograd.grad(nll.sum(), outs)
-                continue
+                past = {"cache": pre.cache}
+            ids, mask = b.input_ids[:, start:], b.mask[:, start:]
             with torch.enable_grad():
                 if sparse_head:
                     h = hf.model(
-                        input_ids=b.input_ids,
+                        input_ids=ids,
                         attention_mask=b.attention_mask,
-                        position_ids=b.position_ids,
+                        position_ids=b.position_ids[:, start:],
+                        **past,
                     ).last_hidden_state
-                    pred = b.mask[:, 1:]
+                    pred = mask[:, 1:]
                     logits = hf.lm_head(h[:, :-1][pred]).float()
-                    nll = F.cross_entropy(logits, b.input_ids[:, 1:][pred], reduction="none")
+                    nll = F.cross_entropy(logits, ids[:, 1:][pred], reduction="none")
                 else:
                     logits = (
                         hf(
