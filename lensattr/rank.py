@@ -10,7 +10,7 @@ from lensattr._deprecated import alias, renamed
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.sites import layer_index
-from lensattr.config import POOLINGS, CaptureConfig, check_capture
+from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
@@ -235,7 +235,7 @@ def explain(
     query = as_query(query)
     layer = _layer_arg(layer, query)
     spec = get_phi(stat or query.stat)
-    if spec.pooling != POOLINGS[0]:
+    if spec.reads_prompt:  # the capture below keeps the reply's positions only
         raise QueryError(
             f"explain splits a mean over the reply tokens; {spec.name} pools by {spec.pooling!r}"
         )

@@ -27,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from lensattr.config import POOLINGS
+
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "lensattr.methods"
 
@@ -63,14 +65,14 @@ class Phi:
     needs_grad: bool = True
     sites: tuple[str, ...] = ()
     module: str = ""
-    pooling: str = "mean_response"
+    pooling: str = POOLINGS[0]
 
     @property
     def reads_prompt(self) -> bool:
-        """Whether it may read positions outside the response: any pooling but
+        """Whether it may read positions outside the response: any pooling but the built-ins'
         ``"mean_response"``, whose statistics read the response positions only (so a capture
         for them runs the prompt forward-only; ``capture(..., keep_prompt=False)``)."""
-        return self.pooling != "mean_response"
+        return self.pooling != POOLINGS[0]
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def register_phi(
     *,
     needs_grad: bool = True,
     sites: tuple[str, ...] = (),
-    pooling: str = "mean_response",
+    pooling: str = POOLINGS[0],
     override: bool = False,
     doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

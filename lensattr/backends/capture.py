@@ -157,27 +157,28 @@ def capture_nnsight(
     layers = sorted(set(layers))
     start = 0 if keep_prompt or not grad else prompt_prefix(batch.mask)
     ids, mask = batch.input_ids[:, start:], batch.mask[:, start:]
-    inputs = {"input_ids": ids, "attention_mask": batch.attention_mask}  # the mask: every position
     kwargs = forward_kwargs(model, batch) | {"position_ids": batch.position_ids[:, start:]}
     # The parameters are frozen for the capture only: a user's model is left as it was.
     with frozen(model.hf):
         if start:
             kwargs |= _run_prefix(model, batch, start)
-        return _trace(model, inputs, kwargs, layers, grad, sites, ids, mask)
+        return _trace(model, ids, mask, batch.attention_mask, kwargs, layers, grad, sites)
 
 
 def _trace(
     model: NnsightModel,
-    inputs: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    attention_mask: torch.Tensor,
     kwargs: dict[str, Any],
     layers: list[int],
     grad: bool,
     sites: tuple[str, ...],
-    ids: torch.Tensor,
-    mask: torch.Tensor,
 ) -> dict[int, LayerActs]:
-    """The traced pass of :func:`capture_nnsight` over ``ids`` (after any prompt prefix)."""
+    """The traced pass of :func:`capture_nnsight` over ``ids`` (after any prompt prefix);
+    ``attention_mask`` covers every position, the prefix's too."""
     paths, lm, lowest = model.paths, model.lm, layers[0]
+    inputs = {"input_ids": ids, "attention_mask": attention_mask}
     # Inside a trace, values are nnsight proxies of tensors (with .save()); typed Any for mypy.
     z_in: dict[int, Any] = {}
     z_out: dict[int, Any] = {}
