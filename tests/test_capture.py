@@ -330,3 +330,35 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
             want = get_phi(stat).fn(whole[layer])
             t, c = got.sides(stat, layer)
             assert rel(t, want[0::2]) < 1e-5 and rel(c, want[1::2]) < 1e-5, (stat, layer)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_backward_positions_is_the_collated_batch_after_its_prefix(padding_side):
+    """``render.backward_positions`` (from token counts) equals rows x (width - prompt_prefix)
+    of the collated batch, replies empty or not, for both padding sides."""
+    import random
+
+    from lensattr.backends.capture import prompt_prefix
+    from lensattr.render import Encoded, backward_positions, length_batches
+
+    rng = random.Random(0)
+    for trial in range(200):
+        items = []
+        for i in range(rng.randint(1, 6)):
+            n_prompt = rng.randint(1, 12)
+            n_reply = rng.choice([0, 1, 2, 5, 9]) if trial % 3 == 0 else rng.randint(1, 9)
+            items.append(Encoded(f"e{i}", tuple(range(1, n_prompt + n_reply + 1)), n_prompt))
+        batch = collate(items, 0, padding_side)
+        want = len(items) * (batch.mask.shape[1] - prompt_prefix(batch.mask))
+        assert backward_positions(items, padding_side) == want
+    # by_prompt's regrouping is halved back under the plain batches' largest backward: with
+    # right padding its second batch (the long reply of prompt 10, three of prompt 1) would
+    # need 4 x 40 positions against the plain batches' 4 x 31 (left padding: 4 x 31 too)
+    shapes = [(40, 38), (40, 38), (40, 38), (40, 10), (20, 1), (20, 1), (20, 1), (20, 18)]
+    items = [Encoded(f"e{i}", tuple(range(n)), p) for i, (n, p) in enumerate(shapes)]
+    plain = length_batches(items, 4, padding_side=padding_side)
+    grouped = length_batches(items, 4, by_prompt=True, padding_side=padding_side)
+    size = [backward_positions([items[i] for i in b], padding_side) for b in grouped]
+    assert max(size) <= max(backward_positions([items[i] for i in b], padding_side) for b in plain)
+    assert sorted(i for b in grouped for i in b) == list(range(8))
+    assert len(grouped) == (3 if padding_side == "right" else 2)

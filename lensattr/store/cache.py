@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from lensattr import heap
 from lensattr._deprecated import renamed
 from lensattr._version import __version__
 from lensattr.backends.capture import capture
@@ -503,7 +504,10 @@ def _build_chunk(
             todo = [i for i in todo if chunk[i].id not in known]
             bar.update(len(copied))
     by_prompt = needs_grad and not keep_prompt  # a backward from each batch's prompt prefix
-    for batch_idx in length_batches([chunk[i] for i in todo], batch_size, by_prompt=by_prompt):
+    batches = length_batches(
+        [chunk[i] for i in todo], batch_size, by_prompt=by_prompt, padding_side=padding_side
+    )
+    for batch_idx in batches:
         idx = [todo[i] for i in batch_idx]
         batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
         acts = capture(model, batch, layers, grad=needs_grad, sites=sites, keep_prompt=keep_prompt)
@@ -514,6 +518,8 @@ def _build_chunk(
                 for j in (~finite).nonzero()[:, 0].tolist():
                     bad.setdefault(idx[j], f"non-finite {p.name} at layer {layer} in {dname}")
                 rows[p.name, layer][idx] = vec
+        del acts  # the batch's tensors go before the heap is trimmed
+        heap.trim()
         bar.update(len(idx))
     if bad and on_error != "skip":
         ids = [chunk[i].id for i in sorted(bad)]
