@@ -270,6 +270,12 @@ def test_capture_after_the_prompt_prefix_matches_hooks_and_autograd(
             assert rel(get_phi(stat).fn(a), want[stat]) < 1e-5, (stat, layer)
     whole = capture(tiny, batch, layers)  # the default keeps every position
     assert whole[0].z_in.shape[1] == m.shape[1]
+    fwd = capture(tiny, batch, layers, grad=False, keep_prompt=False)  # forward-only: same start
+    for layer in layers:
+        zi, zo, _ = ref[layer]
+        assert fwd[layer].grad is None and torch.equal(fwd[layer].mask, m[:, start:])
+        assert rel(fwd[layer].z_in[fwd[layer].mask], zi[m]) < 1e-5
+        assert rel(fwd[layer].z_out[fwd[layer].mask], zo[m]) < 1e-5
 
 
 def test_prompt_prefix_is_zero_without_a_reply_in_some_row():
@@ -306,8 +312,10 @@ def test_a_statistic_that_reads_the_prompt_is_captured_whole(tiny, train_records
 
 def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
     """``pair_stats`` batches a pair's two replies together; their shared prompt prefix runs
-    forward once per pair, and each side's statistics equal a whole capture of that side."""
+    forward once per pair, the leading positions all pairs share (the template's opening) once
+    for the batch, and each side's statistics equal a whole capture of that side."""
     from lensattr import pair_stats
+    from lensattr.backends.capture import prompt_prefix
     from lensattr.data import load_pairs
 
     pairs = load_pairs(pair_records[:3])
@@ -316,15 +324,19 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
 
     def count(mod, args, kwargs):
         if not torch.is_grad_enabled():  # the prefix pass is the only one without a graph
-            prefix_rows.append(kwargs["input_ids"].shape[0])
+            prefix_rows.append(tuple(kwargs["input_ids"].shape))
 
     handle = tiny.hf.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
         got = pair_stats(tiny, pair_records[:3], stats=list(STATS), layers=[1, 3], batch_size=6)
     finally:
         handle.remove()
-    assert prefix_rows == [3]  # 6 replies, 3 prompts
-    whole = capture(tiny, collate(sides, tiny.pad_id), [1, 3])  # every position, one pass
+    (one, shared), (three, rest) = prefix_rows  # the batch's shared opening, then 3 prompts
+    assert one == 1 and three == 3 and shared > 0  # 6 replies, 3 prompts
+    batch = collate(sides, tiny.pad_id)
+    assert shared + rest == prompt_prefix(batch.mask)
+    assert len({s.ids[:shared] for s in sides}) == 1 < len({s.ids[: shared + 1] for s in sides})
+    whole = capture(tiny, batch, [1, 3])  # every position, one pass
     for layer in (1, 3):
         for stat in STATS:
             want = get_phi(stat).fn(whole[layer])

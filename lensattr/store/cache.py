@@ -219,7 +219,9 @@ def build_cache(
         layers: ``"all"``, an int (negative counts from the end), a list, ``"a:b"``, or
             TransformerLens hook names (``"blocks.12.hook_resid_post"``).
         stats: registered statistic names.
-        batch_size: examples per forward/backward (batched by length).
+        batch_size: examples per forward/backward (batched by length). The peak memory of a
+            gradient build is its largest batch's graph, 1-1.5 MB per position from the
+            prompt prefix on for SmolLM2-135M (30 blocks, fp32): lower it for long replies.
         max_length: truncate longer examples (prompt from the left, then reply from the right).
         storage_dtype: how rows are stored: ``"bf16"`` / ``"bfloat16"`` (default; fp16
             underflows on small gradients), ``"fp16"`` / ``"float16"``, ``"fp32"`` /
