@@ -29,7 +29,7 @@ def test_chunked_head_matches_dense(monkeypatch, cap, with_bias):
     targets = torch.randint(0, 20, (11,), generator=gen)
     scale = torch.rand(11, generator=gen)  # any downstream weighting of the positions
 
-    got = ChunkedHeadNLL.apply(hidden, targets, weight, bias, cap)
+    got = ChunkedHeadNLL.apply(hidden, targets, (weight, bias, cap))
     (g_got,) = torch.autograd.grad((got * scale).sum(), hidden)
     want = dense_nll(hidden, targets, weight, bias, cap)
     (g_want,) = torch.autograd.grad((want * scale).sum(), hidden)
@@ -38,7 +38,7 @@ def test_chunked_head_matches_dense(monkeypatch, cap, with_bias):
     assert torch.allclose(g_got, g_want, atol=1e-6)
     assert g_want.abs().min() > 0  # every row has a gradient to compare
     with torch.no_grad():  # no gradient wanted: the values alone
-        assert torch.allclose(ChunkedHeadNLL.apply(hidden, targets, weight, bias, cap), want)
+        assert torch.allclose(ChunkedHeadNLL.apply(hidden, targets, (weight, bias, cap)), want)
 
 
 def test_trainable_head_keeps_its_gradient(tiny, train_records):

@@ -32,7 +32,7 @@ def response_loss(
     if head.weight.requires_grad or (bias is not None and bias.requires_grad):
         nll = token_nll(h, targets, head.weight, bias, cap)  # the head's own gradient is wanted
     else:
-        nll = ChunkedHeadNLL.apply(h, targets, head.weight, bias, cap)
+        nll = ChunkedHeadNLL.apply(h, targets, (head.weight, bias, cap))
     return reduce_token_nll(nll, mask)
 
 
@@ -68,20 +68,16 @@ class ChunkedHeadNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: torch.Tensor,
-        targets: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        cap: float | None,
+        ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: tuple[Any, ...]
     ) -> torch.Tensor:
+        """``head``: :func:`token_nll`'s ``(weight, bias, cap)``, outside autograd (frozen)."""
         need = ctx.needs_input_grad[0]
         nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if need else None
         for s in range(0, len(targets), HEAD_CHUNK):
             with torch.enable_grad():
                 h = hidden[s : s + HEAD_CHUNK].detach().requires_grad_(need)
-                part = token_nll(h, targets[s : s + HEAD_CHUNK], weight, bias, cap)
+                part = token_nll(h, targets[s : s + HEAD_CHUNK], *head)
                 if grad is not None:
                     (grad[s : s + HEAD_CHUNK],) = torch.autograd.grad(part.sum(), h)
             nll[s : s + HEAD_CHUNK] = part.detach()
@@ -91,7 +87,7 @@ class ChunkedHeadNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_nll.unsqueeze(-1).to(grad.dtype), None, None, None, None
+        return grad * grad_nll.unsqueeze(-1).to(grad.dtype), None, None
 
 
 def reduce_response_nll(
