@@ -85,3 +85,35 @@ def test_capture_with_small_chunks_matches_reference(tiny, train_records, monkey
         assert (
             (acts[layer].grad[m] - g).norm(dim=-1) / g.norm(dim=-1).clamp(min=1e-30)
         ).max() < 1e-5
+
+
+def test_capture_recomputes_silu_outputs_bitwise(tiny, train_records, monkeypatch):
+    """A gradient capture's graph keeps no SiLU output (one recomputed per block from the
+    lowest requested layer up), and its tensors are bitwise those of a capture that keeps them."""
+    import contextlib
+
+    from lensattr.backends import capture as capture_mod
+
+    batch = collate(
+        [encode(tiny.tokenizer, ex) for ex in load_examples(train_records[:5])],
+        tiny.pad_id,
+        "right",
+    )
+    counts = []
+    real = capture_mod.silu_recomputed
+
+    @contextlib.contextmanager
+    def spy(module):
+        with real(module) as count:
+            yield count
+        counts.append(count["recomputed"])
+
+    monkeypatch.setattr(capture_mod, "silu_recomputed", spy)
+    got = capture(tiny, batch, [1, 3], keep_prompt=False)
+    assert counts == [3]  # blocks 1, 2, 3: the graph is cut below block 1
+    monkeypatch.setattr(capture_mod, "silu_recomputed", lambda module: contextlib.nullcontext())
+    want = capture(tiny, batch, [1, 3], keep_prompt=False)
+    for layer in (1, 3):
+        assert torch.equal(got[layer].grad, want[layer].grad)
+        assert torch.equal(got[layer].z_out, want[layer].z_out)
+        assert want[layer].grad.abs().max() > 0

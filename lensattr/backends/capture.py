@@ -24,6 +24,7 @@ this module holds the nnsight one, :class:`NnsightModel`; :mod:`lensattr.backend
 TransformerLens one.
 """
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from functools import cached_property
@@ -34,6 +35,7 @@ import torch
 from lensattr.backends.backend import Model, frozen
 from lensattr.backends.loss import forward_kwargs, response_loss
 from lensattr.backends.loss import reduce_response_nll as reduce_response_nll  # re-exported
+from lensattr.backends.recompute import silu_recomputed
 from lensattr.backends.sites import (
     EXTRA,
     ModulePaths,
@@ -196,7 +198,9 @@ def capture_nnsight(
     with frozen(model.hf):
         if start:
             kwargs |= _run_prefix(model, batch, start)
-        return _trace(model, ids, mask, batch.attention_mask, kwargs, layers, grad, sites)
+        # The graph keeps no SiLU outputs: the backward recomputes them (a fifth less memory).
+        with silu_recomputed(model.hf) if grad else contextlib.nullcontext():
+            return _trace(model, ids, mask, batch.attention_mask, kwargs, layers, grad, sites)
 
 
 def _trace(
