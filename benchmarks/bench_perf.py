@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lensattr import build_cache, load_examples, load_model
-from lensattr.backends.capture import prompt_prefix
+from lensattr.backends.prefix import cache_keyword, split_prompts
 from lensattr.demo import bundled
 from lensattr.render import collate, encode, length_batches
 from lensattr.store.cache import DEFAULT_STATS
@@ -74,13 +74,13 @@ class PeakAnon:
         self.peak = max(self.peak, rss_anon_mb())
 
 
-def batches(model, examples, batch_size, max_length, by_prompt=False):
-    """The batches build_cache makes of one chunk (``by_prompt``: those of a gradient build
-    of response statistics, grouped by prompt length within windows)."""
+def batches(model, examples, batch_size, max_length, by_reply=False):
+    """The batches build_cache makes of one chunk (``by_reply``: those of a gradient build
+    of response statistics, grouped by reply length)."""
     encs = [encode(model.tokenizer, ex, max_length) for ex in examples]
     out = [
         collate([encs[j] for j in idx], model.pad_id, "right", str(model.device))
-        for idx in length_batches(encs, batch_size, by_prompt=by_prompt)
+        for idx in length_batches(encs, batch_size, by_reply=by_reply)
     ]
     return out, sum(len(e.ids) for e in encs)
 
@@ -99,11 +99,11 @@ def run_forward(model, bs) -> None:
 def run_floor(model, bs, layers, sparse_head: bool, prefix: bool = False) -> None:
     """Forward + backward to the activations only, hooks that keep nothing.
 
-    ``prefix``: the positions before the first one that predicts a response token (in every
-    row of the batch) run forward without a graph, and the graph's pass continues from their
-    keys and values: the same work as lensattr's capture for response statistics, written here
-    in plain transformers calls (sparse head only; the prefix's length is lensattr's
-    ``prompt_prefix``).
+    ``prefix``: each row's positions before the one that predicts its first response token run
+    forward without a graph, and the graph's pass continues from their keys and values: the
+    same work as lensattr's capture for response statistics, its graph's pass written here in
+    plain transformers calls (sparse head only; the prefix is lensattr's own,
+    ``lensattr.backends.prefix.split_prompts``, itself plain transformers calls).
     """
     if prefix and not sparse_head:
         raise ValueError("the prefix floor takes the sparse head")
@@ -124,26 +124,18 @@ def run_floor(model, bs, layers, sparse_head: bool, prefix: bool = False) -> Non
     try:
         for b in bs:
             outs.clear()
-            start = prompt_prefix(b.mask) if prefix else 0
-            past: dict = {}  # the prefix's keys and values, when there is one
-            if start:
-                with torch.no_grad():
-                    pre = hf.model(
-                        input_ids=b.input_ids[:, :start],
-                        attention_mask=b.attention_mask[:, :start],
-                        position_ids=b.position_ids[:, :start],
-                        use_cache=True,
-                    )
+            ids, mask, attention, kw = b.input_ids, b.mask, b.attention_mask, {}
+            split = split_prompts(model, b, per_row=True) if prefix else None
+            if split is not None:
                 outs.clear()  # the prefix's block outputs are not differentiated
-                past = {"cache": pre.cache}
-            ids, mask = b.input_ids[:, start:], b.mask[:, start:]
+                ids, mask, attention = split.input_ids, split.mask, split.attention_mask
+                kw = {"position_ids": split.position_ids, cache_keyword(hf.model): split.cache}
             with torch.enable_grad():
                 if sparse_head:
                     h = hf.model(
                         input_ids=ids,
-                        attention_mask=b.attention_mask,
-                        position_ids=b.position_ids[:, start:],
-                        **past,
+                        attention_mask=attention,
+                        **({"position_ids": b.position_ids} | kw),
                     ).last_hidden_state
                     pred = mask[:, 1:]
                     logits = hf.lm_head(h[:, :-1][pred]).float()
@@ -353,7 +345,7 @@ def main() -> None:
         model = load_model(args.model, device=args.device)
     examples = load_examples(bundled("demo/train.jsonl"))[: args.n_examples]
     bs, n_tokens = batches(model, examples, args.batch_size, args.max_length)
-    by_prompt, _ = batches(model, examples, args.batch_size, args.max_length, by_prompt=True)
+    by_reply, _ = batches(model, examples, args.batch_size, args.max_length, by_reply=True)
     layers = list(range(model.n_layers))
     upper = layers[-(model.n_layers // 3) :]
     print(
@@ -418,7 +410,7 @@ def main() -> None:
             "(b) floor, full head": lambda: run_floor(model, bs, layers, sparse_head=False),
             "(b) floor, sparse head": lambda: run_floor(model, bs, layers, sparse_head=True),
             "(b) floor, sparse head, prompt forward-only": lambda: run_floor(
-                model, by_prompt, layers, sparse_head=True, prefix=True
+                model, by_reply, layers, sparse_head=True, prefix=True
             ),
             "(b) floor, prompt forward-only, batched by length only": lambda: run_floor(
                 model, bs, layers, sparse_head=True, prefix=True

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from lensattr._deprecated import alias, renamed
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
+from lensattr.backends.prefix import openings_kept
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
@@ -158,19 +159,20 @@ def pair_stats(
     need_grad = any(p.needs_grad for p in phis)
     keep_prompt = any(p.reads_prompt for p in phis)
     bar = Progress(n, "query pairs", "pair", progress)
-    for i in range(0, n, per):
-        idx = order[i : i + per]
-        batch = collate(
-            [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
-        )
-        acts = capture(
-            model, batch, layer_list, grad=need_grad, sites=sites, keep_prompt=keep_prompt
-        )
-        for layer, a in acts.items():
-            for side, rows in zip(("t", "c"), _split(a), strict=True):
-                for p in phis:
-                    out[side][p.name][layer][idx] = p.fn(rows).float().cpu()
-        bar.update(len(idx))
+    with openings_kept():  # the template's system prompt runs once
+        for i in range(0, n, per):
+            idx = order[i : i + per]
+            batch = collate(
+                [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
+            )
+            acts = capture(
+                model, batch, layer_list, grad=need_grad, sites=sites, keep_prompt=keep_prompt
+            )
+            for layer, a in acts.items():
+                for side, rows in zip(("t", "c"), _split(a), strict=True):
+                    for p in phis:
+                        out[side][p.name][layer][idx] = p.fn(rows).float().cpu()
+            bar.update(len(idx))
     bar.close()
     return PairStats(
         out["t"],

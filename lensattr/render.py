@@ -264,69 +264,26 @@ def collate(
     )
 
 
-PROMPT_WINDOW = 4
-"""Batches' worth of examples, by length, that ``length_batches(..., by_prompt=True)`` reorders
-by prompt length (measured on MedHallu and the demo corpus: docs/performance.md)."""
-
-
 def length_batches(
-    items: Sequence[Encoded],
-    batch_size: int,
-    *,
-    by_prompt: bool = False,
-    padding_side: str = "right",
+    items: Sequence[Encoded], batch_size: int, *, by_reply: bool = False
 ) -> list[list[int]]:
     """Indices of ``items`` grouped into batches of similar length (longest first, stable).
 
-    ``by_prompt``: within each run of :data:`PROMPT_WINDOW` batches' worth of examples, put
-    those of similar prompt length together, for captures that run a batch's shared prompt
-    prefix forward-only (``capture(..., keep_prompt=False)``): a batch's prefix is its
-    shortest prompt, so one short prompt would put every long one in the backward. A batch
-    so formed is halved until its backward (rows x positions from the prefix on) is no larger
-    than the largest of the plain batches: the regrouping never raises the peak memory
-    (``padding_side`` is the collation's, which moves the prefix).
+    ``by_reply``: of similar reply length instead (then of similar prompt length), for gradient
+    captures that cut each row at its own prompt's end (``capture(..., keep_prompt=False)``):
+    their graph is rows x the longest reply, and the prompts run forward-only in calls grouped by
+    length (:mod:`lensattr.backends.prefix`). No such batch holds a larger graph than the plain
+    batch of its longest reply would.
 
     Examples:
         >>> items = [Encoded(f"e{i}", tuple(range(n)), p)
         ...          for i, (n, p) in enumerate([(10, 8), (10, 2), (9, 7), (9, 1)])]
-        >>> length_batches(items, 2), length_batches(items, 2, by_prompt=True)
-        ([[0, 1], [2, 3]], [[0, 2], [1], [3]])
+        >>> length_batches(items, 2), length_batches(items, 2, by_reply=True)
+        ([[0, 1], [2, 3]], [[1, 3], [0, 2]])
     """
-    order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
-    plain = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if not by_prompt or not plain:
-        return plain
-    span = PROMPT_WINDOW * batch_size
-    order = [
-        i
-        for start in range(0, len(order), span)
-        for i in sorted(order[start : start + span], key=lambda i: -items[i].n_prompt)
-    ]
 
-    def size(batch: list[int]) -> int:
-        return backward_positions([items[i] for i in batch], padding_side)
+    def size(i: int) -> tuple[int, ...]:
+        return (-items[i].n_response, -items[i].n_prompt) if by_reply else (-len(items[i].ids),)
 
-    cap = max(map(size, plain))
-
-    def halve(batch: list[int]) -> list[list[int]]:
-        if len(batch) == 1 or size(batch) <= cap:
-            return [batch]
-        return halve(batch[: len(batch) // 2]) + halve(batch[len(batch) // 2 :])
-
-    return [b for i in range(0, len(order), batch_size) for b in halve(order[i : i + batch_size])]
-
-
-def backward_positions(batch: Sequence[Encoded], padding_side: str = "right") -> int:
-    """Rows x padded positions from a gradient capture's prompt prefix on
-    (:func:`lensattr.backends.capture.prompt_prefix` of the collated batch): its graph's size.
-
-    Examples:
-        >>> batch = [Encoded("a", tuple(range(10)), 8), Encoded("b", (1, 2, 3), 2)]
-        >>> backward_positions(batch), backward_positions(batch, "left")
-        (18, 6)
-    """
-    width = max(len(e.ids) for e in batch)
-    pad = [width - len(e.ids) if padding_side == "left" else 0 for e in batch]
-    first = [p + e.n_prompt for p, e in zip(pad, batch, strict=True)]  # first response position
-    prefix = 0 if any(e.n_response == 0 for e in batch) else min(first) - 1
-    return len(batch) * (width - prefix)
+    order = sorted(range(len(items)), key=size)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

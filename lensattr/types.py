@@ -33,8 +33,9 @@ class LayerActs:
     """Captured activations of one layer for a batch (what a statistic receives).
 
     Positions are the batch's, or, for a capture with ``keep_prompt=False`` (what lensattr's
-    captures for statistics pooled over the response use), those from
-    :func:`~lensattr.backends.capture.prompt_prefix` on; ``mask`` is sliced with them.
+    captures for statistics pooled over the response use), each row's from
+    :func:`~lensattr.backends.prefix.prompt_cuts` on, left-aligned; ``mask`` is laid out with
+    them.
 
     Every backend returns one per layer; row selection (:meth:`rows`) and element-wise
     transforms (:meth:`map`) keep all fields together, so code that splits or expands a capture

@@ -1,5 +1,7 @@
 """Capture and statistics against an independent computation (hooks + autograd)."""
 
+import contextlib
+
 import pytest
 import torch
 from reference import reference_capture, reference_stats
@@ -238,19 +240,24 @@ def test_forward_only_capture_stops_after_the_highest_layer(tiny, train_records,
     assert early[1].z_out.abs().max() > 0
 
 
+@pytest.mark.parametrize("call", [0, 16, 10**6])  # a call per prompt length / the default / one
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_capture_after_the_prompt_prefix_matches_hooks_and_autograd(
-    tiny, train_records, padding_side
+    tiny, train_records, padding_side, call, monkeypatch
 ):
-    """``keep_prompt=False`` runs the positions before the first predicting one forward-only and
-    returns the rest: every response position's ``z_in``, ``z_out`` and ``g`` are those of a
-    one-pass hooks + autograd computation, and so are the statistics."""
-    from lensattr.backends.capture import prompt_prefix
+    """``keep_prompt=False`` runs each row's positions before its first predicting one
+    forward-only and returns the rest: every response position's ``z_in``, ``z_out`` and ``g``
+    are those of a one-pass hooks + autograd computation, and so are the statistics, however the
+    prompts are grouped into calls (gaps between the shared opening and each prompt's rest)."""
+    from lensattr.backends import prefix
 
+    monkeypatch.setattr(prefix, "CALL_POSITIONS", call)
     batch = collate(encoded(tiny, train_records), tiny.pad_id, padding_side)
-    start = prompt_prefix(batch.mask)
-    first = batch.mask.int().argmax(1)
-    assert start == int(first.min()) - 1 > 0  # a prefix to skip: the test is not vacuous
+    n_real = batch.attention_mask.sum(1)
+    cuts = prefix.prompt_cuts(batch, per_row=True)
+    common = prefix.prompt_cuts(batch, per_row=False)
+    assert cuts is not None and common == [min(cuts)] * len(cuts) and min(cuts) > 0
+    assert len(set(cuts)) > 2  # rows cut at their own prompt's end: the test is not vacuous
     layers = [0, 2, 3]
     acts = capture(tiny, batch, layers, keep_prompt=False)
     ref = reference_capture(
@@ -259,8 +266,9 @@ def test_capture_after_the_prompt_prefix_matches_hooks_and_autograd(
     m = batch.mask
     for layer in layers:
         a = acts[layer]
-        assert a.z_in.shape[1] == a.grad.shape[1] == m.shape[1] - start
-        assert torch.equal(a.mask, m[:, start:])
+        assert a.z_in.shape[1] == a.grad.shape[1] == int(max(n_real - torch.tensor(cuts)))
+        assert a.z_in.shape[1] < m.shape[1] - min(cuts)  # less than one cut for every row
+        assert torch.equal(a.mask.sum(1), m.sum(1)) and not a.mask[:, 0].any()
         zi, zo, g = ref[layer]
         assert rel(a.z_in[a.mask], zi[m]) < 1e-5
         assert rel(a.z_out[a.mask], zo[m]) < 1e-5
@@ -270,20 +278,50 @@ def test_capture_after_the_prompt_prefix_matches_hooks_and_autograd(
             assert rel(get_phi(stat).fn(a), want[stat]) < 1e-5, (stat, layer)
     whole = capture(tiny, batch, layers)  # the default keeps every position
     assert whole[0].z_in.shape[1] == m.shape[1]
-    fwd = capture(tiny, batch, layers, grad=False, keep_prompt=False)  # forward-only: same start
+    fwd = capture(tiny, batch, layers, grad=False, keep_prompt=False)  # forward-only: one cut
     for layer in layers:
         zi, zo, _ = ref[layer]
-        assert fwd[layer].grad is None and torch.equal(fwd[layer].mask, m[:, start:])
+        assert fwd[layer].grad is None
+        assert fwd[layer].z_in.shape[1] == int(n_real.max()) - min(cuts)
         assert rel(fwd[layer].z_in[fwd[layer].mask], zi[m]) < 1e-5
         assert rel(fwd[layer].z_out[fwd[layer].mask], zo[m]) < 1e-5
 
 
-def test_prompt_prefix_is_zero_without_a_reply_in_some_row():
-    from lensattr.backends.capture import prompt_prefix
+def test_prompt_cuts_and_call_groups():
+    """No cut when a row has no reply (or nothing precedes it); the calls are the cheapest
+    partition, checked against every partition of a few lengths."""
+    import itertools
 
-    mask = torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=torch.bool)
-    assert prompt_prefix(mask) == 0 and prompt_prefix(mask[:1]) == 1
-    assert prompt_prefix(torch.zeros((2, 0), dtype=torch.bool)) == 0
+    from lensattr.backends.prefix import call_groups, prompt_cuts
+    from lensattr.render import Encoded
+
+    def batch(*shapes):
+        return collate([Encoded(f"e{i}", tuple(range(1, n + 1)), p) for i, (n, p) in
+                        enumerate(shapes)], 0, "left")  # fmt: skip
+
+    assert prompt_cuts(batch((5, 3), (3, 3)), per_row=True) is None  # the second has no reply
+    assert prompt_cuts(batch((5, 1), (3, 1)), per_row=True) is None  # nothing before a reply
+    assert prompt_cuts(batch((5, 3), (3, 1)), per_row=True) == [2, 0]
+    assert prompt_cuts(batch((9, 6), (4, 3)), per_row=False) == [2, 2]
+
+    def cost(groups, lengths, call):
+        return sum(call + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        for rest in partitions(items[1:]):
+            for i in range(len(rest)):
+                yield rest[:i] + [[items[0], *rest[i]]] + rest[i + 1 :]
+            yield [[items[0]], *rest]
+
+    for lengths in ([50, 3, 48, 5], [7, 7, 7], [1, 30, 2, 29, 15], [4]):
+        for call in (0, 5, 16, 1000):
+            got = call_groups(lengths, call)
+            assert sorted(itertools.chain(*got)) == list(range(len(lengths)))
+            best = min(cost(p, lengths, call) for p in partitions(list(range(len(lengths)))))
+            assert cost(got, lengths, call) == best, (lengths, call)
 
 
 def test_a_statistic_that_reads_the_prompt_is_captured_whole(tiny, train_records, tmp_path):
@@ -315,7 +353,7 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
     forward once per pair, the leading positions all pairs share (the template's opening) once
     for the batch, and each side's statistics equal a whole capture of that side."""
     from lensattr import pair_stats
-    from lensattr.backends.capture import prompt_prefix
+    from lensattr.backends.prefix import prompt_cuts
     from lensattr.data import load_pairs
 
     pairs = load_pairs(pair_records[:3])
@@ -331,10 +369,10 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
         got = pair_stats(tiny, pair_records[:3], stats=list(STATS), layers=[1, 3], batch_size=6)
     finally:
         handle.remove()
-    (one, shared), (three, rest) = prefix_rows  # the batch's shared opening, then 3 prompts
-    assert one == 1 and three == 3 and shared > 0  # 6 replies, 3 prompts
+    (one, shared), *calls = prefix_rows  # the batch's shared opening, then the 3 prompts
+    assert one == 1 and shared > 0 and sum(rows for rows, _ in calls) == 3  # 6 replies
     batch = collate(sides, tiny.pad_id)
-    assert shared + rest == prompt_prefix(batch.mask)
+    assert shared + max(width for _, width in calls) == max(prompt_cuts(batch, per_row=True))
     assert len({s.ids[:shared] for s in sides}) == 1 < len({s.ids[: shared + 1] for s in sides})
     whole = capture(tiny, batch, [1, 3])  # every position, one pass
     for layer in (1, 3):
@@ -344,33 +382,63 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
             assert rel(t, want[0::2]) < 1e-5 and rel(c, want[1::2]) < 1e-5, (stat, layer)
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_backward_positions_is_the_collated_batch_after_its_prefix(padding_side):
-    """``render.backward_positions`` (from token counts) equals rows x (width - prompt_prefix)
-    of the collated batch, replies empty or not, for both padding sides."""
+def test_a_build_runs_the_shared_opening_once(tiny, train_records, tmp_path):
+    """Inside one build the opening every prompt shares (the template's system prompt) runs in
+    the first batch only; later batches continue from its kept keys and values, and the rows
+    equal those of a build that runs it in every batch."""
+    from lensattr.backends import prefix
+
+    openings: list[tuple[int, ...]] = []
+
+    def count(mod, args, kwargs):
+        if not torch.is_grad_enabled() and int(kwargs["position_ids"][0, 0]) == 0:
+            openings.append(tuple(kwargs["input_ids"].shape))
+
+    recs = train_records[:6]
+    handle = tiny.hf.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        kept = build_cache(tiny, recs, out=tmp_path / "kept", layers=[1, 3], batch_size=2,
+                           dtype="float32", progress=False)  # fmt: skip
+        assert len(openings) == 1 and openings[0][0] == 1, openings  # 3 batches, 1 opening
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(prefix, "openings_kept", contextlib.nullcontext)
+            mp.setattr("lensattr.store.cache.openings_kept", contextlib.nullcontext)
+            again = build_cache(tiny, recs, out=tmp_path / "again", layers=[1, 3], batch_size=2,
+                                dtype="float32", progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(openings) == 4  # without keeping it: one per batch
+    for stat in STATS:
+        for layer in (1, 3):
+            assert torch.equal(kept.stat(stat, layer)[:], again.stat(stat, layer)[:]), (stat, layer)
+
+
+def test_reply_batches_hold_the_smallest_graphs():
+    """``length_batches(..., by_reply=True)`` (gradient builds that cut each row at its own
+    prompt's end) sorts by reply length: its batches' graphs, rows x (longest reply + 1) as the
+    capture lays them out, never add up to more than the plain length batches' would."""
     import random
 
-    from lensattr.backends.capture import prompt_prefix
-    from lensattr.render import Encoded, backward_positions, length_batches
+    from lensattr.backends.prefix import prompt_cuts
+    from lensattr.render import Encoded, length_batches
+
+    def graph(items):
+        batch = collate(items, 0)
+        cuts = prompt_cuts(batch, per_row=True)
+        return len(items) * int((batch.attention_mask.sum(1) - torch.tensor(cuts)).max())
 
     rng = random.Random(0)
-    for trial in range(200):
+    for _ in range(100):
         items = []
-        for i in range(rng.randint(1, 6)):
-            n_prompt = rng.randint(1, 12)
-            n_reply = rng.choice([0, 1, 2, 5, 9]) if trial % 3 == 0 else rng.randint(1, 9)
+        for i in range(rng.randint(1, 20)):
+            n_prompt, n_reply = rng.randint(2, 30), rng.randint(1, 30)
             items.append(Encoded(f"e{i}", tuple(range(1, n_prompt + n_reply + 1)), n_prompt))
-        batch = collate(items, 0, padding_side)
-        want = len(items) * (batch.mask.shape[1] - prompt_prefix(batch.mask))
-        assert backward_positions(items, padding_side) == want
-    # by_prompt's regrouping is halved back under the plain batches' largest backward: with
-    # right padding its second batch (the long reply of prompt 10, three of prompt 1) would
-    # need 4 x 40 positions against the plain batches' 4 x 31 (left padding: 4 x 31 too)
-    shapes = [(40, 38), (40, 38), (40, 38), (40, 10), (20, 1), (20, 1), (20, 1), (20, 18)]
-    items = [Encoded(f"e{i}", tuple(range(n)), p) for i, (n, p) in enumerate(shapes)]
-    plain = length_batches(items, 4, padding_side=padding_side)
-    grouped = length_batches(items, 4, by_prompt=True, padding_side=padding_side)
-    size = [backward_positions([items[i] for i in b], padding_side) for b in grouped]
-    assert max(size) <= max(backward_positions([items[i] for i in b], padding_side) for b in plain)
-    assert sorted(i for b in grouped for i in b) == list(range(8))
-    assert len(grouped) == (3 if padding_side == "right" else 2)
+        plain, by_reply = length_batches(items, 4), length_batches(items, 4, by_reply=True)
+        replies = [items[i].n_response for b in by_reply for i in b]
+        assert sorted(i for b in by_reply for i in b) == list(range(len(items)))
+        assert replies == sorted(replies, reverse=True)
+        for b in by_reply:
+            longest = max(items[i].n_response for i in b)
+            assert graph([items[i] for i in b]) == len(b) * (longest + 1)
+        total = sum(graph([items[i] for i in b]) for b in by_reply)
+        assert total <= sum(graph([items[i] for i in b]) for b in plain)

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,6 +43,9 @@ class Model:
     lm: Any = None
     bridge: Any = None
     _fingerprint: dict[str, str] | None = field(default=None, repr=False)
+    cuts_prompt: ClassVar[bool] = False
+    """Whether its capture with ``keep_prompt=False`` cuts each row at its prompt's end (then
+    gradient builds batch rows of similar reply length)."""
 
     @property
     def n_layers(self) -> int:
@@ -82,8 +85,8 @@ class Model:
             layers: block indices.
             grad: run the activation backward; ``False`` for a forward-only capture.
             sites: extra per-layer sites to keep (``"attn_out"``, ``"mlp_out"``).
-            keep_prompt: ``False`` allows starting the result at
-                :func:`~lensattr.backends.capture.prompt_prefix` (a backend may keep every
+            keep_prompt: ``False`` allows starting each row of the result at
+                :func:`~lensattr.backends.prefix.prompt_cuts` (a backend may keep every
                 position).
         """
         raise NotImplementedError(

@@ -11,13 +11,13 @@ backward pass stops at the lowest requested layer (its input is cut from the gra
 forward-only capture (``grad=False``) stops the forward pass after the highest requested layer.
 
 With ``keep_prompt=False`` (what lensattr's own captures pass for statistics pooled over the
-response) the backward also stops at the first position that predicts a response token: the
-positions before it, in every row, run forward once without a graph, and the traced pass
-continues from their keys and values. A position's activations reach only itself and later
-positions, so ``g`` at every later position is unchanged; the captured tensors then start at that
-position (``mask`` sliced with them). On MedHallu, whose prompts carry a long passage, this is
-most of the backward. That prefix pass runs each distinct prompt once, and the positions every
-row shares (the chat template's system prompt) once per batch, forward-only captures included.
+response) each row's positions before the one that predicts its first response token run forward
+once without a graph, and the traced pass continues from their keys and values
+(:mod:`lensattr.backends.prefix`). A position's activations reach only itself and later
+positions, so ``g`` at every later position is unchanged; the captured tensors then hold each
+row's continuation from that position, left-aligned (``mask`` laid out with them). A gradient
+capture cuts each row at its own prompt's end, so its graph is rows x the longest reply (plus
+one position); on MedHallu, whose prompts carry a long passage, that skips most of the backward.
 
 :func:`capture` calls the model's backend (:meth:`lensattr.backends.backend.Model.capture`);
 this module holds the nnsight one, :class:`NnsightModel`; :mod:`lensattr.backends.bridge` the
@@ -25,16 +25,16 @@ TransformerLens one.
 """
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from lensattr.backends.backend import Model, frozen
 from lensattr.backends.loss import forward_kwargs, response_loss
 from lensattr.backends.loss import reduce_response_nll as reduce_response_nll  # re-exported
+from lensattr.backends.prefix import cache_keyword, has_sliding_window, split_prompts
 from lensattr.backends.recompute import silu_recomputed
 from lensattr.backends.sites import (
     EXTRA,
@@ -78,9 +78,10 @@ def capture(
         grad: run the activation backward (default); ``False`` for a forward-only capture.
         sites: extra per-layer sites to keep: ``"attn_out"``, ``"mlp_out"`` (or their
             TransformerLens names ``"hook_attn_out"``, ``"hook_mlp_out"``).
-        keep_prompt: return every position (default). ``False`` lets a capture start at
-            :func:`prompt_prefix` (the nnsight backend does; the bridge keeps every position):
-            what statistics pooled over the response need, for less backward and forward.
+        keep_prompt: return every position (default). ``False`` lets a capture return each
+            row from :func:`~lensattr.backends.prefix.prompt_cuts` on (the nnsight backend
+            does; the bridge keeps every position): what statistics pooled over the response
+            need, for less backward and forward.
 
     Examples:
         >>> from lensattr import load_model
@@ -95,76 +96,13 @@ def capture(
     return model.capture(batch, layers, grad=grad, sites=sites, keep_prompt=keep_prompt)
 
 
-def prompt_prefix(mask: torch.Tensor) -> int:
-    """How many leading positions neither the loss nor a response statistic needs: those before
-    the first position that predicts a response token, in every row (0 if a row has none).
-
-    Examples:
-        >>> prompt_prefix(torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool))
-        2
-    """
-    if mask.shape[1] == 0 or not bool(mask.any(1).all()):
-        return 0
-    return max(int(mask.int().argmax(1).min()) - 1, 0)
-
-
-def _run_prefix(model: "NnsightModel", batch: Batch, start: int) -> dict[str, Any]:
-    """Run the first ``start`` positions forward without a graph; returns the forward keyword
-    that hands their keys and values to the traced pass (``cache``, ``past_key_values`` before
-    transformers 5).
-
-    Nothing runs twice: identical prefixes run once (a pair's two replies share their prompt),
-    and the leading positions every row shares (a chat template's default system prompt, 24 of
-    SmolLM2's tokens: 10-19% of a corpus's positions) run once for the whole batch.
-    """
-    parts = (batch.input_ids, batch.attention_mask, batch.position_ids)
-    rows = torch.cat([x[:, :start] for x in parts], dim=1)
-    unique, where = torch.unique(rows, dim=0, return_inverse=True)
-    ids, attention, positions = unique.split(start, dim=1)
-    same = (unique == unique[:1]).view(len(unique), 3, start).all(0).all(0)  # per position
-    shared = int(same.int().cumprod(0).sum()) if len(unique) > 1 else 0
-    shared = min(shared, start - 1)  # at least one position left for the batched call
-    base = envoy(model.hf, model.paths.base)  # the module itself: no trace
-    name = _cache_keyword(base)
-    kwargs: dict[str, Any] = {}
-    with torch.no_grad():
-        if shared:
-            out = base(
-                input_ids=ids[:1, :shared],
-                attention_mask=attention[:1, :shared],
-                position_ids=positions[:1, :shared],
-                use_cache=True,
-            )
-            kv = _cache_of(out)
-            kv.reorder_cache(torch.zeros(len(unique), dtype=torch.long, device=ids.device))
-            kwargs[name] = kv  # every unique row continues from the shared positions
-        out = base(
-            input_ids=ids[:, shared:],
-            attention_mask=attention,
-            position_ids=positions[:, shared:],
-            use_cache=True,
-            **kwargs,
-        )
-    kv = _cache_of(out)
-    kv.reorder_cache(where)  # back to the batch's rows: each gets its prefix's keys and values
-    return {_cache_keyword(model.hf): kv}
-
-
-def _cache_of(out: Any) -> Any:
-    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-
-
-def _cache_keyword(module: Any) -> str:
-    """The forward keyword of the key-value cache: ``cache`` (transformers 5) or the older
-    ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
 class NnsightModel(Model):
     """A :class:`~lensattr.backends.backend.Model` on the nnsight backend: ``lm`` traces ``hf``.
 
     The module paths of its sites are found once, at the first capture (:attr:`paths`).
     """
+
+    cuts_prompt: ClassVar[bool] = True
 
     @cached_property
     def paths(self) -> ModulePaths:
@@ -191,16 +129,19 @@ def capture_nnsight(
     """
     sites = check_extra(sites)  # TransformerLens hook names too: hook_mlp_out
     layers = sorted(set(layers))
-    start = 0 if keep_prompt else prompt_prefix(batch.mask)
-    ids, mask = batch.input_ids[:, start:], batch.mask[:, start:]
-    kwargs = forward_kwargs(model, batch) | {"position_ids": batch.position_ids[:, start:]}
+    ids, mask, attention = batch.input_ids, batch.mask, batch.attention_mask
+    kwargs = forward_kwargs(model, batch)
     # The parameters are frozen for the capture only: a user's model is left as it was.
     with frozen(model.hf):
-        if start:
-            kwargs |= _run_prefix(model, batch, start)
+        if not keep_prompt:  # a gradient capture cuts each row at its own prompt's end
+            per_row = grad and not has_sliding_window(model.hf.config)
+            split = split_prompts(model, batch, per_row=per_row)
+            if split is not None:
+                ids, mask, attention = split.input_ids, split.mask, split.attention_mask
+                kwargs |= {"position_ids": split.position_ids, cache_keyword(model.hf): split.cache}
         # The graph keeps no SiLU outputs: the backward recomputes them (a fifth less memory).
         with silu_recomputed(model.hf) if grad else contextlib.nullcontext():
-            return _trace(model, ids, mask, batch.attention_mask, kwargs, layers, grad, sites)
+            return _trace(model, ids, mask, attention, kwargs, layers, grad, sites)
 
 
 def _trace(

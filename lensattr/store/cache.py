@@ -39,6 +39,7 @@ from lensattr._deprecated import renamed
 from lensattr._version import __version__
 from lensattr.backends.capture import capture
 from lensattr.backends.models import Model, load_model
+from lensattr.backends.prefix import openings_kept
 from lensattr.config import POOLINGS, CaptureConfig
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.progress import Progress
@@ -505,22 +506,24 @@ def _build_chunk(
                 mat[copied] = src.stat(stat, layer)[at]
             todo = [i for i in todo if chunk[i].id not in known]
             bar.update(len(copied))
-    by_prompt = needs_grad and not keep_prompt  # a backward from each batch's prompt prefix
-    batches = length_batches(
-        [chunk[i] for i in todo], batch_size, by_prompt=by_prompt, padding_side=padding_side
-    )
-    for batch_idx in batches:
-        idx = [todo[i] for i in batch_idx]
-        batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
-        acts = capture(model, batch, layers, grad=needs_grad, sites=sites, keep_prompt=keep_prompt)
-        for layer in layers:
-            for p in phis:
-                vec = p.fn(acts[layer]).float().cpu().to(store_dtype)  # checked as stored
-                finite = torch.isfinite(vec).all(1) & torch.isfinite(vec.float().norm(dim=1))
-                for j in (~finite).nonzero()[:, 0].tolist():
-                    bad.setdefault(idx[j], f"non-finite {p.name} at layer {layer} in {dname}")
-                rows[p.name, layer][idx] = vec
-        bar.update(len(idx))
+    # A backward from each row's own prompt's end: batches of similar replies.
+    by_reply = needs_grad and not keep_prompt and model.cuts_prompt
+    batches = length_batches([chunk[i] for i in todo], batch_size, by_reply=by_reply)
+    with openings_kept():  # the template's system prompt runs once a shard
+        for batch_idx in batches:
+            idx = [todo[i] for i in batch_idx]
+            batch = collate([chunk[i] for i in idx], model.pad_id, padding_side, str(model.device))
+            acts = capture(
+                model, batch, layers, grad=needs_grad, sites=sites, keep_prompt=keep_prompt
+            )
+            for layer in layers:
+                for p in phis:
+                    vec = p.fn(acts[layer]).float().cpu().to(store_dtype)  # checked as stored
+                    finite = torch.isfinite(vec).all(1) & torch.isfinite(vec.float().norm(dim=1))
+                    for j in (~finite).nonzero()[:, 0].tolist():
+                        bad.setdefault(idx[j], f"non-finite {p.name} at layer {layer} in {dname}")
+                    rows[p.name, layer][idx] = vec
+            bar.update(len(idx))
     heap.trim()  # once per shard: per batch cost 6% of a build in page faults
     if bad and on_error != "skip":
         ids = [chunk[i].id for i in sorted(bad)]
