@@ -173,10 +173,11 @@ def split_prompts(model: Any, batch: Batch, *, per_row: bool) -> Continuation | 
 def _run_prefix(model: Any, prefixes: list[torch.Tensor]) -> tuple[Any, torch.Tensor]:
     """The keys and values of ``prefixes`` (each row's tokens before its cut), laid out as in
     the module docstring, and their attention mask ``[rows, columns]``."""
+    device = prefixes[0].device
     keys = [tuple(p.tolist()) for p in prefixes]
-    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    unique = [torch.tensor(k, dtype=torch.long, device=prefixes[0].device) for k in index]
-    where = torch.tensor([index[k] for k in keys], device=prefixes[0].device)
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # identical prompts run once
+    unique = [torch.tensor(k, dtype=torch.long, device=device) for k in index]
+    where = torch.tensor([index[k] for k in keys], device=device)
     shared = 0
     if len(unique) > 1:  # the leading positions every prompt shares, one at least left to each
         shortest = min(len(u) for u in unique)
@@ -184,48 +185,27 @@ def _run_prefix(model: Any, prefixes: list[torch.Tensor]) -> tuple[Any, torch.Te
         shared = int((stack == stack[:1]).all(0).int().cumprod(0).sum())
         shared = min(shared, shortest - 1)
     rest = [len(u) - shared for u in unique]
-    columns = shared + max(rest)
     base = model.hf.get_submodule(model.paths.base)
-    name, device = cache_keyword(base), prefixes[0].device
-    opening = None
     with torch.no_grad():
-        if shared:
-            opening = _opening(base, unique[0][:shared])
+        opening = _opening(base, unique[0][:shared]) if shared else None
         groups = call_groups(rest, CALL_POSITIONS)
+        if len(groups) == 1 and len(set(rest)) == 1:  # one call, no padding, no gap
+            kv, attention = _call(model, base, [unique[j] for j in groups[0]], shared, opening)
+            back = torch.tensor(groups[0], device=device).argsort()[where]
+            kv.reorder_cache(back)
+            return kv, attention[back]
+        columns = shared + max(rest)
         laid: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in groups:
-            longest = max(rest[j] for j in group)
-            ids = torch.full((len(group), longest), model.pad_id, dtype=torch.long, device=device)
-            attention = torch.zeros((len(group), shared + longest), dtype=torch.long, device=device)
-            attention[:, :shared] = 1
-            for row, j in enumerate(group):
-                ids[row, : rest[j]] = unique[j][shared:]
-                attention[row, shared : shared + rest[j]] = 1
-            kwargs: dict[str, Any] = {}
-            if opening is not None:
-                kwargs[name] = copy.deepcopy(opening)
-                kwargs[name].reorder_cache(torch.zeros(len(group), dtype=torch.long, device=device))
-            kv = cache_of(
-                base(
-                    input_ids=ids,
-                    attention_mask=attention,
-                    position_ids=shared + torch.arange(longest, device=device).expand_as(ids),
-                    use_cache=True,
-                    **kwargs,
-                )
-            )
-            if len(groups) == 1 and len(set(rest)) == 1:  # no gap, no padding: as it came
-                rows = torch.tensor([group.index(j) for j in range(len(unique))], device=device)
-                kv.reorder_cache(rows[where])
-                return kv, attention[rows[where]]
+            kv, _ = _call(model, base, [unique[j] for j in group], shared, opening)
             if not laid:
                 laid = [
-                    (layer.keys.new_zeros(len(unique), *layer.keys.shape[1:-2], columns,
-                                          layer.keys.shape[-1]),
-                     layer.values.new_zeros(len(unique), *layer.values.shape[1:-2], columns,
-                                            layer.values.shape[-1]))
+                    (
+                        _zeros(layer.keys, len(unique), columns),
+                        _zeros(layer.values, len(unique), columns),
+                    )
                     for layer in kv.layers
-                ]  # fmt: skip
+                ]
             for (k_all, v_all), layer in zip(laid, kv.layers, strict=True):
                 k_all[:, ..., :shared, :] = layer.keys[:1, ..., :shared, :]
                 v_all[:, ..., :shared, :] = layer.values[:1, ..., :shared, :]
@@ -240,6 +220,40 @@ def _run_prefix(model: Any, prefixes: list[torch.Tensor]) -> tuple[Any, torch.Te
     for j, r in enumerate(rest):
         attention[j, columns - r :] = 1
     return kv, attention[where]
+
+
+def _call(
+    model: Any, base: Any, prompts: list[torch.Tensor], shared: int, opening: Any
+) -> tuple[Any, torch.Tensor]:
+    """One forward call of ``prompts`` after their ``shared`` opening (its keys and values
+    ``opening``), right-padded (a pad is later than every real query, so none attends to it):
+    the cache and the call's attention mask."""
+    longest = max(len(p) for p in prompts) - shared
+    device = prompts[0].device
+    ids = torch.full((len(prompts), longest), model.pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((len(prompts), shared + longest), dtype=torch.long, device=device)
+    attention[:, :shared] = 1
+    for row, p in enumerate(prompts):
+        ids[row, : len(p) - shared] = p[shared:]
+        attention[row, shared : len(p)] = 1
+    kwargs: dict[str, Any] = {}
+    if opening is not None:
+        kv = copy.deepcopy(opening)  # kept for later calls and batches: not extended in place
+        kv.reorder_cache(torch.zeros(len(prompts), dtype=torch.long, device=device))
+        kwargs[cache_keyword(base)] = kv
+    out = base(
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=shared + torch.arange(longest, device=device).expand_as(ids),
+        use_cache=True,
+        **kwargs,
+    )
+    return cache_of(out), attention
+
+
+def _zeros(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Zeros shaped like a cache layer's ``[rows, heads, columns, head_dim]`` tensor."""
+    return like.new_zeros(rows, *like.shape[1:-2], columns, like.shape[-1])
 
 
 def has_sliding_window(config: Any) -> bool:
