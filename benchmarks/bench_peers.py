@@ -293,7 +293,9 @@ def main() -> int:
         cmd = [str(bergson), "build", str(out), "--model", str(model_dir), "--dataset", str(data)]
         cmd += ["--conversation_column", "messages", "--truncation", "--precision", "fp32"]
         cmd += ["--projection_dim", str(args.projection_dim), "--max_batch_size"]
-        cmd += [str(args.batch_size), "--token_batch_size", str(args.batch_size * args.max_length)]
+        # bergson refuses a token batch above the model's context (8,192 for SmolLM2)
+        tokens = min(args.batch_size * args.max_length, model.hf.config.max_position_embeddings)
+        cmd += [str(args.batch_size), "--token_batch_size", str(tokens)]
         return run_measured(cmd, e)
 
     def run_bergson(r: int) -> dict:

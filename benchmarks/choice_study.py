@@ -32,6 +32,7 @@ import lensattr
 from lensattr.criterion import heldout_ap
 from lensattr.metrics import pool_metrics
 from lensattr.moments import Moments, pool_moments
+from lensattr.select import offered
 
 S = importlib.import_module("lensattr.criterion")  # where fold_scores reads the pool's moments
 
@@ -118,7 +119,7 @@ def study(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool)
 def offered_by_select(cell: dict[str, Any], cache: Any) -> bool:
     """Whether :func:`lensattr.select` offers this candidate by default on ``cache``."""
     score = lensattr.registry.get_score(S.Method.parse(cell["method"]).score)
-    return not (score.full_rank and len(cache) <= cache.d_model)
+    return offered(score, len(cache), cache.d_model)
 
 
 def main() -> None:
@@ -156,7 +157,7 @@ def main() -> None:
     row = [
         choose(offered[n], RULES["select before (AP, pool + controls)"])["p_at_k"] for n in names
     ]
-    print(f"{'select now (full-rank scores: n > d)':40s}" + "".join(f"{p:12.2f}" for p in row))
+    print(f"{'select now (full-rank scores: n >= 4d)':40s}" + "".join(f"{p:12.2f}" for p in row))
     print(f"{'hindsight (best cell)':40s}" + "".join(
         f"{max(c['p_at_k'] for c in cells[n]):12.2f}" for n in names))  # fmt: skip
     choice = {n: choose(offered[n], RULES["select before (AP, pool + controls)"]) for n in names}

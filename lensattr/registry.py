@@ -107,8 +107,9 @@ class Score:
     ``psi`` one query ``[d_model]`` or, when ``batched``, several as columns ``[d_model, q]``
     (the scores are then ``[n, q]``); ``ctx`` is a :class:`~lensattr.rank.ScoreContext` that
     gives the pool's moments of the statistic (``ctx.moments()``). ``full_rank``: the rule
-    inverts the pool's covariance, so it needs more pool rows than the statistic has dimensions
-    (``auto`` leaves it out of its default candidates on a smaller pool).
+    inverts the pool's covariance, so it needs many more pool rows than the statistic has
+    dimensions (``auto`` leaves it out of its default candidates below
+    :data:`~lensattr.select.ROWS_PER_DIMENSION` rows a dimension).
     """
 
     name: str

@@ -272,8 +272,8 @@ def length_batches(
     ``by_reply``: of similar reply length instead (then of similar prompt length), for gradient
     captures that cut each row at its own prompt's end (``capture(..., keep_prompt=False)``):
     their graph is rows x the longest reply, and the prompts run forward-only in calls grouped by
-    length (:mod:`lensattr.backends.prefix`). No such batch holds a larger graph than the plain
-    batch of its longest reply would.
+    length (:mod:`lensattr.backends.prefix`). Sorted so, the batches' graphs add up to the least
+    any batching into ``batch_size`` rows can give.
 
     Examples:
         >>> items = [Encoded(f"e{i}", tuple(range(n)), p)

@@ -17,10 +17,11 @@ layer). Plant labels, held-out behaviour data and anything else outside the pair
 unlabelled cache are never read.
 
 A score that inverts the pool's covariance (registered ``full_rank``: ``whitened_cosine``) is not a
-default candidate on a cache with no more rows than dimensions. Its covariance is then singular,
-and the held-out pairs, scored out of sample, carry the pairs' shared signature in exactly the
-directions the pool never varies along, where the whitening divides by the ridge alone: the
-criterion would reward that signature, which the pool's own behaviour examples do not share.
+default candidate on a cache of fewer than :data:`ROWS_PER_DIMENSION` rows a dimension. Its
+covariance is then singular or nearly so, and the held-out pairs, scored out of sample, carry the
+pairs' shared signature in exactly the directions the pool (almost) never varies along, where the
+whitening divides by the ridge and little else: the criterion would reward that signature, which
+the pool's own behaviour examples do not share.
 
 Cost: the pairs' statistics are captured once for every layer and statistic (:func:`pair_stats`);
 each candidate is then a few matrix products over the cache rows, with every fold and query of a
@@ -80,7 +81,8 @@ class Selection:
             held-out average precision among the pool), ``accuracy`` (held-out accuracy).
         seconds: time spent scoring candidates (pair statistics excluded).
         left_out: default candidates that were not offered, and why (a score that inverts
-            the pool's covariance, on a pool with no more rows than dimensions).
+            the pool's covariance, on a pool of fewer than :data:`ROWS_PER_DIMENSION` rows a
+            dimension).
     """
 
     query: Query
@@ -110,6 +112,26 @@ class Selection:
         return "\n".join(lines)
 
 
+ROWS_PER_DIMENSION = 4
+"""Pool rows a dimension below which ``auto`` does not offer a ``full_rank`` score. A sample
+covariance of ``n`` rows in ``d`` dimensions shrinks its smallest eigenvalues to about
+``(1 - sqrt(d / n))^2`` of the true ones (Marchenko-Pastur): at ``n = 4d`` a quarter, at
+``n = 1.2d`` (MedHallu's 700-row pool in 576 dimensions) under 1%, where the whitening divides by
+little more than its ridge (docs/performance.md: run P)."""
+
+
+def offered(score: Any, n_rows: int, d_model: int) -> bool:
+    """Whether ``auto`` offers ``score`` by default on a pool of ``n_rows`` rows in ``d_model``
+    dimensions: a ``full_rank`` score needs :data:`ROWS_PER_DIMENSION` rows a dimension.
+
+    Examples:
+        >>> from lensattr.registry import get_score
+        >>> offered(get_score("whitened_cosine"), 2303, 576), offered(get_score("cosine"), 12, 576)
+        (False, True)
+    """
+    return not score.full_rank or n_rows >= ROWS_PER_DIMENSION * d_model
+
+
 def select(
     model: Any,
     cache: Any,
@@ -133,8 +155,8 @@ def select(
         pairs: the behaviour's query pairs (path, dataset, list) or their :class:`PairStats`.
         methods: candidate methods (``"psi|stat|score"`` strings or :class:`Method`; default:
             :func:`candidates` of the cached statistics: every registered psi and score, less
-            the scores that invert the pool's covariance when the cache has no more rows than
-            dimensions; see :attr:`Selection.left_out`).
+            the scores that invert the pool's covariance when the cache has fewer than
+            :data:`ROWS_PER_DIMENSION` rows a dimension; see :attr:`Selection.left_out`).
         layers: candidate layers (default: every cached layer).
         rows: the cache rows that form the pool (default: all).
         folds: interleaved folds of the pairs.
@@ -163,13 +185,14 @@ def select(
     else:
         method_list = []
         for m in candidates(cache.stats):
-            if get_score(m.score).full_rank and len(cache) <= cache.d_model:
+            if offered(get_score(m.score), len(cache), cache.d_model):
+                method_list.append(m)
+            else:
                 left_out[str(m)] = (
                     f"{m.score} (it inverts the pool's covariance, and {len(cache)} rows in "
-                    f"{cache.d_model} dimensions give a singular one)"
+                    f"{cache.d_model} dimensions, fewer than {ROWS_PER_DIMENSION} a dimension, "
+                    "give a singular or ill-conditioned one)"
                 )
-            else:
-                method_list.append(m)
     missing = sorted({m.stat for m in method_list} - set(cache.stats))
     if missing:
         raise QueryError(f"statistics {missing} are not in the cache (it has {cache.stats})")
@@ -253,8 +276,8 @@ def select_then_cache(
     chosen layer. With gradient
     statistics (e.g. ``stats=DEFAULT_STATS``, the full ``auto``'s) the backward of the final
     build stops at the chosen layer. The query is refitted against the full cache (its pool
-    moments), ready for :func:`rank`. A sample of no more rows than dimensions leaves
-    ``whitened_cosine`` out of the choice (see :func:`select`).
+    moments), ready for :func:`rank`. A sample of fewer than :data:`ROWS_PER_DIMENSION` rows a
+    dimension leaves ``whitened_cosine`` out of the choice (see :func:`select`).
 
     When the sample is the whole corpus (``sample=None`` or ``sample >= len(train)``) there is
     one build, of ``stats`` at every layer into ``out``: the choice is then exactly

@@ -294,12 +294,18 @@ def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, 
     assert r2.ids == r.ids
 
 
-def test_auto_offers_a_covariance_inverse_only_on_a_pool_with_more_rows_than_dimensions(
+def test_auto_offers_a_covariance_inverse_only_on_a_pool_of_four_rows_a_dimension(
     tiny, pool, stats, pair_records, tmp_path
 ):
     """12 rows in 32 dimensions: the covariance is singular, so ``whitened_cosine`` is left out
-    of the default candidates (named explicitly, it is scored); 33 rows: it is offered."""
-    from lensattr.select import candidates
+    of the default candidates (named explicitly, it is scored); 128 rows: it is offered; 127
+    (ill-conditioned): it is not."""
+    from lensattr.registry import get_score
+    from lensattr.select import ROWS_PER_DIMENSION, candidates, offered
+
+    assert ROWS_PER_DIMENSION == 4
+    w = get_score("whitened_cosine")
+    assert not offered(w, 127, 32) and offered(w, 128, 32) and offered(get_score("cosine"), 1, 32)
 
     whitened = {str(m) for m in candidates(pool.stats) if m.score == "whitened_cosine"}
     assert len(pool) <= pool.d_model and whitened
@@ -318,7 +324,7 @@ def test_auto_offers_a_covariance_inverse_only_on_a_pool_with_more_rows_than_dim
             "prompt": "Hi",
             "response": "ok " * int(torch.randint(1, 9, (1,), generator=rng)),
         }
-        for i in range(pool.d_model + 1)
+        for i in range(ROWS_PER_DIMENSION * pool.d_model)
     ]
     wide = lensattr.build_cache(
         tiny, big, out=tmp_path, layers=[1], stats=["resid_post"], progress=False

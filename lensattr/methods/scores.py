@@ -74,10 +74,12 @@ def whitened_cosine(
     The inner product is ``(phi - mu)^T (Sigma + lam I)^(-1) psi``: the activation-space analogue
     of TRAK's ``(X^T X)^(-1)`` preconditioner, so no single high-variance direction dominates.
 
-    It needs a pool of more rows than dimensions: a covariance of ``n <= d`` rows is singular,
-    and in the ``d - n + 1`` directions no pool row varies along, the ridge alone divides, so
-    the query's part there, which no pool row shares, dominates its whitened direction
-    (registered ``full_rank``; ``auto`` does not offer it on such a pool).
+    It needs a pool of many more rows than dimensions: a covariance of ``n <= d`` rows is
+    singular, and in the ``d - n + 1`` directions no pool row varies along, the ridge alone
+    divides, so the query's part there, which no pool row shares, dominates its whitened
+    direction; a little above ``d`` rows the smallest eigenvalues are still close to zero
+    (registered ``full_rank``; ``auto`` offers it from
+    :data:`~lensattr.select.ROWS_PER_DIMENSION` rows a dimension).
     """
     m = _pool(rows, ctx)
     x = (rows - m.mean32) @ m.whitener.T  # W (phi - mu), row by row
