@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -43,9 +43,12 @@ class Model:
     lm: Any = None
     bridge: Any = None
     _fingerprint: dict[str, str] | None = field(default=None, repr=False)
-    cuts_prompt: ClassVar[bool] = False
-    """Whether its capture with ``keep_prompt=False`` cuts each row at its prompt's end (then
-    gradient builds batch rows of similar reply length)."""
+
+    @property
+    def cuts_prompt(self) -> bool:
+        """Whether its gradient capture with ``keep_prompt=False`` cuts each row at its own
+        prompt's end (then gradient builds batch rows of similar reply length)."""
+        return False
 
     @property
     def n_layers(self) -> int:

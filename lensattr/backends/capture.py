@@ -27,7 +27,7 @@ TransformerLens one.
 import contextlib
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -102,7 +102,11 @@ class NnsightModel(Model):
     The module paths of its sites are found once, at the first capture (:attr:`paths`).
     """
 
-    cuts_prompt: ClassVar[bool] = True
+    @property
+    def cuts_prompt(self) -> bool:
+        """True, unless the model's cache keeps a sliding window (then every row is cut at the
+        batch's shortest prompt)."""
+        return not has_sliding_window(self.hf.config)
 
     @cached_property
     def paths(self) -> ModulePaths:
@@ -134,8 +138,7 @@ def capture_nnsight(
     # The parameters are frozen for the capture only: a user's model is left as it was.
     with frozen(model.hf):
         if not keep_prompt:  # a gradient capture cuts each row at its own prompt's end
-            per_row = grad and not has_sliding_window(model.hf.config)
-            split = split_prompts(model, batch, per_row=per_row)
+            split = split_prompts(model, batch, per_row=grad and model.cuts_prompt)
             if split is not None:
                 ids, mask, attention = split.input_ids, split.mask, split.attention_mask
                 kwargs |= {"position_ids": split.position_ids, cache_keyword(model.hf): split.cache}

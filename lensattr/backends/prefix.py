@@ -198,7 +198,7 @@ def _run_prefix(model: Any, prefixes: list[torch.Tensor]) -> tuple[Any, torch.Te
         laid: list[tuple[torch.Tensor, torch.Tensor]] = []
         for group in groups:
             kv, _ = _call(model, base, [unique[j] for j in group], shared, opening)
-            if not laid:
+            if not laid:  # every row's columns start with the shared opening
                 laid = [
                     (
                         _zeros(layer.keys, len(unique), columns),
@@ -206,9 +206,10 @@ def _run_prefix(model: Any, prefixes: list[torch.Tensor]) -> tuple[Any, torch.Te
                     )
                     for layer in kv.layers
                 ]
+                for (k_all, v_all), layer in zip(laid, kv.layers, strict=True):
+                    k_all[:, ..., :shared, :] = layer.keys[:1, ..., :shared, :]
+                    v_all[:, ..., :shared, :] = layer.values[:1, ..., :shared, :]
             for (k_all, v_all), layer in zip(laid, kv.layers, strict=True):
-                k_all[:, ..., :shared, :] = layer.keys[:1, ..., :shared, :]
-                v_all[:, ..., :shared, :] = layer.values[:1, ..., :shared, :]
                 for row, j in enumerate(group):  # right-aligned: each row's rest ends at the cut
                     span = slice(shared, shared + rest[j])
                     k_all[j, ..., columns - rest[j] :, :] = layer.keys[row, ..., span, :]
