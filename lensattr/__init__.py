@@ -26,7 +26,7 @@ from lensattr.backends.capture import LayerActs, capture
 from lensattr.backends.models import Model, load_model
 from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, Pair, load_examples, load_pairs
-from lensattr.metrics import pool_metrics
+from lensattr.metrics import pool_metrics, pool_metrics_difference
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
 from lensattr.registry import register_phi, register_psi, register_score
@@ -49,6 +49,7 @@ __all__ = [
     "candidates",
     "pair_stats",
     "pool_metrics",
+    "pool_metrics_difference",
     "select",
     "select_then_cache",
     "Cache",

@@ -90,3 +90,35 @@ def test_pick_pairs_draws_a_seeded_subset_in_file_order(tmp_path):
         (p["id"] for p in got), key=lambda x: int(x[1:])
     )
     assert set(got[0]) == {"id", "prompt", "treatment", "control"}
+
+
+def test_results_compare_each_lensattr_method_with_bergsons_best_mode_on_the_same_resamples(
+    capsys,
+):
+    import torch
+
+    import lensattr
+
+    labels = torch.tensor([1, 1, 1, 0, 0, 0] + [-1] * 14)
+    truth = (labels == 1).double()
+    gen = torch.Generator().manual_seed(0)
+
+    def method(noise: float) -> dict:
+        s = truth + noise * torch.randn(len(labels), generator=gen, dtype=torch.float64)
+        return {"pipeline_s": 1.0, **lensattr.pool_metrics(s, labels), "scores": s.tolist()}
+
+    bergson = {"bergson dot": method(3.0), "bergson unit": method(0.1)}  # unit: the best mode
+    full = {"lensattr auto (x @ 1)": method(0.7)}
+    run = {"build_s": 1.0, "pipeline_s": 1.0, "peak_rss_mb": 1, "build_peak_rss_mb": 1, "bytes": 1}
+    runs = {"full": [{**run, "methods": full}], "bergson": [{**run, "methods": bergson}]}
+    bench_peers().print_results(runs, labels)
+    out = capsys.readouterr().out
+    assert "lensattr minus bergson unit" in out
+    d = lensattr.pool_metrics_difference(
+        torch.tensor(full["lensattr auto (x @ 1)"]["scores"]),
+        torch.tensor(bergson["bergson unit"]["scores"]),
+        labels,
+    )
+    line = next(x for x in out.splitlines() if x.startswith("lensattr auto") and "[" in x)
+    assert f"P@3 {d['p_at_k']:+.2f} [{d['p_at_k_ci'][0]:+.2f}, {d['p_at_k_ci'][1]:+.2f}]" in line
+    assert f"AP {d['ap']:+.3f} [{d['ap_ci'][0]:+.3f}, {d['ap_ci'][1]:+.3f}]" in line

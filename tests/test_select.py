@@ -7,7 +7,12 @@ import torch
 
 import lensattr
 from lensattr import registry
-from lensattr.metrics import average_precision, pool_metrics, precision_at_k
+from lensattr.metrics import (
+    average_precision,
+    pool_metrics,
+    pool_metrics_difference,
+    precision_at_k,
+)
 from lensattr.moments import Moments, ScoreContext, pool_moments
 from lensattr.query import Query, QueryError, heldout_accuracy, pair_stats
 from lensattr.select import Method, candidates, evaluate, select
@@ -49,6 +54,36 @@ def test_pool_metrics_headline_and_secondary_columns():
     assert 0 <= m["p_at_k_ci"][0] <= m["p_at_k"] <= m["p_at_k_ci"][1] <= 1
     with pytest.raises(ValueError, match="label-1"):
         pool_metrics(s, torch.full((7,), -1))
+
+
+def test_pool_metrics_difference_is_paired_on_the_same_resamples():
+    gen = torch.Generator().manual_seed(0)
+    lab = torch.tensor([1] * 12 + [0] * 12 + [-1] * 76)
+    truth = (lab == 1).double()
+    a = truth + 0.8 * torch.randn(100, generator=gen, dtype=torch.float64)
+    b = truth + 1.5 * torch.randn(100, generator=gen, dtype=torch.float64)
+    d = pool_metrics_difference(a, b, lab, n_boot=300, seed=4)
+    # the point values are the two rankings' own metrics, subtracted
+    ma, mb = pool_metrics(a, lab), pool_metrics(b, lab)
+    assert d["k"] == 12
+    assert d["p_at_k"] == pytest.approx(ma["p_at_k"] - mb["p_at_k"])
+    assert d["ap"] == pytest.approx(ma["ap"] - mb["ap"])
+    # pairing: each resample scores both rankings, so swapping them mirrors every interval
+    # exactly, and a ranking against itself differs by exactly zero on every resample
+    r = pool_metrics_difference(b, a, lab, n_boot=300, seed=4)
+    assert r["ap_ci"] == pytest.approx([-d["ap_ci"][1], -d["ap_ci"][0]])
+    assert r["p_at_k_ci"] == pytest.approx([-d["p_at_k_ci"][1], -d["p_at_k_ci"][0]])
+    z = pool_metrics_difference(a, a, lab, n_boot=50)
+    assert z["p_at_k_ci"] == [0.0, 0.0] and z["ap_ci"] == [0.0, 0.0]
+    # the paired interval is narrower than the two rankings' own intervals put together, and a
+    # ranking that puts every label-1 example first beats the noisy one on every resample
+    ia, ib = pool_metrics(a, lab, n_boot=300, seed=4), pool_metrics(b, lab, n_boot=300, seed=4)
+    width = d["ap_ci"][1] - d["ap_ci"][0]
+    assert width < (ia["ap_ci"][1] - ia["ap_ci"][0]) + (ib["ap_ci"][1] - ib["ap_ci"][0])
+    perfect = pool_metrics_difference(truth, b, lab, n_boot=100)
+    assert perfect["ap_ci"][0] > 0
+    with pytest.raises(ValueError, match="one value per pool example"):
+        pool_metrics_difference(a, b[:-1], lab)
 
 
 # ----------------------------------------------------------------------------- cache fixture
