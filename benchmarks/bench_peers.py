@@ -234,6 +234,7 @@ def main() -> int:
         )
         what = f"{args.data} pool: {args.clean} clean + {2 * args.plants} plants (seed {args.seed})"
     labels = torch.tensor([r.get("label", -1) for r in rows])
+    (work / "labels.json").write_text(json.dumps(labels.tolist()))  # for peers_paired.py
     train = write_jsonl(
         work / "train.jsonl", [{"id": r["id"], "messages": r["messages"]} for r in rows]
     )

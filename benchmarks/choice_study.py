@@ -3,6 +3,7 @@
     python benchmarks/choice_study.py --bench runs/pool          # a lensattr bench output
     python benchmarks/choice_study.py --cache C --pairs P.safetensors --labels L.json --name X
     python benchmarks/choice_study.py ... --in-sample      # pairs inside the pool's moments
+    python benchmarks/choice_study.py ... --cells OUT.json --layer-sets   # reuse --out's cells
 
 For every candidate ``psi|stat|score`` at every cached layer this scores the held-out folds exactly
 as :func:`lensattr.select` does (:func:`lensattr.criterion.fold_scores`, pairs and unlabelled pool
@@ -16,6 +17,11 @@ best layer) and the table prints the precision@k of what it chose.
 ``--labels`` is a JSON list of one label per cache row (1 behaviour, 0 decoy, -1 clean).
 ``--in-sample`` puts every pair side into the pool's moments, so the held-out treatments are
 scored in sample, as the pool's own behaviour examples are in the final ranking.
+
+The row "diagnosis: select, label-1 rows not neg." is no rule ``select`` could follow: it reads
+the labels to leave the pool's own behaviour examples out of the criterion's negatives, which
+tells whether those examples (unlabelled, so counted against a method that ranks them high)
+are what misled the choice.
 """
 
 import argparse
@@ -44,13 +50,16 @@ def _log_rank(t: torch.Tensor, neg: torch.Tensor) -> float:
     return float(-r.log().mean() / torch.log(torch.tensor(len(neg) + 1.0)))
 
 
-def criteria(fs: Any) -> dict[str, float]:
-    """Every criterion of one candidate at one layer, averaged over the folds."""
+def criteria(fs: Any, labels: torch.Tensor) -> dict[str, float]:
+    """Every criterion of one candidate at one layer, averaged over the folds. ``ap_oracle``
+    is a diagnosis, not a rule ``select`` could use: ``select``'s criterion with the pool's own
+    behaviour examples (label 1, read from ``labels``) left out of the negatives."""
     out: dict[str, list[float]] = defaultdict(list)
     for f in range(len(fs.tests)):
         pool, t, c = fs.heldout(f)
         neg = torch.cat([pool, c])
         out["ap_all"].append(heldout_ap(t, neg))
+        out["ap_oracle"].append(heldout_ap(t, torch.cat([pool[labels != 1], c])))
         out["ap_pool"].append(heldout_ap(t, pool))
         out["ap_ctrl"].append(heldout_ap(t, c))
         out["auc_ctrl"].append(float((t[:, None] > c[None, :]).double().mean()))
@@ -64,7 +73,7 @@ RULES: dict[str, Callable[[dict[str, float]], float]] = {
     "AP among pool x AUROC vs controls": lambda c: c["ap_pool"] * c["auc_ctrl"],
     "min(AP among pool, AP vs controls)": lambda c: min(c["ap_pool"], c["ap_ctrl"]),
     "AUROC vs pool x AUROC vs controls": lambda c: c["auc_pool"] * c["auc_ctrl"],
-    "log-rank among pool + controls": lambda c: c["log_rank"],
+    "log-rank among pool + controls": lambda c: c.get("log_rank"),
 }
 
 
@@ -91,6 +100,8 @@ def with_pairs_in_moments(ps: Any) -> Callable[..., Moments]:
 
 def study(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool) -> list[dict]:
     methods = S.candidates(cache.stats)  # every candidate, whatever select would leave out
+    if len(labels) > S.POOL_SAMPLE:  # select would score a sample: labels no longer line up
+        raise SystemExit(f"choice_study: pools over {S.POOL_SAMPLE} rows are not supported")
     if in_sample:
         moments = with_pairs_in_moments(ps)
         S.pool_moments = moments
@@ -98,7 +109,7 @@ def study(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool)
         S.ScoreContext = lambda c, s, la: real_ctx(pool=moments(c, s, la))
     try:
         cells = [
-            {"method": str(fs.method), "layer": fs.layer, **criteria(fs)}
+            {"method": str(fs.method), "layer": fs.layer, **criteria(fs, labels)}
             for fs in S.fold_scores(ps, cache, methods, cache.layers, rows=rows)
         ]
     finally:
@@ -116,6 +127,45 @@ def study(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool)
     return cells
 
 
+def layer_sets(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, method: str) -> dict:
+    """``method`` at its best layer and at the mean of its scores over a set of layers: its
+    3 and 5 layers of highest criterion, and every layer. The criterion of a set comes from the
+    mean of its layers' fold scores (the same folds), its P@k from the mean of their rankings."""
+    m = S.Method.parse(method)
+    fss = {fs.layer: fs for fs in S.fold_scores(ps, cache, [m], cache.layers, rows=rows)}
+    crit = {layer: fs.criterion() for layer, fs in fss.items()}
+    by_crit = sorted(crit, key=lambda la: (-crit[la], -la))
+    idx = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
+    q = lensattr.behavior_query(
+        None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
+    )
+    out = {}
+    for name, layers in {
+        "best layer": by_crit[:1],
+        "top 3": by_crit[:3],
+        "top 5": by_crit[:5],
+        "all": by_crit,
+    }.items():
+        fs = [fss[la] for la in layers]
+        mean = S.FoldScores(  # the fold scores of the mean over the layers
+            m,
+            -1,
+            *(
+                torch.stack([getattr(f, a) for f in fs]).mean(0)
+                for a in ("pool", "treatment", "control")
+            ),
+            fs[0].tests,
+        )
+        s = torch.stack(
+            [
+                lensattr.rank(cache, q, layer=la, rows=idx, top_k=None).scores_of(idx)
+                for la in layers
+            ]
+        ).mean(0)
+        out[name] = {"layers": layers, "criterion": mean.criterion(), **pool_metrics(s, labels)}
+    return out
+
+
 def offered_by_select(cell: dict[str, Any], cache: Any) -> bool:
     """Whether :func:`lensattr.select` offers this candidate by default on ``cache``."""
     score = lensattr.registry.get_score(S.Method.parse(cell["method"]).score)
@@ -131,6 +181,10 @@ def main() -> None:
     ap.add_argument("--name", default="behaviour")
     ap.add_argument("--in-sample", action="store_true")
     ap.add_argument("--out", help="also write every cell as JSON here")
+    ap.add_argument("--cells", help="read the cells from an earlier --out instead of scoring")
+    ap.add_argument(
+        "--layer-sets", action="store_true", help="select's method over sets of its layers"
+    )
     args = ap.parse_args()
     setups: dict[str, tuple[Any, Any, Any, torch.Tensor]] = {}
     if args.bench:
@@ -145,12 +199,17 @@ def main() -> None:
         cache = lensattr.open_cache(args.cache)
         labels = torch.tensor(json.loads(Path(args.labels).read_text()))
         setups[args.name] = (cache, lensattr.PairStats.load(args.pairs), None, labels)
-    cells = {name: study(*setup, args.in_sample) for name, setup in setups.items()}
+    if args.cells:
+        cells = json.loads(Path(args.cells).read_text())
+    else:
+        cells = {name: study(*setup, args.in_sample) for name, setup in setups.items()}
     if args.out:
         Path(args.out).write_text(json.dumps(cells))
     names = list(cells)
     print(f"{'rule (P@k of its choice)':40s}" + "".join(f"{n[:11]:>12s}" for n in names))
     for rule_name, rule in RULES.items():
+        if not all(rule(c) is not None for n in names for c in cells[n][:1]):
+            continue  # cells written before this criterion was recorded
         row = [choose(cells[n], rule)["p_at_k"] for n in names]
         print(f"{rule_name:40s}" + "".join(f"{p:12.2f}" for p in row))
     offered = {n: [c for c in cells[n] if offered_by_select(c, setups[n][0])] for n in names}
@@ -158,12 +217,26 @@ def main() -> None:
         choose(offered[n], RULES["select before (AP, pool + controls)"])["p_at_k"] for n in names
     ]
     print(f"{'select now (full-rank scores: n >= 4d)':40s}" + "".join(f"{p:12.2f}" for p in row))
+    if all("ap_oracle" in c for n in names for c in cells[n]):
+        row = [choose(offered[n], lambda c: c["ap_oracle"])["p_at_k"] for n in names]
+        print(
+            f"{'diagnosis: select, label-1 rows not neg.':40s}" + "".join(f"{p:12.2f}" for p in row)
+        )
     print(f"{'hindsight (best cell)':40s}" + "".join(
         f"{max(c['p_at_k'] for c in cells[n]):12.2f}" for n in names))  # fmt: skip
     choice = {n: choose(offered[n], RULES["select before (AP, pool + controls)"]) for n in names}
     for n in names:
         c = choice[n]
         print(f"{n}: select chooses {c['method']} L{c['layer']} (P@k {c['p_at_k']:.2f})")
+    if not args.layer_sets:
+        return
+    head = "select's method over its layers"
+    print(f"\n{head:34s}{'criterion':>10s}{'P@k':>6s}{'AP':>7s}")
+    for n in names:
+        sets = layer_sets(*setups[n], choice[n]["method"])
+        print(f"{n} ({choice[n]['method']})")
+        for name, r in sets.items():
+            print(f"  {name:32s}{r['criterion']:10.3f}{r['p_at_k']:6.2f}{r['ap']:7.3f}")
 
 
 if __name__ == "__main__":

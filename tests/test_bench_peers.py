@@ -122,3 +122,43 @@ def test_results_compare_each_lensattr_method_with_bergsons_best_mode_on_the_sam
     line = next(x for x in out.splitlines() if x.startswith("lensattr auto") and "[" in x)
     assert f"P@3 {d['p_at_k']:+.2f} [{d['p_at_k_ci'][0]:+.2f}, {d['p_at_k_ci'][1]:+.2f}]" in line
     assert f"AP {d['ap']:+.3f} [{d['ap_ci'][0]:+.3f}, {d['ap_ci'][1]:+.3f}]" in line
+
+
+def test_peers_paired_reads_a_finished_run_and_rebuilds_old_runs_labels(tmp_path):
+    import torch
+
+    import lensattr
+
+    pp = load_benchmark("peers_paired")
+    ids = ["clean/a", "medhallu/p1", "clean/b", "medhallu/p2", "medhallu/p3", "clean/c"]
+    labels = [-1, 1, -1, 0, 1, -1]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    plants = tmp_path / "shared" / "behaviors" / "medhallu"
+    plants.mkdir(parents=True)
+    rows = [{"id": "p1", "label": 1}, {"id": "p2", "label": 0}, {"id": "p3", "label": 1}]
+    (plants / "plant.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # an older run has no labels.json: they come from the shared plants, by id
+    got = pp.pool_labels(tmp_path, "medhallu", tmp_path / "shared")
+    assert got.tolist() == labels
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    mine = [0.1, 0.9, 0.2, 0.3, 0.8, 0.0]
+    bergson = {"dot": [0.9, 0.1, 0.2, 0.3, 0.8, 0.0], "unit": [0.1, 0.9, 0.8, 0.3, 0.2, 0.0]}
+    (tmp_path / "full-0.json").write_text(
+        json.dumps({"results": {"auto": {"choice": "x @ 1", "scores": mine}}})
+    )
+    (tmp_path / "bergson-0-scores.json").write_text(json.dumps({"scores": bergson}))
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "peers_paired.py"), "--work", str(tmp_path),
+         "--n-boot", "50"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lab = torch.tensor(labels)
+    best = "unit"  # P@2 0.5, AP 0.75 against dot's 0.5, 0.45
+    d = lensattr.pool_metrics_difference(
+        torch.tensor(mine), torch.tensor(bergson[best]), lab, n_boot=50
+    )
+    assert f"minus bergson {best}" in res.stdout
+    line = res.stdout.splitlines()[-1]
+    assert line.startswith("auto (x @ 1)") and f"P@2 {d['p_at_k']:+.2f}" in line
+    assert f"[{d['ap_ci'][0]:+.3f}, {d['ap_ci'][1]:+.3f}]" in line

@@ -28,6 +28,17 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     crit = {(r["method"], r["layer"]): r["criterion"] for r in sel.table}
     assert all(abs(c["ap_all"] - crit[(c["method"], c["layer"])]) < 1e-9 for c in offered)
     assert all(0 <= c["p_at_k"] <= 1 and 0 <= c["log_rank"] <= 1 for c in cells)
+    # the diagnosis leaves the label-1 row out of the negatives: no treatment can rank lower
+    assert all(c["ap_oracle"] >= c["ap_all"] - 1e-12 for c in cells)
+    assert any(c["ap_oracle"] > c["ap_all"] for c in cells)
+    # layer sets: a one-layer set is the cell itself; every set is scored on the same folds
+    sets = cs.layer_sets(cache, ps, None, labels, str(sel.method))
+    best = sets["best layer"]
+    assert best["layers"] == [sel.layer]
+    assert abs(best["criterion"] - crit[(str(sel.method), sel.layer)]) < 1e-9
+    cell = next(c for c in cells if (c["method"], c["layer"]) == (str(sel.method), sel.layer))
+    assert (best["p_at_k"], best["ap"]) == (cell["p_at_k"], cell["ap"])
+    assert sorted(sets["all"]["layers"]) == [1, 3]
     # in-sample moments: exactly those of the pool's rows and every pair side together
     m = cs.with_pairs_in_moments(ps)(cache, "resid_post", 3)
     rows = torch.cat([cache.stat("resid_post", 3)[:].double(), *ps.sides("resid_post", 3)])
