@@ -50,6 +50,24 @@ def _log_rank(t: torch.Tensor, neg: torch.Tensor) -> float:
     return float(-r.log().mean() / torch.log(torch.tensor(len(neg) + 1.0)))
 
 
+def _ap_pu(pool: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+    """``select``'s AP with the pool's share of behaviour examples estimated from the scores and
+    taken out of the negatives (positive-unlabelled learning): ``pi`` = the smallest ratio, over
+    the held-out treatments' scores ``tau``, of the pool's fraction at or above ``tau`` to the
+    treatments' (an upper bound on the share, tight where only behaviour examples score so
+    high); above the ``j``-th treatment, ``pi n j / m`` pool rows are taken to be the behaviour's.
+    With a few held-out treatments a fold the estimate is coarse: one treatment above every pool
+    row makes it 0 (then this is ``select``'s AP).
+    """
+    n, m = len(pool), len(t)
+    ts = t.double().sort(descending=True).values
+    above = (pool.double()[None, :] >= ts[:, None]).sum(1).double()
+    j = torch.arange(1, m + 1, dtype=torch.float64)
+    pi = float((above / n / (j / m)).min().clamp(0, 1))
+    neg = (above - pi * n * j / m).clamp(min=0) + (c.double()[None, :] >= ts[:, None]).sum(1)
+    return float((j / (j + neg)).mean())
+
+
 def criteria(fs: Any, labels: torch.Tensor) -> dict[str, float]:
     """Every criterion of one candidate at one layer, averaged over the folds. ``ap_oracle``
     is a diagnosis, not a rule ``select`` could use: ``select``'s criterion with the pool's own
@@ -65,6 +83,7 @@ def criteria(fs: Any, labels: torch.Tensor) -> dict[str, float]:
         out["auc_ctrl"].append(float((t[:, None] > c[None, :]).double().mean()))
         out["auc_pool"].append(float((t[:, None] > pool[None, :]).double().mean()))
         out["log_rank"].append(_log_rank(t, neg))
+        out["ap_pu"].append(_ap_pu(pool, t, c))
     return {k: sum(v) / len(v) for k, v in out.items()} | {"accuracy": fs.accuracy()}
 
 
@@ -74,6 +93,7 @@ RULES: dict[str, Callable[[dict[str, float]], float]] = {
     "min(AP among pool, AP vs controls)": lambda c: min(c["ap_pool"], c["ap_ctrl"]),
     "AUROC vs pool x AUROC vs controls": lambda c: c["auc_pool"] * c["auc_ctrl"],
     "log-rank among pool + controls": lambda c: c.get("log_rank"),
+    "AP, pool's behaviour share estimated (PU)": lambda c: c.get("ap_pu"),
 }
 
 

@@ -4,6 +4,7 @@ computations), and its in-sample moments are the moments of the pool plus the pa
 
 import importlib
 
+import pytest
 import torch
 
 import lensattr
@@ -54,3 +55,22 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     assert crit_in[cos] == crit[cos]  # a score without the pool's moments is unchanged
     criterion = importlib.import_module("lensattr.criterion")
     assert criterion.pool_moments is pool_moments  # the patch is undone
+
+
+def test_the_pu_corrected_criterion_takes_the_pools_behaviour_share_out_of_the_negatives():
+    from lensattr.criterion import heldout_ap
+
+    cs = load_benchmark("choice_study")
+    t = torch.tensor([5.0, 4.0, 3.0, 2.0])  # held-out treatments
+    c = torch.tensor([0.5, 0.4, 0.3, 0.2])
+    clean = torch.linspace(-3.0, 1.0, 88)
+    # the pool's top treatment scores above every pool row: no share can be estimated, and the
+    # criterion is select's
+    assert cs._ap_pu(clean, t, c) == pytest.approx(heldout_ap(t, torch.cat([clean, c])))
+    # twelve pool rows distributed as the treatments (the pool's own behaviour examples,
+    # unlabelled): the share is estimated at 12 / 100 and they leave the negatives, so the
+    # criterion is what it would be without them
+    own = t.repeat_interleave(3) + 1e-3  # three just above each treatment
+    pool = torch.cat([clean, own])
+    assert heldout_ap(t, torch.cat([pool, c])) < cs._ap_pu(pool, t, c)
+    assert cs._ap_pu(pool, t, c) == pytest.approx(heldout_ap(t, torch.cat([clean, c])))
