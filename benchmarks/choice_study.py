@@ -88,7 +88,7 @@ def criteria(fs: Any, labels: torch.Tensor) -> dict[str, float]:
 
 
 RULES: dict[str, Callable[[dict[str, float]], float]] = {
-    "select before (AP, pool + controls)": lambda c: c["ap_all"],
+    "select (AP among pool + controls)": lambda c: c["ap_all"],
     "AP among pool x AUROC vs controls": lambda c: c["ap_pool"] * c["auc_ctrl"],
     "min(AP among pool, AP vs controls)": lambda c: min(c["ap_pool"], c["ap_ctrl"]),
     "AUROC vs pool x AUROC vs controls": lambda c: c["auc_pool"] * c["auc_ctrl"],
@@ -226,25 +226,23 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(cells))
     names = list(cells)
-    print(f"{'rule (P@k of its choice)':40s}" + "".join(f"{n[:11]:>12s}" for n in names))
-    for rule_name, rule in RULES.items():
-        if not all(rule(c) is not None for n in names for c in cells[n][:1]):
-            continue  # cells written before this criterion was recorded
-        row = [choose(cells[n], rule)["p_at_k"] for n in names]
-        print(f"{rule_name:40s}" + "".join(f"{p:12.2f}" for p in row))
     offered = {n: [c for c in cells[n] if offered_by_select(c, setups[n][0])] for n in names}
-    row = [
-        choose(offered[n], RULES["select before (AP, pool + controls)"])["p_at_k"] for n in names
-    ]
-    print(f"{'select now (full-rank scores: n >= 4d)':40s}" + "".join(f"{p:12.2f}" for p in row))
+    for title, pool in (("every candidate", cells), ("the candidates select offers", offered)):
+        print(
+            f"{'rule (P@k of its choice), ' + title:48s}" + "".join(f"{n[:11]:>12s}" for n in names)
+        )
+        for rule_name, rule in RULES.items():
+            if not all(rule(c) is not None for n in names for c in cells[n][:1]):
+                continue  # cells written before this criterion was recorded
+            row = [choose(pool[n], rule)["p_at_k"] for n in names]
+            print(f"{rule_name:48s}" + "".join(f"{p:12.2f}" for p in row))
     if all("ap_oracle" in c for n in names for c in cells[n]):
         row = [choose(offered[n], lambda c: c["ap_oracle"])["p_at_k"] for n in names]
-        print(
-            f"{'diagnosis: select, label-1 rows not neg.':40s}" + "".join(f"{p:12.2f}" for p in row)
-        )
-    print(f"{'hindsight (best cell)':40s}" + "".join(
+        print(f"{'diagnosis: select, label-1 rows not negatives':48s}" + "".join(
+            f"{p:12.2f}" for p in row))  # fmt: skip
+    print(f"{'hindsight (best cell)':48s}" + "".join(
         f"{max(c['p_at_k'] for c in cells[n]):12.2f}" for n in names))  # fmt: skip
-    choice = {n: choose(offered[n], RULES["select before (AP, pool + controls)"]) for n in names}
+    choice = {n: choose(offered[n], RULES["select (AP among pool + controls)"]) for n in names}
     for n in names:
         c = choice[n]
         print(f"{n}: select chooses {c['method']} L{c['layer']} (P@k {c['p_at_k']:.2f})")

@@ -1,6 +1,7 @@
-"""benchmarks/choice_study.py: its "select now" rule reproduces select's table and choice (from
-the same fold scores and choice rule, which tests/test_select.py checks against direct
-computations), and its in-sample moments are the moments of the pool plus the pairs."""
+"""benchmarks/choice_study.py: its "select" rule among the candidates select offers reproduces
+select's table and choice (from the same fold scores and choice rule, which
+tests/test_select.py checks against direct computations), and its in-sample moments are the
+moments of the pool plus the pairs."""
 
 import importlib
 
@@ -24,7 +25,7 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     sel = lensattr.select(tiny, cache, ps)
     offered = [c for c in cells if cs.offered_by_select(c, cache)]
     assert {c["method"] for c in offered} == {r["method"] for r in sel.table}
-    got = cs.choose(offered, cs.RULES["select before (AP, pool + controls)"])
+    got = cs.choose(offered, cs.RULES["select (AP among pool + controls)"])
     assert (got["method"], got["layer"]) == (str(sel.method), sel.layer)
     crit = {(r["method"], r["layer"]): r["criterion"] for r in sel.table}
     assert all(abs(c["ap_all"] - crit[(c["method"], c["layer"])]) < 1e-9 for c in offered)
