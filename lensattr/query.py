@@ -27,7 +27,7 @@ from lensattr.data import Pair, load_pairs
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
-from lensattr.render import collate, encode
+from lensattr.render import collate, encode, length_batches
 from lensattr.store.cache import Cache, CacheError, open_cache, resolve_layers
 from lensattr.types import LayerActs, Vec
 
@@ -129,7 +129,8 @@ def pair_stats(
     """Capture the statistics ``stats`` of every pair's two replies at ``layers`` (one pass).
 
     ``batch_size`` counts sequences, as in :func:`~lensattr.build_cache`: a batch holds
-    ``batch_size // 2`` pairs, grouped by length to limit padding.
+    ``batch_size // 2`` pairs, grouped by length to limit padding (by reply length where the
+    backend starts each row's backward at its own prompt's end, as :func:`~lensattr.build_cache`).
 
     Examples:
         >>> pairs = [{"prompt": "Is 2+2=5?", "treatment": "Yes!", "control": "No, 4."}]
@@ -147,8 +148,6 @@ def pair_stats(
     pooling = pooling_of(phis)  # before any work: statistics captured together share one
     layer_list = resolve_layers(layers, model.n_layers)
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
-    longest = [max(len(e.ids) for e in pair) for pair in encs]
-    order = sorted(range(len(pair_list)), key=lambda i: -longest[i])
     per = max(1, batch_size // 2)
     n, d = len(pair_list), model.d_model
     out = {
@@ -158,10 +157,13 @@ def pair_stats(
     sites = tuple(dict.fromkeys(s for p in phis for s in p.sites))
     need_grad = any(p.needs_grad for p in phis)
     keep_prompt = any(p.reads_prompt for p in phis)
+    # a pair's two sides share their prompt, so its longer side is its longer reply: batches of
+    # similar reply length where each row's graph starts at its own prompt's end, as in a build
+    by_reply = need_grad and not keep_prompt and model.cuts_prompt
+    longer = [max(pair, key=lambda e: len(e.ids)) for pair in encs]
     bar = Progress(n, "query pairs", "pair", progress)
     with openings_kept():  # the template's system prompt runs once
-        for i in range(0, n, per):
-            idx = order[i : i + per]
+        for idx in length_batches(longer, per, by_reply=by_reply):
             batch = collate(
                 [e for j in idx for e in encs[j]], model.pad_id, padding_side, str(model.device)
             )

@@ -382,6 +382,41 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
             assert rel(t, want[0::2]) < 1e-5 and rel(c, want[1::2]) < 1e-5, (stat, layer)
 
 
+def test_pairs_are_batched_by_reply_length_and_each_keeps_its_own_rows(tiny, pair_records):
+    """With each row's backward starting at its own prompt's end, ``pair_stats`` batches pairs of
+    similar reply length (a batch's graph is its rows x its longest reply, as in a build), and
+    every pair's statistics stay those of a capture of that pair alone."""
+    from lensattr import pair_stats
+    from lensattr.data import load_pairs
+
+    assert tiny.cuts_prompt
+    pairs = load_pairs(pair_records)
+    reply = [
+        max(len(e.ids) - e.n_prompt for e in (encode(tiny.tokenizer, ex, None) for ex in p.sides()))
+        for p in pairs
+    ]
+    widths: list[int] = []
+
+    def graph(mod, args, kwargs):
+        if torch.is_grad_enabled():  # the traced pass: each row's continuation
+            widths.append(int(kwargs["input_ids"].shape[1]))
+
+    handle = tiny.hf.model.register_forward_pre_hook(graph, with_kwargs=True)
+    try:
+        got = pair_stats(tiny, pair_records, stats=list(STATS), layers=[1, 3], batch_size=4)
+    finally:
+        handle.remove()
+    by_reply = sorted(reply, reverse=True)
+    assert widths == [by_reply[i] + 1 for i in range(0, len(pairs), 2)]  # + the cut position
+    for k, rec in enumerate(pair_records):
+        alone = pair_stats(tiny, [rec], stats=list(STATS), layers=[1, 3], batch_size=2)
+        for layer in (1, 3):
+            for stat in STATS:
+                for side in (0, 1):
+                    a = got.sides(stat, layer)[side][k : k + 1]
+                    assert rel(a, alone.sides(stat, layer)[side]) < 1e-5, (k, stat, layer)
+
+
 def test_a_build_runs_the_shared_opening_once(tiny, train_records, tmp_path):
     """Inside one build the opening every prompt shares (the template's system prompt) runs in
     the first batch only; later batches continue from its kept keys and values, and the rows
