@@ -3,6 +3,7 @@
     python benchmarks/choice_study.py --bench runs/pool          # a lensattr bench output
     python benchmarks/choice_study.py --cache C --pairs P.safetensors --labels L.json --name X
     python benchmarks/choice_study.py ... --in-sample      # pairs inside the pool's moments
+    python benchmarks/choice_study.py ... --fold-in        # each fold's held-out sides only
     python benchmarks/choice_study.py ... --cells OUT.json --layer-sets   # reuse --out's cells
 
 For every candidate ``psi|stat|score`` at every cached layer this scores the held-out folds exactly
@@ -28,7 +29,7 @@ import argparse
 import importlib
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,21 +108,60 @@ def with_pairs_in_moments(ps: Any) -> Callable[..., Moments]:
     """A ``pool_moments`` whose moments also hold every pair side of ``ps``."""
 
     def moments(cache: Any, stat: str, layer: int) -> Moments:
-        m = pool_moments(cache, stat, layer)
-        x = torch.cat(ps.sides(stat, layer)).double()
-        n = m.n + len(x)
-        s1 = m.mean * m.n + x.sum(0)
-        s2 = m.cov * (m.n - 1) + m.n * torch.outer(m.mean, m.mean) + x.T @ x
-        mu = s1 / n
-        return Moments(mu, (s2 - n * torch.outer(mu, mu)) / (n - 1), n)
+        return _plus(pool_moments(cache, stat, layer), torch.cat(ps.sides(stat, layer)))
 
     return moments
 
 
-def study(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool) -> list[dict]:
+def _plus(m: Moments, x: torch.Tensor) -> Moments:
+    """The moments ``m`` with the rows ``x`` added."""
+    x = x.double()
+    n = m.n + len(x)
+    s1 = m.mean * m.n + x.sum(0)
+    s2 = m.cov * (m.n - 1) + m.n * torch.outer(m.mean, m.mean) + x.T @ x
+    mu = s1 / n
+    return Moments(mu, (s2 - n * torch.outer(mu, mu)) / (n - 1), n)
+
+
+def fold_in_scores(ps: Any, cache: Any, methods: list, rows: Any) -> Iterator[Any]:
+    """:func:`lensattr.criterion.fold_scores` with each fold's held-out sides in the pool's
+    moments (``--fold-in``): fold ``f``'s query is fitted, and its pool and held-out sides scored,
+    with the moments of the pool plus those sides only. Only the held-out rows of ``treatment``
+    and ``control`` are filled (``FoldScores`` reads no others)."""
+    n = ps.n_pairs
+    folds = min(S.FOLDS, n)
+    tests = [torch.arange(k, n, folds) for k in range(folds)]
+    pool_rows = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
+    for m in methods:
+        psi, score = S.get_psi(m.psi), S.get_score(m.score)
+        for layer in cache.layers:
+            x = cache.stat(m.stat, layer)[pool_rows].float()
+            t, c = ps.sides(m.stat, layer)
+            base = pool_moments(cache, m.stat, layer)
+            sx = torch.empty(len(x), folds)
+            st, sc = torch.full((n, folds), torch.nan), torch.full((n, folds), torch.nan)
+            for f, te in enumerate(tests):
+                train = torch.ones(n, dtype=torch.bool)
+                train[te] = False
+                mom = _plus(base, torch.cat([t[te], c[te]]))
+                q = S.fit(psi, t[train], c[train], mom if psi.uses_pool else None)[:, None]
+                ctx = lensattr.moments.ScoreContext(pool=mom)
+                sx[:, f] = S._scores(score, x, q, ctx)[:, 0]
+                st[te, f] = S._scores(score, t[te], q, ctx)[:, 0]
+                sc[te, f] = S._scores(score, c[te], q, ctx)[:, 0]
+            yield S.FoldScores(m, layer, sx, st, sc, tests)
+
+
+def study(
+    cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool, fold_in: bool = False
+) -> list[dict]:
     methods = S.candidates(cache.stats)  # every candidate, whatever select would leave out
     if len(labels) > S.POOL_SAMPLE:  # select would score a sample: labels no longer line up
         raise SystemExit(f"choice_study: pools over {S.POOL_SAMPLE} rows are not supported")
+    if fold_in:
+        scored = fold_in_scores(ps, cache, methods, rows)
+    else:
+        scored = S.fold_scores(ps, cache, methods, cache.layers, rows=rows)
     if in_sample:
         moments = with_pairs_in_moments(ps)
         S.pool_moments = moments
@@ -129,8 +169,7 @@ def study(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool)
         S.ScoreContext = lambda c, s, la: real_ctx(pool=moments(c, s, la))
     try:
         cells = [
-            {"method": str(fs.method), "layer": fs.layer, **criteria(fs, labels)}
-            for fs in S.fold_scores(ps, cache, methods, cache.layers, rows=rows)
+            {"method": str(fs.method), "layer": fs.layer, **criteria(fs, labels)} for fs in scored
         ]
     finally:
         S.pool_moments, S.ScoreContext = pool_moments, lensattr.moments.ScoreContext
@@ -200,6 +239,7 @@ def main() -> None:
     ap.add_argument("--labels", help="JSON list: one label per cache row")
     ap.add_argument("--name", default="behaviour")
     ap.add_argument("--in-sample", action="store_true")
+    ap.add_argument("--fold-in", action="store_true", help="each fold's sides in the moments")
     ap.add_argument("--out", help="also write every cell as JSON here")
     ap.add_argument("--cells", help="read the cells from an earlier --out instead of scoring")
     ap.add_argument(
@@ -222,7 +262,9 @@ def main() -> None:
     if args.cells:
         cells = json.loads(Path(args.cells).read_text())
     else:
-        cells = {name: study(*setup, args.in_sample) for name, setup in setups.items()}
+        cells = {
+            name: study(*setup, args.in_sample, args.fold_in) for name, setup in setups.items()
+        }
     if args.out:
         Path(args.out).write_text(json.dumps(cells))
     names = list(cells)

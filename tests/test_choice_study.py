@@ -56,6 +56,13 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     assert crit_in[cos] == crit[cos]  # a score without the pool's moments is unchanged
     criterion = importlib.import_module("lensattr.criterion")
     assert criterion.pool_moments is pool_moments  # the patch is undone
+    # each fold's own sides in the moments: a score without the pool's moments is unchanged,
+    # one with them is not
+    fold_in = {
+        (c["method"], c["layer"]): c["ap_all"]
+        for c in cs.study(cache, ps, None, labels, False, True)
+    }
+    assert fold_in[cos] == crit[cos] and fold_in[key] != crit[key]
 
 
 def test_the_pu_corrected_criterion_takes_the_pools_behaviour_share_out_of_the_negatives():
