@@ -129,16 +129,17 @@ def pool_metrics_difference(
     """How much better one ranking of a pool finds the behaviour's examples than another.
 
     Two methods' precision@k on one pool each carry the pool's own luck; their difference is
-    judged on the same resamples of the pool (a paired bootstrap), which is much narrower than
-    two separate intervals. ``labels`` as in :func:`pool_metrics`. Returns ``p_at_k`` and ``ap``,
-    ``scores``'s minus ``baseline``'s on the whole pool, and their 95% paired bootstrap intervals
+    judged on the same resamples of the pool (a paired bootstrap), so the luck they share
+    cancels and the interval is usually much narrower than the two separate ones. ``labels``
+    as in :func:`pool_metrics`. Returns ``p_at_k`` and ``ap``, ``scores``'s minus
+    ``baseline``'s on the whole pool, and their 95% paired bootstrap intervals
     ``p_at_k_ci`` and ``ap_ci`` (``n_boot`` resamples of the examples within each label, both
     rankings scored on each).
 
     Examples:
         >>> lab = torch.tensor([1, 1, 0, -1, -1, -1])
         >>> a = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3, 0.0])  # both label-1 examples on top
-        >>> b = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.0])  # one of them below three others
+        >>> b = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.0])  # one of them below four others
         >>> d = pool_metrics_difference(a, b, lab, n_boot=200)
         >>> d["p_at_k"], round(d["ap"], 3)
         (0.5, 0.3)
