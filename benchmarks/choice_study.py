@@ -129,8 +129,8 @@ def fold_in_scores(ps: Any, cache: Any, methods: list, rows: Any) -> Iterator[An
     with the moments of the pool plus those sides only. Only the held-out rows of ``treatment``
     and ``control`` are filled (``FoldScores`` reads no others)."""
     n = ps.n_pairs
-    folds = min(S.FOLDS, n)
-    tests = [torch.arange(k, n, folds) for k in range(folds)]
+    split = S.interleaved_folds(n)  # select's folds
+    tests, folds = [te for te, _ in split], len(split)
     pool_rows = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
     for m in methods:
         psi, score = S.get_psi(m.psi), S.get_score(m.score)
@@ -140,9 +140,7 @@ def fold_in_scores(ps: Any, cache: Any, methods: list, rows: Any) -> Iterator[An
             base = pool_moments(cache, m.stat, layer)
             sx = torch.empty(len(x), folds)
             st, sc = torch.full((n, folds), torch.nan), torch.full((n, folds), torch.nan)
-            for f, te in enumerate(tests):
-                train = torch.ones(n, dtype=torch.bool)
-                train[te] = False
+            for f, (te, train) in enumerate(split):
                 mom = _plus(base, torch.cat([t[te], c[te]]))
                 q = S.fit(psi, t[train], c[train], mom if psi.uses_pool else None)[:, None]
                 ctx = lensattr.moments.ScoreContext(pool=mom)

@@ -18,7 +18,7 @@ import torch
 from lensattr._deprecated import alias
 from lensattr.metrics import average_precision
 from lensattr.moments import ScoreContext, pool_moments
-from lensattr.query import FOLDS, PairStats, fit
+from lensattr.query import FOLDS, PairStats, fit, interleaved_folds
 from lensattr.registry import PSI, SCORE, Psi, Score, get_psi, get_score, load_plugins
 from lensattr.store.cache import Cache
 
@@ -219,12 +219,9 @@ def fold_scores(
     fold's query is fitted on the other folds' pairs, then the pool (``rows`` of the cache, at
     most ``pool_sample`` of them, a seeded sample) and every pair are scored with it. Every fold
     and query of a (statistic, layer) is scored in one batched call."""
-    n = ps.n_pairs
-    folds = min(folds, n)
-    tests = [torch.arange(k, n, folds) for k in range(folds)]
-    trains = [torch.ones(n, dtype=torch.bool) for _ in tests]
-    for tr, te in zip(trains, tests, strict=True):
-        tr[te] = False
+    split = interleaved_folds(ps.n_pairs, folds)
+    tests, trains = [te for te, _ in split], [tr for _, tr in split]
+    folds = len(split)
     pool_rows = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
     if pool_sample is not None and len(pool_rows) > pool_sample:
         gen = torch.Generator().manual_seed(seed)

@@ -345,6 +345,25 @@ def fit(psi: Psi, t: torch.Tensor, c: torch.Tensor, pool: Moments | None) -> tor
     return psi.fn(t, c, pool).double().mean(0).float()
 
 
+def interleaved_folds(n: int, folds: int = FOLDS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out folds of ``n`` pairs, the one split lensattr uses everywhere: fold ``k``
+    holds out pairs ``k, k + folds, ...`` (at most ``n`` folds). Each is ``(test, train)``: the
+    held-out indices and a mask of the other pairs.
+
+    Examples:
+        >>> [(te.tolist(), tr.tolist()) for te, tr in interleaved_folds(3, 2)]
+        [([0, 2], [False, True, False]), ([1], [True, False, True])]
+    """
+    folds = min(folds, n)
+    out = []
+    for k in range(folds):
+        test = torch.arange(k, n, folds)
+        train = torch.ones(n, dtype=torch.bool)
+        train[test] = False
+        out.append((test, train))
+    return out
+
+
 def heldout_accuracy(
     t: torch.Tensor,
     c: torch.Tensor,
@@ -367,12 +386,8 @@ def heldout_accuracy(
     n = len(t)
     if n < 2:
         return float("nan")
-    folds = min(folds, n)
     hits = 0
-    for k in range(folds):
-        test = torch.arange(k, n, folds)
-        train = torch.ones(n, dtype=torch.bool)
-        train[test] = False
+    for test, train in interleaved_folds(n, folds):
         p = fit(psi, t[train], c[train], ctx.moments() if psi.uses_pool and ctx else None)
         st, sc = (score.fn(x[test], x[test].norm(dim=1), p, ctx) for x in (t, c))
         hits += int((st > sc).sum())
@@ -500,6 +515,7 @@ __all__ = [
     "behavior_query",
     "fit",
     "heldout_accuracy",
+    "interleaved_folds",
     "pair_stats",
     "unit",
 ]
