@@ -417,22 +417,37 @@ def print_results(runs: dict[str, list[dict]], labels: torch.Tensor) -> None:
             print(f"{method:<80}{m['pipeline_s']:>11.1f}  {m['p_at_k']:<6.2f}{m['ap']:>6.3f}")
     if "bergson" not in runs:
         return
-    # bergson's best mode is picked with the labels (the benefit of the doubt); each lensattr
-    # method is compared with it on the same bootstrap resamples of the pool
     modes = runs["bergson"][-1]["methods"]
-    best_mode = max(modes, key=lambda m: (modes[m]["p_at_k"], modes[m]["ap"]))
-    base = torch.tensor(modes[best_mode]["scores"])
-    print(f"\nlensattr minus {best_mode} (95% paired bootstrap intervals, 1,000 resamples)")
-    for name in runs:
-        if name == "bergson":
-            continue
-        for method, m in runs[name][-1]["methods"].items():
-            d = lensattr.pool_metrics_difference(torch.tensor(m["scores"]), base, labels)
-            print(
-                f"{method:<80} P@{k} {d['p_at_k']:+.2f} [{d['p_at_k_ci'][0]:+.2f}, "
-                f"{d['p_at_k_ci'][1]:+.2f}]  AP {d['ap']:+.3f} [{d['ap_ci'][0]:+.3f}, "
-                f"{d['ap_ci'][1]:+.3f}]"
-            )
+    mine = {
+        m: r for name in runs if name != "bergson" for m, r in runs[name][-1]["methods"].items()
+    }
+    print_paired(mine, modes, labels, width=80)
+
+
+def print_paired(
+    mine: dict[str, dict],
+    modes: dict[str, dict],
+    labels: torch.Tensor,
+    *,
+    n_boot: int = 1000,
+    width: int = 66,
+) -> None:
+    """Each lensattr method minus bergson's best mode (picked with the labels: the benefit of the
+    doubt), with 95% paired bootstrap intervals. ``mine`` and ``modes`` map a name to its
+    :func:`lensattr.pool_metrics` plus its ``scores`` (one per pool row)."""
+    best = max(modes, key=lambda m: (modes[m]["p_at_k"], modes[m]["ap"]))
+    base = torch.as_tensor(modes[best]["scores"])
+    k = int((labels == 1).sum())
+    print(f"\nlensattr minus {best} ({n_boot:,} paired bootstrap resamples, 95% intervals)")
+    for method, m in mine.items():
+        d = lensattr.pool_metrics_difference(
+            torch.as_tensor(m["scores"]), base, labels, n_boot=n_boot
+        )
+        print(
+            f"{method:<{width}} P@{k} {d['p_at_k']:+.2f} [{d['p_at_k_ci'][0]:+.2f}, "
+            f"{d['p_at_k_ci'][1]:+.2f}]  AP {d['ap']:+.3f} [{d['ap_ci'][0]:+.3f}, "
+            f"{d['ap_ci'][1]:+.3f}]"
+        )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,15 @@ labels) are printed with 95% paired bootstrap intervals (:func:`lensattr.pool_me
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 import lensattr
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_peers import print_paired  # noqa: E402
 
 
 def pool_labels(work: Path, data: str | None, shared: Path) -> torch.Tensor:
@@ -58,22 +62,15 @@ def main() -> None:
     scored = Path(args.bergson or work) / "bergson-0-scores.json"
     theirs = {m: torch.tensor(s) for m, s in json.loads(scored.read_text())["scores"].items()}
 
-    def metrics(s: torch.Tensor) -> tuple[float, float]:
-        m = lensattr.pool_metrics(s, labels)
-        return m["p_at_k"], m["ap"]
+    def metrics(s: torch.Tensor) -> dict:
+        return {**lensattr.pool_metrics(s, labels), "scores": s}
 
-    best = max(theirs, key=lambda m: metrics(theirs[m]))
+    modes = {f"bergson {m}": metrics(s) for m, s in theirs.items()}
+    mine = {name: metrics(s) for name, s in mine.items()}
     k = int((labels == 1).sum())
-    for name, s in {**{f"bergson {m}": s for m, s in theirs.items()}, **mine}.items():
-        print(f"{name:<66} P@{k} {metrics(s)[0]:.2f}  AP {metrics(s)[1]:.3f}")
-    print(f"\nminus bergson {best} ({args.n_boot} paired bootstrap resamples, 95% intervals)")
-    for name, s in mine.items():
-        d = lensattr.pool_metrics_difference(s, theirs[best], labels, n_boot=args.n_boot)
-        print(
-            f"{name:<66} P@{k} {d['p_at_k']:+.2f} [{d['p_at_k_ci'][0]:+.2f}, "
-            f"{d['p_at_k_ci'][1]:+.2f}]  AP {d['ap']:+.3f} [{d['ap_ci'][0]:+.3f}, "
-            f"{d['ap_ci'][1]:+.3f}]"
-        )
+    for name, m in {**modes, **mine}.items():
+        print(f"{name:<66} P@{k} {m['p_at_k']:.2f}  AP {m['ap']:.3f}")
+    print_paired(mine, modes, labels, n_boot=args.n_boot)
 
 
 if __name__ == "__main__":
