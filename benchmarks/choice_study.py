@@ -236,8 +236,9 @@ def main() -> None:
     ap.add_argument("--pairs", help="the pairs' saved PairStats (.safetensors)")
     ap.add_argument("--labels", help="JSON list: one label per cache row")
     ap.add_argument("--name", default="behaviour")
-    ap.add_argument("--in-sample", action="store_true")
-    ap.add_argument("--fold-in", action="store_true", help="each fold's sides in the moments")
+    moments = ap.add_mutually_exclusive_group()
+    moments.add_argument("--in-sample", action="store_true", help="every pair in the moments")
+    moments.add_argument("--fold-in", action="store_true", help="each fold's sides in them")
     ap.add_argument("--out", help="also write every cell as JSON here")
     ap.add_argument("--cells", help="read the cells from an earlier --out instead of scoring")
     ap.add_argument(
