@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--data", help="the shared behaviour, for a run without labels.json")
     ap.add_argument("--shared", default="/work/shared/data")
     ap.add_argument("--select", action="store_true", help="also rank with auto as it now chooses")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the run's (with --select)")
     ap.add_argument("--n-boot", type=int, default=1000)
     args = ap.parse_args()
     work = Path(args.work)
@@ -54,7 +55,7 @@ def main() -> None:
     got = json.loads((work / "full-0.json").read_text())
     mine = {f"{k} ({v['choice']})": torch.tensor(v["scores"]) for k, v in got["results"].items()}
     if args.select:
-        model = lensattr.load_model("smollm2-135m-instruct", device="cpu", compute_dtype="float32")
+        model = lensattr.load_model(args.model, device="cpu", compute_dtype="float32")
         cache = lensattr.open_cache(work / "full-0")
         sel = lensattr.select(model, cache, work / "pairs.jsonl", progress=False)
         r = lensattr.rank(cache, sel, top_k=None)
