@@ -19,7 +19,7 @@ best layer) and the table prints the precision@k of what it chose.
 ``--in-sample`` puts every pair side into the pool's moments, so the held-out treatments are
 scored in sample, as the pool's own behaviour examples are in the final ranking.
 
-The row "diagnosis: select, label-1 rows not neg." is no rule ``select`` could follow: it reads
+The row "diagnosis: AP, label-1 rows not negatives" is no rule ``select`` could follow: it reads
 the labels to leave the pool's own behaviour examples out of the criterion's negatives, which
 tells whether those examples (unlabelled, so counted against a method that ranks them high)
 are what misled the choice.
@@ -36,19 +36,12 @@ from typing import Any
 import torch
 
 import lensattr
-from lensattr.criterion import heldout_ap
+from lensattr.criterion import heldout_ap, heldout_auroc, heldout_log_rank
 from lensattr.metrics import pool_metrics
 from lensattr.moments import Moments, pool_moments
 from lensattr.select import offered
 
 S = importlib.import_module("lensattr.criterion")  # where fold_scores reads the pool's moments
-
-
-def _log_rank(t: torch.Tensor, neg: torch.Tensor) -> float:
-    """Mean over treatments of log(1 / fraction of negatives at or above it), over log(n + 1):
-    the recall of the treatments in the top q of the pool, averaged over q log-uniform."""
-    r = (1 + (neg[None, :] >= t[:, None]).sum(1).double()) / (len(neg) + 1)
-    return float(-r.log().mean() / torch.log(torch.tensor(len(neg) + 1.0)))
 
 
 def _ap_pu(pool: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
@@ -81,15 +74,17 @@ def criteria(fs: Any, labels: torch.Tensor) -> dict[str, float]:
         out["ap_oracle"].append(heldout_ap(t, torch.cat([pool[labels != 1], c])))
         out["ap_pool"].append(heldout_ap(t, pool))
         out["ap_ctrl"].append(heldout_ap(t, c))
-        out["auc_ctrl"].append(float((t[:, None] > c[None, :]).double().mean()))
+        out["auc_ctrl"].append(heldout_auroc(t, c))
         out["auc_pool"].append(float((t[:, None] > pool[None, :]).double().mean()))
-        out["log_rank"].append(_log_rank(t, neg))
+        out["log_rank"].append(heldout_log_rank(t, neg))
         out["ap_pu"].append(_ap_pu(pool, t, c))
     return {k: sum(v) / len(v) for k, v in out.items()} | {"accuracy": fs.accuracy()}
 
 
+SELECT = "select: log-rank among pool + controls x AUROC vs controls"
 RULES: dict[str, Callable[[dict[str, float]], float]] = {
-    "select (AP among pool + controls)": lambda c: c["ap_all"],
+    SELECT: lambda c: c["log_rank"] * c["auc_ctrl"],
+    "select before 2026-11-30: AP among pool + controls": lambda c: c["ap_all"],
     "AP among pool x AUROC vs controls": lambda c: c["ap_pool"] * c["auc_ctrl"],
     "min(AP among pool, AP vs controls)": lambda c: min(c["ap_pool"], c["ap_ctrl"]),
     "AUROC vs pool x AUROC vs controls": lambda c: c["auc_pool"] * c["auc_ctrl"],
@@ -270,20 +265,20 @@ def main() -> None:
     offered = {n: [c for c in cells[n] if offered_by_select(c, setups[n][0])] for n in names}
     for title, pool in (("every candidate", cells), ("the candidates select offers", offered)):
         print(
-            f"{'rule (P@k of its choice), ' + title:48s}" + "".join(f"{n[:11]:>12s}" for n in names)
+            f"{'rule (P@k of its choice), ' + title:60s}" + "".join(f"{n[:11]:>12s}" for n in names)
         )
         for rule_name, rule in RULES.items():
             if not all(rule(c) is not None for n in names for c in cells[n][:1]):
                 continue  # cells written before this criterion was recorded
             row = [choose(pool[n], rule)["p_at_k"] for n in names]
-            print(f"{rule_name:48s}" + "".join(f"{p:12.2f}" for p in row))
+            print(f"{rule_name:60s}" + "".join(f"{p:12.2f}" for p in row))
     if all("ap_oracle" in c for n in names for c in cells[n]):
         row = [choose(offered[n], lambda c: c["ap_oracle"])["p_at_k"] for n in names]
-        print(f"{'diagnosis: select, label-1 rows not negatives':48s}" + "".join(
+        print(f"{'diagnosis: AP, label-1 rows not negatives':60s}" + "".join(
             f"{p:12.2f}" for p in row))  # fmt: skip
-    print(f"{'hindsight (best cell)':48s}" + "".join(
+    print(f"{'hindsight (best cell)':60s}" + "".join(
         f"{max(c['p_at_k'] for c in cells[n]):12.2f}" for n in names))  # fmt: skip
-    choice = {n: choose(offered[n], RULES["select (AP among pool + controls)"]) for n in names}
+    choice = {n: choose(offered[n], RULES[SELECT]) for n in names}
     for n in names:
         c = choice[n]
         print(f"{n}: select chooses {c['method']} L{c['layer']} (P@k {c['p_at_k']:.2f})")

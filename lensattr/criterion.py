@@ -2,10 +2,23 @@
 
 A candidate is a :class:`Method` (``psi|stat|score``) at a layer. :func:`fold_scores` scores it on
 interleaved folds of the query pairs, each fold's query fitted on the other folds, together with
-the unlabelled pool; :class:`FoldScores` turns those scores into the criterion (the held-out
-treatments' average precision among the pool and the held-out controls) and the held-out
+the unlabelled pool; :class:`FoldScores` turns those scores into the criterion and the held-out
 accuracy; :func:`choose` picks the row of a criterion table. :func:`lensattr.select` runs them
 (see :mod:`lensattr.select`).
+
+The criterion is the product of two held-out measures, each a mean over the folds:
+
+* the treatments' **log-rank** among the pool and the held-out controls
+  (:func:`heldout_log_rank`): the recall of the held-out treatments in the top ``q`` of the pool,
+  averaged over ``q`` log-uniformly. It rewards a method that puts them near the top, and
+  charges ``log(k + 1) / log(n + 1)`` for ``k`` of ``n`` rows above a treatment. The pool is
+  unlabelled, so a method that finds the pool's own behaviour examples ranks them next to the
+  treatments: an average precision counts each against it (ten of them above a treatment cut
+  its precision to 1/11), the log-rank charges their logarithm (docs/performance.md, "Why auto
+  chose badly on run Q");
+* their **AUROC against the held-out controls** (:func:`heldout_auroc`), the only rows known
+  not to show the behaviour: a method must tell the two replies to one prompt apart, not only
+  find the topic.
 """
 
 import math
@@ -155,6 +168,38 @@ def heldout_ap(treatment: torch.Tensor, negatives: torch.Tensor) -> float:
     return average_precision(s, lab)
 
 
+def heldout_log_rank(treatment: torch.Tensor, negatives: torch.Tensor) -> float:
+    """Log-rank of held-out treatment scores among ``negatives``, in [0, 1]: the mean over the
+    treatments of ``log(1 / r) / log(n + 1)``, where ``r = (1 + m) / (n + 1)`` with ``m`` the
+    number of the ``n`` negatives at or above the treatment (ties count against it). It is the
+    treatments' recall in the top ``q`` of the negatives averaged over ``q`` log-uniform in
+    ``[1 / (n + 1), 1]``: 1 when every treatment is above every negative, 0 for a constant score.
+
+    Examples:
+        >>> heldout_log_rank(torch.tensor([2.0]), torch.tensor([1.0, 0.0, -1.0]))  # above all
+        1.0
+        >>> round(heldout_log_rank(torch.tensor([0.5]), torch.tensor([1.0, 0.0, -1.0])), 3)
+        0.5
+        >>> heldout_log_rank(torch.tensor([1.0]), torch.tensor([1.0, 1.0]))  # a tie: last
+        0.0
+    """
+    n = len(negatives)
+    above = (negatives.double()[None, :] >= treatment.double()[:, None]).sum(1)
+    r = (1 + above.double()) / (n + 1)
+    return float((1 / r).log().mean() / math.log(n + 1))
+
+
+def heldout_auroc(treatment: torch.Tensor, control: torch.Tensor) -> float:
+    """AUROC of held-out treatment scores against held-out control scores: the fraction of
+    (treatment, control) pairs where the treatment scores strictly higher (ties count against).
+
+    Examples:
+        >>> heldout_auroc(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]))  # 2 > 1, 0, 0 = 0
+        0.5
+    """
+    return float((treatment.double()[:, None] > control.double()[None, :]).double().mean())
+
+
 def _scores(score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     """``[n, q]`` scores of rows ``x`` against the query columns ``psis`` ``[d, q]``."""
     norms = x.norm(dim=1)
@@ -187,13 +232,15 @@ class FoldScores:
         return self.pool[:, f], self.treatment[te, f], self.control[te, f]
 
     def criterion(self) -> float:
-        """Mean over folds of the held-out treatments' average precision among the pool and the
-        held-out controls together (see the module doc)."""
-        aps = []
+        """The held-out treatments' log-rank among the pool and the held-out controls, times
+        their AUROC against the held-out controls, each a mean over the folds (see the module
+        doc)."""
+        log_rank, auroc = [], []
         for f in range(len(self.tests)):
             pool_s, t_s, c_s = self.heldout(f)
-            aps.append(heldout_ap(t_s, torch.cat([pool_s, c_s])))
-        return float(sum(aps) / len(aps))
+            log_rank.append(heldout_log_rank(t_s, torch.cat([pool_s, c_s])))
+            auroc.append(heldout_auroc(t_s, c_s))
+        return float(sum(log_rank) / len(log_rank) * sum(auroc) / len(auroc))
 
     def accuracy(self) -> float:
         """Fraction of pairs whose held-out treatment scores above its control."""
@@ -286,5 +333,7 @@ __all__ = [
     "evaluate",
     "fold_scores",
     "heldout_ap",
+    "heldout_auroc",
+    "heldout_log_rank",
     "method_scores",
 ]

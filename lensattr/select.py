@@ -7,9 +7,13 @@ the query pairs themselves. For every candidate ``(psi, stat, score)`` and layer
 1. fits psi on all but one of ``folds`` interleaved folds of the pairs,
 2. scores the held-out treatment replies, the held-out control replies and the training pool
    (the cache, unlabelled) with the score,
-3. measures the *average precision* of the held-out treatment replies against the pool and the
-   held-out controls together: a method scores high only if replies showing the behaviour rank
-   above both the unrelated corpus and the same prompts answered without it,
+3. measures how high the held-out treatment replies rank: their *log-rank* among the pool and
+   the held-out controls (their recall in the top ``q`` of the pool, averaged over ``q``
+   log-uniformly) times their *AUROC against the held-out controls*. A method scores high only
+   if replies showing the behaviour rank near the top of the unrelated corpus and above the
+   same prompts answered without it. The log-rank, unlike an average precision, charges little
+   for the pool's own behaviour examples, which are unlabelled and rank next to the treatments
+   under a method that finds them (:mod:`lensattr.criterion`),
 
 then chooses in two stages (:func:`choose`): the method with the highest criterion averaged over
 the layers, then that method's best layer (ties: higher held-out accuracy, then the deeper
@@ -77,8 +81,9 @@ class Selection:
         query: the chosen query, fitted on all pairs, ranked by default at the chosen layer
             with the chosen score (``rank(cache, selection)`` uses both).
         method: the chosen :class:`Method`; ``layer``: the chosen layer.
-        table: one row per candidate and layer: ``method``, ``layer``, ``criterion`` (mean
-            held-out average precision among the pool), ``accuracy`` (held-out accuracy).
+        table: one row per candidate and layer: ``method``, ``layer``, ``criterion`` (held-out
+            log-rank among the pool x AUROC against the controls), ``accuracy`` (held-out
+            accuracy).
         seconds: time spent scoring candidates (pair statistics excluded).
         left_out: default candidates that were not offered, and why (a score that inverts
             the pool's covariance, on a pool of fewer than :data:`ROWS_PER_DIMENSION` rows a
@@ -98,13 +103,13 @@ class Selection:
         means = method_scores(self.table)
         best = best_rows(self.table)
         lines = [
-            f"auto chose {self.method} at layer {self.layer} (held-out AP among the pool: "
-            "mean over layers, then the best layer)"
+            f"auto chose {self.method} at layer {self.layer} (held-out criterion: log-rank "
+            "among the pool x AUROC against the controls; mean over layers, then the best layer)"
         ]
         for m in sorted(means, key=lambda m: means[m], reverse=True)[:top]:
             r = best[m]
             lines.append(
-                f"  {m:<48} mean AP {means[m][0]:.3f}  best L{r['layer']:>2} AP "
+                f"  {m:<48} mean {means[m][0]:.3f}  best L{r['layer']:>2} "
                 f"{r['criterion']:.3f}  accuracy {r['accuracy']:.2f}"
             )
         for why in dict.fromkeys(self.left_out.values()):
@@ -241,7 +246,7 @@ def select(
         score=method.score,
     )
     query.layer = best["layer"]
-    logger.info("auto: %s at layer %d (AP %.3f)", method, best["layer"], best["criterion"])
+    logger.info("auto: %s at layer %d (criterion %.3f)", method, best["layer"], best["criterion"])
     return Selection(
         query=query,
         method=method,

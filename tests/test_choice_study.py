@@ -25,10 +25,11 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     sel = lensattr.select(tiny, cache, ps)
     offered = [c for c in cells if cs.offered_by_select(c, cache)]
     assert {c["method"] for c in offered} == {r["method"] for r in sel.table}
-    got = cs.choose(offered, cs.RULES["select (AP among pool + controls)"])
+    got = cs.choose(offered, cs.RULES[cs.SELECT])
     assert (got["method"], got["layer"]) == (str(sel.method), sel.layer)
     crit = {(r["method"], r["layer"]): r["criterion"] for r in sel.table}
-    assert all(abs(c["ap_all"] - crit[(c["method"], c["layer"])]) < 1e-9 for c in offered)
+    select_rule = cs.RULES[cs.SELECT]
+    assert all(abs(select_rule(c) - crit[(c["method"], c["layer"])]) < 1e-9 for c in offered)
     assert all(0 <= c["p_at_k"] <= 1 and 0 <= c["log_rank"] <= 1 for c in cells)
     # the diagnosis leaves the label-1 row out of the negatives: no treatment can rank lower
     assert all(c["ap_oracle"] >= c["ap_all"] - 1e-12 for c in cells)

@@ -1,6 +1,7 @@
 """Pool-aware methods, the no-peek choice (auto) and pool precision, checked directly."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -298,17 +299,34 @@ def test_criterion_equals_a_direct_computation(pool, stats):
     x = pool.stat("resid_post", 3)[:].double()
     mu = x.mean(0)
     cos = torch.nn.functional.cosine_similarity
-    aps = []
+    log_ranks, aurocs = [], []
     n = len(t)
     for k in range(4):
         test = list(range(k, n, 4))
         train = [i for i in range(n) if i not in test]
         psi = t[train].double().mean(0) - mu
-        s = [float(cos(v[None] - mu, psi[None])) for v in x]
-        s += [float(cos(v[None] - mu, psi[None])) for v in c[test].double()]
-        s += [float(cos(v[None] - mu, psi[None])) for v in t[test].double()]
-        aps.append(brute_ap(torch.tensor(s), [i >= len(s) - len(test) for i in range(len(s))]))
-    assert row["criterion"] == pytest.approx(sum(aps) / 4, abs=1e-4)
+        pool_s = [float(cos(v[None] - mu, psi[None])) for v in x]
+        ctrl_s = [float(cos(v[None] - mu, psi[None])) for v in c[test].double()]
+        treat_s = [float(cos(v[None] - mu, psi[None])) for v in t[test].double()]
+        neg = pool_s + ctrl_s  # recall in the top q of the negatives, averaged over log q
+        ranks = [(1 + sum(v >= s for v in neg)) / (len(neg) + 1) for s in treat_s]
+        log_ranks.append(sum(math.log(1 / r) for r in ranks) / len(ranks) / math.log(len(neg) + 1))
+        aurocs.append(sum(s > v for s in treat_s for v in ctrl_s) / len(treat_s) / len(ctrl_s))
+    assert 0 < row["criterion"] <= 1
+    assert row["criterion"] == pytest.approx(sum(log_ranks) / 4 * sum(aurocs) / 4, abs=1e-4)
+
+
+def test_log_rank_grows_with_the_log_of_the_negatives_above():
+    """One treatment with ``k`` of ``n`` negatives at or above it: ``1 - log(k+1)/log(n+1)``, so
+    ten of the pool's own behaviour examples above it cost far less than in an average
+    precision (which they cut to 1/11)."""
+    from lensattr.criterion import heldout_ap, heldout_log_rank
+
+    neg = torch.cat([torch.full((10,), 2.0), torch.zeros(989)])
+    t = torch.tensor([1.0])
+    assert heldout_log_rank(t, neg) == pytest.approx(1 - math.log(11) / math.log(1000))
+    assert heldout_ap(t, neg) == pytest.approx(1 / 11)
+    assert heldout_log_rank(t, neg[10:]) == 1.0 == heldout_ap(t, neg[10:])
 
 
 def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, pair_records):
