@@ -2,13 +2,15 @@
 
     python benchmarks/peers_paired.py --work runs/medhallu9
     python benchmarks/peers_paired.py --work runs/medhallu8 --bergson runs/medhallu8b --select
+    python benchmarks/peers_paired.py --work runs/medhallu10 --select --pair-stats PAIRS.safetensors
 
 Reads the run's working directory: the pool's order (``train.jsonl``), its labels
 (``labels.json``, which ``bench_peers.py`` writes; for an older run, rebuilt from the shared
 behaviour's ``plant.jsonl`` with ``--data``), lensattr's scores (``full-0.json``: ``auto`` and
 the paper's query as they ran) and bergson's (``bergson-0-scores.json``, from ``--bergson`` when
 bergson ran in another directory). ``--select`` also runs :func:`lensattr.select` again on the
-run's cache and pairs (``auto`` as the code now chooses; it loads the model). Each lensattr
+run's cache and pairs (``auto`` as the code now chooses; it loads the model and captures the
+pairs, unless ``--pair-stats`` names their saved :class:`lensattr.PairStats`). Each lensattr
 ranking's precision@k and average precision minus those of bergson's best mode (picked with the
 labels) are printed with 95% paired bootstrap intervals (:func:`lensattr.pool_metrics_difference`).
 """
@@ -48,6 +50,9 @@ def main() -> None:
     ap.add_argument("--shared", default="/work/shared/data")
     ap.add_argument("--select", action="store_true", help="also rank with auto as it now chooses")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the run's (with --select)")
+    ap.add_argument(
+        "--pair-stats", help="with --select: the pairs' saved PairStats, not recaptured"
+    )
     ap.add_argument("--n-boot", type=int, default=1000)
     args = ap.parse_args()
     work = Path(args.work)
@@ -55,9 +60,13 @@ def main() -> None:
     got = json.loads((work / "full-0.json").read_text())
     mine = {f"{k} ({v['choice']})": torch.tensor(v["scores"]) for k, v in got["results"].items()}
     if args.select:
-        model = lensattr.load_model(args.model, device="cpu", compute_dtype="float32")
         cache = lensattr.open_cache(work / "full-0")
-        sel = lensattr.select(model, cache, work / "pairs.jsonl", progress=False)
+        if args.pair_stats:
+            model, pairs = None, lensattr.PairStats.load(args.pair_stats)
+        else:
+            model = lensattr.load_model(args.model, device="cpu", compute_dtype="float32")
+            pairs = work / "pairs.jsonl"
+        sel = lensattr.select(model, cache, pairs, progress=False)
         r = lensattr.rank(cache, sel, top_k=None)
         mine[f"auto now ({sel.method} @ {sel.layer})"] = r.scores_of(range(len(cache))).float()
     scored = Path(args.bergson or work) / "bergson-0-scores.json"

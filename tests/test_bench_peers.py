@@ -162,3 +162,38 @@ def test_peers_paired_reads_a_finished_run_and_rebuilds_old_runs_labels(tmp_path
     line = res.stdout.splitlines()[-1]
     assert line.startswith("auto (x @ 1)") and f"P@2 {d['p_at_k']:+.2f}" in line
     assert f"[{d['ap_ci'][0]:+.3f}, {d['ap_ci'][1]:+.3f}]" in line
+
+
+def test_peers_paired_select_reuses_saved_pair_stats(tiny, train_records, pair_records, tmp_path):
+    """``--select --pair-stats``: auto as the code now chooses, from the saved capture (no model
+    load), is the choice and ranking of ``lensattr.select`` on the same cache and pairs."""
+    import torch
+
+    import lensattr
+
+    cache = lensattr.build_cache(
+        tiny, train_records, out=tmp_path / "full-0", layers=[1, 3], progress=False
+    )
+    ps = lensattr.pair_stats(tiny, pair_records, stats=cache.stats, layers=[1, 3], batch_size=4)
+    ps.save(tmp_path / "pairs.safetensors")
+    n = len(cache)
+    labels = [1, 0] + [-1] * (n - 2)
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    (tmp_path / "full-0.json").write_text(
+        json.dumps({"results": {"auto": {"choice": "x @ 1", "scores": [0.0] * n}}})
+    )
+    scores = {"dot": [float(i) for i in range(n)]}
+    (tmp_path / "bergson-0-scores.json").write_text(json.dumps({"scores": scores}))
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "peers_paired.py"), "--work", str(tmp_path),
+         "--select", "--pair-stats", str(tmp_path / "pairs.safetensors"), "--n-boot", "20"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    sel = lensattr.select(tiny, cache, ps)
+    m = lensattr.pool_metrics(
+        lensattr.rank(cache, sel, top_k=None).scores_of(range(n)), torch.tensor(labels)
+    )
+    line = next(x for x in res.stdout.splitlines() if x.startswith("auto now"))
+    assert line.startswith(f"auto now ({sel.method} @ {sel.layer})")
+    assert f"AP {m['ap']:.3f}" in line
