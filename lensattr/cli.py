@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer",
         default=None,
         help="block index (negative: from the last), 'best', or 'blocks.N.hook_resid_post'; "
+        "several, comma-separated (12,15,18): the mean of the scores at those layers; "
         "default: the layer chosen for the query (else its best held-out accuracy)",
     )
     p.add_argument("--stat", default=None, help="cached statistic (default: the query's)")
@@ -332,7 +333,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         args.query if args.query is not None else args.pairs,
         method=args.method if args.pairs is not None else None,
         model=_load(args) if args.pairs is not None else None,
-        layer=args.layer,
+        layer=args.layer.split(",") if args.layer and "," in args.layer else args.layer,
         stat=args.stat,
         score=args.score,
         top_k=args.top_k,

@@ -27,13 +27,14 @@ class Ranking:
 
     Ordered by score (highest first; lowest first for ``bottom=True``), ties by row index;
     non-finite scores always come last and are counted in ``n_nonfinite``. ``stat`` is the
-    cached statistic ranked and ``score`` the registered score that gave ``scores``.
+    cached statistic ranked and ``score`` the registered score that gave ``scores``; ``layer``
+    is a tuple when the scores are the mean over several layers.
     """
 
     ids: list[str]
     scores: torch.Tensor
     rows: torch.Tensor
-    layer: int
+    layer: int | tuple[int, ...]
     stat: str
     score: str
     n_nonfinite: int = 0
@@ -68,6 +69,16 @@ def _layer_arg(layer: Any, query: Query) -> int:
     return layer_index(layer, max(query.layers) + 1)
 
 
+def _layers_arg(layer: Any, query: Query) -> int | tuple[int, ...]:
+    """:func:`_layer_arg`, or a tuple of distinct layers for a list or tuple of them."""
+    if not isinstance(layer, list | tuple):
+        return _layer_arg(layer, query)
+    layers = tuple(_layer_arg(x, query) for x in layer)
+    if not layers or len(set(layers)) < len(layers):
+        raise ValueError(f"layer={layer!r}: give distinct layers, at least one")
+    return layers[0] if len(layers) == 1 else layers
+
+
 def rank(
     cache: Any,
     query: Any,
@@ -96,7 +107,10 @@ def rank(
         query: a :class:`~lensattr.query.Query`, a saved one's path, a
             :class:`~lensattr.select.Selection`, or (with ``method="auto"``) query pairs.
         layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;
-            default: the layer chosen for the query, else its best by held-out accuracy.
+            default: the layer chosen for the query, else its best by held-out accuracy. A list
+            of them scores each row by the mean of its scores at those layers (each layer's
+            query against that layer's cached statistic), as a gradient method scores all its
+            modules at once.
         stat: cached statistic (default: the query's ``stat``).
         score: registered score name (default: the query's ``score``).
         top_k: how many to keep (``None``: all, sorted).
@@ -129,13 +143,15 @@ def rank(
     check_query(cache, query)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    layer = _layer_arg(layer, query)
+    layer = _layers_arg(layer, query)
+    layers = layer if isinstance(layer, tuple) else (layer,)
     stat = stat or query.stat
     score = score or query.score
-    psi = query.vector(layer).float()
     rule = get_score(score)
-    ctx = ScoreContext(cache=cache, stat=stat, layer=layer)
-    view = cache.stat(stat, layer)
+    psis = [query.vector(la).float() for la in layers]
+    ctxs = [ScoreContext(cache=cache, stat=stat, layer=la) for la in layers]
+    views = [cache.stat(stat, la) for la in layers]
+    view = views[0]
     keep_rows = None
     if rows is not None:
         keep_rows = torch.zeros(len(view), dtype=torch.bool)
@@ -148,14 +164,21 @@ def rank(
     cand_s: list[torch.Tensor] = []  # each chunk's k best, in ranking order
     cand_i: list[torch.Tensor] = []
     nonfinite = 0
-    for start, block, norms in view.chunks(chunk_rows):  # never a full fp32 copy
-        idx = torch.arange(start, start + len(block))
-        if keep_rows is not None:
-            sel = keep_rows[start : start + len(block)]
+    # never a full fp32 copy; every layer's view yields the same row blocks
+    for chunks in zip(*(v.chunks(chunk_rows) for v in views), strict=True):
+        start, n = chunks[0][0], len(chunks[0][1])
+        idx = torch.arange(start, start + n)
+        sel = None if keep_rows is None else keep_rows[start : start + n]
+        if sel is not None:
             if not sel.any():
                 continue
-            block, norms, idx = block[sel], norms[sel], idx[sel]
-        s = rule.fn(block.float(), norms, psi, ctx).float()
+            idx = idx[sel]
+        s = torch.zeros(len(idx))
+        for (_, block, norms), psi, ctx in zip(chunks, psis, ctxs, strict=True):
+            if sel is not None:
+                block, norms = block[sel], norms[sel]
+            s += rule.fn(block.float(), norms, psi, ctx).float()
+        s /= len(layers)
         bad = ~torch.isfinite(s)
         nonfinite += int(bad.sum())
         s = (-s if bottom else s).masked_fill(bad, -torch.inf)  # non-finite: always last

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from lensattr import open_cache, rank
 from lensattr.cli import main
 
 
@@ -42,6 +43,13 @@ def test_cache_query_rank_end_to_end(tmp_path, train_records, pair_records, caps
         by_id[rows[0]["id"]].get("response") or by_id[rows[0]["id"]]["messages"][-1]["content"]
     )
     assert "wrote 4 ranked examples" in capsys.readouterr().out
+    # several layers, comma-separated: the Python API's mean over them
+    both = tmp_path / "both.jsonl"
+    args = ["rank", "--cache", str(tmp_path / "c"), "--query", str(tmp_path / "q.st")]
+    assert main([*args, "--layer", "1,-1", "--top-k", "4", "--out", str(both)]) == 0
+    rows = [json.loads(line) for line in both.read_text().splitlines()]
+    ref = rank(open_cache(tmp_path / "c"), str(tmp_path / "q.st"), layer=[1, 3], top_k=4)
+    assert [r["id"] for r in rows] == ref.ids and all(r["layer"] == [1, 3] for r in rows)
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

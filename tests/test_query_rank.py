@@ -92,6 +92,39 @@ def test_rank_streams_to_the_same_order_as_a_full_sort(built, g):
     assert len(rank(cache, q, layer=2, score=g, top_k=None)) == len(cache)
 
 
+@pytest.mark.parametrize("g", ["cosine", "centered_cosine"])
+def test_rank_over_several_layers_is_the_mean_of_their_scores(built, g):
+    """``layer=[1, 2]``: each row's score is the mean of its scores at layers 1 and 2, each
+    with that layer's query, computed directly; streamed in blocks, on a subset of rows."""
+    cache, q = built
+    cos = torch.nn.functional.cosine_similarity
+
+    def direct(layer):
+        x, psi = cache.stat("residual_change", layer)[:].double(), q.vector(layer).double()
+        if g == "centered_cosine":
+            mu = x.mean(0)
+            return cos(x - mu, psi[None], dim=1)
+        return cos(x, psi[None], dim=1)
+
+    mean = (direct(1) + direct(2)) / 2
+    r = rank(cache, q, layer=[1, 2], score=g, top_k=None, chunk_rows=3)
+    assert r.layer == (1, 2)
+    assert torch.allclose(r.scores_of(range(len(cache))).double(), mean, atol=1e-5)
+    assert r.ids == [cache.ids[i] for i in torch.sort(-mean, stable=True).indices.tolist()]
+    rows = [0, 3, 4, 7]
+    sub = rank(cache, q, layer=("blocks.2.hook_resid_post", 1), score=g, rows=rows, top_k=2)
+    want = torch.topk(mean[rows], 2).indices.tolist()
+    assert sub.ids == [cache.ids[rows[i]] for i in want] and sub.layer == (2, 1)
+    one = rank(cache, q, layer=[2], score=g, top_k=None)  # a one-layer list is that layer
+    assert one.layer == 2 and torch.equal(
+        one.scores, rank(cache, q, layer=2, score=g, top_k=None).scores
+    )
+    with pytest.raises(ValueError, match="distinct layers"):
+        rank(cache, q, layer=[2, -1])  # -1 is layer 2 again
+    with pytest.raises(ValueError, match="distinct layers"):
+        rank(cache, q, layer=[])
+
+
 def test_rank_refuses_a_query_from_another_model(built, pair_records):
     cache, _ = built
     other = load_model(
