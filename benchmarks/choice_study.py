@@ -75,7 +75,7 @@ def criteria(fs: Any, labels: torch.Tensor) -> dict[str, float]:
         out["ap_pool"].append(heldout_ap(t, pool))
         out["ap_ctrl"].append(heldout_ap(t, c))
         out["auc_ctrl"].append(heldout_auroc(t, c))
-        out["auc_pool"].append(float((t[:, None] > pool[None, :]).double().mean()))
+        out["auc_pool"].append(heldout_auroc(t, pool))
         out["log_rank"].append(heldout_log_rank(t, neg))
         out["ap_pu"].append(_ap_pu(pool, t, c))
     return {k: sum(v) / len(v) for k, v in out.items()} | {"accuracy": fs.accuracy()}
