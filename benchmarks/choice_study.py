@@ -289,8 +289,14 @@ def main() -> None:
     for n in names:
         sets = layer_sets(*setups[n], choice[n]["method"])
         print(f"{n} ({choice[n]['method']})")
+        chosen = (
+            "top 3"
+            if sets["top 3"]["criterion"] > sets["best layer"]["criterion"]
+            else ("best layer")
+        )  # select's third stage (lensattr.criterion.layer_set)
         for name, r in sets.items():
-            print(f"  {name:32s}{r['criterion']:10.3f}{r['p_at_k']:6.2f}{r['ap']:7.3f}")
+            mark = "  <- select" if name == chosen else ""
+            print(f"  {name:32s}{r['criterion']:10.3f}{r['p_at_k']:6.2f}{r['ap']:7.3f}{mark}")
 
 
 if __name__ == "__main__":

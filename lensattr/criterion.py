@@ -217,10 +217,11 @@ class FoldScores:
     ``pool`` ``[n_pool, folds]``, ``treatment`` and ``control`` ``[n_pairs, folds]``: column
     ``f`` holds the scores under the query fitted without fold ``f``; ``tests[f]`` are the
     pairs held out of it (only those rows of ``treatment`` / ``control`` are held-out scores).
+    ``layer`` is a tuple for the mean of several layers' scores (:func:`mean_over_layers`).
     """
 
     method: Method
-    layer: int
+    layer: int | tuple[int, ...]
     pool: torch.Tensor
     treatment: torch.Tensor
     control: torch.Tensor
@@ -306,6 +307,64 @@ def fold_scores(
                     yield FoldScores(method, layer, sx[:, sl], st[:, sl], sc[:, sl], tests)
 
 
+def mean_over_layers(scored: Sequence[FoldScores]) -> FoldScores:
+    """One method's fold scores at several layers averaged into those of the layer set: what
+    ``rank(cache, query, layer=[...])`` scores, on the same folds and pool rows.
+
+    Examples:
+        >>> t = [torch.tensor([0]), torch.tensor([1])]
+        >>> a = FoldScores(PAPER, 1, torch.ones(3, 2), torch.ones(2, 2), torch.zeros(2, 2), t)
+        >>> b = FoldScores(PAPER, 2, torch.zeros(3, 2), torch.ones(2, 2), torch.ones(2, 2), t)
+        >>> m = mean_over_layers([a, b]); m.layer, m.pool[0].tolist(), m.control[0].tolist()
+        ((1, 2), [0.5, 0.5], [0.5, 0.5])
+    """
+    if len({fs.method for fs in scored}) != 1:
+        raise ValueError("mean_over_layers averages one method's layers")
+    layers = [(fs.layer,) if isinstance(fs.layer, int) else fs.layer for fs in scored]
+
+    def mean(side: str) -> torch.Tensor:
+        return torch.stack([getattr(fs, side) for fs in scored]).mean(0)
+
+    return FoldScores(
+        scored[0].method,
+        tuple(la for group in layers for la in group),
+        mean("pool"),
+        mean("treatment"),
+        mean("control"),
+        scored[0].tests,
+    )
+
+
+LAYER_SET = 3
+"""How many of the chosen method's best layers ``auto`` also tries as a layer set (the mean
+of their scores): the set is chosen when its criterion is higher than the best layer's."""
+
+
+def layer_set(
+    ps: PairStats,
+    cache: Cache,
+    table: list[dict[str, Any]],
+    method: Method,
+    size: int = LAYER_SET,
+    **kwargs: Any,
+) -> dict[str, Any] | None:
+    """The criterion row of ``method``'s ``size`` best layers in ``table`` taken together (each
+    row scored by the mean of its scores at those layers), or ``None`` when the table has fewer
+    than two of its layers or ``size < 2``. ``layer`` is the tuple of layers, best first; the
+    keywords are :func:`fold_scores`'s, and must be those the table was computed with."""
+    rows = sorted((r for r in table if r["method"] == str(method)), key=_key, reverse=True)
+    layers = tuple(r["layer"] for r in rows[:size])
+    if size < 2 or len(layers) < 2:
+        return None
+    fs = mean_over_layers(list(fold_scores(ps, cache, [method], layers, **kwargs)))
+    return {
+        "method": str(method),
+        "layer": layers,
+        "criterion": fs.criterion(),
+        "accuracy": fs.accuracy(),
+    }
+
+
 def evaluate(
     ps: PairStats, cache: Cache, methods: Sequence[Method], layers: Sequence[int], **kwargs: Any
 ) -> list[dict[str, Any]]:
@@ -325,6 +384,7 @@ def evaluate(
 __all__ = [
     "PAPER",
     "POOL_SAMPLE",
+    "LAYER_SET",
     "FoldScores",
     "Method",
     "best_rows",
@@ -335,5 +395,7 @@ __all__ = [
     "heldout_ap",
     "heldout_auroc",
     "heldout_log_rank",
+    "layer_set",
+    "mean_over_layers",
     "method_scores",
 ]

@@ -36,8 +36,9 @@ def bundled(name: str) -> Path:
     return Path(str(files("lensattr") / "bundled" / name))
 
 
-def all_scores(cache: Any, query: Any, layer: int, score: str) -> torch.Tensor:
-    """Every cached example's score (cache row order) under ``query`` at ``layer``."""
+def all_scores(cache: Any, query: Any, layer: Any, score: str) -> torch.Tensor:
+    """Every cached example's score (cache row order) under ``query`` at ``layer`` (or the mean
+    over a layer set)."""
     return rank(cache, query, layer=layer, score=score, top_k=None).scores_of(range(len(cache)))
 
 
@@ -51,20 +52,32 @@ def layer_sweep(cache: Any, query: Any, score: str, labels: torch.Tensor) -> lis
     return rows
 
 
-def plot_sweep(sweeps: dict[str, tuple[list[dict[str, Any]], int]], path: Path, title: str) -> None:
-    """precision@k against layer for each method (large dot: the layer it chose)."""
+def plot_sweep(
+    sweeps: dict[str, tuple[list[dict[str, Any]], Any, float]], path: Path, title: str
+) -> None:
+    """precision@k against layer for each method: large dots at the layer (or layer set) it
+    chose, and for a layer set a dashed line at the precision of their mean."""
     matplotlib = require("matplotlib", "demo")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for name, (rows, chosen) in sweeps.items():
+    for name, (rows, chosen, p_at_k) in sweeps.items():
         layers = [r["layer"] for r in rows]
         (line,) = ax.plot(layers, [r["p_at_k"] for r in rows], marker=".", label=name)
-        at = next(r for r in rows if r["layer"] == chosen)
-        ax.plot([chosen], [at["p_at_k"]], "o", ms=9, color=line.get_color())
-    ax.set_xlabel("layer (large dot: the layer chosen without labels)")
+        chosen = (chosen,) if isinstance(chosen, int) else chosen
+        at = [r["p_at_k"] for la in chosen for r in rows if r["layer"] == la]
+        ax.plot(chosen, at, "o", ms=9, color=line.get_color())
+        if len(chosen) > 1:
+            ax.plot(
+                [min(chosen), max(chosen)],
+                [p_at_k, p_at_k],
+                "--",
+                color=line.get_color(),
+                label=f"{name.split(':')[0]}: mean of layers {','.join(map(str, chosen))}",
+            )
+    ax.set_xlabel("layer (large dots: the layer or layers chosen without labels)")
     ax.set_ylabel("precision@k among the pool")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=10)
@@ -139,7 +152,8 @@ def run_demo(
     times["auto"] = time.perf_counter() - t0
     print(f"\n{sel.summary(top=6)}\n({len(sel.table)} candidates x layers in {times['auto']:.1f}s)")
     top = rank(cache, sel, top_k=10)
-    print(f"\nauto: top-10 of {len(cache)} ({sel.method}, layer {sel.layer}):")
+    where = f"layer{'s' if len(sel.layers) > 1 else ''} {', '.join(map(str, sel.layers))}"
+    print(f"\nauto: top-10 of {len(cache)} ({sel.method}, {where}):")
     found = show_top(top, by_id)
     auto_m = pool_metrics(all_scores(cache, sel, sel.layer, sel.method.score), labels, n_boot=500)
     print(
@@ -153,6 +167,7 @@ def run_demo(
     t0 = time.perf_counter()
     paper = behavior_query(m, stats, psi=PAPER.psi, stat=PAPER.stat, pool=cache, score=PAPER.score)
     p_layer = paper.best_layer()
+    assert isinstance(p_layer, int)  # no layer set: the query's best by held-out accuracy
     p_top = rank(cache, paper, layer=p_layer, top_k=10)
     times["paper's residual change"] = time.perf_counter() - t0
     p_found = sum(by_id[e].extra.get("label") == 1 for e in p_top.ids)
@@ -168,7 +183,10 @@ def run_demo(
     paper_sweep = layer_sweep(cache, paper, PAPER.score, labels)
     plot = out / "layer_sweep.png"
     plot_sweep(
-        {f"auto: {sel.method}": (auto_sweep, sel.layer), f"paper: {PAPER}": (paper_sweep, p_layer)},
+        {
+            f"auto: {sel.method}": (auto_sweep, sel.layer, auto_m["p_at_k"]),
+            f"paper: {PAPER}": (paper_sweep, p_layer, paper_m["p_at_k"]),
+        },
         plot,
         f"{m.name}: empathy plants among {len(cache)} examples (k = {k})",
     )

@@ -213,7 +213,8 @@ class Query:
         n_pairs: how many pairs went in.
         cv: per-layer held-out accuracy on the query pairs (see :func:`heldout_accuracy`).
         score: the registered score it is ranked with by default (``g``: its deprecated name).
-        layer: the layer chosen for it (by :func:`lensattr.select`), if any.
+        layer: the layer chosen for it (by :func:`lensattr.select`), if any: a tuple when
+            the query is ranked by the mean of its scores at several layers.
         pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
         capture: the capture settings of the pairs (``None``: not recorded, nothing checked).
     """
@@ -225,7 +226,7 @@ class Query:
     n_pairs: int
     cv: dict[int, float] | None = None
     score: str = "cosine"
-    layer: int | None = None
+    layer: int | tuple[int, ...] | None = None
     pool: str | None = None
     capture: CaptureConfig | None = None
 
@@ -234,15 +235,23 @@ class Query:
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
 
-    def best_layer(self) -> int:
-        """The chosen layer if :func:`lensattr.select` set one, else the layer whose query best
-        separates held-out query pairs (:func:`heldout_accuracy`); ties go to the deeper layer.
+    def best_layer(self) -> int | tuple[int, ...]:
+        """The chosen layer (or layers) if :func:`lensattr.select` set one, else the layer whose
+        query best separates held-out query pairs (:func:`heldout_accuracy`); ties go to the
+        deeper layer.
 
         Raises:
-            QueryError: no layer can be chosen (fewer than 2 pairs give no held-out pair).
+            QueryError: no layer can be chosen (fewer than 2 pairs give no held-out pair), or
+                the chosen layer is not one of the query's.
         """
         if self.layer is not None:
-            return self.layer
+            chosen = self.layer if isinstance(self.layer, int) else tuple(self.layer)
+            for la in (chosen,) if isinstance(chosen, int) else chosen:
+                if la not in self.vectors:
+                    raise QueryError(
+                        f"the query's chosen layer {la} is not one of its layers {self.layers}"
+                    )
+            return chosen
         if len(self.layers) == 1:
             return self.layers[0]
         cv = {k: v for k, v in (self.cv or {}).items() if not math.isnan(v)}
@@ -292,7 +301,7 @@ class Query:
                 n_pairs=int(meta["n_pairs"]),
                 cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
                 score=meta.get("score", meta.get("g", "cosine")),  # "g": its old name
-                layer=json.loads(meta.get("layer", "null")),
+                layer=_layer_of(json.loads(meta.get("layer", "null"))),
                 pool=json.loads(meta.get("pool", "null")),
                 capture=_capture_of(meta, sorted(vectors)),
             )
@@ -302,6 +311,15 @@ class Query:
             raise QueryError(
                 f"{path}: not a lensattr query ({type(err).__name__}: {err})"
             ) from None
+
+
+def _layer_of(value: Any) -> int | tuple[int, ...] | None:
+    """A saved query's chosen layer: ``null``, an int, or a list of ints (a layer set)."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return tuple(value)
+    raise ValueError(f"field 'layer': {value!r} is not a layer or a list of layers")
 
 
 def check_fits(

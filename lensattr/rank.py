@@ -1,5 +1,6 @@
 """Ranking cached training examples against a behaviour query, and per-token explanations."""
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -61,19 +62,16 @@ class Ranking:
         return self.scores[order[pos]]
 
 
-def _layer_arg(layer: Any, query: Query) -> int:
-    """A layer given as an int (negative counts from the last query layer), ``"best"``, a
-    TransformerLens hook name (``"blocks.12.hook_resid_post"``), or ``None`` (the query's own)."""
-    if layer is None or layer == "best":
-        return query.best_layer()
-    return layer_index(layer, max(query.layers) + 1)
-
-
 def _layers_arg(layer: Any, query: Query) -> int | tuple[int, ...]:
-    """:func:`_layer_arg`, or a tuple of distinct layers for a list or tuple of them."""
+    """A layer given as an int (negative counts from the last query layer), a TransformerLens
+    hook name (``"blocks.12.hook_resid_post"``), ``"best"`` or ``None`` (the query's own, see
+    :meth:`~lensattr.query.Query.best_layer`), or a list or tuple of distinct layers (a tuple
+    of them)."""
+    if layer is None or layer == "best":
+        layer = query.best_layer()
     if not isinstance(layer, list | tuple):
-        return _layer_arg(layer, query)
-    layers = tuple(_layer_arg(x, query) for x in layer)
+        return layer_index(layer, max(query.layers) + 1)
+    layers = tuple(layer_index(x, max(query.layers) + 1) for x in layer)
     if not layers or len(set(layers)) < len(layers):
         raise ValueError(f"layer={layer!r}: give distinct layers, at least one")
     return layers[0] if len(layers) == 1 else layers
@@ -107,10 +105,10 @@ def rank(
         query: a :class:`~lensattr.query.Query`, a saved one's path, a
             :class:`~lensattr.select.Selection`, or (with ``method="auto"``) query pairs.
         layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;
-            default: the layer chosen for the query, else its best by held-out accuracy. A list
-            of them scores each row by the mean of its scores at those layers (each layer's
-            query against that layer's cached statistic), as a gradient method scores all its
-            modules at once.
+            default: the layer (or layers) chosen for the query, else its best by held-out
+            accuracy. A list of them scores each row by the mean of its scores at those layers
+            (each layer's query against that layer's cached statistic), as a gradient method
+            scores all its modules at once.
         stat: cached statistic (default: the query's ``stat``).
         score: registered score name (default: the query's ``score``).
         top_k: how many to keep (``None``: all, sorted).
@@ -205,6 +203,11 @@ def rank(
     )
 
 
+def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` ``[1, ...]`` as ``n`` identical rows (a view)."""
+    return x.expand(n, *x.shape[1:])
+
+
 def check_query(cache: Cache, query: Query) -> None:
     """Raise :class:`CacheError` naming the field where ``query`` does not fit ``cache``: the
     model, the capture settings, or (for a pool-aware query) the pool it was built against."""
@@ -239,7 +242,9 @@ def explain(
 
     The statistic of token ``p`` is the statistic (``stat``, default: the query's; ``phi`` is
     its deprecated name) evaluated with the response mask restricted to ``p``;
-    for the mean-pooled built-ins the contributions average exactly to ``<phi(x), psi>``.
+    for the mean-pooled built-ins the contributions average exactly to ``<phi(x), psi>``. At a
+    layer set (``layer`` a list, or a query whose chosen layer is one) each token's
+    contribution is the mean of its contributions at those layers.
 
     Raises:
         QueryError: the query's pairs were captured with another ``max_length`` or pooling
@@ -256,7 +261,8 @@ def explain(
     stat = renamed("explain", "phi", phi, "stat", stat)
     model = load_model(model)
     query = as_query(query)
-    layer = _layer_arg(layer, query)
+    layer = _layers_arg(layer, query)
+    layers = layer if isinstance(layer, tuple) else (layer,)
     spec = get_phi(stat or query.stat)
     if spec.reads_prompt:  # the capture below keeps the reply's positions only
         raise QueryError(
@@ -274,15 +280,18 @@ def explain(
     enc = encode(model.tokenizer, ex, max_length)
     batch = collate([enc], model.pad_id, "right", str(model.device))
     # From the first position that predicts a reply token on: acts.mask says where the reply is.
-    acts = capture(
-        model, batch, [layer], grad=spec.needs_grad, sites=spec.sites, keep_prompt=False
-    )[layer]
-    positions = acts.mask[0].nonzero()[:, 0]
-    n = len(positions)
-    one_hot = torch.zeros((n, acts.mask.shape[1]), dtype=torch.bool, device=acts.mask.device)
-    one_hot[torch.arange(n), positions] = True
-
-    single = acts.map(lambda x: x.expand(n, *x.shape[1:]), mask=one_hot)
-    contrib = spec.fn(single).float().cpu() @ query.vector(layer)
+    by_layer = capture(
+        model, batch, list(layers), grad=spec.needs_grad, sites=spec.sites, keep_prompt=False
+    )
+    per_layer = []
+    for la in layers:  # a layer set: the mean of each layer's contributions, as rank scores it
+        acts = by_layer[la]
+        positions = acts.mask[0].nonzero()[:, 0]
+        n = len(positions)
+        one_hot = torch.zeros((n, acts.mask.shape[1]), dtype=torch.bool, device=acts.mask.device)
+        one_hot[torch.arange(n), positions] = True
+        single = acts.map(functools.partial(_repeat, n=n), mask=one_hot)
+        per_layer.append(spec.fn(single).float().cpu() @ query.vector(la))
+    contrib = torch.stack(per_layer).mean(0)
     tokens = [model.tokenizer.decode([t]) for t in enc.ids[enc.n_prompt :]]
     return Explanation(tokens=tokens, contributions=contrib, total=float(contrib.mean()))

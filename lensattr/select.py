@@ -15,9 +15,11 @@ the query pairs themselves. For every candidate ``(psi, stat, score)`` and layer
    for the pool's own behaviour examples, which are unlabelled and rank next to the treatments
    under a method that finds them (:mod:`lensattr.criterion`),
 
-then chooses in two stages (:func:`choose`): the method with the highest criterion averaged over
-the layers, then that method's best layer (ties: higher held-out accuracy, then the deeper
-layer). Plant labels, held-out behaviour data and anything else outside the pairs and the
+then chooses in three stages: the method with the highest criterion averaged over the layers,
+then that method's best layer (:func:`choose`; ties: higher held-out accuracy, then the deeper
+layer), then whether to rank by the mean of the method's :data:`LAYER_SET` best layers instead
+(:func:`layer_set`): the set is chosen when its criterion, on the same folds, is higher than the
+best layer's. Plant labels, held-out behaviour data and anything else outside the pairs and the
 unlabelled cache are never read.
 
 A score that inverts the pool's covariance (registered ``full_rank``: ``whitened_cosine``) is not a
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 
 from lensattr.criterion import (
+    LAYER_SET,
     PAPER,
     POOL_SAMPLE,
     FoldScores,
@@ -52,6 +55,7 @@ from lensattr.criterion import (
     choose,
     evaluate,
     fold_scores,
+    layer_set,
     method_scores,
 )
 from lensattr.query import (
@@ -80,10 +84,14 @@ class Selection:
     Attributes:
         query: the chosen query, fitted on all pairs, ranked by default at the chosen layer
             with the chosen score (``rank(cache, selection)`` uses both).
-        method: the chosen :class:`Method`; ``layer``: the chosen layer.
+        method: the chosen :class:`Method`; ``layer``: the chosen layer, or a tuple of layers
+            (best first) when the query is ranked by the mean of its scores at them.
         table: one row per candidate and layer: ``method``, ``layer``, ``criterion`` (held-out
             log-rank among the pool x AUROC against the controls), ``accuracy`` (held-out
             accuracy).
+        layer_set: the same row for the chosen method's best layers taken together
+            (:func:`layer_set`; ``layer`` a tuple), whether or not it was chosen; ``None`` when
+            not tried.
         seconds: time spent scoring candidates (pair statistics excluded).
         left_out: default candidates that were not offered, and why (a score that inverts
             the pool's covariance, on a pool of fewer than :data:`ROWS_PER_DIMENSION` rows a
@@ -92,20 +100,39 @@ class Selection:
 
     query: Query
     method: Method
-    layer: int
+    layer: int | tuple[int, ...]
     table: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     left_out: dict[str, str] = field(default_factory=dict)
+    layer_set: dict[str, Any] | None = None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The chosen layer(s) as a tuple: what a cache for this choice must hold."""
+        return (self.layer,) if isinstance(self.layer, int) else self.layer
 
     def summary(self, top: int = 8) -> str:
         """A few lines: the choice, then the best methods (criterion averaged over layers, and
         at each method's best layer)."""
         means = method_scores(self.table)
         best = best_rows(self.table)
+        where = (
+            f"layer {self.layer}"
+            if isinstance(self.layer, int)
+            else f"the mean of layers {', '.join(map(str, self.layer))}"
+        )
         lines = [
-            f"auto chose {self.method} at layer {self.layer} (held-out criterion: log-rank "
-            "among the pool x AUROC against the controls; mean over layers, then the best layer)"
+            f"auto chose {self.method} at {where} (held-out criterion: log-rank among the pool x "
+            "AUROC against the controls; mean over layers, then the best layer or layer set)"
         ]
+        if self.layer_set is not None:
+            single = best[str(self.method)]
+            lines.append(
+                f"  its best {len(self.layer_set['layer'])} layers together "
+                f"(L{','.join(map(str, self.layer_set['layer']))}): criterion "
+                f"{self.layer_set['criterion']:.3f}, its best layer alone (L{single['layer']}): "
+                f"{single['criterion']:.3f}"
+            )
         for m in sorted(means, key=lambda m: means[m], reverse=True)[:top]:
             r = best[m]
             lines.append(
@@ -147,6 +174,7 @@ def select(
     rows: Any = None,
     folds: int = FOLDS,
     pool_sample: int | None = POOL_SAMPLE,
+    set_size: int = LAYER_SET,
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> Selection:
@@ -166,6 +194,8 @@ def select(
         rows: the cache rows that form the pool (default: all).
         folds: interleaved folds of the pairs.
         pool_sample: at most this many pool rows enter the criterion (seeded sample).
+        set_size: how many of the chosen method's best layers to try together (the mean of
+            their scores) against its best layer; 1: one layer only.
         batch_size: for capturing the pairs.
         progress: progress bar while capturing the pairs.
 
@@ -180,7 +210,7 @@ def select(
         >>> cache = lensattr.build_cache(m, train, out=tempfile.mkdtemp(), layers=[1, 2])
         >>> pairs = [{"prompt": f"Q{i}", "treatment": "ok ok", "control": "Hi."} for i in range(4)]
         >>> sel = select(m, cache, pairs)
-        >>> sel.layer in (1, 2), len(lensattr.rank(cache, sel, top_k=3))
+        >>> sel.layer in (1, 2, (1, 2), (2, 1)), len(lensattr.rank(cache, sel, top_k=3))
         (True, 3)
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
@@ -230,12 +260,14 @@ def select(
             "nothing to rank against"
         )
     t0 = time.perf_counter()
-    table = evaluate(
-        ps, cache, method_list, layer_list, rows=rows, folds=folds, pool_sample=pool_sample
-    )
-    seconds = time.perf_counter() - t0
+    kw: dict[str, Any] = {"rows": rows, "folds": folds, "pool_sample": pool_sample}
+    table = evaluate(ps, cache, method_list, layer_list, **kw)
     best = choose(table)
     method = Method.parse(best["method"])
+    together = layer_set(ps, cache, table, method, set_size, **kw)
+    if together is not None and together["criterion"] > best["criterion"]:
+        best = together
+    seconds = time.perf_counter() - t0
     query = behavior_query(
         None,
         ps,
@@ -246,7 +278,7 @@ def select(
         score=method.score,
     )
     query.layer = best["layer"]
-    logger.info("auto: %s at layer %d (criterion %.3f)", method, best["layer"], best["criterion"])
+    logger.info("auto: %s at layer %s (criterion %.3f)", method, best["layer"], best["criterion"])
     return Selection(
         query=query,
         method=method,
@@ -254,6 +286,7 @@ def select(
         table=table,
         seconds=seconds,
         left_out=left_out,
+        layer_set=together,
     )
 
 
@@ -274,23 +307,24 @@ def select_then_cache(
 
     :func:`select` runs on a cache of a seeded sample of ``sample`` training examples (the
     statistics ``stats`` at every layer, in a temporary directory); the whole corpus is then
-    cached at the chosen layer for the chosen statistic only, the sample's rows copied from
-    the sample's cache (``build_cache(reuse=...)``) rather than captured again. The default
-    statistics are the gradient-free ones (``resid_post``): the pairs, the sample and the
-    corpus then go through forward passes only, and the corpus's forward stops after the
-    chosen layer. With gradient
-    statistics (e.g. ``stats=DEFAULT_STATS``, the full ``auto``'s) the backward of the final
-    build stops at the chosen layer. The query is refitted against the full cache (its pool
-    moments), ready for :func:`rank`. A sample of fewer than :data:`ROWS_PER_DIMENSION` rows a
-    dimension leaves ``whitened_cosine`` out of the choice (see :func:`select`).
+    cached at the chosen layer (or layers) for the chosen statistic only, the sample's rows
+    copied from the sample's cache (``build_cache(reuse=...)``) rather than captured again.
+    The default statistics are the gradient-free ones (``resid_post``): the pairs, the sample
+    and the corpus then go through forward passes only, and the corpus's forward stops after
+    the deepest chosen layer. With gradient statistics (e.g. ``stats=DEFAULT_STATS``, the full
+    ``auto``'s) the backward of the final build stops at the lowest chosen layer. The query is
+    refitted against the full cache (its pool moments), ready for :func:`rank`. A sample of
+    fewer than :data:`ROWS_PER_DIMENSION` rows a dimension leaves ``whitened_cosine`` out of
+    the choice (see :func:`select`).
 
     When the sample is the whole corpus (``sample=None`` or ``sample >= len(train)``) there is
     one build, of ``stats`` at every layer into ``out``: the choice is then exactly
     :func:`select`'s on that cache (restricted to ``stats``), and nothing is computed twice.
 
     Returns:
-        ``(cache, query, selection)``: the full cache, the query (``query.layer`` set) and the
-        choice made on the sample.
+        ``(cache, query, selection)``: the full cache (of the chosen layer or layers,
+        :attr:`Selection.layers`), the query (``query.layer`` set) and the choice made on the
+        sample.
 
     Examples:
         >>> import tempfile, lensattr
@@ -299,7 +333,7 @@ def select_then_cache(
         ...          for i in range(12)]
         >>> pairs = [{"prompt": f"Q{i}", "treatment": "ok ok", "control": "Hi."} for i in range(4)]
         >>> cache, q, sel = select_then_cache(m, train, pairs, out=tempfile.mkdtemp(), sample=6)
-        >>> cache.layers == [sel.layer], cache.stats == [sel.method.stat], len(cache)
+        >>> cache.layers == sorted(sel.layers), cache.stats == [sel.method.stat], len(cache)
         (True, True, 12)
     """
     import random
@@ -337,7 +371,7 @@ def select_then_cache(
             model,
             examples,
             out=out,
-            layers=[sel.layer],
+            layers=sorted(sel.layers),
             stats=[sel.method.stat],
             progress=progress,
             reuse=small,
@@ -349,7 +383,7 @@ def select_then_cache(
         ps,
         psi=sel.method.psi,
         stat=sel.method.stat,
-        layers=[sel.layer],
+        layers=sorted(sel.layers),
         pool=cache,
         score=sel.method.score,
     )
@@ -358,6 +392,7 @@ def select_then_cache(
 
 
 __all__ = [
+    "LAYER_SET",
     "MIN_PAIRS",
     "PAPER",
     "POOL_SAMPLE",
@@ -369,6 +404,7 @@ __all__ = [
     "evaluate",
     "fold_scores",
     "heldout_accuracy",
+    "layer_set",
     "method_scores",
     "select",
     "select_then_cache",

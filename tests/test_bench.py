@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lensattr
 from lensattr.backends.capture import response_loss
 from lensattr.bench.behaviors import load_behaviour
 from lensattr.bench.finetune import lora_finetune, trait_score
@@ -20,6 +21,20 @@ from lensattr.render import collate, encode
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return write_synthetic_data(tmp_path_factory.mktemp("bench") / "data")
+
+
+def ranked_at(out, behaviour, method, layers):
+    """Pool metrics of ``method`` ranked by the mean of its scores at ``layers``, recomputed
+    from the bench's saved cache and pairs (the pool: the clean rows and the behaviour's)."""
+    cache = lensattr.open_cache(out / "cache")
+    owner = json.loads((out / "pool-labels.json").read_text())
+    idx = [k for k, i in enumerate(cache.ids) if owner[i][0] in ("clean", behaviour)]
+    labels = torch.tensor([owner[cache.ids[k]][1] for k in idx])
+    m = lensattr.Method.parse(method)
+    ps = lensattr.PairStats.load(out / "pairs" / f"{behaviour}.safetensors")
+    q = lensattr.behavior_query(None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache)
+    r = lensattr.rank(cache, q, layer=list(layers), rows=idx, top_k=None)
+    return lensattr.pool_metrics(r.scores_of(idx), labels)
 
 
 def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
@@ -39,15 +54,44 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     assert "persona" in saved["ranking"]["cheer"]["baselines"]
     paper = shout["grid"]["residual_change|residual_change|cosine"]
     assert len(paper["layers"]) == 3 and shout["paper"]["layer"] == paper["query_layer"]
-    # auto's metrics are the grid's metrics of the method and layer it chose
-    cell = shout["grid"][shout["auto"]["method"]]["layers"][str(shout["auto"]["layer"])]
-    assert shout["auto"]["p_at_k"] == cell["p_at_k"] and shout["auto"]["ap"] == cell["ap"]
-    assert len(shout["auto"]["p_at_k_ci"]) == 2
+    # auto's metrics are the grid's metrics of the method and layer it chose, or at a layer set
+    # the metrics of the mean of its layers' scores
+    auto = shout["auto"]
+    chosen = [auto["layer"]] if isinstance(auto["layer"], int) else auto["layer"]
+    cell = ranked_at(out, "shouting", auto["method"], chosen)
+    assert auto["p_at_k"] == pytest.approx(cell["p_at_k"]) and auto["ap"] == pytest.approx(
+        cell["ap"]
+    )
+    if len(chosen) == 1:
+        grid_cell = shout["grid"][auto["method"]]["layers"][str(chosen[0])]
+        assert cell == {k: v for k, v in grid_cell.items() if k != "criterion"}
+    assert len(auto["p_at_k_ci"]) == 2
+    # the report writes a layer set as the layers --layer takes, and plots it
+    from lensattr.bench.report import write_outputs
+
+    layers = sorted(int(la) for la in shout["grid"][auto["method"]]["layers"])[:2]
+    as_set = json.loads(json.dumps(saved))
+    as_set["ranking"]["shouting"]["auto"]["layer"] = layers[::-1]
+    (tmp_path / "set").mkdir()
+    write_outputs(as_set, tmp_path / "set")
+    label = f"(L{layers[1]},{layers[0]})"
+    assert label in (tmp_path / "set" / "results.md").read_text()
     assert set(res["finetune"]["shouting"]["methods"]) == set(cfg.ft_methods) - {"persona"}
     assert "| shouting | base model |" in (out / "results.md").read_text()
     # resumable: a rerun reuses every saved step and gives the same numbers
     again = run_bench(cfg, out, model=tiny)
     assert again["ranking"] == json.loads(json.dumps(res["ranking"]))
+    # a saved fine-tune is reused only for the same top-k ids; others are redone, not stale
+    f = out / "ft" / "shouting" / "random-s0.json"
+    saved_ft = json.loads(f.read_text())
+    f.write_text(json.dumps({**saved_ft, "score": 99.0}))
+    assert run_bench(cfg, out, model=tiny)["finetune"]["shouting"]["methods"]["random"][
+        "scores"
+    ] == [99.0]
+    f.write_text(json.dumps({**saved_ft, "score": 99.0, "ids": saved_ft["ids"][::-1]}))
+    redone = run_bench(cfg, out, model=tiny)["finetune"]["shouting"]["methods"]["random"]
+    assert redone["scores"] == [pytest.approx(saved_ft["score"])]
+    assert json.loads(f.read_text())["ids"] == saved_ft["ids"]
     cfg.ft_methods = ["residual_change|resid_post|cosinee"]
     with pytest.raises(ValueError, match="unknown fine-tuning methods"):
         run_bench(cfg, out, model=tiny)

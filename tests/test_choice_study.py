@@ -22,7 +22,7 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     ps = pair_stats(tiny, pair_records, stats=cache.stats, layers=[1, 3], batch_size=4)
     labels = torch.tensor([1, 0] + [-1] * (len(cache) - 2))
     cells = cs.study(cache, ps, None, labels, in_sample=False)
-    sel = lensattr.select(tiny, cache, ps)
+    sel = lensattr.select(tiny, cache, ps, set_size=1)  # the cells: one layer each
     offered = [c for c in cells if cs.offered_by_select(c, cache)]
     assert {c["method"] for c in offered} == {r["method"] for r in sel.table}
     got = cs.choose(offered, cs.RULES[cs.SELECT])
@@ -42,6 +42,10 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     cell = next(c for c in cells if (c["method"], c["layer"]) == (str(sel.method), sel.layer))
     assert (best["p_at_k"], best["ap"]) == (cell["p_at_k"], cell["ap"])
     assert sorted(sets["all"]["layers"]) == [1, 3]
+    # select's own layer set (its method's best 3 of the 2 layers) is the study's "top 3"
+    together = lensattr.select(tiny, cache, ps).layer_set
+    assert list(together["layer"]) == sets["top 3"]["layers"]
+    assert abs(together["criterion"] - sets["top 3"]["criterion"]) < 1e-9
     # in-sample moments: exactly those of the pool's rows and every pair side together
     m = cs.with_pairs_in_moments(ps)(cache, "resid_post", 3)
     rows = torch.cat([cache.stat("resid_post", 3)[:].double(), *ps.sides("resid_post", 3)])

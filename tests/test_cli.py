@@ -1,6 +1,7 @@
 """The command line end to end on the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -133,9 +134,16 @@ def test_cli_auto_and_the_chosen_layer(tmp_path, train_records, pair_records, ca
         )
         == 0
     )
-    assert "auto chose" in capsys.readouterr().out
+    chosen = Query.load(qa).best_layer()  # a layer, or a layer set as --layer writes it
+    as_arg = str(chosen) if isinstance(chosen, int) else ",".join(map(str, chosen))
+    text = capsys.readouterr().out
+    assert "auto chose" in text and f"layer {as_arg}: {qa}" in text
     assert main(["rank", "--cache", cache, "--query", qa, "--out", str(out)]) == 0
     first = out.read_text()
+    assert (
+        main(["rank", "--cache", cache, "--query", qa, "--layer", as_arg, "--out", qa + ".j"]) == 0
+    )
+    assert Path(qa + ".j").read_text() == first
     assert (
         main(
             [

@@ -145,3 +145,10 @@ def test_explain_contributions_average_to_the_score(tiny, built, train_records):
     assert len(e.tokens) == encode(tiny.tokenizer, ex).n_response
     assert abs(e.total - float(full @ q.vector(2))) < 1e-5 * max(1.0, float(full.norm()))
     assert phi.name == q.stat
+    # at a layer set, as rank scores it: each token's mean over the layers, so the total is the
+    # mean of the layers' <phi(x), psi>
+    both = explain(tiny, ex, q, [2, 1])
+    one = explain(tiny, ex, q, 1)
+    assert torch.allclose(both.contributions, (e.contributions + one.contributions) / 2, atol=1e-6)
+    at_1 = float(stat_of(tiny, [ex], "residual_change", 1)[0] @ q.vector(1))
+    assert both.total == pytest.approx((float(full @ q.vector(2)) + at_1) / 2, abs=1e-5)

@@ -292,28 +292,107 @@ def test_held_out_accuracy_is_one_definition(pool, stats):
         assert row["accuracy"] == pytest.approx(acc)
 
 
-def test_criterion_equals_a_direct_computation(pool, stats):
-    m = Method("pool_contrast", "resid_post", "centered_cosine")
-    (row,) = evaluate(stats, pool, [m], [3])
-    t, c = stats.sides("resid_post", 3)
-    x = pool.stat("resid_post", 3)[:].double()
-    mu = x.mean(0)
+def direct_criterion(pool, stats, layers):
+    """``pool_contrast|resid_post|centered_cosine``'s criterion from its definition, in double
+    precision and Python loops; each row's score is the mean of its scores at ``layers``."""
     cos = torch.nn.functional.cosine_similarity
     log_ranks, aurocs = [], []
-    n = len(t)
+    n = stats.n_pairs
     for k in range(4):
         test = list(range(k, n, 4))
         train = [i for i in range(n) if i not in test]
-        psi = t[train].double().mean(0) - mu
-        pool_s = [float(cos(v[None] - mu, psi[None])) for v in x]
-        ctrl_s = [float(cos(v[None] - mu, psi[None])) for v in c[test].double()]
-        treat_s = [float(cos(v[None] - mu, psi[None])) for v in t[test].double()]
+        pool_s, ctrl_s, treat_s = [0.0] * len(pool), [0.0] * len(test), [0.0] * len(test)
+        for layer in layers:
+            t, c = stats.sides("resid_post", layer)
+            x = pool.stat("resid_post", layer)[:].double()
+            mu = x.mean(0)
+            psi = t[train].double().mean(0) - mu
+            for out, rows in ((pool_s, x), (ctrl_s, c[test].double()), (treat_s, t[test].double())):
+                for i, v in enumerate(rows):
+                    out[i] += float(cos(v[None] - mu, psi[None])) / len(layers)
         neg = pool_s + ctrl_s  # recall in the top q of the negatives, averaged over log q
         ranks = [(1 + sum(v >= s for v in neg)) / (len(neg) + 1) for s in treat_s]
         log_ranks.append(sum(math.log(1 / r) for r in ranks) / len(ranks) / math.log(len(neg) + 1))
         aurocs.append(sum(s > v for s in treat_s for v in ctrl_s) / len(treat_s) / len(ctrl_s))
+    return sum(log_ranks) / 4 * sum(aurocs) / 4
+
+
+def test_criterion_equals_a_direct_computation(pool, stats):
+    m = Method("pool_contrast", "resid_post", "centered_cosine")
+    (row,) = evaluate(stats, pool, [m], [3])
     assert 0 < row["criterion"] <= 1
-    assert row["criterion"] == pytest.approx(sum(log_ranks) / 4 * sum(aurocs) / 4, abs=1e-4)
+    assert row["criterion"] == pytest.approx(direct_criterion(pool, stats, [3]), abs=1e-4)
+
+
+def test_a_layer_sets_criterion_is_that_of_its_layers_mean_score(pool, stats):
+    """``layer_set`` scores each row by the mean of its scores at the method's best layers
+    (best first), on the same folds: checked against the definition in double precision."""
+    from lensattr.criterion import layer_set
+
+    m = Method("pool_contrast", "resid_post", "centered_cosine")
+    table = evaluate(stats, pool, [m], [1, 3])
+    row = layer_set(stats, pool, table, m)
+    by_crit = sorted(table, key=lambda r: (r["criterion"], r["accuracy"], r["layer"]))[::-1]
+    assert row["layer"] == tuple(r["layer"] for r in by_crit)
+    assert row["criterion"] == pytest.approx(direct_criterion(pool, stats, [1, 3]), abs=1e-4)
+    assert row["criterion"] != pytest.approx(by_crit[0]["criterion"])  # not a layer's own
+    assert layer_set(stats, pool, table, m, size=1) is None
+    assert layer_set(stats, pool, table[:1], m) is None  # one layer: no set
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "pool_contrast|residual_change|cosine",  # its two layers together beat its best one
+        "residual_change|residual_change|cosine",  # its best layer alone is higher
+    ],
+)
+def test_select_ranks_by_a_layer_set_only_when_its_criterion_is_higher(
+    tiny, pool, stats, method, tmp_path
+):
+    from lensattr.criterion import layer_set
+
+    sel = select(tiny, pool, stats, methods=[method])
+    single = max(sel.table, key=lambda r: (r["criterion"], r["accuracy"], r["layer"]))
+    together = layer_set(stats, pool, sel.table, Method.parse(method))
+    assert sel.layer_set == together
+    won = together["criterion"] > single["criterion"]
+    assert sel.layer == (together["layer"] if won else single["layer"])
+    assert isinstance(sel.layer, tuple) is won
+    assert sel.layers == (sel.layer if won else (sel.layer,))
+    assert "layers together (L" in sel.summary()
+    # rank scores the set as the mean of its layers' scores; a saved query keeps its set
+    r = lensattr.rank(pool, sel, top_k=None)
+    each = [lensattr.rank(pool, sel.query, layer=la, top_k=None) for la in sel.layers]
+    rows = range(len(pool))
+    mean = torch.stack([e.scores_of(rows) for e in each]).mean(0)
+    assert r.layer == sel.layer and torch.allclose(r.scores_of(rows), mean, atol=1e-6)
+    sel.query.save(tmp_path / "q.safetensors")
+    loaded = Query.load(tmp_path / "q.safetensors")
+    assert loaded.layer == sel.layer and loaded.best_layer() == sel.layer
+    one = select(tiny, pool, stats, methods=[method], set_size=1)
+    assert one.layer == single["layer"] and one.layer_set is None
+
+
+def test_a_query_whose_chosen_layer_it_lacks_is_refused(pool, stats, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    q = lensattr.behavior_query(None, stats, layers=[1, 3])
+    q.layer = (3, 2)
+    with pytest.raises(QueryError, match="chosen layer 2 is not one of its layers"):
+        q.best_layer()
+    q.layer = (3, 1)
+    q.save(tmp_path / "q.safetensors")
+    with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(
+        load_file(str(tmp_path / "q.safetensors")),
+        str(tmp_path / "bad.safetensors"),
+        {**meta, "layer": '["3"]'},
+    )
+    with pytest.raises(QueryError, match="bad.safetensors: .*field 'layer'"):
+        Query.load(tmp_path / "bad.safetensors")
 
 
 def test_log_rank_grows_with_the_log_of_the_negatives_above():
@@ -337,6 +416,8 @@ def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, 
     method = max(means, key=lambda m: sum(means[m]) / len(means[m]))
     best = max((r for r in sel.table if r["method"] == method),
                key=lambda r: (r["criterion"], r["accuracy"], r["layer"]))  # fmt: skip
+    if sel.layer_set["criterion"] > best["criterion"]:  # its layers together
+        best = sel.layer_set
     assert (str(sel.method), sel.layer) == (best["method"], best["layer"])
     assert sel.query.layer == sel.layer and sel.query.score == sel.method.score
     assert "auto chose" in sel.summary()

@@ -10,6 +10,7 @@ import torch
 
 from lensattr import Method, Query, behavior_query, rank
 from lensattr.bench.finetune import lora_finetune, trait_score
+from lensattr.bench.report import layer_label
 from lensattr.bench.run import BenchConfig, _save_json, say, subpools
 from lensattr.data import load_examples
 from lensattr.registry import get_score
@@ -87,10 +88,12 @@ def finetune_effect(
             scores = []
             for seed in cfg.ft_seeds:
                 f = out / "ft" / b.name / f"{run_m.replace('|', '+')}-s{seed}.json"
-                if not f.exists():
+                ids = top_ids(m, b.name, h, ranking, cfg.k, seed)
+                # a saved fine-tune is reused only for the same top-k: after a change to the
+                # method (e.g. auto choosing differently) it would be a stale row
+                if not f.exists() or json.loads(f.read_text()).get("ids") != ids:
                     say(f"{b.name}: LoRA on the top-{cfg.k} of {run_m} (seed {seed})")
                     t0 = time.perf_counter()
-                    ids = top_ids(m, b.name, h, ranking, cfg.k, seed)
                     tuned = lora_finetune(
                         h["model"],
                         [table[i] for i in ids],
@@ -122,7 +125,10 @@ def finetune_effect(
                 "n_label1_selected": [s["n_label1"] for s in scores],
                 "n_label0_selected": [s["n_label0"] for s in scores],
                 **(
-                    {"resolved": f"{ranking[b.name][m]['method']} L{ranking[b.name][m]['layer']}"}
+                    {
+                        "resolved": f"{ranking[b.name][m]['method']} "
+                        f"{layer_label(ranking[b.name][m]['layer'])}"
+                    }
                     if m in ("auto", "paper")
                     else {}
                 ),

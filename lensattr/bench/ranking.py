@@ -28,9 +28,9 @@ from lensattr.bench.run import BenchConfig, _save_json, say, subpools
 from lensattr.registry import get_score
 
 
-def _scores(cache: Any, query: Any, layer: int, score: str, idx: torch.Tensor) -> torch.Tensor:
-    """Scores of the pool rows ``idx`` (in that order) under ``query`` at ``layer`` with
-    ``score``."""
+def _scores(cache: Any, query: Any, layer: Any, score: str, idx: torch.Tensor) -> torch.Tensor:
+    """Scores of the pool rows ``idx`` (in that order) under ``query`` at ``layer`` (or a layer
+    set) with ``score``."""
     return rank(cache, query, layer=layer, score=score, rows=idx, top_k=None).scores_of(idx)
 
 

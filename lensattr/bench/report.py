@@ -20,6 +20,17 @@ def _n(method: str) -> str:
     return method.replace("|", " / ")
 
 
+def layer_label(layer: Any) -> str:
+    """A chosen layer, or a layer set (a list in JSON: each row scored by the mean over them),
+    as ``L18`` or ``L18,17,15``.
+
+    Examples:
+        >>> layer_label(18), layer_label([18, 17, 15])
+        ('L18', 'L18,17,15')
+    """
+    return f"L{layer}" if isinstance(layer, int) else "L" + ",".join(map(str, layer))
+
+
 def _f(x: Any, nd: int = 2) -> str:
     return "-" if x is None or x != x else f"{x:.{nd}f}"
 
@@ -41,7 +52,8 @@ def markdown(results: dict[str, Any]) -> str:
         "95% bootstrap interval in brackets; AP = their average precision; 'clean above' = "
         "clean examples ranked above the median label-1 plant; AUROC = label 1 vs label 0 "
         "plants (secondary). `auto` chooses statistic, psi, score and layer from the query pairs "
-        "and the unlabelled pool; the paper's residual change uses the layer its own held-out "
+        "and the unlabelled pool (several layers, e.g. L18,17,15: each example scored by the "
+        "mean of its scores at them); the paper's residual change uses the layer its own held-out "
         "accuracy chooses; hindsight = the best fixed method and layer by P@k (it peeks at the "
         "labels: reference only).",
         "",
@@ -54,7 +66,8 @@ def markdown(results: dict[str, Any]) -> str:
         a, p, hb, base = r["auto"], r["paper"], r["hindsight"], r["baselines"]
         lines.append(
             f"| {name} | {r['n_pool']} ({r['n_plants']['1']}/{r['n_plants']['0']}) | "
-            f"{_n(a['method'])} (L{a['layer']}) | **{_f(a['p_at_k'])}**{_ci(a, 'p_at_k')} | "
+            f"{_n(a['method'])} ({layer_label(a['layer'])}) | **{_f(a['p_at_k'])}**"
+            f"{_ci(a, 'p_at_k')} | "
             f"{_f(a['ap'])} | {a['clean_above_median']} | {_f(a['auroc_planted'])} | "
             f"{_f(p['p_at_k'])}{_ci(p, 'p_at_k')} (L{p['layer']}) | {_f(p['ap'])} | "
             f"{_f(hb['p_at_k'])}, {_n(hb['method'])} (L{hb['layer']}) | "
@@ -168,7 +181,8 @@ def finetune_plot(results: dict[str, Any], path: Path) -> None:
 
 def precision_plot(results: dict[str, Any], path: Path) -> None:
     """P@k against layer per behaviour: auto's method and the paper's residual change (dots:
-    the layer each chose without labels), with the random baseline."""
+    the layer or layers each chose without labels; a dashed line: the P@k of auto's layer set),
+    with the random baseline."""
     matplotlib = require("matplotlib", "bench")
 
     matplotlib.use("Agg")
@@ -181,21 +195,27 @@ def precision_plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         r = ranking[name]
-        for m, label, layer in (
-            (r["auto"]["method"], "auto's method", r["auto"]["layer"]),
-            (str(PAPER), "paper's residual change", r["paper"]["layer"]),
+        for m, label, res in (
+            (r["auto"]["method"], "auto's method", r["auto"]),
+            (str(PAPER), "paper's residual change", r["paper"]),
         ):
             lay = r["grid"][m]["layers"]
             xs = sorted(int(la) for la in lay)
             (line,) = ax.plot(xs, [lay[str(x)]["p_at_k"] for x in xs], marker=".", label=label)
-            ax.plot([layer], [lay[str(layer)]["p_at_k"]], "o", ms=8, color=line.get_color())
+            chosen = [res["layer"]] if isinstance(res["layer"], int) else res["layer"]
+            at = [lay[str(la)]["p_at_k"] for la in chosen]
+            ax.plot(chosen, at, "o", ms=8, color=line.get_color())
+            if len(chosen) > 1:  # a layer set: its own P@k, across its layers
+                ax.plot(
+                    [min(chosen), max(chosen)], [res["p_at_k"]] * 2, "--", color=line.get_color()
+                )
         ax.axhline(r["baselines"]["random"]["p_at_k"], color="grey", ls=":", label="random")
         ax.set_title(name, fontsize=10)
         ax.set_ylim(-0.02, 1.02)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8, loc="best")
-    fig.supxlabel("layer (large dot = the layer chosen without labels)")
+    fig.supxlabel("layer (large dots = the layer or layers chosen without labels)")
     fig.supylabel("precision@k among the pool")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
