@@ -67,6 +67,7 @@ def main() -> None:
             model = lensattr.load_model(args.model, device="cpu", compute_dtype="float32")
             pairs = work / "pairs.jsonl"
         sel = lensattr.select(model, cache, pairs, progress=False)
+        print(sel.summary(top=3))
         r = lensattr.rank(cache, sel, top_k=None)
         mine[f"auto now ({sel.method} @ {sel.layer})"] = r.scores_of(range(len(cache))).float()
     scored = Path(args.bergson or work) / "bergson-0-scores.json"
