@@ -152,13 +152,15 @@ m = lensattr.load_model(spec, device="cpu", compute_dtype="float32")
 marks, res = {}, {}
 def scores(cache, r):
     return r.scores_of(range(len(cache))).float().tolist()
+def choice(sel):
+    return f"{sel.method} @ L{','.join(map(str, sel.layers))}"
 if mode == "full":
     cache = lensattr.build_cache(m, train, out=out, progress=False, **kw)
     marks["build"] = time.time()
     sel = lensattr.select(m, cache, pairs, batch_size=kw["batch_size"], progress=False)
     r = lensattr.rank(cache, sel, top_k=None)
     marks["rank"] = time.time()
-    res["auto"] = {"choice": f"{sel.method} @ {sel.layer}", "scores": scores(cache, r)}
+    res["auto"] = {"choice": choice(sel), "scores": scores(cache, r)}
     q = lensattr.behavior_query(m, pairs, progress=False, **kw)
     r = lensattr.rank(cache, q, top_k=None)
     marks["paper"] = time.time()
@@ -171,7 +173,7 @@ else:
                                                progress=False, **kw)
     r = lensattr.rank(cache, q, top_k=None)
     marks["rank"] = time.time()
-    res[mode] = {"choice": f"{sel.method} @ {sel.layer}", "scores": scores(cache, r)}
+    res[mode] = {"choice": choice(sel), "scores": scores(cache, r)}
 json.dump({"marks": marks, "results": res, "ids": list(cache.ids)}, open(result, "w"))
 """
 CONTENDERS = ("bergson", "full", "gradfree", "cheap", "cheapgrad")

@@ -58,7 +58,7 @@ def main() -> None:
             sel = select(None, cache, ps)
             out[f"{label}_s"] = round(time.perf_counter() - t, 2)
         out["evaluations"] = len(sel.table)
-        out["chose"] = f"{sel.method} L{sel.layer}"
+        out["chose"] = f"{sel.method} L{','.join(map(str, sel.layers))}"
     print(json.dumps(out, indent=1))
 
 

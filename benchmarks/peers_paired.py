@@ -69,7 +69,9 @@ def main() -> None:
         sel = lensattr.select(model, cache, pairs, progress=False)
         print(sel.summary(top=3))
         r = lensattr.rank(cache, sel, top_k=None)
-        mine[f"auto now ({sel.method} @ {sel.layer})"] = r.scores_of(range(len(cache))).float()
+        mine[f"auto now ({sel.method} @ L{','.join(map(str, sel.layers))})"] = r.scores_of(
+            range(len(cache))
+        ).float()
     scored = Path(args.bergson or work) / "bergson-0-scores.json"
     theirs = {m: torch.tensor(s) for m, s in json.loads(scored.read_text())["scores"].items()}
 

@@ -195,5 +195,5 @@ def test_peers_paired_select_reuses_saved_pair_stats(tiny, train_records, pair_r
         lensattr.rank(cache, sel, top_k=None).scores_of(range(n)), torch.tensor(labels)
     )
     line = next(x for x in res.stdout.splitlines() if x.startswith("auto now"))
-    assert line.startswith(f"auto now ({sel.method} @ {sel.layer})")
+    assert line.startswith(f"auto now ({sel.method} @ L{','.join(map(str, sel.layers))})")
     assert f"AP {m['ap']:.3f}" in line
