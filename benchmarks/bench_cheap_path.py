@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import lensattr
+from lensattr.backends.sites import layer_text
 from lensattr.demo import bundled
 
 
@@ -44,7 +45,7 @@ def main() -> None:
         sel = lensattr.select(model, full, pairs)
         r_full = lensattr.rank(full, sel, top_k=None)
         out["full_s"] = round(time.perf_counter() - t, 1)
-        out["full_choice"] = f"{sel.method} L{','.join(map(str, sel.layers))}"
+        out["full_choice"] = f"{sel.method} L{layer_text(sel.layer)}"
         out["full_p_at_k"] = p_at_k(full, r_full, labels)
         t = time.perf_counter()
         cache, q, sel2 = lensattr.select_then_cache(
@@ -52,7 +53,7 @@ def main() -> None:
         )
         r_cheap = lensattr.rank(cache, q, top_k=None)
         out["cheap_s"] = round(time.perf_counter() - t, 1)
-        out["cheap_choice"] = f"{sel2.method} L{','.join(map(str, sel2.layers))}"
+        out["cheap_choice"] = f"{sel2.method} L{layer_text(sel2.layer)}"
         out["cheap_p_at_k"] = p_at_k(cache, r_cheap, labels)
     out["cheap_over_full"] = round(out["cheap_s"] / out["full_s"], 2)
     print(json.dumps(out, indent=1))

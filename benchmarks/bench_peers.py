@@ -146,6 +146,7 @@ def pick_pairs(path: Path, n: int | None, seed: int) -> list[dict]:
 LENSATTR_PIPELINE = """
 import json, sys, time
 import lensattr
+from lensattr.backends.sites import layer_text
 spec, train, pairs, out, mode, batch_size, max_length, sample, result = sys.argv[1:10]
 kw = dict(batch_size=int(batch_size), max_length=int(max_length))
 m = lensattr.load_model(spec, device="cpu", compute_dtype="float32")
@@ -153,7 +154,7 @@ marks, res = {}, {}
 def scores(cache, r):
     return r.scores_of(range(len(cache))).float().tolist()
 def choice(sel):
-    return f"{sel.method} @ L{','.join(map(str, sel.layers))}"
+    return f"{sel.method} @ L{layer_text(sel.layer)}"
 if mode == "full":
     cache = lensattr.build_cache(m, train, out=out, progress=False, **kw)
     marks["build"] = time.time()

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_perf import synthetic_cache  # noqa: E402
 
 from lensattr import PairStats, candidates, open_cache, select  # noqa: E402
+from lensattr.backends.sites import layer_text  # noqa: E402
 from lensattr.moments import _MEMO  # noqa: E402
 from lensattr.store.cache import DEFAULT_STATS  # noqa: E402
 
@@ -58,7 +59,7 @@ def main() -> None:
             sel = select(None, cache, ps)
             out[f"{label}_s"] = round(time.perf_counter() - t, 2)
         out["evaluations"] = len(sel.table)
-        out["chose"] = f"{sel.method} L{','.join(map(str, sel.layers))}"
+        out["chose"] = f"{sel.method} L{layer_text(sel.layer)}"
     print(json.dumps(out, indent=1))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import lensattr
+from lensattr.backends.sites import layer_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_peers import print_paired  # noqa: E402
@@ -69,7 +70,7 @@ def main() -> None:
         sel = lensattr.select(model, cache, pairs, progress=False)
         print(sel.summary(top=3))
         r = lensattr.rank(cache, sel, top_k=None)
-        mine[f"auto now ({sel.method} @ L{','.join(map(str, sel.layers))})"] = r.scores_of(
+        mine[f"auto now ({sel.method} @ L{layer_text(sel.layer)})"] = r.scores_of(
             range(len(cache))
         ).float()
     scored = Path(args.bergson or work) / "bergson-0-scores.json"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from lensattr._optional import explain
 from lensattr._version import __version__
+from lensattr.backends.sites import layer_text
 from lensattr.config import add_arguments, from_arguments
 from lensattr.registry import names
 from lensattr.store.cache import DEFAULT_STATS
@@ -265,16 +266,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layers_text(layer: int | tuple[int, ...]) -> str:
-    """A layer or a layer set as ``--layer`` takes it: ``18`` or ``18,17,15``."""
-    return str(layer) if isinstance(layer, int) else ",".join(map(str, layer))
-
-
 def _print_choice(q: "Query") -> None:
     acc = ", ".join(f"L{k} {v:.2f}" for k, v in sorted((q.cv or {}).items()))
     print(f"held-out accuracy per layer ({q.score}): {acc}")
     try:
-        print(f"layer used by `lensattr rank` by default: {_layers_text(q.best_layer())}")
+        print(f"layer used by `lensattr rank` by default: {layer_text(q.best_layer())}")
     except ValueError as err:
         print(f"no layer can be chosen: {err}")
 
@@ -302,7 +298,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(sel.summary())
         print(
             f"query {sel.method} from {sel.query.n_pairs} pairs, layer "
-            f"{_layers_text(sel.layer)}: {args.out}"
+            f"{layer_text(sel.layer)}: {args.out}"
         )
         return 0
     q = behavior_query(
@@ -361,7 +357,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
             }
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(
-        f"wrote {len(r)} ranked examples (layer {_layers_text(r.layer)}, {r.stat}, {r.score}) "
+        f"wrote {len(r)} ranked examples (layer {layer_text(r.layer)}, {r.stat}, {r.score}) "
         f"to {args.out}"
     )
     return 0

@@ -29,6 +29,7 @@ from lensattr import (
     select,
 )
 from lensattr._optional import require
+from lensattr.backends.sites import layer_text
 
 
 def bundled(name: str) -> Path:
@@ -75,7 +76,7 @@ def plot_sweep(
                 [p_at_k, p_at_k],
                 "--",
                 color=line.get_color(),
-                label=f"{name.split(':')[0]}: mean of layers {','.join(map(str, chosen))}",
+                label=f"{name.split(':')[0]}: mean of layers {layer_text(chosen)}",
             )
     ax.set_xlabel("layer (large dots: the layer or layers chosen without labels)")
     ax.set_ylabel("precision@k among the pool")

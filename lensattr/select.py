@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lensattr.backends.sites import layer_text
 from lensattr.criterion import (
     LAYER_SET,
     PAPER,
@@ -129,7 +130,7 @@ class Selection:
             single = best[str(self.method)]
             lines.append(
                 f"  its best {len(self.layer_set['layer'])} layers together "
-                f"(L{','.join(map(str, self.layer_set['layer']))}): criterion "
+                f"(L{layer_text(self.layer_set['layer'])}): criterion "
                 f"{self.layer_set['criterion']:.3f}, its best layer alone (L{single['layer']}): "
                 f"{single['criterion']:.3f}"
             )

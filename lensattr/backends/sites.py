@@ -12,6 +12,7 @@ for a ``TransformerBridge`` it gives the hook point, which carries the same name
 """
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -80,6 +81,16 @@ def layer_index(spec: "int | str", n_layers: int) -> int:
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"layer {spec!r} is out of range for a model with {n_layers} blocks")
     return layer % n_layers
+
+
+def layer_text(layer: "int | Sequence[int]") -> str:
+    """A layer, or a layer set (scored by the mean over its layers), as ``--layer`` takes it.
+
+    Examples:
+        >>> layer_text(18), layer_text((18, 17, 15))
+        ('18', '18,17,15')
+    """
+    return str(layer) if isinstance(layer, int) else ",".join(map(str, layer))
 
 
 def check_extra(sites: Any) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lensattr._optional import require
+from lensattr.backends.sites import layer_text
 from lensattr.bench.ranking import summary
 from lensattr.select import PAPER
 
@@ -28,7 +29,7 @@ def layer_label(layer: Any) -> str:
         >>> layer_label(18), layer_label([18, 17, 15])
         ('L18', 'L18,17,15')
     """
-    return f"L{layer}" if isinstance(layer, int) else "L" + ",".join(map(str, layer))
+    return f"L{layer_text(layer)}"
 
 
 def _f(x: Any, nd: int = 2) -> str:
