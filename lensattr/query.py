@@ -245,13 +245,13 @@ class Query:
                 the chosen layer is not one of the query's.
         """
         if self.layer is not None:
-            chosen = self.layer if isinstance(self.layer, int) else tuple(self.layer)
-            for la in (chosen,) if isinstance(chosen, int) else chosen:
+            chosen = (self.layer,) if isinstance(self.layer, int) else tuple(self.layer)
+            for la in chosen:
                 if la not in self.vectors:
                     raise QueryError(
                         f"the query's chosen layer {la} is not one of its layers {self.layers}"
                     )
-            return chosen
+            return self.layer if isinstance(self.layer, int) else chosen
         if len(self.layers) == 1:
             return self.layers[0]
         cv = {k: v for k, v in (self.cv or {}).items() if not math.isnan(v)}

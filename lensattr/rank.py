@@ -62,19 +62,18 @@ class Ranking:
         return self.scores[order[pos]]
 
 
-def _layers_arg(layer: Any, query: Query) -> int | tuple[int, ...]:
-    """A layer given as an int (negative counts from the last query layer), a TransformerLens
-    hook name (``"blocks.12.hook_resid_post"``), ``"best"`` or ``None`` (the query's own, see
-    :meth:`~lensattr.query.Query.best_layer`), or a list or tuple of distinct layers (a tuple
-    of them)."""
+def _layers_arg(layer: Any, query: Query) -> tuple[int, ...]:
+    """The layers to score, as a tuple of distinct block indices, from a layer given as an int
+    (negative counts from the last query layer), a TransformerLens hook name
+    (``"blocks.12.hook_resid_post"``), ``"best"`` or ``None`` (the query's own, see
+    :meth:`~lensattr.query.Query.best_layer`), or a list or tuple of them."""
     if layer is None or layer == "best":
         layer = query.best_layer()
-    if not isinstance(layer, list | tuple):
-        return layer_index(layer, max(query.layers) + 1)
-    layers = tuple(layer_index(x, max(query.layers) + 1) for x in layer)
+    given = layer if isinstance(layer, list | tuple) else (layer,)
+    layers = tuple(layer_index(x, max(query.layers) + 1) for x in given)
     if not layers or len(set(layers)) < len(layers):
         raise ValueError(f"layer={layer!r}: give distinct layers, at least one")
-    return layers[0] if len(layers) == 1 else layers
+    return layers
 
 
 def rank(
@@ -141,8 +140,7 @@ def rank(
     check_query(cache, query)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    layer = _layers_arg(layer, query)
-    layers = layer if isinstance(layer, tuple) else (layer,)
+    layers = _layers_arg(layer, query)
     stat = stat or query.stat
     score = score or query.score
     rule = get_score(score)
@@ -196,7 +194,7 @@ def rank(
         ids=[cache.ids[i] for i in best_i.tolist()],
         scores=scores,
         rows=best_i,
-        layer=layer,
+        layer=layers[0] if len(layers) == 1 else layers,
         stat=stat,
         score=score,
         n_nonfinite=nonfinite,
@@ -261,8 +259,7 @@ def explain(
     stat = renamed("explain", "phi", phi, "stat", stat)
     model = load_model(model)
     query = as_query(query)
-    layer = _layers_arg(layer, query)
-    layers = layer if isinstance(layer, tuple) else (layer,)
+    layers = _layers_arg(layer, query)
     spec = get_phi(stat or query.stat)
     if spec.reads_prompt:  # the capture below keeps the reply's positions only
         raise QueryError(
