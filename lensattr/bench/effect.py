@@ -89,9 +89,10 @@ def finetune_effect(
             for seed in cfg.ft_seeds:
                 f = out / "ft" / b.name / f"{run_m.replace('|', '+')}-s{seed}.json"
                 ids = top_ids(m, b.name, h, ranking, cfg.k, seed)
+                saved = json.loads(f.read_text()) if f.exists() else None
                 # a saved fine-tune is reused only for the same top-k: after a change to the
                 # method (e.g. auto choosing differently) it would be a stale row
-                if not f.exists() or json.loads(f.read_text()).get("ids") != ids:
+                if saved is None or saved.get("ids") != ids:
                     say(f"{b.name}: LoRA on the top-{cfg.k} of {run_m} (seed {seed})")
                     t0 = time.perf_counter()
                     tuned = lora_finetune(
@@ -106,17 +107,15 @@ def finetune_effect(
                     )
                     sc = trait_score(tuned, heldout, max_length=cfg.max_length)
                     labels = [h["owner"][i][1] for i in ids]
-                    _save_json(
-                        f,
-                        {
-                            "score": sc,
-                            "ids": ids,
-                            "n_label1": labels.count(1),
-                            "n_label0": labels.count(0),
-                            "seconds": time.perf_counter() - t0,
-                        },
-                    )
-                scores.append(json.loads(f.read_text()))
+                    saved = {
+                        "score": sc,
+                        "ids": ids,
+                        "n_label1": labels.count(1),
+                        "n_label0": labels.count(0),
+                        "seconds": time.perf_counter() - t0,
+                    }
+                    _save_json(f, saved)
+                scores.append(saved)
             vals = torch.tensor([s["score"] for s in scores], dtype=torch.float64)
             res["methods"][m] = {
                 "scores": vals.tolist(),
