@@ -182,11 +182,11 @@ def study(
 def layer_sets(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, method: str) -> dict:
     """``method`` at its best layer and at the mean of its scores over a set of layers: its
     3 and 5 layers of highest criterion, and every layer. The criterion of a set comes from the
-    mean of its layers' fold scores (the same folds), its P@k from the mean of their rankings."""
+    mean of its layers' fold scores (the same folds), its P@k from ``rank(..., layer=layers)``."""
     m = S.Method.parse(method)
     fss = {fs.layer: fs for fs in S.fold_scores(ps, cache, [m], cache.layers, rows=rows)}
-    crit = {layer: fs.criterion() for layer, fs in fss.items()}
-    by_crit = sorted(crit, key=lambda la: (-crit[la], -la))
+    key = {la: (fs.criterion(), fs.accuracy(), la) for la, fs in fss.items()}  # select's order
+    by_crit = sorted(key, key=key.__getitem__, reverse=True)
     idx = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
     q = lensattr.behavior_query(
         None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
@@ -198,22 +198,8 @@ def layer_sets(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, method: str
         "top 5": by_crit[:5],
         "all": by_crit,
     }.items():
-        fs = [fss[la] for la in layers]
-        mean = S.FoldScores(  # the fold scores of the mean over the layers
-            m,
-            -1,
-            *(
-                torch.stack([getattr(f, a) for f in fs]).mean(0)
-                for a in ("pool", "treatment", "control")
-            ),
-            fs[0].tests,
-        )
-        s = torch.stack(
-            [
-                lensattr.rank(cache, q, layer=la, rows=idx, top_k=None).scores_of(idx)
-                for la in layers
-            ]
-        ).mean(0)
+        mean = S.mean_over_layers([fss[la] for la in layers])
+        s = lensattr.rank(cache, q, layer=layers, rows=idx, top_k=None).scores_of(idx)
         out[name] = {"layers": layers, "criterion": mean.criterion(), **pool_metrics(s, labels)}
     return out
 
@@ -289,11 +275,9 @@ def main() -> None:
     for n in names:
         sets = layer_sets(*setups[n], choice[n]["method"])
         print(f"{n} ({choice[n]['method']})")
-        chosen = (
-            "top 3"
-            if sets["top 3"]["criterion"] > sets["best layer"]["criterion"]
-            else ("best layer")
-        )  # select's third stage (lensattr.criterion.layer_set)
+        # select's third stage (lensattr.criterion.layer_set): the set if its criterion is higher
+        top3_wins = sets["top 3"]["criterion"] > sets["best layer"]["criterion"]
+        chosen = "top 3" if top3_wins else "best layer"
         for name, r in sets.items():
             mark = "  <- select" if name == chosen else ""
             print(f"  {name:32s}{r['criterion']:10.3f}{r['p_at_k']:6.2f}{r['ap']:7.3f}{mark}")
