@@ -19,7 +19,9 @@ from lensattr.methods import (
     projection,
     resid_post,
     residual_change,
-    residual_change_exact,
+    residual_change_diagonal,
+    residual_change_printed,
+    residual_change_reply,
     whitened_cosine,
 )
 
@@ -27,7 +29,9 @@ __all__ = [
     "pool",
     "pool_weighted",
     "residual_change",
-    "residual_change_exact",
+    "residual_change_diagonal",
+    "residual_change_printed",
+    "residual_change_reply",
     "resid_post",
     "grad",
     "contrast",

@@ -71,7 +71,9 @@ class Method:
 
 
 PAPER = Method("residual_change", "residual_change", "cosine")
-"""The paper's method: residual-change statistic, treatment-minus-control query, cosine."""
+"""The paper's method as its authors ran it: their residual change over the whole sequence
+(``residual_change``), their per-pair normalised treatment-minus-control query
+(``norm(mean_j norm(t(x'_j) - t(x_j)))``, the psi ``residual_change``) and cosine."""
 
 
 def candidates(stats: Sequence[str]) -> list[Method]:
@@ -79,7 +81,8 @@ def candidates(stats: Sequence[str]) -> list[Method]:
 
     A psi that names its statistics is paired with those only; a generic one (``contrast``,
     ``pool_contrast``) with every cached statistic, except where a named psi already covers the
-    same function and statistic (``residual_change`` is ``contrast`` of the residual change).
+    same function and statistic (the psi ``residual_change`` is ``unit_contrast`` of the
+    statistic ``residual_change``).
     psis that build their own pairs (``persona``) are not candidates: they do not fit on folds.
     """
     load_plugins()

@@ -430,7 +430,8 @@ def behavior_query(
 ) -> Query:
     """Build the query ``psi = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
 
-    ``psi="residual_change"`` is the paper's query (``f = t(x') - t(x)``), ``"residual_diff"``
+    ``psi="residual_change"`` is the paper's query as its authors ran it
+    (``f = norm(t(x') - t(x))``, ``t`` their residual change), ``"residual_diff"``
     the residual difference (pooled ``z_out``), ``"contrast", stat=NAME`` the contrast of any
     registered statistic, ``"pool_contrast"`` contrasts the treatment replies with the mean of the
     training pool (``pool=cache``), and ``"persona"`` takes a trait spec (path or dict) instead of

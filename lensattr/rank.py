@@ -263,7 +263,8 @@ def explain(
     spec = get_phi(stat or query.stat)
     if spec.reads_prompt:  # the capture below keeps the reply's positions only
         raise QueryError(
-            f"explain splits a mean over the reply tokens; {spec.name} pools by {spec.pooling!r}"
+            f"explain splits a mean over the reply tokens; {spec.name} reads the prompt positions "
+            f"too (pooling {spec.pooling!r})"
         )
     check_capture(  # one example has no padding: its side cannot differ
         query.capture,

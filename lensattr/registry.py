@@ -57,7 +57,9 @@ class Phi:
     ``needs_grad``: whether it reads ``acts.grad`` (else the capture skips the backward);
     ``sites``: extra sites to capture (``"attn_out"``, ``"mlp_out"``); ``pooling``: how it turns
     token positions into one vector (``"mean_response"``: the mean over the reply tokens, the
-    built-ins'), recorded in the manifest and the query and checked between them.
+    built-ins'), recorded in the manifest and the query and checked between them;
+    ``prompt``: it reads the prompt positions too (their activations or gradients), though it
+    pools over the reply (the authors' ``residual_change``).
     """
 
     name: str
@@ -66,13 +68,15 @@ class Phi:
     sites: tuple[str, ...] = ()
     module: str = ""
     pooling: str = POOLINGS[0]
+    prompt: bool = False
 
     @property
     def reads_prompt(self) -> bool:
-        """Whether it may read positions outside the response: any pooling but the built-ins'
-        ``"mean_response"``, whose statistics read the response positions only (so a capture
-        for them runs the prompt forward-only; ``capture(..., keep_prompt=False)``)."""
-        return self.pooling != POOLINGS[0]
+        """Whether it may read positions outside the response: registered with ``prompt=True``,
+        or any pooling but ``"mean_response"`` (the other statistics read the response positions
+        only, so a capture for them runs the prompt forward-only;
+        ``capture(..., keep_prompt=False)``)."""
+        return self.prompt or self.pooling != POOLINGS[0]
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ def register_phi(
     needs_grad: bool = True,
     sites: tuple[str, ...] = (),
     pooling: str = POOLINGS[0],
+    reads_prompt: bool = False,
     override: bool = False,
     doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -148,7 +153,8 @@ def register_phi(
 
     ``pooling`` names how the function turns token positions into one vector (default
     ``"mean_response"``, the mean over the reply tokens); statistics cached or captured together
-    must share it. A name taken by another module raises ``ValueError`` unless
+    must share it. ``reads_prompt``: the function reads the prompt positions too (so its capture
+    keeps them, gradients included). A name taken by another module raises ``ValueError`` unless
     ``override=True``; the same module registering it again replaces it. ``doc_only`` is
     accepted for older notebooks.
     """
@@ -157,7 +163,7 @@ def register_phi(
         raise ValueError(f"pooling must be a non-empty name, not {pooling!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        item = Phi(name, fn, needs_grad, tuple(sites), fn.__module__, pooling)
+        item = Phi(name, fn, needs_grad, tuple(sites), fn.__module__, pooling, reads_prompt)
         _add(PHI, "phi", item, override)
         return fn
 

@@ -45,15 +45,27 @@ def reference_capture(hf, input_ids, attention_mask, position_ids, mask, layers)
 
 
 def reference_stats(z_in, z_out, grad, mask):
-    """Every built-in statistic from its per-token definition, one example at a time."""
-    out = {"residual_change": [], "residual_change_exact": [], "resid_post": [], "grad": []}
+    """Every built-in statistic from its definition, one example at a time.
+
+    The authors' residual change is computed their way: the T x T Gram matrix of the block
+    inputs over every position of the row times the gradients, averaged over the reply rows
+    (``residual_change``), or with the gradients zeroed outside the reply
+    (``residual_change_reply``, their ``_with_mask_corrected``).
+    """
+    names = ("residual_change", "residual_change_reply", "residual_change_printed",
+             "residual_change_diagonal", "resid_post", "grad")  # fmt: skip
+    out = {name: [] for name in names}
     for b in range(z_in.shape[0]):
         pos = mask[b].nonzero()[:, 0]
         zi, zo, g = z_in[b, pos], z_out[b, pos], grad[b, pos]
+        gram = z_in[b] @ z_in[b].T  # [T, T], every position of the row
+        masked = grad[b] * mask[b, :, None]
+        out["residual_change"].append(-(gram @ grad[b])[pos].mean(0))
+        out["residual_change_reply"].append(-(gram @ masked)[pos].mean(0))
         t = torch.stack([-zi[p] * torch.dot(zi[p], g[p]) for p in range(len(pos))])
-        exact = torch.stack([-torch.dot(zi[p], zi[p]) * g[p] for p in range(len(pos))])
-        out["residual_change"].append(t.mean(0))
-        out["residual_change_exact"].append(exact.mean(0))
+        diagonal = torch.stack([-torch.dot(zi[p], zi[p]) * g[p] for p in range(len(pos))])
+        out["residual_change_printed"].append(t.mean(0))
+        out["residual_change_diagonal"].append(diagonal.mean(0))
         out["resid_post"].append(zo.mean(0))
         out["grad"].append(g.mean(0))
     return {k: torch.stack(v) for k, v in out.items()}

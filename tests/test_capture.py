@@ -11,7 +11,15 @@ from lensattr.data import Example
 from lensattr.registry import get_phi
 from lensattr.render import collate, encode
 
-STATS = ("residual_change", "residual_change_exact", "resid_post", "grad")
+REPLY_STATS = (
+    "residual_change_reply",
+    "residual_change_printed",
+    "residual_change_diagonal",
+    "resid_post",
+    "grad",
+)
+"""The built-ins that read the reply positions only (a capture may cut each row's prompt)."""
+STATS = ("residual_change", *REPLY_STATS)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,6 +62,7 @@ def test_statistics_match_definitions_before_and_after_storage(tiny, train_recor
             recs,
             out=tmp_path / dtype,
             layers=layers,
+            stats=STATS,
             dtype=dtype,
             batch_size=2,
             progress=False,
@@ -274,7 +283,7 @@ def test_capture_after_the_prompt_prefix_matches_hooks_and_autograd(
         assert rel(a.z_out[a.mask], zo[m]) < 1e-5
         assert rel(a.grad[a.mask], g[m]) < 1e-5 and g[m].abs().max() > 0
         want = reference_stats(zi, zo, g, m)
-        for stat in STATS:
+        for stat in REPLY_STATS:
             assert rel(get_phi(stat).fn(a), want[stat]) < 1e-5, (stat, layer)
     whole = capture(tiny, batch, layers)  # the default keeps every position
     assert whole[0].z_in.shape[1] == m.shape[1]
@@ -366,7 +375,9 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
 
     handle = tiny.hf.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        got = pair_stats(tiny, pair_records[:3], stats=list(STATS), layers=[1, 3], batch_size=6)
+        got = pair_stats(
+            tiny, pair_records[:3], stats=list(REPLY_STATS), layers=[1, 3], batch_size=6
+        )
     finally:
         handle.remove()
     (one, shared), *calls = prefix_rows  # the batch's shared opening, then the 3 prompts
@@ -376,7 +387,7 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
     assert len({s.ids[:shared] for s in sides}) == 1 < len({s.ids[: shared + 1] for s in sides})
     whole = capture(tiny, batch, [1, 3])  # every position, one pass
     for layer in (1, 3):
-        for stat in STATS:
+        for stat in REPLY_STATS:
             want = get_phi(stat).fn(whole[layer])
             t, c = got.sides(stat, layer)
             assert rel(t, want[0::2]) < 1e-5 and rel(c, want[1::2]) < 1e-5, (stat, layer)
@@ -403,15 +414,15 @@ def test_pairs_are_batched_by_reply_length_and_each_keeps_its_own_rows(tiny, pai
 
     handle = tiny.hf.model.register_forward_pre_hook(graph, with_kwargs=True)
     try:
-        got = pair_stats(tiny, pair_records, stats=list(STATS), layers=[1, 3], batch_size=4)
+        got = pair_stats(tiny, pair_records, stats=list(REPLY_STATS), layers=[1, 3], batch_size=4)
     finally:
         handle.remove()
     by_reply = sorted(reply, reverse=True)
     assert widths == [by_reply[i] + 1 for i in range(0, len(pairs), 2)]  # + the cut position
     for k, rec in enumerate(pair_records):
-        alone = pair_stats(tiny, [rec], stats=list(STATS), layers=[1, 3], batch_size=2)
+        alone = pair_stats(tiny, [rec], stats=list(REPLY_STATS), layers=[1, 3], batch_size=2)
         for layer in (1, 3):
-            for stat in STATS:
+            for stat in REPLY_STATS:
                 for side in (0, 1):
                     a = got.sides(stat, layer)[side][k : k + 1]
                     assert rel(a, alone.sides(stat, layer)[side]) < 1e-5, (k, stat, layer)
@@ -433,17 +444,17 @@ def test_a_build_runs_the_shared_opening_once(tiny, train_records, tmp_path):
     handle = tiny.hf.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
         kept = build_cache(tiny, recs, out=tmp_path / "kept", layers=[1, 3], batch_size=2,
-                           dtype="float32", progress=False)  # fmt: skip
+                           stats=REPLY_STATS, dtype="float32", progress=False)  # fmt: skip
         assert len(openings) == 1 and openings[0][0] == 1, openings  # 3 batches, 1 opening
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(prefix, "openings_kept", contextlib.nullcontext)
             mp.setattr("lensattr.store.cache.openings_kept", contextlib.nullcontext)
             again = build_cache(tiny, recs, out=tmp_path / "again", layers=[1, 3], batch_size=2,
-                                dtype="float32", progress=False)  # fmt: skip
+                                stats=REPLY_STATS, dtype="float32", progress=False)  # fmt: skip
     finally:
         handle.remove()
     assert len(openings) == 4  # without keeping it: one per batch
-    for stat in STATS:
+    for stat in REPLY_STATS:
         for layer in (1, 3):
             assert torch.equal(kept.stat(stat, layer)[:], again.stat(stat, layer)[:]), (stat, layer)
 

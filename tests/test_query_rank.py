@@ -33,7 +33,7 @@ def stat_of(model, examples, stat, layer):
     [
         ("residual_change", "residual_change"),
         ("residual_diff", "resid_post"),
-        ("contrast", "residual_change_exact"),
+        ("contrast", "residual_change_diagonal"),
         ("contrast", "grad"),
     ],
 )

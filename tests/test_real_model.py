@@ -53,3 +53,53 @@ def test_cache_query_rank_on_a_handful(smol, tmp_path):
     r = rank(cache, q, layer=20, top_k=3)
     assert len(r) == 3 and torch.isfinite(r.scores).all()
     assert all(torch.isfinite(cache.stat(s, 20)[:].float()).all() for s in cache.stats)
+
+
+@pytest.mark.parametrize("stat", ["residual_change", "residual_change_reply"])
+def test_the_authors_residual_change_from_raw_hooks(smol, tmp_path, stat):
+    """Both forms of the authors' statistic, cached by lensattr, against their own computation
+    rebuilt from plain torch hooks and autograd on SmolLM2 (no nnsight, no lensattr capture):
+    block input and output by forward hooks, the reply's mean NLL from the full logits, the
+    output's gradient by torch.autograd.grad, then the T x T Gram matrix of the inputs times the
+    gradients (zeroed outside the reply for the reply form), averaged over the reply rows."""
+    import torch.nn.functional as F
+
+    from lensattr.render import encode
+
+    layer = 19
+    train = load_examples(bundled("demo/train.jsonl"))[:3]
+    cache = build_cache(
+        smol, train, out=tmp_path, layers=[layer], stats=[stat], dtype="float32", progress=False
+    )
+    for ex in train:
+        enc = encode(smol.tokenizer, ex, None)
+        ids = torch.tensor([enc.ids])
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(mod, args, kwargs, out):
+            seen["in"] = args[0] if args else kwargs["hidden_states"]
+            seen["out"] = out[0] if isinstance(out, tuple) else out
+
+        handles = [
+            smol.hf.model.layers[layer].register_forward_hook(hook, with_kwargs=True),
+            smol.hf.model.embed_tokens.register_forward_hook(  # the weights are frozen
+                lambda mod, args, out: out.detach().requires_grad_(True)
+            ),
+        ]
+        try:
+            with torch.enable_grad():
+                logits = smol.hf(input_ids=ids).logits[0].float()
+                reply = torch.arange(enc.n_prompt, len(enc.ids))
+                loss = F.cross_entropy(logits[reply - 1], ids[0, reply])
+                (g,) = torch.autograd.grad(loss, seen["out"])
+        finally:
+            for h in handles:
+                h.remove()
+        z, g = seen["in"][0].detach(), g[0]
+        in_reply = torch.zeros(len(enc.ids), 1)
+        in_reply[reply] = 1.0
+        grads = g if stat == "residual_change" else g * in_reply
+        want = -((z @ z.T) @ grads)[reply].mean(0)
+        got = cache.stat(stat, layer)[[cache.ids.index(ex.id)]].float()[0]
+        assert want.norm() > 0
+        assert float((got - want).norm() / want.norm()) < 1e-3, (stat, ex.id)

@@ -7,7 +7,7 @@ this package registers them, in this order (the registry does it at its end); ev
 importable from here (``lensattr.methods.pool_weighted``).
 """
 
-from lensattr.methods.queries import contrast, pool_contrast
+from lensattr.methods.queries import contrast, pool_contrast, repsim, unit_contrast
 from lensattr.methods.scores import (
     centered_cosine,
     cosine,
@@ -22,7 +22,9 @@ from lensattr.methods.statistics import (
     pool_weighted,
     resid_post,
     residual_change,
-    residual_change_exact,
+    residual_change_diagonal,
+    residual_change_printed,
+    residual_change_reply,
 )
 
 __all__ = [
@@ -35,9 +37,13 @@ __all__ = [
     "pool",
     "pool_contrast",
     "pool_weighted",
+    "repsim",
     "projection",
     "resid_post",
     "residual_change",
-    "residual_change_exact",
+    "residual_change_diagonal",
+    "residual_change_printed",
+    "residual_change_reply",
+    "unit_contrast",
     "whitened_cosine",
 ]

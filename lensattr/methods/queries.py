@@ -16,9 +16,8 @@ from lensattr.types import Vecs
 def contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
     """Treatment-minus-control contrast: ``psi = norm(mean_j s(x'_j) - s(x_j))``.
 
-    With ``s = t`` this is the paper's residual-change query (registered as
-    ``residual_change``), with ``s`` = pooled ``z_out`` the residual-difference query
-    (``residual_diff``); ``contrast`` takes any cached statistic.
+    With ``s`` = pooled ``z_out`` this is the residual-difference query (``residual_diff``);
+    ``contrast`` takes any cached statistic.
 
     Examples:
         >>> import torch
@@ -28,8 +27,44 @@ def contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vec
     return treatment - control
 
 
-register_psi("residual_change", stat="residual_change", stats=("residual_change",))(contrast)
 register_psi("residual_diff", stat="resid_post", stats=("resid_post",))(contrast)
+
+
+@register_psi("unit_contrast", stat="residual_change")
+def unit_contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
+    """Per-pair normalised contrast: ``psi = norm(mean_j norm(s(x'_j) - s(x_j)))``.
+
+    Each pair weighs the same, however large its difference: the authors' query (their
+    ``cos_sim`` selection normalises every evaluation row before the mean). With ``s`` the
+    authors' residual change it is the paper's query, registered as ``residual_change``.
+
+    Examples:
+        >>> import torch
+        >>> unit_contrast(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.zeros(2, 2))
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    diff = treatment - control
+    return diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+register_psi("residual_change", stat="residual_change", stats=("residual_change",))(unit_contrast)
+
+
+@register_psi("repsim", stat="resid_post")
+def repsim(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
+    """Representation similarity (RepSim): ``psi = norm(mean_j norm(s(x'_j)))``.
+
+    The treatment replies alone, each normalised, the controls unused: scored by cosine, a row's
+    score is its cosine to the mean direction of the treatment replies' representations, the
+    strongest method of DATE-LM's toxicity filtering. A baseline, not a contrast.
+
+    Examples:
+        >>> import torch
+        >>> repsim(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2))
+        tensor([[0.6000, 0.8000]])
+    """
+    return treatment / treatment.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 @register_psi("pool_contrast", stat="resid_post", uses_pool=True)

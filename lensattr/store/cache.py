@@ -93,7 +93,7 @@ __all__ = [
     "write_manifest",
 ]
 logger = logging.getLogger(__name__)
-DEFAULT_STATS = ("residual_change", "residual_change_exact", "resid_post", "grad")
+DEFAULT_STATS = ("residual_change", "residual_change_reply", "resid_post", "grad")
 POOLING = POOLINGS[0]
 # Fields of build.json that must match for a resume or an `expect=` check.
 IDENTITY = (
