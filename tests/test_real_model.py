@@ -76,7 +76,7 @@ def test_the_authors_residual_change_from_raw_hooks(smol, tmp_path, stat):
         ids = torch.tensor([enc.ids])
         seen: dict[str, torch.Tensor] = {}
 
-        def hook(mod, args, kwargs, out):
+        def hook(mod, args, kwargs, out, seen=seen):
             seen["in"] = args[0] if args else kwargs["hidden_states"]
             seen["out"] = out[0] if isinstance(out, tuple) else out
 
