@@ -51,7 +51,7 @@ def unit_contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -
 register_psi("residual_change", stat="residual_change", stats=("residual_change",))(unit_contrast)
 
 
-@register_psi("repsim", stat="resid_post")
+@register_psi("repsim", stat="resid_post", stats=("resid_post",))
 def repsim(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
     """Representation similarity (RepSim): ``psi = norm(mean_j norm(s(x'_j)))``.
 
