@@ -2,13 +2,7 @@
 direction only (no circle through a lazy import either), so each can be read on its own."""
 
 import ast
-import importlib
-import sys
 from pathlib import Path
-
-import pytest
-
-from lensattr._deprecated import MOVED
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lensattr"
 CORE = {
@@ -122,48 +116,6 @@ def test_cycle_finder_finds_a_circle():
 
 
 def test_layout_backends_methods_store():
-    """Each box of the architecture page is a subpackage, and nothing inside lensattr (but the
-    shims) imports an old path."""
+    """Each box of the architecture page is a subpackage."""
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert {"backends", "methods", "store"} <= subpackages
-    edges = graph()
-    users = {m for m, e in edges.items() if e & (set(MOVED) | {"lensattr.store"})}
-    assert users <= {"lensattr"}, sorted(users)  # the facade's `from lensattr.store.x` only
-
-
-@pytest.mark.parametrize(("old", "new"), sorted(MOVED.items()))
-def test_old_module_paths_are_deprecated_aliases(old, new, monkeypatch):
-    import lensattr
-
-    name = old.split(".")[1]  # restored afterwards (``lensattr.capture`` is the function)
-    monkeypatch.setattr(lensattr, name, getattr(lensattr, name, None), raising=False)
-    # Leave sys.modules as it was: an entry left behind while the attribute is restored away
-    # would make a later ``import lensattr.cache`` skip binding ``lensattr.cache``.
-    monkeypatch.setitem(sys.modules, old, sys.modules.get(old))
-    monkeypatch.delitem(sys.modules, old)
-    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)  # one module: monkeypatches reach it
-
-
-def test_the_old_capture_path_leaves_the_capture_function():
-    """``lensattr.capture`` is a function and was a module: importing from the old module path
-    (a tutorial does) must not turn the function into the module."""
-    import lensattr
-    from lensattr.backends.capture import capture
-    from lensattr.capture import response_loss  # noqa: F401
-
-    assert lensattr.capture is capture and callable(lensattr.capture)
-
-
-def test_old_names_stay_reachable():
-    import lensattr.store
-    from lensattr.methods import pool_weighted  # the tutorials' import
-    from lensattr.methods.statistics import pool_weighted as moved
-    from lensattr.store.shards import atomic_write_json
-
-    assert pool_weighted is moved
-    with pytest.warns(DeprecationWarning, match="lensattr.store.atomic_write_json moved to"):
-        assert lensattr.store.atomic_write_json is atomic_write_json
-    with pytest.raises(AttributeError):
-        _ = lensattr.store.no_such_name
