@@ -19,6 +19,9 @@ Examples:
     statistic, query, score and layer from the pairs and the unlabelled cache.
 """
 
+# The built-in statistics, queries and scores register themselves on import: first, so that
+# every registry lookup sees them (importing any submodule imports this package first).
+import lensattr.methods  # noqa: F401  (isort: skip)
 from lensattr._version import __version__
 from lensattr.backends.capture import LayerActs, capture
 from lensattr.backends.models import Model, load_model
