@@ -19,8 +19,9 @@ Examples:
     statistic, query, score and layer from the pairs and the unlabelled cache.
 """
 
-import sys as _sys
-
+# The built-in statistics, queries and scores register themselves on import: first, so that
+# every registry lookup sees them (importing any submodule imports this package first).
+import lensattr.methods  # noqa: F401  (isort: skip)
 from lensattr._version import __version__
 from lensattr.backends.capture import LayerActs, capture
 from lensattr.backends.models import Model, load_model
@@ -32,12 +33,6 @@ from lensattr.rank import Ranking, explain, rank
 from lensattr.registry import register_phi, register_psi, register_score
 from lensattr.select import PAPER, Method, Selection, candidates, select, select_then_cache
 from lensattr.store.cache import Cache, CacheError, build_cache, open_cache
-
-# ``lensattr.capture`` is the function. A first import of the old module path
-# ``lensattr.capture`` (now lensattr.backends.capture) would rebind that attribute to the
-# module, so the old path is registered now and ``from lensattr.capture import ...`` keeps
-# working (without the warning the other moved modules give) and leaves the function in place.
-_sys.modules.setdefault(f"{__name__}.capture", _sys.modules[capture.__module__])
 
 __all__ = [
     "__version__",

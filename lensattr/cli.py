@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 import traceback
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,27 +34,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="compute dtype: bf16, float32, ... (default: fp32 on CPU, bf16 on GPU)",
     )
     p.add_argument("--trust-remote-code", action="store_true")
-
-
-class _Renamed(argparse.Action):
-    """The deprecated old spelling of a flag (``--g``, ``--phi``): stores into the new flag's
-    destination, and warns with the new flag's name (``const``)."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        text = f"{option_string} is deprecated: use {self.const}"
-        warnings.warn(text, DeprecationWarning, stacklevel=2)
-        print(f"lensattr: {text}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def _renamed(p: argparse.ArgumentParser, old: str, new: str) -> None:
-    p.add_argument(old, dest=new.lstrip("-"), action=_Renamed, const=new, help=argparse.SUPPRESS)
 
 
 def _capture_args(p: argparse.ArgumentParser, *settings: str) -> None:
@@ -96,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('phi'))}")
     p.add_argument("--score", default="cosine", help=f"score: {', '.join(names('score'))}")
-    _renamed(p, "--g", "--score")
     p.add_argument(
         "--method",
         default=None,
@@ -126,11 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the layer chosen for the query (else its best held-out accuracy)",
     )
     p.add_argument("--stat", default=None, help="cached statistic (default: the query's)")
-    _renamed(p, "--phi", "--stat")
     p.add_argument(
         "--score", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
     )
-    _renamed(p, "--g", "--score")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--bottom", action="store_true", help="lowest scores instead")
     p.add_argument("--out", required=True, help="output .jsonl (id, score, rank, example)")

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from lensattr._deprecated import alias
 from lensattr.metrics import average_precision
 from lensattr.moments import ScoreContext, pool_moments
 from lensattr.query import FOLDS, PairStats, fit, interleaved_folds
@@ -44,7 +43,7 @@ class Method:
     """A ranking method: a psi, the cached statistic it is built from and a score.
 
     Written ``"psi|stat|score"``, e.g. ``"residual_change|residual_change|cosine"`` (the
-    paper's). ``g`` is the deprecated name of ``score``.
+    paper's).
 
     Examples:
         >>> Method.parse("pool_contrast|resid_post|centered_cosine").score
@@ -54,8 +53,6 @@ class Method:
     psi: str
     stat: str
     score: str
-
-    g = alias("g", "score")
 
     def __str__(self) -> str:
         return f"{self.psi}|{self.stat}|{self.score}"

@@ -18,7 +18,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lensattr._deprecated import alias, renamed
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.prefix import openings_kept
@@ -212,7 +211,7 @@ class Query:
         model: the model fingerprint (checked against a cache's manifest when ranking).
         n_pairs: how many pairs went in.
         cv: per-layer held-out accuracy on the query pairs (see :func:`heldout_accuracy`).
-        score: the registered score it is ranked with by default (``g``: its deprecated name).
+        score: the registered score it is ranked with by default.
         layer: the layer chosen for it (by :func:`lensattr.select`), if any: a tuple when
             the query is ranked by the mean of its scores at several layers.
         pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
@@ -229,8 +228,6 @@ class Query:
     layer: int | tuple[int, ...] | None = None
     pool: str | None = None
     capture: CaptureConfig | None = None
-
-    g = alias("g", "score")
 
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
@@ -300,7 +297,7 @@ class Query:
                 model=json.loads(meta["model"]),
                 n_pairs=int(meta["n_pairs"]),
                 cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
-                score=meta.get("score", meta.get("g", "cosine")),  # "g": its old name
+                score=meta["score"],
                 layer=_layer_of(json.loads(meta.get("layer", "null"))),
                 pool=json.loads(meta.get("pool", "null")),
                 capture=_capture_of(meta, sorted(vectors)),
@@ -425,7 +422,6 @@ def behavior_query(
     max_length: int | None = 512,
     padding_side: str = "right",
     progress: bool | None = None,
-    g: str | None = None,
     **psi_kwargs: Any,
 ) -> Query:
     """Build the query ``psi = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
@@ -451,7 +447,6 @@ def behavior_query(
             accuracy measured in).
         batch_size, max_length, padding_side: as in :func:`~lensattr.build_cache`.
         progress: as in :func:`~lensattr.build_cache` (``False``: silent).
-        g: deprecated name of ``score``.
         **psi_kwargs: passed to the psi's pair builder (e.g. ``max_new_tokens`` for persona).
 
     Examples:
@@ -460,7 +455,6 @@ def behavior_query(
         >>> q.layers, round(float(q.vector(3).norm()), 4)
         ([1, 3], 1.0)
     """
-    score = renamed("behavior_query", "g", g, "score", score, default="cosine") or "cosine"
     spec = get_psi(psi)
     stat_name = stat or spec.stat
     if spec.stats is not None and stat_name not in spec.stats:

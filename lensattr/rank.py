@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from lensattr._deprecated import alias, renamed
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.sites import layer_index
@@ -39,9 +38,6 @@ class Ranking:
     stat: str
     score: str
     n_nonfinite: int = 0
-
-    phi = alias("phi", "stat")
-    g = alias("g", "score")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,8 +85,6 @@ def rank(
     method: str | None = None,
     model: Any = None,
     chunk_rows: int | None = None,
-    phi: str | None = None,
-    g: str | None = None,
 ) -> Ranking:
     """Score every cached example against ``query`` and keep the top (or bottom) ``top_k``.
 
@@ -117,7 +111,6 @@ def rank(
             from the pairs given as ``query`` and this cache (needs ``model``).
         model: the model, for ``method="auto"``.
         chunk_rows: rows converted to fp32 at a time (default: about 32 MiB worth).
-        phi, g: deprecated names of ``stat`` and ``score``.
 
     Raises:
         CacheError: the query was built with another model, settings or pool than the cache.
@@ -125,8 +118,6 @@ def rank(
     Examples:
         >>> # r = rank(cache, query, top_k=10); list(zip(r.ids, r.scores.tolist()))
     """
-    stat = renamed("rank", "phi", phi, "stat", stat)
-    score = renamed("rank", "g", g, "score", score)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if method is not None:
         if method != "auto":
@@ -234,15 +225,14 @@ def explain(
     *,
     stat: str | None = None,
     max_length: int | None = 512,
-    phi: str | None = None,
 ) -> Explanation:
     """Which response tokens of ``example`` drive its score: each token's statistic dotted with psi.
 
-    The statistic of token ``p`` is the statistic (``stat``, default: the query's; ``phi`` is
-    its deprecated name) evaluated with the response mask restricted to ``p``;
-    for the mean-pooled built-ins the contributions average exactly to ``<phi(x), psi>``. At a
-    layer set (``layer`` a list, or a query whose chosen layer is one) each token's
-    contribution is the mean of its contributions at those layers.
+    The statistic of token ``p`` is the statistic (``stat``, default: the query's) evaluated
+    with the response mask restricted to ``p``; for the mean-pooled built-ins the contributions
+    average exactly to ``<phi(x), psi>``. At a layer set (``layer`` a list, or a query whose
+    chosen layer is one) each token's contribution is the mean of its contributions at those
+    layers.
 
     Raises:
         QueryError: the query's pairs were captured with another ``max_length`` or pooling
@@ -256,7 +246,6 @@ def explain(
         >>> len(e.tokens) == len(e.contributions)
         True
     """
-    stat = renamed("explain", "phi", phi, "stat", stat)
     model = load_model(model)
     query = as_query(query)
     layers = _layers_arg(layer, query)

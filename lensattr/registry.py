@@ -3,10 +3,11 @@
 Register your own with the decorators. A name belongs to the module that registered it first:
 registering it again from the same module (re-running a notebook cell, reloading a module)
 replaces the old function; from anywhere else it raises unless ``override=True``. The built-ins
-are registered when this module is imported. Third-party packages register through the
-entry-point group ``lensattr.methods``: each entry point names a module that lensattr imports
-lazily, once, the first time a registry is read; a plugin that fails to import is logged as a
-warning and skipped, so one broken plugin cannot break every lookup.
+(:mod:`lensattr.methods`) register themselves when ``lensattr`` is imported: the package's
+``__init__`` imports them first, so this module imports nothing above it. Third-party packages
+register through the entry-point group ``lensattr.methods``: each entry point names a module that
+lensattr imports lazily, once, the first time a registry is read; a plugin that fails to import
+is logged as a warning and skipped, so one broken plugin cannot break every lookup.
 
 Examples:
     >>> import torch
@@ -265,6 +266,3 @@ def names(kind: str) -> list[str]:
     load_plugins()
     tables: dict[str, dict[str, Any]] = {"phi": PHI, "psi": PSI, "score": SCORE}
     return sorted(tables[kind])
-
-
-import lensattr.methods  # noqa: E402, F401  (registers the built-ins, eagerly and in one place)

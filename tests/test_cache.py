@@ -171,12 +171,6 @@ def test_storage_dtype_spellings(tmp_path, tiny, train_records, spelling, name):
     assert cache.stat("grad", 1)[:].dtype == getattr(torch, name)
 
 
-def test_dtype_is_a_deprecated_alias_of_storage_dtype(tmp_path, tiny, train_records):
-    with pytest.warns(DeprecationWarning, match="storage_dtype"):
-        cache = build_cache(tiny, train_records[:2], out=tmp_path, layers=[1], dtype=torch.float32)
-    assert cache.manifest["dtype"] == "float32"
-
-
 def test_layers_negative_ranges_and_hook_names():
     from lensattr.store.cache import layer_index, resolve_layers
 

@@ -2,13 +2,9 @@
 direction only (no circle through a lazy import either), so each can be read on its own."""
 
 import ast
-import importlib
+import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-from lensattr._deprecated import MOVED
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lensattr"
 CORE = {
@@ -18,18 +14,6 @@ CORE = {
     "lensattr.backends.capture",
 }
 """The modules of the old circle models <-> bridge <-> capture."""
-BY_DESIGN = {
-    frozenset(
-        {
-            "lensattr.registry",
-            "lensattr.methods",
-            "lensattr.methods.statistics",
-            "lensattr.methods.queries",
-            "lensattr.methods.scores",
-        }
-    )
-}
-"""The registry imports the built-in methods at its end, and they register themselves in it."""
 
 
 def module_name(path: Path) -> str:
@@ -111,10 +95,23 @@ def test_no_import_circle_among_loader_backends_and_capture():
     assert not edges["lensattr.backends.backend"] & CORE  # the interface imports no backend
 
 
-def test_no_other_import_circle_than_the_registry_and_its_methods():
-    """The package's ``__init__`` (the facade that imports everything) is left out."""
-    found = {frozenset(c) for c in cycles(graph(), skip={"lensattr"})}
-    assert found <= BY_DESIGN, sorted(map(sorted, found - BY_DESIGN))
+def test_no_import_circle():
+    """The package's ``__init__`` (the facade that imports everything) is left out; the
+    registry imports no method module (the built-ins register from that ``__init__``)."""
+    edges = graph()
+    assert cycles(edges, skip={"lensattr"}) == []
+    assert not {m for m in edges["lensattr.registry"] if m.startswith("lensattr.methods")}
+
+
+def test_the_builtins_are_registered_whichever_module_is_imported_first():
+    """Importing any submodule imports the package first, which registers the built-ins."""
+
+    code = "from lensattr.registry import PHI, PSI, SCORE; print(len(PHI), len(PSI), len(SCORE))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from lensattr import registry
+
+    want = [len(registry.PHI), len(registry.PSI), len(registry.SCORE)]
+    assert [int(x) for x in out.stdout.split()] == want and min(want) >= 4
 
 
 def test_cycle_finder_finds_a_circle():
@@ -122,48 +119,6 @@ def test_cycle_finder_finds_a_circle():
 
 
 def test_layout_backends_methods_store():
-    """Each box of the architecture page is a subpackage, and nothing inside lensattr (but the
-    shims) imports an old path."""
+    """Each box of the architecture page is a subpackage."""
     subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert {"backends", "methods", "store"} <= subpackages
-    edges = graph()
-    users = {m for m, e in edges.items() if e & (set(MOVED) | {"lensattr.store"})}
-    assert users <= {"lensattr"}, sorted(users)  # the facade's `from lensattr.store.x` only
-
-
-@pytest.mark.parametrize(("old", "new"), sorted(MOVED.items()))
-def test_old_module_paths_are_deprecated_aliases(old, new, monkeypatch):
-    import lensattr
-
-    name = old.split(".")[1]  # restored afterwards (``lensattr.capture`` is the function)
-    monkeypatch.setattr(lensattr, name, getattr(lensattr, name, None), raising=False)
-    # Leave sys.modules as it was: an entry left behind while the attribute is restored away
-    # would make a later ``import lensattr.cache`` skip binding ``lensattr.cache``.
-    monkeypatch.setitem(sys.modules, old, sys.modules.get(old))
-    monkeypatch.delitem(sys.modules, old)
-    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)  # one module: monkeypatches reach it
-
-
-def test_the_old_capture_path_leaves_the_capture_function():
-    """``lensattr.capture`` is a function and was a module: importing from the old module path
-    (a tutorial does) must not turn the function into the module."""
-    import lensattr
-    from lensattr.backends.capture import capture
-    from lensattr.capture import response_loss  # noqa: F401
-
-    assert lensattr.capture is capture and callable(lensattr.capture)
-
-
-def test_old_names_stay_reachable():
-    import lensattr.store
-    from lensattr.methods import pool_weighted  # the tutorials' import
-    from lensattr.methods.statistics import pool_weighted as moved
-    from lensattr.store.shards import atomic_write_json
-
-    assert pool_weighted is moved
-    with pytest.warns(DeprecationWarning, match="lensattr.store.atomic_write_json moved to"):
-        assert lensattr.store.atomic_write_json is atomic_write_json
-    with pytest.raises(AttributeError):
-        _ = lensattr.store.no_such_name

@@ -136,17 +136,3 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
     finally:
         registry.PHI.pop("plugin_zin", None)
         sys.modules.pop("myplugin", None)
-
-
-def test_old_builtins_module_warns_and_re_exports_the_methods():
-    import importlib
-
-    from lensattr import methods
-
-    sys.modules.pop("lensattr.builtins", None)
-    with pytest.warns(DeprecationWarning, match="renamed lensattr.methods"):
-        old = importlib.import_module("lensattr.builtins")
-    assert old.pool is methods.pool and old.cosine is methods.cosine
-    assert (
-        registry.SCORE["cosine"].module == "lensattr.methods.scores"
-    )  # registered once, not again

@@ -1,13 +1,12 @@
 """One vocabulary: the cached vector is the statistic (``stat``), the scoring rule the score
-(``score``). The old spellings (``phi=``, ``g=``, ``.g``, ``.phi``, ``--phi``, ``--g``) still
-work for one release and each emits a DeprecationWarning naming the new one."""
+(``score``). Nothing was released, so no old spelling (``phi=``, ``g=``, ``.g``, ``.phi``,
+``--phi``, ``--g``, ``dtype=``, a moved module path) is kept: each is refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from lensattr import Method, Query, behavior_query, build_cache, explain, rank
 from lensattr.cli import build_parser, main
@@ -31,72 +30,55 @@ def cq(tiny, train_records, pair_records, tmp_path_factory):
     return cache, q, out
 
 
-def test_rank_phi_and_g_are_deprecated_names_of_stat_and_score(cq):
+def test_rank_takes_stat_and_score_only(cq):
     cache, q, _ = cq
-    new = rank(cache, q, layer=2, stat="resid_post", score="projection", top_k=None)
-    assert (new.stat, new.score) == ("resid_post", "projection")
-    with pytest.warns(DeprecationWarning, match=r"rank\(phi=...\) is deprecated: use stat="):
-        old = rank(cache, q, layer=2, phi="resid_post", score="projection", top_k=None)
-    assert old.ids == new.ids and torch.equal(old.scores, new.scores)
-    with pytest.warns(DeprecationWarning, match=r"rank\(g=...\) is deprecated: use score="):
-        old = rank(cache, q, layer=2, stat="resid_post", g="projection", top_k=None)
-    assert old.ids == new.ids and torch.equal(old.scores, new.scores)
-    with pytest.raises(TypeError, match="got score= and its deprecated name g="):
-        rank(cache, q, layer=2, score="cosine", g="dot")
+    r = rank(cache, q, layer=2, stat="resid_post", score="projection", top_k=None)
+    assert (r.stat, r.score) == ("resid_post", "projection")
+    x = cache.stat("resid_post", 2)[:].float()
+    want = x @ q.vector(2)  # projection: <x, psi>
+    assert torch.allclose(r.scores_of(range(len(cache))), want, atol=1e-5)
+    for old in ({"phi": "resid_post"}, {"g": "dot"}):
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            rank(cache, q, layer=2, **old)
+    with pytest.raises(AttributeError):
+        _ = r.phi  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        _ = r.g  # type: ignore[attr-defined]
 
 
-def test_ranking_phi_and_g_attributes(cq):
-    cache, q, _ = cq
-    r = rank(cache, q, layer=2, top_k=3)
-    assert (r.stat, r.score) == ("residual_change", "dot")  # the query's own
-    with pytest.warns(DeprecationWarning, match=r"Ranking.phi is deprecated: use .stat"):
-        assert r.phi == "residual_change"
-    with pytest.warns(DeprecationWarning, match=r"Ranking.g is deprecated: use .score"):
-        assert r.g == "dot"
-
-
-def test_behavior_query_g_and_query_g(tiny, pair_records):
-    with pytest.warns(DeprecationWarning, match=r"behavior_query\(g=...\) is deprecated"):
-        q = behavior_query(tiny, pair_records, layers=[2], g="dot")
-    assert q.score == "dot"
-    with pytest.warns(DeprecationWarning, match=r"Query.g is deprecated: use .score"):
-        assert q.g == "dot"
-    with pytest.warns(DeprecationWarning, match=r"Query.g is deprecated"):
-        q.g = "cosine"
-    assert q.score == "cosine"
-
-
-def test_explain_phi(tiny, cq):
-    _, q, _ = cq
-    new = explain(tiny, EX, q, 2, stat="resid_post")
-    with pytest.warns(DeprecationWarning, match=r"explain\(phi=...\) is deprecated: use stat="):
-        old = explain(tiny, EX, q, 2, phi="resid_post")
-    assert torch.equal(old.contributions, new.contributions)
-    assert not torch.equal(explain(tiny, EX, q, 2).contributions, new.contributions)
-
-
-def test_method_g():
+def test_query_method_explain_and_build_cache_have_one_name_each(tiny, pair_records, cq, tmp_path):
+    _, q, out = cq
+    assert Query.load(out / "q.safetensors").score == "dot"
+    with pytest.raises(TypeError, match=r"takes no options \['g'\]"):
+        behavior_query(tiny, pair_records, layers=[2], g="dot")
+    with pytest.raises(AttributeError):
+        _ = q.g  # type: ignore[attr-defined]
     m = Method.parse("pool_contrast|resid_post|centered_cosine")
     assert m == Method("pool_contrast", "resid_post", "centered_cosine")
-    assert m.score == "centered_cosine"
-    with pytest.warns(DeprecationWarning, match=r"Method.g is deprecated: use .score"):
-        assert m.g == "centered_cosine"
+    with pytest.raises(AttributeError):
+        _ = m.g  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="write it as 'psi|stat|score'"):
         Method.parse("a|b")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        explain(tiny, EX, q, 2, phi="resid_post")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        build_cache(tiny, [EX], out=tmp_path / "c", layers=[1], dtype=torch.float32)
 
 
-def test_a_query_saved_with_g_loads(cq, tmp_path):
-    _, q, out = cq
-    path = tmp_path / "old.safetensors"
-    with safe_open(str(out / "q.safetensors"), framework="pt") as fh:
-        meta = dict(fh.metadata())
-    assert meta["score"] == "dot"
-    meta["g"] = meta.pop("score")  # how a query was saved before the rename
-    save_file(load_file(str(out / "q.safetensors")), str(path), meta)
-    assert Query.load(path).score == "dot"
+@pytest.mark.parametrize(
+    "old",
+    ["backend", "bridge", "cache", "capture", "loss", "models", "names", "reader", "records"]
+    + ["sites", "builtins", "_deprecated"],
+)
+def test_no_moved_module_path_remains(old):
+    import lensattr
+
+    package = Path(lensattr.__file__).parent
+    assert not (package / f"{old}.py").exists() and not (package / old).is_dir()
+    assert callable(lensattr.capture)  # the function; no module of that name shadows it
 
 
-def test_cli_stat_score_and_their_old_flags(cq, tmp_path, capsys):
+def test_cli_stat_and_score(cq, tmp_path, capsys):
     cache, q, out = cq
     base = ["rank", "--cache", str(cache.path), "--query", str(out / "q.safetensors")]
     base += ["--layer", "2", "--top-k", "3", "--out"]
@@ -107,12 +89,7 @@ def test_cli_stat_score_and_their_old_flags(cq, tmp_path, capsys):
     assert {(r["stat"], r["score_name"]) for r in rows} == {("resid_post", "cosine")}
     ref = rank(cache, q, layer=2, stat="resid_post", score="cosine", top_k=3)
     assert [r["id"] for r in rows] == ref.ids
-    with pytest.warns(DeprecationWarning) as caught:
-        rc = main([*base, str(tmp_path / "old.jsonl"), "--phi", "resid_post", "--g", "cosine"])
-    said = {str(w.message) for w in caught}
-    assert {"--phi is deprecated: use --stat", "--g is deprecated: use --score"} <= said
-    assert rc == 0 and "--g is deprecated" in capsys.readouterr().err
-    assert (tmp_path / "old.jsonl").read_text() == (tmp_path / "new.jsonl").read_text()
-    with pytest.warns(DeprecationWarning, match="--g is deprecated: use --score"):
-        args = build_parser().parse_args(["query", "--pairs", "p", "--out", "q", "--g", "dot"])
-    assert args.score == "dot"
+    for flag in ("--phi", "--g"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["query", "--pairs", "p", "--out", "q", flag, "dot"])
+        assert "unrecognized arguments" in capsys.readouterr().err

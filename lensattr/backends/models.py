@@ -152,7 +152,6 @@ def load_model(
     *,
     device: str | None = None,
     compute_dtype: torch.dtype | str | None = None,
-    dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     backend: str = "nnsight",
@@ -172,7 +171,6 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``, ...; default: CUDA when available.
         compute_dtype: the dtype the model computes in: a torch dtype or a name (``"bf16"``,
             ``"float32"``, ... see :data:`DTYPES`); default fp32 on CPU, bf16 on GPU.
-        dtype: alias of ``compute_dtype`` (kept for old code).
         trust_remote_code: passed to ``transformers``; off unless you turn it on.
         attn_implementation: e.g. ``"eager"`` or ``"sdpa"`` for models loaded here.
         backend: ``"nnsight"`` (default) or ``"bridge"``: wrap a model loaded here (or a built
@@ -201,11 +199,7 @@ def load_model(
         return spec
     if backend not in ("nnsight", "bridge"):
         raise ValueError(f"backend must be 'nnsight' or 'bridge', not {backend!r}")
-    want = parse_dtype(compute_dtype, "compute_dtype")
-    alias = parse_dtype(dtype, "dtype")
-    if want is not None and alias is not None and want != alias:
-        raise ValueError(f"compute_dtype={want} and its alias dtype={alias} disagree; give one")
-    dtype = want if want is not None else alias
+    dtype = parse_dtype(compute_dtype, "compute_dtype")
 
     def wrap(name: str, hf: Any, tok: Any) -> Model:
         if backend == "bridge":

@@ -3,8 +3,8 @@
 :mod:`~lensattr.methods.statistics` (phi: one vector per example and layer, and the poolings
 :func:`pool` and :func:`pool_weighted`), :mod:`~lensattr.methods.queries` (psi: the query from
 pairs) and :mod:`~lensattr.methods.scores` (how a cached row compares with a query). Importing
-this package registers them, in this order (the registry does it at its end); every name stays
-importable from here (``lensattr.methods.pool_weighted``).
+this package registers them (``lensattr/__init__.py`` does, before anything else); every name
+stays importable from here (``lensattr.methods.pool_weighted``).
 """
 
 from lensattr.methods.queries import contrast, pool_contrast, repsim, unit_contrast

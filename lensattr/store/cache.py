@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from lensattr import heap
-from lensattr._deprecated import renamed
 from lensattr._version import __version__
 from lensattr.backends.capture import capture
 from lensattr.backends.models import Model, load_model
@@ -206,7 +205,6 @@ def build_cache(
     progress: bool | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-    dtype: str | torch.dtype | None = None,
     config: CaptureConfig | None = None,
     reuse: "Cache | None" = None,
 ) -> "Cache | None":
@@ -235,7 +233,6 @@ def build_cache(
         rank, world_size: data-parallel slice of the chunks (see :mod:`lensattr.distributed`);
             default: the running process group's, else ``RANK`` / ``WORLD_SIZE`` (a single
             process when unset). Under ``torchrun`` a process group is started for the barrier.
-        dtype: deprecated name of ``storage_dtype``.
         config: the capture settings as one :class:`~lensattr.config.CaptureConfig`, instead
             of ``layers``, ``max_length``, ``padding_side`` and ``storage_dtype`` (which then
             stay at their defaults). Either way the cache records them in its manifest.
@@ -264,10 +261,6 @@ def build_cache(
     """
     from lensattr import distributed
 
-    storage_dtype = (
-        renamed("build_cache", "dtype", dtype, "storage_dtype", storage_dtype, "bfloat16")
-        or storage_dtype
-    )
     cfg = _capture_config(config, layers, max_length, padding_side, storage_dtype)
     stats = _check_arguments(stats, batch_size, shard_size, on_error)
     if rank is None or world_size is None:

@@ -1,5 +1,0 @@
-"""Deprecated: moved to :mod:`lensattr.backends.backend` (this path is kept for one release)."""
-
-from lensattr._deprecated import moved
-
-moved(__name__)
