@@ -354,28 +354,25 @@ def main() -> None:
     )
     work = Path(tempfile.mkdtemp(prefix="lensattr-bench-"))
 
-    def cache_all() -> None:
+    def cache_all(stats=DEFAULT_STATS) -> None:
         build_cache(
             model,
             examples,
             out=tempfile.mkdtemp(dir=work),
             layers="all",
+            stats=stats,
             batch_size=args.batch_size,
             max_length=args.max_length,
             progress=False,
         )
 
     def cache_forward_only() -> None:
-        build_cache(
-            model,
-            examples,
-            out=tempfile.mkdtemp(dir=work),
-            layers="all",
-            stats=["resid_post"],  # needs no gradient: build_cache runs the forward only
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            progress=False,
-        )
+        cache_all(["resid_post"])  # needs no gradient: build_cache runs the forward only
+
+    def cache_reply_only() -> None:
+        # the defaults without the whole-sequence residual_change, whose pooling covers the
+        # prompt: the rest read the reply positions, so the prompt's backward is skipped
+        cache_all([s for s in DEFAULT_STATS if s != "residual_change"])
 
     def cache_from(lowest: int, stats, only: bool = False) -> float:
         t = time.perf_counter()
@@ -417,6 +414,7 @@ def main() -> None:
             ),
             "(c) build_cache, all layers": cache_all,
             "(c) build_cache, forward only": cache_forward_only,
+            "(c) build_cache, reply statistics only": cache_reply_only,
             "(b) floor, sparse head, last third": lambda: run_floor(model, bs, upper, True),
             "(c) build_cache, last third": cache_upper,
         }
@@ -441,6 +439,10 @@ def main() -> None:
             "(c)/(a)": best["(c) build_cache, all layers"] / best["(a) forward only"],
             "(c) tokens/s fwd-only / gradient": best["(c) build_cache, all layers"]
             / best["(c) build_cache, forward only"],
+            "whole sequence / reply only": best["(c) build_cache, all layers"]
+            / best["(c) build_cache, reply statistics only"],
+            "(c) reply only/(b) prompt forward-only": best["(c) build_cache, reply statistics only"]
+            / best["(b) floor, sparse head, prompt forward-only"],
             "(c) last third / (c) all": best["(c) build_cache, last third"]
             / best["(c) build_cache, all layers"],
             "(c)/(b) last third, sparse": best["(c) build_cache, last third"]
@@ -503,6 +505,17 @@ def main() -> None:
         Path(args.out).write_text(
             json.dumps(
                 {
+                    "setup": {
+                        "model": model.name,
+                        "n_layers": model.n_layers,
+                        "d_model": model.d_model,
+                        "examples": len(examples),
+                        "device": args.device,
+                        "threads": torch.get_num_threads(),
+                        "torch": torch.__version__,
+                        "rounds": args.rounds,
+                        "bytes_per_row": per_example,
+                    },
                     "seconds": best,
                     "tokens": n_tokens,
                     "ratios": r,
