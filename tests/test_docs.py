@@ -1,5 +1,7 @@
 """The documentation site builds with ``mkdocs build --strict`` (API pages, notebooks, links)."""
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -52,15 +54,10 @@ def test_docs_build_strict(tmp_path):
 
 
 def test_docs_point_at_data_users_have():
-    """Users have no ``../shared/data`` (the developers' benchmark data): the guides point at
-    the bundled files or say where the data comes from. (The results page keeps the exact
-    command of its run.)"""
+    """Users have no ``../shared/data`` (the developers' benchmark data): the pages point at
+    the bundled files or say where the data comes from."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    offenders = [
-        p.relative_to(ROOT).as_posix()
-        for p in pages
-        if p.name != "results.md" and "shared/data" in p.read_text()
-    ]
+    offenders = [p.relative_to(ROOT).as_posix() for p in pages if "shared/data" in p.read_text()]
     assert not offenders, offenders
 
 
@@ -116,3 +113,115 @@ def test_custom_methods_guide_runs(tmp_path):
         "pool_contrast|resid_post|deflated_cosine",
         "residual_change|residual_change|cosine",
     }
+
+
+def _docs_tables():
+    """``scripts/docs_tables.py`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(
+        "docs_tables", ROOT / "scripts" / "docs_tables.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generated_tables_agree_with_their_results_files(capsys):
+    """Every table between ``<!-- generated: NAME -->`` markers is what
+    ``scripts/docs_tables.py`` renders from its results file: no page quotes a number its file
+    does not hold."""
+    assert _docs_tables().main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_every_table_is_on_a_page_and_every_results_file_has_its_layout():
+    """Each table is generated somewhere; each results file, placeholder or not, renders every
+    table that reads it (a placeholder's empty slots as "not measured yet")."""
+    t = _docs_tables()
+    text = "".join(p.read_text() for p in t.pages())
+    for name, (file, fn, _) in t.TABLES.items():
+        assert f"<!-- generated: {name} -->" in text, name
+        data = json.loads((t.RESULTS / file).read_text())
+        placeholder = data.pop("placeholder", False)
+        rendered = fn(data)
+        assert rendered.startswith(("|", data.get("setup", {}).get("model") or "|")), rendered
+        if placeholder:
+            assert t.MISSING in rendered and t.MISSING in t.render(name).lower()
+
+
+def test_demo_table_reads_what_the_demo_writes():
+    """The demo table from a summary in ``lensattr demo``'s layout: metrics, intervals and
+    top-10 counts as written, a layer set joined, the method's ``|`` kept out of the cells, a
+    baseline row only when the summary has it."""
+    t = _docs_tables()
+    auto = {"method": "pool_contrast|resid_post|deflated_cosine", "layer": [3, 6, 2], "k": 12}
+    auto |= {"planted_in_top10": 9, "p_at_k": 0.75, "p_at_k_ci": [0.5, 0.9167], "ap": 0.8139}
+    paper = {"method": "residual_change|residual_change|cosine", "layer": 19, "k": 12}
+    paper |= {"planted_in_top10": 4, "p_at_k": 0.4167, "p_at_k_ci": [0.1667, 0.6667], "ap": 0.3}
+    rows = t.render_demo({"auto": auto, "paper": paper}).splitlines()
+    assert rows[0].split(" | ")[4] == "P@12 [95% CI]"
+    assert rows[2] == (
+        "| `auto` (no labels read) | `pool_contrast / resid_post / deflated_cosine` | 3, 6, 2 "
+        "| 9 | 0.75 [0.50, 0.92] | 0.81 |"
+    )
+    assert rows[3].endswith("| 19 | 4 | 0.42 [0.17, 0.67] | 0.30 |")
+    assert len(rows) == 4  # no lexical or repsim row in this summary
+    lexical = {"kind": "tfidf", "p_at_k": 0.5, "k": 12}
+    assert "| text search (TF-IDF / BM25) | `tfidf` |  | not measured yet | 0.50 |" in (
+        t.render_demo({"auto": auto, "paper": paper, "lexical": lexical})
+    )
+
+
+def test_generalisation_and_peers_tables_compute_what_they_claim():
+    """Per-behaviour rows and group means as the report holds them; bergson ratios from the
+    fastest round of each side (the highest peak memory), checked against plain arithmetic."""
+    t = _docs_tables()
+    rows = {"a": {"auto (LOBO)": 0.5, "hindsight": 0.75, "paper": 0.25}, "b": {"auto (LOBO)": 1.0}}
+    means = {
+        "auto (LOBO)": {"mean": 0.75, "ci": [0.5, 1.0]},
+        "hindsight": {"mean": 0.75, "ci": None},
+    }
+    summary = {"all": {"means": means, "within_0.05_of_hindsight": {"auto (LOBO)": 1}}}
+    out = t.render_generalisation({"rows": rows, "summary": summary}).splitlines()
+    assert out[0] == "| behaviour | auto | hindsight best | authors' method |"
+    assert out[2] == "| a | 0.50 | 0.75 | 0.25 |"
+    assert out[3] == "| b | 1.00 | not measured yet | not measured yet |"
+    assert out[4] == "| **mean, all** | 0.75 [0.50, 1.00] | 0.75 | not measured yet |"
+    rules = t.render_generalisation_rules({"rows": rows, "summary": summary}).splitlines()
+    assert rules[2] == "| `auto (LOBO)` | 0.75 [0.50, 1.00] | 1 of 2 |"
+
+    runs = {
+        "bergson": [
+            {"pipeline_s": 250.0, "peak_rss_mb": 6000.0},
+            {"pipeline_s": 200.0, "peak_rss_mb": 6200.0},
+        ],
+        "full": [
+            {"pipeline_s": 130.0, "peak_rss_mb": 3000.0},
+            {"pipeline_s": 110.0, "peak_rss_mb": 3100.0},
+        ],
+    }
+    peers = t.render_peers({"runs": runs}).splitlines()
+    full = next(r for r in peers if "`build_cache`" in r)
+    assert full.split(" | ")[1:] == [
+        "110 s",
+        f"{110 / 200:.2f}",
+        "3,100 MB",
+        f"{3100 / 6200:.2f} |",
+    ]
+    assert peers[-1].count("not measured yet") == 4  # cheapgrad did not run
+
+
+def test_generated_blocks_are_rewritten_and_bad_markers_named(tmp_path):
+    """A stale block is rewritten from its file and text outside it is kept; an unknown table or
+    an unclosed block stops with the page and line."""
+    t = _docs_tables()
+    page = "intro\n<!-- generated: demo -->\nold numbers\n<!-- /generated -->\noutro"
+    new = t.regenerate(page, "p.md")
+    assert (
+        new
+        == f"intro\n<!-- generated: demo -->\n\n{t.render('demo')}\n\n<!-- /generated -->\noutro"
+    )
+    assert t.regenerate(new, "p.md") == new
+    with pytest.raises(SystemExit, match=r"p\.md:2: no table named 'nope'"):
+        t.regenerate("x\n<!-- generated: nope -->\n<!-- /generated -->", "p.md")
+    with pytest.raises(SystemExit, match=r"p\.md:1: 'demo' has no <!-- /generated -->"):
+        t.regenerate("<!-- generated: demo -->\ntext", "p.md")
