@@ -85,7 +85,7 @@ def layer_of(m: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------- renderers
 
 DEMO_ROWS = {  # key in runs/demo/summary.json -> what the table calls it
-    "auto": "`auto` (no labels read)",
+    "auto": "`auto`",
     "paper": "the authors' method",
     "lexical": "text search (TF-IDF / BM25)",
     "repsim": "RepSim",
@@ -171,9 +171,9 @@ def render_build(d: dict[str, Any]) -> str:
     u = d.get("setup") or {}
     if u.get("model"):
         out = (
-            f"{u['model']}, {u['examples']} examples ({num(tokens, ',d')} tokens), "
-            f"{u['device']}, {u['threads']} threads, torch {u['torch']}, the fastest of "
-            f"{u['rounds']} rounds:\n\n{out}"
+            f"{u['model']}, {u['examples']} examples ({num(tokens, ',d')} tokens) on "
+            f"{u['device']}, torch {u['torch']} (threads: {u['threads']}); the fastest round "
+            f"of {u['rounds']}:\n\n{out}"
         )
     return out
 

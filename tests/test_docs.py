@@ -160,7 +160,7 @@ def test_demo_table_reads_what_the_demo_writes():
     rows = t.render_demo({"auto": auto, "paper": paper}).splitlines()
     assert rows[0].split(" | ")[4] == "P@12 [95% CI]"
     assert rows[2] == (
-        "| `auto` (no labels read) | `pool_contrast / resid_post / deflated_cosine` | 3, 6, 2 "
+        "| `auto` | `pool_contrast / resid_post / deflated_cosine` | 3, 6, 2 "
         "| 9 | 0.75 [0.50, 0.92] | 0.81 |"
     )
     assert rows[3].endswith("| 19 | 4 | 0.42 [0.17, 0.67] | 0.30 |")
