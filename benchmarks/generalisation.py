@@ -108,6 +108,7 @@ def build(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         shard_size=256,  # the unit of resumption
         on_error="skip",
+        reuse=lensattr.open_cache(Path(args.reuse) / "superset") if args.reuse else None,
     )
     print(f"superset: {len(rows)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
     (work / "pairs").mkdir(exist_ok=True)
@@ -115,6 +116,11 @@ def build(args: argparse.Namespace) -> None:
         out = work / "pairs" / f"{b.name}.safetensors"
         if out.exists():
             continue
+        if args.reuse and (Path(args.reuse) / "pairs" / out.name).exists():
+            old = lensattr.PairStats.load(Path(args.reuse) / "pairs" / out.name)
+            if old.n_pairs == plan["behaviours"][b.name]["n_pairs"]:
+                old.save(out)
+                continue
         t0 = time.perf_counter()
         ps = lensattr.pair_stats(
             model,
@@ -205,6 +211,20 @@ def score_pool(
             }
         )
     out["cells"] = cells
+    # ensembles: the mean of the standardised scores of the top-n methods by criterion averaged
+    # over layers, each at its label-free best layer
+    by_method = _by_method(cells)
+    order = sorted(by_method, key=lambda m: _criterion_mean(by_method[m]), reverse=True)
+    out["ensembles"] = {}
+    for n in (2, 3, 5):
+        zs = []
+        for m in order[:n]:
+            s = _all_scores(cache, queries[m], _best_layer(by_method[m])["layer"]).double()
+            zs.append((s - s.mean()) / s.std().clamp(min=1e-12))
+        out["ensembles"][f"top{n}"] = {
+            "methods": order[:n],
+            "p_at_k": _p_at_k(torch.stack(zs).mean(0).float(), labels),
+        }
     layers = list(cache.layers)
     authors_layer = min(layers, key=lambda la: abs(la - AUTHORS_DEPTH * model.n_layers))
     baselines: dict[str, Any] = {}
@@ -388,6 +408,8 @@ def report(args: argparse.Namespace) -> None:
             fitted[kind][n] = _describe(kind, param)
     for n in names:
         rs = by_b[n]
+        for e in rs[0].get("ensembles", {}) if all("ensembles" in r for r in rs) else ():
+            rows[n][f"ensemble {e}"] = statistics.mean(r["ensembles"][e]["p_at_k"] for r in rs)
         rows[n]["hindsight"] = statistics.mean(max(c["p_at_k"] for c in r["cells"]) for r in rs)
         for base in rs[0]["baselines"]:
             rows[n][base] = statistics.mean(r["baselines"][base]["p_at_k"] for r in rs)
@@ -448,6 +470,7 @@ def main() -> None:
     b.add_argument("--layers", default="2:30:3")
     b.add_argument("--max-length", type=int, default=96)
     b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--reuse", default="", help="a finished work directory to copy rows from")
     s = sub.add_parser("score")
     s.add_argument("--data", default="../shared/data")
     s.add_argument("--work", default="runs/gen")
