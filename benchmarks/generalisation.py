@@ -216,7 +216,7 @@ def score_pool(
     by_method = _by_method(cells)
     order = sorted(by_method, key=lambda m: _criterion_mean(by_method[m]), reverse=True)
     out["ensembles"] = {}
-    for n in (2, 3, 5):
+    for n in (2, 3, 5, 8, 12, 20):
         zs = []
         for m in order[:n]:
             s = _all_scores(cache, queries[m], _best_layer(by_method[m])["layer"]).double()
@@ -358,6 +358,9 @@ def fit_rule(kind: str, train: list[dict[str, Any]]) -> Any:
 
     if kind == "auto":
         return None
+    if kind == "ensemble":
+        sizes = [int(k.removeprefix("top")) for k in train[0]["ensembles"]]
+        return max(sizes, key=lambda n: mean_of(n, rule_ensemble))
     prior = _prior(train)
     ranked = sorted(prior, key=lambda m: prior[m], reverse=True)
     if kind == "fixed":
@@ -371,7 +374,19 @@ def fit_rule(kind: str, train: list[dict[str, Any]]) -> Any:
     raise ValueError(kind)
 
 
-RULES = {"auto": rule_auto, "fixed": rule_fixed, "shortlist": rule_shortlist, "shrink": rule_shrink}
+def rule_ensemble(res: dict[str, Any], n: int) -> float:
+    """The mean of the standardised scores of the top-n methods by criterion (scored in
+    ``score``), n fitted."""
+    return res["ensembles"][f"top{n}"]["p_at_k"]
+
+
+RULES = {
+    "auto": rule_auto,
+    "fixed": rule_fixed,
+    "shortlist": rule_shortlist,
+    "shrink": rule_shrink,
+    "ensemble": rule_ensemble,
+}
 
 
 def _describe(kind: str, param: Any) -> str:
@@ -381,6 +396,8 @@ def _describe(kind: str, param: Any) -> str:
         return f"top {param[1]}: " + ", ".join(param[0][: param[1]])
     if kind == "shrink":
         return f"lambda {param[1]}"
+    if kind == "ensemble":
+        return f"top {param}"
     return ""
 
 

@@ -205,7 +205,10 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     from lensattr.backends.models import load_model
 
     return load_model(
-        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        args.model,
+        device=args.device,
+        compute_dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
     )
 
 

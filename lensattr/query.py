@@ -268,9 +268,9 @@ class Query:
             raise KeyError(f"the query has no layer {layer} (it has {self.layers})")
         return self.vectors[layer]
 
-    def save(self, path: str | Path) -> None:
-        """Write the query as safetensors (vectors) with JSON metadata."""
-        meta = {
+    def metadata(self) -> dict[str, str]:
+        """What :meth:`save` writes beside the vectors: every field but ``vectors``, as text."""
+        return {
             "psi": self.psi,
             "stat": self.stat,
             "model": json.dumps(self.model),
@@ -281,7 +281,27 @@ class Query:
             "pool": json.dumps(self.pool),
             "capture": _capture_json(self.capture),
         }
-        save_file({f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}, str(path), meta)
+
+    def save(self, path: str | Path) -> None:
+        """Write the query as safetensors (vectors) with JSON metadata."""
+        vectors = {f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}
+        save_file(vectors, str(path), self.metadata())
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, str], vectors: dict[int, torch.Tensor]) -> "Query":
+        """The query that :meth:`metadata` and the vectors describe (validated)."""
+        return cls(
+            vectors=vectors,
+            psi=meta["psi"],
+            stat=meta["stat"],
+            model=json.loads(meta["model"]),
+            n_pairs=int(meta["n_pairs"]),
+            cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
+            score=meta["score"],
+            layer=_layer_of(json.loads(meta.get("layer", "null"))),
+            pool=json.loads(meta.get("pool", "null")),
+            capture=_capture_of(meta, sorted(vectors)),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "Query":
@@ -290,18 +310,7 @@ class Query:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
             vectors = {int(k.split("/")[1]): v for k, v in load_file(str(path)).items()}
-            return cls(
-                vectors=vectors,
-                psi=meta["psi"],
-                stat=meta["stat"],
-                model=json.loads(meta["model"]),
-                n_pairs=int(meta["n_pairs"]),
-                cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
-                score=meta["score"],
-                layer=_layer_of(json.loads(meta.get("layer", "null"))),
-                pool=json.loads(meta.get("pool", "null")),
-                capture=_capture_of(meta, sorted(vectors)),
-            )
+            return cls.from_saved(meta, vectors)
         except QueryError as err:
             raise QueryError(f"{path}: {err}") from None
         except (KeyError, ValueError, IndexError, OSError) as err:

@@ -10,8 +10,10 @@ import torch
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.sites import layer_index
-from lensattr.config import CaptureConfig, check_capture
+from lensattr.config import POOLINGS, CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
+from lensattr.ensemble import SCORE as ENSEMBLE_SCORE
+from lensattr.ensemble import Ensemble, as_ranked, standardised
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
 from lensattr.registry import get_phi, get_score
@@ -95,8 +97,10 @@ def rank(
 
     Args:
         cache: an opened :class:`~lensattr.store.cache.Cache` or its directory.
-        query: a :class:`~lensattr.query.Query`, a saved one's path, a
-            :class:`~lensattr.select.Selection`, or (with ``method="auto"``) query pairs.
+        query: a :class:`~lensattr.query.Query`, an :class:`~lensattr.ensemble.Ensemble`
+            (each row scored by the mean of the members' standardised scores, each member at
+            its own layer), a saved file of either, a :class:`~lensattr.select.Selection` (its
+            ensemble when it has one), or (with ``method="auto"``) query pairs.
         layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;
             default: the layer (or layers) chosen for the query, else its best by held-out
             accuracy. A list of them scores each row by the mean of its scores at those layers
@@ -127,10 +131,18 @@ def rank(
         from lensattr.select import select
 
         query = select(model, cache, query, rows=rows)
-    query = as_query(query)
-    check_query(cache, query)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    ranked = as_ranked(query)
+    if isinstance(ranked, Ensemble):
+        if layer is not None or stat is not None or score is not None:
+            raise ValueError(
+                "an ensemble ranks each member at its own layer with its own statistic and "
+                "score; rank one member (ensemble.members[i], or selection.query) to set them"
+            )
+        return _rank_ensemble(cache, ranked, top_k, bottom, rows, chunk_rows)
+    query = ranked
+    check_query(cache, query)
     layers = _layers_arg(layer, query)
     stat = stat or query.stat
     score = score or query.score
@@ -192,6 +204,39 @@ def rank(
     )
 
 
+def _rank_ensemble(
+    cache: Cache,
+    ensemble: Ensemble,
+    top_k: int | None,
+    bottom: bool,
+    rows: Any,
+    chunk_rows: int | None,
+) -> Ranking:
+    """:func:`rank` for an :class:`~lensattr.ensemble.Ensemble`: each member ranks every row,
+    its scores are standardised over the ranked rows, and each row's score is their mean."""
+    ranked = [
+        rank(cache, q, top_k=None, rows=rows, chunk_rows=chunk_rows) for q in ensemble.members
+    ]
+    idx = torch.sort(ranked[0].rows).values  # the ranked rows, in row order
+    total = torch.zeros(len(idx), dtype=torch.float64)
+    for r in ranked:
+        total += standardised(r.scores_of(idx))
+    s = (total / len(ranked)).float()
+    bad = ~torch.isfinite(s)
+    key = (s if bottom else -s).masked_fill(bad, torch.inf)  # non-finite: always last
+    order = torch.sort(key, stable=True).indices  # ties keep the lower row
+    order = order if top_k is None else order[:top_k]
+    return Ranking(
+        ids=[cache.ids[i] for i in idx[order].tolist()],
+        scores=s[order],
+        rows=idx[order],
+        layer=ensemble.layers[0] if len(ensemble.layers) == 1 else ensemble.layers,
+        stat="+".join(ensemble.stats),
+        score=ENSEMBLE_SCORE,
+        n_nonfinite=int(bad.sum()),
+    )
+
+
 def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
     """``x`` ``[1, ...]`` as ``n`` identical rows (a view)."""
     return x.expand(n, *x.shape[1:])
@@ -250,10 +295,9 @@ def explain(
     query = as_query(query)
     layers = _layers_arg(layer, query)
     spec = get_phi(stat or query.stat)
-    if spec.reads_prompt:  # the capture below keeps the reply's positions only
+    if spec.pooling != POOLINGS[0]:  # each reply token's term is the statistic at a one-hot mask
         raise QueryError(
-            f"explain splits a mean over the reply tokens; {spec.name} reads the prompt positions "
-            f"too (pooling {spec.pooling!r})"
+            f"explain splits a mean over the reply tokens; {spec.name} pools by {spec.pooling!r}"
         )
     check_capture(  # one example has no padding: its side cannot differ
         query.capture,
@@ -268,7 +312,12 @@ def explain(
     batch = collate([enc], model.pad_id, "right", str(model.device))
     # From the first position that predicts a reply token on: acts.mask says where the reply is.
     by_layer = capture(
-        model, batch, list(layers), grad=spec.needs_grad, sites=spec.sites, keep_prompt=False
+        model,
+        batch,
+        list(layers),
+        grad=spec.needs_grad,
+        sites=spec.sites,
+        keep_prompt=spec.reads_prompt,  # the authors' residual change reads the prompt too
     )
     per_layer = []
     for la in layers:  # a layer set: the mean of each layer's contributions, as rank scores it

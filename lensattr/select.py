@@ -59,6 +59,7 @@ from lensattr.criterion import (
     layer_set,
     method_scores,
 )
+from lensattr.ensemble import Ensemble
 from lensattr.query import (
     FOLDS,
     PairStats,
@@ -97,6 +98,9 @@ class Selection:
         left_out: default candidates that were not offered, and why (a score that inverts
             the pool's covariance, on a pool of fewer than :data:`ROWS_PER_DIMENSION` rows a
             dimension).
+        ensemble: the :data:`ENSEMBLE` methods of highest criterion averaged over layers, each
+            at its best layer, ranked together (``rank(cache, selection)`` uses it; ``None``
+            with ``select(..., ensemble=1)``: the one chosen method).
     """
 
     query: Query
@@ -106,11 +110,20 @@ class Selection:
     seconds: float = 0.0
     left_out: dict[str, str] = field(default_factory=dict)
     layer_set: dict[str, Any] | None = None
+    ensemble: Ensemble | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
-        """The chosen layer(s) as a tuple: what a cache for this choice must hold."""
+        """Every layer the choice ranks at (the ensemble's members', else the chosen method's):
+        what a cache for this choice must hold."""
+        if self.ensemble is not None:
+            return self.ensemble.layers
         return (self.layer,) if isinstance(self.layer, int) else self.layer
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """Every statistic the choice ranks with."""
+        return self.ensemble.stats if self.ensemble is not None else (self.method.stat,)
 
     def summary(self, top: int = 8) -> str:
         """A few lines: the choice, then the best methods (criterion averaged over layers, and
@@ -126,6 +139,12 @@ class Selection:
             f"auto chose {self.method} at {where} (held-out criterion: log-rank among the pool x "
             "AUROC against the controls; mean over layers, then the best layer or layer set)"
         ]
+        if self.ensemble is not None:
+            lines.insert(
+                0,
+                f"auto ranks by the mean standardised score of the {len(self.ensemble.members)} "
+                "methods of highest criterion, each at its best layer; the best of them:",
+            )
         if self.layer_set is not None:
             single = best[str(self.method)]
             lines.append(
@@ -144,6 +163,11 @@ class Selection:
             lines.append(f"  not offered: {why}")
         return "\n".join(lines)
 
+
+ENSEMBLE = 20
+"""How many methods ``auto`` ranks together (:class:`~lensattr.ensemble.Ensemble`): the size
+that found the most behaviour examples when fitted on the other behaviours and scored on each
+one left out (the generalisation study, ``docs/results.md``)."""
 
 ROWS_PER_DIMENSION = 4
 """Pool rows a dimension below which ``auto`` does not offer a ``full_rank`` score. A sample
@@ -176,6 +200,7 @@ def select(
     folds: int = FOLDS,
     pool_sample: int | None = POOL_SAMPLE,
     set_size: int = LAYER_SET,
+    ensemble: int = ENSEMBLE,
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> Selection:
@@ -197,6 +222,9 @@ def select(
         pool_sample: at most this many pool rows enter the criterion (seeded sample).
         set_size: how many of the chosen method's best layers to try together (the mean of
             their scores) against its best layer; 1: one layer only.
+        ensemble: rank with this many methods together (those of highest criterion averaged
+            over layers, each at its best layer; :class:`~lensattr.ensemble.Ensemble`); 1: the
+            one chosen method (at its layer or layer set).
         batch_size: for capturing the pairs.
         progress: progress bar while capturing the pairs.
 
@@ -214,6 +242,8 @@ def select(
         >>> sel.layer in (1, 2, (1, 2), (2, 1)), len(lensattr.rank(cache, sel, top_k=3))
         (True, 3)
     """
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"ensemble must be a positive number of methods, got {ensemble!r}")
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     left_out: dict[str, str] = {}
     if methods is not None:
@@ -280,6 +310,11 @@ def select(
     )
     query.layer = best["layer"]
     logger.info("auto: %s at layer %s (criterion %.3f)", method, best["layer"], best["criterion"])
+    members = None
+    if ensemble > 1:
+        means, best_of = method_scores(table), best_rows(table)
+        top = sorted(means, key=lambda m: means[m], reverse=True)[:ensemble]
+        members = Ensemble([_member(ps, cache, Method.parse(m), best_of[m]["layer"]) for m in top])
     return Selection(
         query=query,
         method=method,
@@ -288,7 +323,17 @@ def select(
         seconds=seconds,
         left_out=left_out,
         layer_set=together,
+        ensemble=members,
     )
+
+
+def _member(ps: PairStats, cache: Cache, method: Method, layer: int) -> Query:
+    """``method``'s query at ``layer`` (fitted on every pair, against ``cache``'s moments)."""
+    q = behavior_query(
+        None, ps, psi=method.psi, stat=method.stat, layers=[layer], pool=cache, score=method.score
+    )
+    q.layer = layer
+    return q
 
 
 def select_then_cache(
@@ -303,7 +348,7 @@ def select_then_cache(
     batch_size: int = 8,
     max_length: int | None = 512,
     progress: bool | None = None,
-) -> tuple[Cache, Query, Selection]:
+) -> tuple[Cache, "Query | Ensemble", Selection]:
     """The cheap path for one behaviour: choose on a sample, then cache the corpus for the choice.
 
     :func:`select` runs on a cache of a seeded sample of ``sample`` training examples (the
@@ -323,9 +368,10 @@ def select_then_cache(
     :func:`select`'s on that cache (restricted to ``stats``), and nothing is computed twice.
 
     Returns:
-        ``(cache, query, selection)``: the full cache (of the chosen layer or layers,
-        :attr:`Selection.layers`), the query (``query.layer`` set) and the choice made on the
-        sample.
+        ``(cache, ranker, selection)``: the full cache (of the chosen statistics and layers,
+        :attr:`Selection.stats` and :attr:`Selection.layers`), what to rank with (the
+        ensemble, each member refitted against the full cache, or with ``ensemble=1`` the query
+        with ``query.layer`` set) and the choice made on the sample.
 
     Examples:
         >>> import tempfile, lensattr
@@ -334,7 +380,7 @@ def select_then_cache(
         ...          for i in range(12)]
         >>> pairs = [{"prompt": f"Q{i}", "treatment": "ok ok", "control": "Hi."} for i in range(4)]
         >>> cache, q, sel = select_then_cache(m, train, pairs, out=tempfile.mkdtemp(), sample=6)
-        >>> cache.layers == sorted(sel.layers), cache.stats == [sel.method.stat], len(cache)
+        >>> cache.layers == sorted(sel.layers), cache.stats == list(sel.stats), len(cache)
         (True, True, 12)
     """
     import random
@@ -355,7 +401,7 @@ def select_then_cache(
         cache = build_cache(model, examples, out=out, stats=stat_list, progress=progress, **kw)
         assert cache is not None  # a single-process build returns its cache
         sel = select(model, cache, ps)
-        return cache, sel.query, sel
+        return cache, sel.ensemble or sel.query, sel
     picked = sorted(random.Random(seed).sample(range(len(examples)), sample))
     with tempfile.TemporaryDirectory(prefix="lensattr-sample-") as tmp:
         small = build_cache(
@@ -373,12 +419,19 @@ def select_then_cache(
             examples,
             out=out,
             layers=sorted(sel.layers),
-            stats=[sel.method.stat],
+            stats=list(sel.stats),
             progress=progress,
             reuse=small,
             **kw,
         )
         assert cache is not None
+    if sel.ensemble is not None:  # each member refitted against the full cache's moments
+        members = [
+            _member(ps, cache, Method(q.psi, q.stat, q.score), layer)
+            for q in sel.ensemble.members
+            if isinstance(layer := q.best_layer(), int)  # select gives each member one layer
+        ]
+        return cache, Ensemble(members), sel
     query = behavior_query(
         None,
         ps,

@@ -45,8 +45,10 @@ def test_contrast_query_equals_direct_computation(tiny, pair_records, psi, stat)
     for layer in (1, 3):
         t = stat_of(tiny, [p.sides()[0] for p in pairs], stat, layer)
         c = stat_of(tiny, [p.sides()[1] for p in pairs], stat, layer)
-        want = (t - c).mean(0)
-        want = want / want.norm()
+        diff = t - c
+        if psi == "residual_change":  # the authors' query: each pair normalised first
+            diff = diff / diff.norm(dim=1, keepdim=True)
+        want = diff.mean(0) / diff.mean(0).norm()
         assert torch.allclose(q.vector(layer), want, atol=1e-5)
         assert 0.0 <= q.cv[layer] <= 1.0
 
