@@ -27,6 +27,7 @@ from lensattr.backends.capture import LayerActs, capture
 from lensattr.backends.models import Model, load_model
 from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, Pair, load_examples, load_pairs
+from lensattr.ensemble import Ensemble
 from lensattr.metrics import pool_metrics, pool_metrics_difference
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
@@ -51,6 +52,7 @@ __all__ = [
     "CacheError",
     "CaptureConfig",
     "DataError",
+    "Ensemble",
     "Example",
     "LayerActs",
     "Model",

@@ -272,8 +272,15 @@ def cmd_query(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=False if args.quiet else None,
         )
-        sel.query.save(args.out)
         print(sel.summary())
+        if sel.ensemble is not None:
+            sel.ensemble.save(args.out)
+            print(
+                f"ensemble of {len(sel.ensemble.members)} queries from {sel.query.n_pairs} pairs, "
+                f"layers {layer_text(sel.layers)}: {args.out}"
+            )
+            return 0
+        sel.query.save(args.out)
         print(
             f"query {sel.method} from {sel.query.n_pairs} pairs, layer "
             f"{layer_text(sel.layer)}: {args.out}"

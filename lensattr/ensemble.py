@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lensattr.query import Query, QueryError, as_query
@@ -95,7 +95,7 @@ class Ensemble:
             return cls(members)
         except QueryError as err:
             raise QueryError(f"{path}: {err}") from None
-        except (KeyError, ValueError, TypeError, IndexError, OSError) as err:
+        except (KeyError, ValueError, TypeError, IndexError, OSError, SafetensorError) as err:
             raise QueryError(
                 f"{path}: not a lensattr ensemble ({type(err).__name__}: {err})"
             ) from None
@@ -120,7 +120,7 @@ def as_ranked(query: Any) -> "Query | Ensemble":
             with safe_open(str(query), framework="pt") as fh:
                 if "ensemble" in (fh.metadata() or {}):
                     return Ensemble.load(query)
-        except (OSError, ValueError, RuntimeError):
+        except (OSError, ValueError, SafetensorError):
             pass  # Query.load names the problem
     return as_query(query)
 

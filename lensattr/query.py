@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lensattr.backends.capture import capture
@@ -313,7 +313,7 @@ class Query:
             return cls.from_saved(meta, vectors)
         except QueryError as err:
             raise QueryError(f"{path}: {err}") from None
-        except (KeyError, ValueError, IndexError, OSError) as err:
+        except (KeyError, ValueError, IndexError, OSError, SafetensorError) as err:
             raise QueryError(
                 f"{path}: not a lensattr query ({type(err).__name__}: {err})"
             ) from None
