@@ -180,10 +180,16 @@ def score_pool(
     t0 = time.perf_counter()
     sel = lensattr.select(None, cache, ps)
     out["select_seconds"] = time.perf_counter() - t0
-    out["auto"] = {
+    out["auto"] = {  # the library's default: the ensemble of select's top methods
         "method": str(sel.method),
         "layer": sel.layer,
+        "members": len(sel.ensemble.members) if sel.ensemble is not None else 1,
         "p_at_k": _p_at_k(_all_scores(cache, sel, None), labels),
+    }
+    out["auto_single"] = {  # the one chosen method at its layer or layer set
+        "method": str(sel.method),
+        "layer": sel.layer,
+        "p_at_k": _p_at_k(_all_scores(cache, sel.query, sel.layer), labels),
     }
     out["layer_set"] = sel.layer_set and {
         "method": sel.layer_set["method"],
@@ -216,7 +222,7 @@ def score_pool(
     by_method = _by_method(cells)
     order = sorted(by_method, key=lambda m: _criterion_mean(by_method[m]), reverse=True)
     out["ensembles"] = {}
-    for n in (2, 3, 5, 8, 12, 20):
+    for n in (2, 3, 5, 8, 12, 20, 30, 50):
         zs = []
         for m in order[:n]:
             s = _all_scores(cache, queries[m], _best_layer(by_method[m])["layer"]).double()
@@ -327,6 +333,10 @@ def rule_auto(res: dict[str, Any], _param: Any = None) -> float:
     return res["auto"]["p_at_k"]
 
 
+def rule_auto_single(res: dict[str, Any], _param: Any = None) -> float:
+    return res["auto_single"]["p_at_k"] if "auto_single" in res else res["auto"]["p_at_k"]
+
+
 def rule_fixed(res: dict[str, Any], method: str) -> float:
     return _method_at_best_layer(res, method)
 
@@ -356,10 +366,11 @@ def fit_rule(kind: str, train: list[dict[str, Any]]) -> Any:
     def mean_of(param: Any, fn: Any) -> float:
         return sum(fn(r, param) for r in train) / len(train)
 
-    if kind == "auto":
+    if kind in ("auto", "auto, one method"):
         return None
     if kind == "ensemble":
         sizes = [int(k.removeprefix("top")) for k in train[0]["ensembles"]]
+        sizes = [n for n in sizes if all(f"top{n}" in r["ensembles"] for r in train)]
         return max(sizes, key=lambda n: mean_of(n, rule_ensemble))
     prior = _prior(train)
     ranked = sorted(prior, key=lambda m: prior[m], reverse=True)
@@ -382,6 +393,7 @@ def rule_ensemble(res: dict[str, Any], n: int) -> float:
 
 RULES = {
     "auto": rule_auto,
+    "auto, one method": rule_auto_single,
     "fixed": rule_fixed,
     "shortlist": rule_shortlist,
     "shrink": rule_shrink,
