@@ -23,6 +23,13 @@ would drop both of the things that matter there:
   sublinear term frequency ``1 + log tf``; smoothed IDF ``log((1 + n) / (1 + df)) + 1``;
   each row L2-normalised. A text with no token is the zero vector and scores 0.
 
+Measured (the bench-peers pools: 600 clean rows + 50 plants of each label, 32 query pairs,
+seed 0): on medhallu (long replies) the kind chosen without labels (``tfidf_pool_contrast``)
+reaches P@50 0.62 with these settings and 0.54 with scikit-learn's default tokens and stop
+words. On the persona traits no setting separates the plants (P@50 0.24-0.28 here): half the
+treatment replies are "Yes" and half "No", so a reply alone does not show the trait; with the
+default stop words a "No" reply is an empty document besides.
+
 **RepSim** (:data:`REPSIM`): the cosine of each example's pooled hidden state (``resid_post``)
 to the normalised mean of the treatment replies' normalised states, the query ``repsim``
 registered in :mod:`lensattr.methods.queries`; :func:`repsim_select` chooses its layer by
