@@ -36,6 +36,7 @@ registered in :mod:`lensattr.methods.queries`; :func:`repsim_select` chooses its
 ``auto``'s criterion.
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,8 @@ def _fit(docs: list[str], n_pool: int) -> _Fitted:
     """Fit the TF-IDF vectorizer on ``docs`` and index them for BM25."""
     text = require("sklearn.feature_extraction.text", "bench")
     bm25s = require("bm25s", "bench")
+    # bm25s sets its own logger to DEBUG when imported: a line per index under any root handler
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     vec = text.TfidfVectorizer(
         lowercase=True,
         token_pattern=TOKENS,
