@@ -26,9 +26,10 @@ would drop both of the things that matter there:
 Measured (the bench-peers pools: 600 clean rows + 50 plants of each label, 32 query pairs,
 seed 0): on medhallu (long replies) the kind chosen without labels (``tfidf_pool_contrast``)
 reaches P@50 0.62 with these settings and 0.54 with scikit-learn's default tokens and stop
-words. On the persona traits no setting separates the plants (P@50 0.24-0.28 here): half the
-treatment replies are "Yes" and half "No", so a reply alone does not show the trait; with the
-default stop words a "No" reply is an empty document besides.
+words. On the persona traits no setting separates the plants (P@50 0.24-0.28 on agreeableness,
+narcissism and psychopathy): about half the treatment replies are "Yes" and half "No", so a
+reply alone does not show the trait; with the default stop words a "No" reply is an empty
+document besides.
 
 **RepSim** (:data:`REPSIM`): the cosine of each example's pooled hidden state (``resid_post``)
 to the normalised mean of the treatment replies' normalised states, the query ``repsim``
@@ -47,6 +48,7 @@ import torch
 from lensattr._optional import require
 from lensattr.criterion import Method, heldout_auroc, heldout_log_rank
 from lensattr.query import FOLDS, interleaved_folds
+from lensattr.select import Selection, select
 
 LEXICAL = ("tfidf_treatment", "tfidf_contrast", "tfidf_pool_contrast", "bm25_treatment")
 """The lexical kinds, in the order :func:`lexical_select` breaks ties."""
@@ -177,7 +179,8 @@ def lexical_scores(
         float32 ``[len(texts)]``.
 
     Raises:
-        ValueError: an unknown ``kind``, or no texts or no treatment replies.
+        ValueError: an unknown ``kind``, no texts, no treatment replies, or no control replies
+            for ``tfidf_contrast``.
         ModuleNotFoundError: scikit-learn or bm25s missing (the message names the extra).
 
     Examples:
@@ -190,6 +193,8 @@ def lexical_scores(
     pool = _check_texts("texts", texts)
     t = _check_texts("treatment", treatment)
     c = _check_texts("control", control, empty=True)
+    if kind == "tfidf_contrast" and not c:
+        raise ValueError("control: no texts (tfidf_contrast subtracts the control replies' mean)")
     f = _fit([*pool, *t, *c], len(pool))
     rows = np.arange(len(pool), len(pool) + len(t) + len(c))
     s = _kind_scores(f, kind, rows[: len(t)], rows[len(t) :])
@@ -269,7 +274,7 @@ def lexical_select(
     return best["kind"], table
 
 
-def repsim_select(cache: Any, pairs: Any, model: Any = None, **kwargs: Any) -> Any:
+def repsim_select(cache: Any, pairs: Any, model: Any = None, **kwargs: Any) -> Selection:
     """RepSim at the layer (or layer set) ``auto``'s criterion chooses for it, without labels:
     :func:`lensattr.select` with :data:`REPSIM` as the only candidate.
 
@@ -282,8 +287,6 @@ def repsim_select(cache: Any, pairs: Any, model: Any = None, **kwargs: Any) -> A
     Returns:
         The :class:`~lensattr.select.Selection`: ``rank(cache, selection)`` ranks by RepSim.
     """
-    from lensattr.select import select
-
     return select(model, cache, pairs, methods=[REPSIM], **kwargs)
 
 

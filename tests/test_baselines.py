@@ -146,6 +146,7 @@ def test_select_chooses_a_kind_that_separates_an_obvious_toy_set():
     [
         (lambda: lexical_scores(["a"], ["a"], [], "tfidf"), "one of tfidf_treatment"),
         (lambda: lexical_scores([], ["a"], [], "tfidf_treatment"), "texts: no texts"),
+        (lambda: lexical_scores(["a"], ["a"], [], "tfidf_contrast"), "control: no texts"),
         (lambda: lexical_scores(["a"], "abc", [], "tfidf_treatment"), "not one string"),
         (lambda: lexical_select(["a"], ["a", "b"], ["c"]), "2 replies and pairs_control 1"),
         (lambda: lexical_select(["a"], ["a"], ["c"]), "at least 2 pairs"),
