@@ -25,7 +25,10 @@ rounds (the order reverses every round):
   the pairs' two sides through ``bergson build`` and the treatment-minus-control query scored
   in four modes (plain dot, unit-normalised, preconditioned, both; ``peers_bergson_score.py``);
 - ``full``: lensattr's ``build_cache`` (all layers, default statistics, bf16 storage), then
-  ``auto`` (:func:`lensattr.select`) and ``rank``; then the paper's residual change;
+  ``auto`` (:func:`lensattr.select`) and ``rank``; then the paper's residual change; then the
+  baselines a user tries first (:mod:`lensattr.baselines`): text search of the replies (each
+  lexical kind, and the kind chosen without labels) and RepSim at the layer ``auto``'s
+  criterion chooses for it, each timed alone (RepSim after the build, text search without it);
 - ``gradfree``: :func:`lensattr.select_then_cache` with the whole corpus as the sample: one
   forward-only build of ``resid_post`` at every layer, ``auto`` among the gradient-free
   methods, ``rank``;
@@ -166,6 +169,24 @@ if mode == "full":
     r = lensattr.rank(cache, q, top_k=None)
     marks["paper"] = time.time()
     res["paper"] = {"choice": f"{lensattr.PAPER} @ {r.layer}", "scores": scores(cache, r)}
+    # the baselines a user tries first, each timed alone ("build": it needs the cache)
+    from lensattr.baselines import LEXICAL, lexical_scores, lexical_select, repsim_select
+    t0 = time.time()
+    texts = [ex.response for ex in lensattr.load_examples(train)]  # the cache's row order
+    pl = lensattr.load_pairs(pairs)
+    t, c = [p.treatment for p in pl], [p.control for p in pl]
+    kind, _ = lexical_select(texts, t, c)
+    text = {k: lexical_scores(texts, t, c, k).tolist() for k in LEXICAL}
+    sec = time.time() - t0
+    res["text search"] = {"choice": f"{kind}, chosen without labels", "scores": text[kind],
+                          "seconds": sec, "build": False}
+    for k, s in text.items():
+        res[f"text {k}"] = {"choice": k, "scores": s, "seconds": sec, "build": False}
+    t0 = time.time()
+    sel = repsim_select(cache, pairs, m, batch_size=kw["batch_size"], progress=False)
+    r = lensattr.rank(cache, sel, top_k=None)
+    res["RepSim"] = {"choice": choice(sel), "scores": scores(cache, r),
+                     "seconds": time.time() - t0, "build": True}
 else:
     from lensattr.store.cache import DEFAULT_STATS
     n = None if mode == "gradfree" else int(sample)
@@ -355,7 +376,10 @@ def main() -> int:
             seconds = res["pipeline_s"]
             if name == "paper":
                 seconds = res["build_s"] + marks["paper"] - marks["rank"]
-            res["methods"][f"lensattr {name} ({m['choice']})"] = {
+            elif "seconds" in m:  # a baseline, timed alone (after the cache when it needs one)
+                seconds = m["seconds"] + (res["build_s"] if m["build"] else 0.0)
+            who = "baseline" if "seconds" in m else "lensattr"
+            res["methods"][f"{who} {name} ({m['choice']})"] = {
                 "pipeline_s": seconds,
                 **lensattr.pool_metrics(torch.tensor(m["scores"]), labels),
                 "scores": m["scores"],

@@ -1,8 +1,9 @@
 """Optional dependencies: import one, or fail with one line naming the extra that installs it.
 
-The library itself needs only its core dependencies; ``lensattr demo`` (its plot) needs the
-``demo`` extra (matplotlib), ``lensattr bench`` (plots, LoRA fine-tuning) the ``bench`` extra
-(matplotlib, peft) and the TransformerBridge backend the ``tl`` extra. ``make setup`` installs
+The library itself needs only its core dependencies; ``lensattr demo`` (its plot, the lexical
+baseline) needs the ``demo`` extra (matplotlib, scikit-learn, bm25s), ``lensattr bench`` (plots,
+LoRA fine-tuning, the lexical baselines) the ``bench`` extra (matplotlib, peft, scikit-learn,
+bm25s) and the TransformerBridge backend the ``tl`` extra. ``make setup`` installs
 all of them through the ``dev`` extra.
 """
 
@@ -10,8 +11,8 @@ import importlib
 from types import ModuleType
 
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "demo": ("matplotlib",),
-    "bench": ("matplotlib", "peft"),
+    "demo": ("matplotlib", "sklearn", "bm25s"),
+    "bench": ("matplotlib", "peft", "sklearn", "bm25s"),
     "tl": ("transformer_lens",),
 }
 """The top-level modules that each extra of ``pyproject.toml`` installs."""

@@ -4,8 +4,10 @@ Caches the bundled training set (240 clean instruction examples + 24 planted rep
 ``empathy`` trait: 12 that show it, label 1, and their 12 controls, label 0) at every layer,
 captures the 16 bundled query pairs once, lets ``auto`` (:func:`lensattr.select`) choose the
 statistic, query, score and layer from those pairs and the unlabelled cache, and prints its top-10
-and its precision among the pool. Then the paper's residual change, on the same cache at the layer
-its own held-out accuracy chooses, for comparison; and a plot of precision@k per layer for both.
+and its precision among the pool. Then, for comparison on the same cache, the paper's residual
+change at the layer its own held-out accuracy chooses, text search of the replies and RepSim (each
+at its setting chosen without labels: :mod:`lensattr.baselines`); and a plot of precision@k per
+layer for auto, the paper's method and RepSim.
 The labels are read for the printed metrics only.
 """
 
@@ -30,6 +32,8 @@ from lensattr import (
 )
 from lensattr._optional import require
 from lensattr.backends.sites import layer_text
+from lensattr.baselines import REPSIM, lexical_scores, lexical_select, repsim_select
+from lensattr.data import load_pairs
 
 
 def bundled(name: str) -> Path:
@@ -96,6 +100,46 @@ def show_top(top: Any, by_id: dict[str, Any]) -> int:
         reply = by_id[eid].response.replace("\n", " ")[:50]
         print(f"{i + 1:>3} {score:+.4f} {tag} {eid[:40]:<40} {reply!r}")
     return sum(by_id[e].extra.get("label") == 1 for e in top.ids)
+
+
+def baselines(
+    cache: Any, stats: Any, examples: list[Any], labels: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Print and return what a user tries first, on the same cache and metrics as ``auto``: text
+    search (:mod:`lensattr.baselines`, the kind chosen without labels) and RepSim at the layer
+    ``auto``'s criterion chooses for it. ``repsim`` keeps its ``query`` for the layer sweep."""
+    by_id = {ex.id: ex for ex in examples}
+    texts = [by_id[i].response for i in cache.ids]
+    pairs = load_pairs(bundled("demo/query.jsonl"))
+    treatment, control = [p.treatment for p in pairs], [p.control for p in pairs]
+    kind, table = lexical_select(texts, treatment, control)
+    rs = repsim_select(cache, stats)
+    k = int((labels == 1).sum())
+    out: dict[str, dict[str, Any]] = {}
+    rows: list[tuple[str, str, torch.Tensor, dict[str, Any]]] = [
+        (
+            "lexical",
+            f"text search ({kind}: TF-IDF / BM25 of the replies, the kind chosen without labels)",
+            lexical_scores(texts, treatment, control, kind),
+            {"kind": kind, "table": table},
+        ),
+        (
+            "repsim",
+            f"RepSim ({REPSIM}) at layer {layer_text(rs.layer)} (chosen without labels)",
+            all_scores(cache, rs, rs.layer, REPSIM.score),
+            {"method": str(REPSIM), "layer": rs.layer, "query": rs.query},
+        ),
+    ]
+    for name, what, scores, extra in rows:
+        found = int((labels[scores.topk(10).indices] == 1).sum())
+        met = pool_metrics(scores, labels, n_boot=500)
+        print(
+            f"{what}: {found} of 10 planted in the top-10, precision@{k} {met['p_at_k']:.2f} "
+            f"[{met['p_at_k_ci'][0]:.2f}, {met['p_at_k_ci'][1]:.2f}], AP {met['ap']:.2f}, "
+            f"planted AUROC {met['auroc_planted']:.2f}"
+        )
+        out[name] = {**extra, "planted_in_top10": found, **met}
+    return out
 
 
 def run_demo(
@@ -180,20 +224,26 @@ def run_demo(
         f"{paper_m['p_at_k_ci'][1]:.2f}], AP {paper_m['ap']:.2f}, "
         f"planted AUROC {paper_m['auroc_planted']:.2f}"
     )
+    t0 = time.perf_counter()
+    base = baselines(cache, stats, examples, labels)
+    times["text search and RepSim"] = time.perf_counter() - t0
     auto_sweep = layer_sweep(cache, sel.query, sel.method.score, labels)
     paper_sweep = layer_sweep(cache, paper, PAPER.score, labels)
+    rep = base["repsim"]
+    rep["sweep"] = layer_sweep(cache, rep.pop("query"), REPSIM.score, labels)
     plot = out / "layer_sweep.png"
     plot_sweep(
         {
             f"auto: {sel.method}": (auto_sweep, sel.layer, auto_m["p_at_k"]),
             f"paper: {PAPER}": (paper_sweep, p_layer, paper_m["p_at_k"]),
+            f"RepSim: {REPSIM}": (rep["sweep"], rep["layer"], rep["p_at_k"]),
         },
         plot,
         f"{m.name}: empathy plants among {len(cache)} examples (k = {k})",
     )
     print(f"precision@k per layer: {plot}")
     print("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    summary = {
+    summary: dict[str, Any] = {
         "model": m.name,
         "auto": {
             "method": str(sel.method),
@@ -210,6 +260,7 @@ def run_demo(
             **paper_m,
             "sweep": paper_sweep,
         },
+        **base,
         "candidates": sel.table,
         "times_s": times,
     }

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lensattr
 from lensattr.backends.capture import response_loss
+from lensattr.baselines import LEXICAL, lexical_scores
 from lensattr.bench.behaviors import load_behaviour
 from lensattr.bench.finetune import lora_finetune, trait_score
 from lensattr.bench.smoke import smoke_config, write_synthetic_data
@@ -50,7 +51,35 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     assert set(saved["ranking"]) == {"shouting", "cheer"}
     shout = saved["ranking"]["shouting"]
     assert shout["n_clean"] == 6 and shout["n_plants"] == {"1": 4, "0": 4}
-    assert set(shout["baselines"]) == {"trak", "random"}  # no system prompts: no persona
+    lexical = {f"lexical {k}" for k in LEXICAL}
+    # no system prompts: no persona
+    assert set(shout["baselines"]) == {"trak", "random", "lexical", "repsim", *lexical}
+    base = shout["baselines"]
+    # the lexical row is the kind its criterion table ranks first, scored as that kind alone
+    crit = {row["kind"]: row["criterion"] for row in base["lexical"]["table"]}
+    assert crit[base["lexical"]["kind"]] == max(crit.values())
+    chosen = base[f"lexical {base['lexical']['kind']}"]
+    assert base["lexical"]["p_at_k"] == chosen["p_at_k"] and base["lexical"]["ap"] == chosen["ap"]
+    # each kind recomputed from the pool file's replies and the behaviour's first query pairs
+    replies = {ex.id: ex.response for ex in lensattr.load_examples(out / "pool.jsonl")}
+    cache = lensattr.open_cache(out / "cache")
+    owner = json.loads((out / "pool-labels.json").read_text())
+    rows = [i for i in cache.ids if owner[i][0] in ("clean", "shouting")]
+    pairs = load_pairs(data_root / "behaviors" / "shouting" / "query.jsonl")[: cfg.n_query]
+    for k in LEXICAL:
+        s = lexical_scores(
+            [replies[i] for i in rows], [p.treatment for p in pairs], [p.control for p in pairs], k
+        )
+        got = lensattr.pool_metrics(s, torch.tensor([owner[i][1] for i in rows]))
+        assert base[f"lexical {k}"]["p_at_k"] == got["p_at_k"], k
+    # RepSim: the layer auto's criterion chooses for it alone, its P@k at every layer
+    repsim = base["repsim"]
+    assert repsim["method"] == "repsim|resid_post|cosine" and len(repsim["layers"]) == 3
+    at = [repsim["layer"]] if isinstance(repsim["layer"], int) else repsim["layer"]
+    cell = ranked_at(out, "shouting", repsim["method"], at)
+    assert repsim["p_at_k"] == pytest.approx(cell["p_at_k"])
+    md = (out / "results.md").read_text()
+    assert "## Text search and RepSim" in md and f"({base['lexical']['kind']})" in md
     assert "persona" in saved["ranking"]["cheer"]["baselines"]
     paper = shout["grid"]["residual_change|residual_change|cosine"]
     assert len(paper["layers"]) == 3 and shout["paper"]["layer"] == paper["query_layer"]
@@ -77,8 +106,13 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     label = f"(L{layers[1]},{layers[0]})"
     assert label in (tmp_path / "set" / "results.md").read_text()
     assert set(res["finetune"]["shouting"]["methods"]) == set(cfg.ft_methods) - {"persona"}
-    assert "| shouting | base model |" in (out / "results.md").read_text()
-    # resumable: a rerun reuses every saved step and gives the same numbers
+    assert "| shouting | base model |" in md
+    # resumable: a rerun reuses every saved step and gives the same numbers; a ranking saved
+    # before the text-search and RepSim baselines gets them added
+    f = out / "ranking" / "shouting.json"
+    old = json.loads(f.read_text())
+    keep = {"trak", "random"}
+    f.write_text(json.dumps({**old, "baselines": {b: old["baselines"][b] for b in keep}}))
     again = run_bench(cfg, out, model=tiny)
     assert again["ranking"] == json.loads(json.dumps(res["ranking"]))
     # a saved fine-tune is reused only for the same top-k ids; others are redone, not stale

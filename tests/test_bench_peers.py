@@ -197,3 +197,42 @@ def test_peers_paired_select_reuses_saved_pair_stats(tiny, train_records, pair_r
     line = next(x for x in res.stdout.splitlines() if x.startswith("auto now"))
     assert line.startswith(f"auto now ({sel.method} @ L{','.join(map(str, sel.layers))})")
     assert f"AP {m['ap']:.3f}" in line
+
+
+def test_the_full_pipeline_reports_text_search_and_repsim(train_records, pair_records, tmp_path):
+    """The ``full`` contender's process (tiny model) adds each lexical kind, the kind chosen
+    without labels, and RepSim at its label-free layer, scored as lensattr.baselines scores them
+    in the cache's row order."""
+    import torch
+
+    import lensattr
+    from lensattr.baselines import LEXICAL, lexical_scores, lexical_select, repsim_select
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_records))
+    result, out = tmp_path / "result.json", tmp_path / "full"
+    args = ["tiny-random", train, pairs, out, "full", 4, 64, 8, result]
+    res = subprocess.run(
+        [sys.executable, "-c", bench_peers().LENSATTR_PIPELINE, *map(str, args)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(result.read_text())["results"]
+    texts = [ex.response for ex in lensattr.load_examples(train)]
+    pl = lensattr.load_pairs(pairs)
+    t, c = [p.treatment for p in pl], [p.control for p in pl]
+    for k in LEXICAL:
+        want = lexical_scores(texts, t, c, k)
+        assert got[f"text {k}"]["scores"] == pytest.approx(want.tolist(), abs=1e-6), k
+        assert got[f"text {k}"]["build"] is False
+    kind = lexical_select(texts, t, c)[0]
+    assert got["text search"]["scores"] == got[f"text {kind}"]["scores"]
+    assert got["text search"]["choice"].startswith(kind)
+    cache = lensattr.open_cache(out)
+    sel = repsim_select(cache, pairs, lensattr.load_model("tiny-random"), batch_size=4)
+    want = lensattr.rank(cache, sel, top_k=None).scores_of(range(len(cache)))
+    assert got["RepSim"]["scores"] == pytest.approx(want.tolist(), abs=1e-5)
+    assert got["RepSim"]["choice"].startswith("repsim|resid_post|cosine @ L")
+    assert torch.isfinite(torch.tensor(got["RepSim"]["scores"])).all()

@@ -4,9 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+import lensattr
 from lensattr import open_cache, rank
+from lensattr.baselines import lexical_scores, lexical_select
 from lensattr.cli import main
+from lensattr.demo import bundled
 
 
 def test_cache_query_rank_end_to_end(tmp_path, train_records, pair_records, capsys):
@@ -82,6 +86,21 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["auto"]["top10"]) == 10 and len(summary["auto"]["sweep"]) == 4
     assert summary["paper"]["method"] == "residual_change|residual_change|cosine"
+    # text search and RepSim beside them, each at its setting chosen without labels
+    lex, rep = summary["lexical"], summary["repsim"]
+    assert f"text search ({lex['kind']}" in text and "RepSim (repsim|resid_post|cosine)" in text
+    examples = lensattr.load_examples(bundled("demo/train.jsonl"))
+    pairs = lensattr.load_pairs(bundled("demo/query.jsonl"))
+    texts, t, c = (
+        [e.response for e in examples],
+        [p.treatment for p in pairs],
+        [p.control for p in pairs],
+    )
+    assert lexical_select(texts, t, c)[0] == lex["kind"]
+    labels = torch.tensor([int(e.extra.get("label", -1)) for e in examples])
+    want = lensattr.pool_metrics(lexical_scores(texts, t, c, lex["kind"]), labels)
+    assert lex["p_at_k"] == want["p_at_k"] and lex["ap"] == pytest.approx(want["ap"])
+    assert rep["method"] == "repsim|resid_post|cosine" and len(rep["sweep"]) == 4
 
 
 def test_help_lists_the_commands(capsys):

@@ -14,7 +14,8 @@ from lensattr.bench.finetune import lora_finetune
 from lensattr.demo import plot_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA_ONLY = {"matplotlib": "demo", "peft": "bench"}
+EXTRA_ONLY = {"matplotlib": "demo", "peft": "bench", "sklearn": "bench", "bm25s": "bench"}
+DISTRIBUTION = {"sklearn": "scikit-learn"}  # where the import name is not the package's
 
 
 def test_require_returns_the_module():
@@ -46,15 +47,18 @@ def test_extras_in_pyproject():
     core = " ".join(project["dependencies"])
     extras = project["optional-dependencies"]
     for module, extra in EXTRA_ONLY.items():
-        assert module not in core
-        assert any(d.startswith(module) for d in extras[extra])
-    assert any(d.startswith("matplotlib") for d in extras["bench"])
+        package = DISTRIBUTION.get(module, module)
+        assert package not in core
+        assert any(d.startswith(package) for d in extras[extra])
+    for package in ("matplotlib", "scikit-learn", "bm25s"):  # the demo's plot and baseline
+        assert any(d.startswith(package) for d in extras["bench"])
+        assert any(d.startswith(package) for d in extras["demo"])
     (dev_self,) = [d for d in extras["dev"] if d.startswith("lensattr[")]
     assert {"tl", "docs", "demo", "bench"} <= set(dev_self[9:-1].split(","))
 
 
 def test_every_module_imports_without_the_extras():
-    """Importing lensattr and each of its modules needs neither matplotlib nor peft (they are
+    """Importing lensattr and each of its modules needs none of the extras' packages (they are
     blocked in a fresh interpreter, as if not installed)."""
     code = (
         "import sys, pkgutil, importlib\n"

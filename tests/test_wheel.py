@@ -78,7 +78,9 @@ def test_wheel_heavy_packages_are_extras(wheel):
     ]
     core = [r for r in requires if "extra ==" not in r]
     assert any(r.startswith("torch") for r in core)
-    for name, extra in (("matplotlib", "demo"), ("matplotlib", "bench"), ("peft", "bench")):
+    extras = [(n, "demo") for n in ("matplotlib", "scikit-learn", "bm25s")]
+    extras += [(n, "bench") for n in ("matplotlib", "peft", "scikit-learn", "bm25s")]
+    for name, extra in extras:
         assert not any(r.startswith(name) for r in core), core
         assert any(r.startswith(name) and f'extra == "{extra}"' in r for r in requires), requires
 

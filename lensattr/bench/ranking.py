@@ -9,8 +9,11 @@ public API:
   :func:`lensattr.behavior_query` + :func:`lensattr.rank` over the pool rows;
 - the paper's residual change at the layer its own held-out accuracy chooses
   (``Query.best_layer``);
-- baselines: persona vectors (``psi="persona"``), TRAK (projected weight gradients scored with
-  the registered cosine), random selection.
+- baselines: text search (:mod:`lensattr.baselines`: every lexical kind of the replies against
+  the query pairs' replies, and ``lexical``, the kind chosen without labels by ``auto``'s
+  criterion), RepSim (:data:`~lensattr.baselines.REPSIM` at the layer ``auto``'s criterion
+  chooses for it), persona vectors (``psi="persona"``), TRAK (projected weight gradients
+  scored with the registered cosine), random selection.
 
 Every ranking is judged by :func:`lensattr.pool_metrics` (precision@k of label-1 plants against
 everything else, k = their number, average precision, clean examples above the median plant,
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from lensattr import PAPER, Method, behavior_query, candidates, pool_metrics, rank, select
+from lensattr.baselines import LEXICAL, lexical_scores, lexical_select, repsim_select
 from lensattr.bench.run import BenchConfig, _save_json, say, subpools
 from lensattr.registry import get_score
 
@@ -32,6 +36,40 @@ def _scores(cache: Any, query: Any, layer: Any, score: str, idx: torch.Tensor) -
     """Scores of the pool rows ``idx`` (in that order) under ``query`` at ``layer`` (or a layer
     set) with ``score``."""
     return rank(cache, query, layer=layer, score=score, rows=idx, top_k=None).scores_of(idx)
+
+
+def lexical_and_repsim(
+    cfg: BenchConfig, h: dict[str, Any], name: str, idx: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
+    """The baselines a user tries first, on the behaviour's pool: ``lexical`` (the kind
+    :func:`~lensattr.baselines.lexical_select` chooses from the query pairs' replies and the
+    pool's, with its criterion table), each lexical kind, and ``repsim`` at the layer (or layer
+    set) ``auto``'s criterion chooses for it, with its P@k at every layer."""
+    cache, layers = h["cache"], h["layers"]
+    pairs = next(b for b in h["behaviours"] if b.name == name).query[: cfg.n_query]
+    texts = [h["replies"][cache.ids[i]] for i in idx.tolist()]
+    treatment, control = [p.treatment for p in pairs], [p.control for p in pairs]
+    kind, table = lexical_select(texts, treatment, control)
+    kinds = {
+        k: pool_metrics(lexical_scores(texts, treatment, control, k), labels, n_boot=cfg.n_boot)
+        for k in LEXICAL
+    }
+    rs = repsim_select(cache, h["pairs"][name], layers=layers, rows=idx)
+    return {
+        "lexical": {"kind": kind, **kinds[kind], "table": table},
+        **{f"lexical {k}": m for k, m in kinds.items()},
+        "repsim": {
+            "method": str(rs.method),
+            "layer": rs.layer,
+            **pool_metrics(
+                _scores(cache, rs.query, rs.layer, "cosine", idx), labels, n_boot=cfg.n_boot
+            ),
+            "layers": {
+                str(la): pool_metrics(_scores(cache, rs.query, la, "cosine", idx), labels)["p_at_k"]
+                for la in layers
+            },
+        },
+    }
 
 
 def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, Any]:
@@ -69,7 +107,7 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         "n_plants": {"1": int((labels == 1).sum()), "0": int((labels == 0).sum())},
         "auto": {"method": str(sel.method), "layer": sel.layer, "seconds": sel.seconds},
         "grid": grid,
-        "baselines": {},
+        "baselines": lexical_and_repsim(cfg, h, name, idx, labels),
     }
     q_auto = sel.query
     out["auto"].update(
@@ -128,7 +166,12 @@ def pool_ranking(cfg: BenchConfig, h: dict[str, Any], out: Path) -> dict[str, An
             _save_json(
                 f, h["costs"].timed(f"rank_{b.name}", lambda b=b: rank_behaviour(cfg, h, b.name))
             )
-        results[b.name] = json.loads(f.read_text())
+        r = json.loads(f.read_text())
+        if "lexical" not in r["baselines"]:  # saved before the text-search baselines
+            idx, labels = subpools(h)[b.name]
+            r["baselines"].update(lexical_and_repsim(cfg, h, b.name, idx, labels))
+            _save_json(f, r)
+        results[b.name] = r
     return results
 
 
@@ -144,6 +187,10 @@ def summary(ranking: dict[str, Any]) -> dict[str, Any]:
             "auto": sum(r["auto"]["p_at_k"] for r in ranking.values()) / n,
             "paper": sum(r["paper"]["p_at_k"] for r in ranking.values()) / n,
             "hindsight": sum(r["hindsight"]["p_at_k"] for r in ranking.values()) / n,
+            **{
+                b: sum(r["baselines"][b]["p_at_k"] for r in ranking.values()) / n
+                for b in ("lexical", "repsim")
+            },
         },
         "mean_ap": {
             "auto": sum(r["auto"]["ap"] for r in ranking.values()) / n,

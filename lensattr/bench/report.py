@@ -11,6 +11,7 @@ from typing import Any
 
 from lensattr._optional import require
 from lensattr.backends.sites import layer_text
+from lensattr.baselines import LEXICAL
 from lensattr.bench.ranking import summary
 from lensattr.select import PAPER
 
@@ -60,8 +61,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "| behaviour | pool (plants 1/0) | auto: method (layer) | auto P@k | auto AP | "
         "clean above | AUROC | paper's residual change: P@k (layer) | AP | hindsight best: "
-        "P@k, method (layer) | persona | TRAK | random |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "P@k, method (layer) | lexical: P@k (kind) | RepSim: P@k (layer) | persona | TRAK | "
+        "random |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in ranking.items():
         a, p, hb, base = r["auto"], r["paper"], r["hindsight"], r["baselines"]
@@ -72,6 +74,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_f(a['ap'])} | {a['clean_above_median']} | {_f(a['auroc_planted'])} | "
             f"{_f(p['p_at_k'])}{_ci(p, 'p_at_k')} (L{p['layer']}) | {_f(p['ap'])} | "
             f"{_f(hb['p_at_k'])}, {_n(hb['method'])} (L{hb['layer']}) | "
+            f"{_f(base['lexical']['p_at_k'])} ({base['lexical']['kind']}) | "
+            f"{_f(base['repsim']['p_at_k'])} ({layer_label(base['repsim']['layer'])}) | "
             f"{_f(base.get('persona', {}).get('p_at_k'))} | "
             f"{_f(base.get('trak', {}).get('p_at_k'))} | {_f(base['random']['p_at_k'])} |"
         )
@@ -79,14 +83,45 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Mean P@k over {s['n_behaviours']} behaviours: auto {_f(s['mean_p_at_k']['auto'])}, "
         f"paper's residual change {_f(s['mean_p_at_k']['paper'])}, hindsight best "
-        f"{_f(s['mean_p_at_k']['hindsight'])}. Mean AP: auto {_f(s['mean_ap']['auto'])}, paper "
+        f"{_f(s['mean_p_at_k']['hindsight'])}, lexical {_f(s['mean_p_at_k']['lexical'])}, "
+        f"RepSim {_f(s['mean_p_at_k']['repsim'])}. Mean AP: auto {_f(s['mean_ap']['auto'])}, paper "
         f"{_f(s['mean_ap']['paper'])}. Auto within 0.05 P@k of the hindsight best on "
         f"{s['auto_within_0.05_of_hindsight']} of {s['n_behaviours']}.",
         "",
+        *baseline_table(ranking),
         *paper_table(ranking),
         *finetune_table(results),
     ]
     return "\n".join(lines) + "\n"
+
+
+def baseline_table(ranking: dict[str, Any]) -> list[str]:
+    """The baselines a user tries first beside auto: P@k of every lexical kind (``*`` = the kind
+    chosen without labels) and of RepSim at the layer chosen without labels."""
+    lines = [
+        "## Text search and RepSim",
+        "",
+        "P@k of each example's reply scored against the query pairs' replies (lensattr."
+        "baselines: TF-IDF cosine to the treatment mean, to treatment minus control, to "
+        "treatment minus pool; BM25 of the treatment replies; `*` = the kind auto's criterion "
+        "chooses without labels) and of RepSim (cosine of `resid_post` to the treatment "
+        "replies' mean direction, at the layer the criterion chooses), beside auto.",
+        "",
+        "| behaviour | " + " | ".join(LEXICAL) + " | RepSim (layer) | auto |",
+        "|---" * (len(LEXICAL) + 3) + "|",
+    ]
+    for name, r in ranking.items():
+        base = r["baselines"]
+        cells = [
+            _f(base[f"lexical {k}"]["p_at_k"]) + ("*" if k == base["lexical"]["kind"] else "")
+            for k in LEXICAL
+        ]
+        rep = base["repsim"]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {_f(rep['p_at_k'])} "
+            f"({layer_label(rep['layer'])}) | {_f(r['auto']['p_at_k'])} |"
+        )
+    return [*lines, ""]
 
 
 def paper_table(ranking: dict[str, Any]) -> list[str]:
@@ -180,10 +215,15 @@ def finetune_plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _p_at_k(r: dict[str, Any], method: str) -> dict[str, float]:
+    """A grid method's P@k per layer in one behaviour's ranking."""
+    return {la: v["p_at_k"] for la, v in r["grid"][method]["layers"].items()}
+
+
 def precision_plot(results: dict[str, Any], path: Path) -> None:
-    """P@k against layer per behaviour: auto's method and the paper's residual change (dots:
-    the layer or layers each chose without labels; a dashed line: the P@k of auto's layer set),
-    with the random baseline."""
+    """P@k against layer per behaviour: auto's method, the paper's residual change and RepSim
+    (dots: the layer or layers each chose without labels; a dashed line: the P@k of a layer
+    set), with the lexical baseline (the kind chosen without labels; no layer) and random."""
     matplotlib = require("matplotlib", "bench")
 
     matplotlib.use("Agg")
@@ -196,20 +236,24 @@ def precision_plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
         r = ranking[name]
-        for m, label, res in (
-            (r["auto"]["method"], "auto's method", r["auto"]),
-            (str(PAPER), "paper's residual change", r["paper"]),
+
+        rep = r["baselines"]["repsim"]
+        for lay, label, res in (
+            (_p_at_k(r, r["auto"]["method"]), "auto's method", r["auto"]),
+            (_p_at_k(r, str(PAPER)), "paper's residual change", r["paper"]),
+            (rep["layers"], "RepSim", rep),
         ):
-            lay = r["grid"][m]["layers"]
             xs = sorted(int(la) for la in lay)
-            (line,) = ax.plot(xs, [lay[str(x)]["p_at_k"] for x in xs], marker=".", label=label)
+            (line,) = ax.plot(xs, [lay[str(x)] for x in xs], marker=".", label=label)
             chosen = [res["layer"]] if isinstance(res["layer"], int) else res["layer"]
-            at = [lay[str(la)]["p_at_k"] for la in chosen]
+            at = [lay[str(la)] for la in chosen]
             ax.plot(chosen, at, "o", ms=8, color=line.get_color())
             if len(chosen) > 1:  # a layer set: its own P@k, across its layers
                 ax.plot(
                     [min(chosen), max(chosen)], [res["p_at_k"]] * 2, "--", color=line.get_color()
                 )
+        lex = r["baselines"]["lexical"]
+        ax.axhline(lex["p_at_k"], color="black", ls="-.", lw=1, label="lexical (text search)")
         ax.axhline(r["baselines"]["random"]["p_at_k"], color="grey", ls=":", label="random")
         ax.set_title(name, fontsize=10)
         ax.set_ylim(-0.02, 1.02)

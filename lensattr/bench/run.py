@@ -317,6 +317,7 @@ def prepare(
         "cache": cache,
         "layers": layers,
         "owner": owner,
+        "replies": {ex.id: ex.response for ex in load_examples(out / "pool.jsonl")},
         "behaviours": behaviours,
         "pairs": pairs,
         "personas": personas,
