@@ -3,11 +3,11 @@
 Caches the bundled training set (240 clean instruction examples + 24 planted replies of the
 ``empathy`` trait: 12 that show it, label 1, and their 12 controls, label 0) at every layer,
 captures the 16 bundled query pairs once, lets ``auto`` (:func:`lensattr.select`) choose the
-statistic, query, score and layer from those pairs and the unlabelled cache, and prints its top-10
-and its precision among the pool. Then, for comparison on the same cache, the paper's residual
-change at the layer its own held-out accuracy chooses, text search of the replies and RepSim (each
-at its setting chosen without labels: :mod:`lensattr.baselines`); and a plot of precision@k per
-layer for auto, the paper's method and RepSim.
+methods and layers from those pairs and the unlabelled cache, and prints its top-10 and its
+precision among the pool. Then, for comparison on the same cache, the paper's method as its
+authors ran it (``lensattr.PAPER``) at the layer its own held-out accuracy chooses, text search
+of the replies and RepSim (each at its setting chosen without labels: :mod:`lensattr.baselines`);
+and a plot of precision@k per layer for auto, the paper's method and RepSim.
 The labels are read for the printed metrics only.
 """
 
@@ -41,7 +41,7 @@ def bundled(name: str) -> Path:
     return Path(str(files("lensattr") / "bundled" / name))
 
 
-def all_scores(cache: Any, query: Any, layer: Any, score: str) -> torch.Tensor:
+def all_scores(cache: Any, query: Any, layer: Any, score: str | None) -> torch.Tensor:
     """Every cached example's score (cache row order) under ``query`` at ``layer`` (or the mean
     over a layer set)."""
     return rank(cache, query, layer=layer, score=score, top_k=None).scores_of(range(len(cache)))
@@ -197,10 +197,13 @@ def run_demo(
     times["auto"] = time.perf_counter() - t0
     print(f"\n{sel.summary(top=6)}\n({len(sel.table)} candidates x layers in {times['auto']:.1f}s)")
     top = rank(cache, sel, top_k=10)
-    where = f"layer{'s' if len(sel.layers) > 1 else ''} {', '.join(map(str, sel.layers))}"
-    print(f"\nauto: top-10 of {len(cache)} ({sel.method}, {where}):")
+    if sel.ensemble is not None:
+        what = f"the mean standardised score of its {len(sel.ensemble.members)} best methods"
+    else:
+        what = f"{sel.method}, layer{'s' if len(sel.layers) > 1 else ''} {layer_text(sel.layers)}"
+    print(f"\nauto: top-10 of {len(cache)} ({what}):")
     found = show_top(top, by_id)
-    auto_m = pool_metrics(all_scores(cache, sel, sel.layer, sel.method.score), labels, n_boot=500)
+    auto_m = pool_metrics(all_scores(cache, sel, None, None), labels, n_boot=500)
     print(
         f"\nplanted (label 1) in the top-10: {found} of 10 ({k} planted among {len(cache)})\n"
         f"precision@{k} among the pool {auto_m['p_at_k']:.2f} "
@@ -214,11 +217,12 @@ def run_demo(
     p_layer = paper.best_layer()
     assert isinstance(p_layer, int)  # no layer set: the query's best by held-out accuracy
     p_top = rank(cache, paper, layer=p_layer, top_k=10)
-    times["paper's residual change"] = time.perf_counter() - t0
+    times["the paper's method"] = time.perf_counter() - t0
     p_found = sum(by_id[e].extra.get("label") == 1 for e in p_top.ids)
     paper_m = pool_metrics(all_scores(cache, paper, p_layer, PAPER.score), labels, n_boot=500)
     print(
-        f"\nfor comparison, the paper's residual change ({PAPER}) at layer {p_layer} (its held-out "
+        f"\nfor comparison, the paper's method as its authors ran it ({PAPER}) at layer "
+        f"{p_layer} (its held-out "
         f"accuracy {(paper.cv or {})[p_layer]:.2f}): {p_found} of 10 planted in the top-10, "
         f"precision@{k} {paper_m['p_at_k']:.2f} [{paper_m['p_at_k_ci'][0]:.2f}, "
         f"{paper_m['p_at_k_ci'][1]:.2f}], AP {paper_m['ap']:.2f}, "
@@ -232,9 +236,12 @@ def run_demo(
     rep = base["repsim"]
     rep["sweep"] = layer_sweep(cache, rep.pop("query"), REPSIM.score, labels)
     plot = out / "layer_sweep.png"
+    auto_label = f"auto: {sel.method}"
+    if sel.ensemble is not None:  # the curve is its best method's; the dashed line, the ensemble
+        auto_label = f"auto (ensemble of {len(sel.ensemble.members)}), best method: {sel.method}"
     plot_sweep(
         {
-            f"auto: {sel.method}": (auto_sweep, sel.layer, auto_m["p_at_k"]),
+            auto_label: (auto_sweep, sel.layer, auto_m["p_at_k"]),
             f"paper: {PAPER}": (paper_sweep, p_layer, paper_m["p_at_k"]),
             f"RepSim: {REPSIM}": (rep["sweep"], rep["layer"], rep["p_at_k"]),
         },
@@ -248,6 +255,9 @@ def run_demo(
         "auto": {
             "method": str(sel.method),
             "layer": sel.layer,
+            "members": [f"{q.psi}|{q.stat}|{q.score}@{q.layer}" for q in sel.ensemble.members]
+            if sel.ensemble is not None
+            else [],
             "top10": list(zip(top.ids, top.scores.tolist(), strict=True)),
             "planted_in_top10": found,
             **auto_m,

@@ -311,7 +311,7 @@ def select(
     query.layer = best["layer"]
     logger.info("auto: %s at layer %s (criterion %.3f)", method, best["layer"], best["criterion"])
     members = None
-    if ensemble > 1:
+    if ensemble > 1 and len(method_list) > 1:
         means, best_of = method_scores(table), best_rows(table)
         top = sorted(means, key=lambda m: means[m], reverse=True)[:ensemble]
         members = Ensemble([_member(ps, cache, Method.parse(m), best_of[m]["layer"]) for m in top])

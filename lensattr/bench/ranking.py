@@ -109,10 +109,11 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         "grid": grid,
         "baselines": lexical_and_repsim(cfg, h, name, idx, labels),
     }
-    q_auto = sel.query
+    if sel.ensemble is not None:  # auto ranks with its ensemble of top methods
+        out["auto"]["members"] = [f"{q.psi}|{q.stat}|{q.score}" for q in sel.ensemble.members]
     out["auto"].update(
         pool_metrics(
-            _scores(cache, q_auto, sel.layer, sel.method.score, idx), labels, n_boot=cfg.n_boot
+            rank(cache, sel, rows=idx, top_k=None).scores_of(idx), labels, n_boot=cfg.n_boot
         )
     )
     paper = grid[str(PAPER)]
