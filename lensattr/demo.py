@@ -255,7 +255,10 @@ def run_demo(
         "auto": {
             "method": str(sel.method),
             "layer": sel.layer,
-            "members": [f"{q.psi}|{q.stat}|{q.score}@{q.layer}" for q in sel.ensemble.members]
+            "members": [
+                {"method": f"{q.psi}|{q.stat}|{q.score}", "layer": q.layer}
+                for q in sel.ensemble.members
+            ]
             if sel.ensemble is not None
             else [],
             "top10": list(zip(top.ids, top.scores.tolist(), strict=True)),

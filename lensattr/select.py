@@ -347,6 +347,7 @@ def select_then_cache(
     seed: int = 0,
     batch_size: int = 8,
     max_length: int | None = 512,
+    ensemble: int = ENSEMBLE,
     progress: bool | None = None,
 ) -> tuple[Cache, "Query | Ensemble", Selection]:
     """The cheap path for one behaviour: choose on a sample, then cache the corpus for the choice.
@@ -400,7 +401,7 @@ def select_then_cache(
     if sample is None or sample >= len(examples):
         cache = build_cache(model, examples, out=out, stats=stat_list, progress=progress, **kw)
         assert cache is not None  # a single-process build returns its cache
-        sel = select(model, cache, ps)
+        sel = select(model, cache, ps, ensemble=ensemble)
         return cache, sel.ensemble or sel.query, sel
     picked = sorted(random.Random(seed).sample(range(len(examples)), sample))
     with tempfile.TemporaryDirectory(prefix="lensattr-sample-") as tmp:
@@ -413,7 +414,7 @@ def select_then_cache(
             **kw,
         )
         assert small is not None
-        sel = select(model, small, ps)
+        sel = select(model, small, ps, ensemble=ensemble)
         cache = build_cache(  # the sample's rows are copied, not captured again
             model,
             examples,

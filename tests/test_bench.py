@@ -83,17 +83,25 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     assert "persona" in saved["ranking"]["cheer"]["baselines"]
     paper = shout["grid"]["residual_change|residual_change|cosine"]
     assert len(paper["layers"]) == 3 and shout["paper"]["layer"] == paper["query_layer"]
-    # auto's metrics are the grid's metrics of the method and layer it chose, or at a layer set
-    # the metrics of the mean of its layers' scores
+    # auto's metrics: the mean standardised score of its members, each at its own layer,
+    # recomputed from the bench's saved cache and pairs
     auto = shout["auto"]
-    chosen = [auto["layer"]] if isinstance(auto["layer"], int) else auto["layer"]
-    cell = ranked_at(out, "shouting", auto["method"], chosen)
-    assert auto["p_at_k"] == pytest.approx(cell["p_at_k"]) and auto["ap"] == pytest.approx(
-        cell["ap"]
+    cache = lensattr.open_cache(out / "cache")
+    owner = json.loads((out / "pool-labels.json").read_text())
+    idx = [k for k, i in enumerate(cache.ids) if owner[i][0] in ("clean", "shouting")]
+    labels = torch.tensor([owner[cache.ids[k]][1] for k in idx])
+    ps = lensattr.PairStats.load(out / "pairs" / "shouting.safetensors")
+    z = torch.zeros(len(idx), dtype=torch.float64)
+    for member in auto["members"]:
+        m = lensattr.Method.parse(member["method"])
+        q = lensattr.behavior_query(None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache)
+        s = lensattr.rank(cache, q, layer=member["layer"], rows=idx, top_k=None).scores_of(idx)
+        z += (s.double() - s.double().mean()) / s.double().std()
+    want = lensattr.pool_metrics((z / len(auto["members"])).float(), labels)
+    assert len(auto["members"]) > 1
+    assert auto["p_at_k"] == pytest.approx(want["p_at_k"]) and auto["ap"] == pytest.approx(
+        want["ap"]
     )
-    if len(chosen) == 1:
-        grid_cell = shout["grid"][auto["method"]]["layers"][str(chosen[0])]
-        assert cell == {k: v for k, v in grid_cell.items() if k != "criterion"}
     assert len(auto["p_at_k_ci"]) == 2
     # the report writes a layer set as the layers --layer takes, and plots it
     from lensattr.bench.report import write_outputs

@@ -1,7 +1,6 @@
 """The command line end to end on the tiny model."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -81,7 +80,10 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     assert main(["demo", "--model", "tiny-random", "--out", str(tmp_path), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "auto chose" in text and "top-10 of 264" in text
-    assert "the paper's residual change" in text and "planted (label 1) in the top-10" in text
+    assert (
+        "the paper's method as its authors ran it" in text
+        and "planted (label 1) in the top-10" in text
+    )
     assert (tmp_path / "layer_sweep.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["auto"]["top10"]) == 10 and len(summary["auto"]["sweep"]) == 4
@@ -153,16 +155,16 @@ def test_cli_auto_and_the_chosen_layer(tmp_path, train_records, pair_records, ca
         )
         == 0
     )
-    chosen = Query.load(qa).best_layer()  # a layer, or a layer set as --layer writes it
-    as_arg = str(chosen) if isinstance(chosen, int) else ",".join(map(str, chosen))
+    from lensattr import Ensemble
+
+    ens = Ensemble.load(qa)  # auto saves its ensemble of top methods, each with its layer
     text = capsys.readouterr().out
-    assert "auto chose" in text and f"layer {as_arg}: {qa}" in text
+    assert "auto chose" in text and f"ensemble of {len(ens.members)} queries" in text
     assert main(["rank", "--cache", cache, "--query", qa, "--out", str(out)]) == 0
     first = out.read_text()
-    assert (
-        main(["rank", "--cache", cache, "--query", qa, "--layer", as_arg, "--out", qa + ".j"]) == 0
-    )
-    assert Path(qa + ".j").read_text() == first
+    # an ensemble ranks each member at its own layer: a --layer is refused in one line
+    assert main(["rank", "--cache", cache, "--query", qa, "--layer", "1", "--out", qa + ".j"]) == 2
+    assert "its own layer" in capsys.readouterr().err
     assert (
         main(
             [

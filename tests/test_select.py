@@ -409,7 +409,7 @@ def test_log_rank_grows_with_the_log_of_the_negatives_above():
 
 
 def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, pair_records):
-    sel = select(tiny, pool, stats)
+    sel = select(tiny, pool, stats, ensemble=1)  # the one chosen method
     means = {}
     for r in sel.table:
         means.setdefault(r["method"], []).append(r["criterion"])
@@ -423,9 +423,10 @@ def test_select_chooses_the_best_candidate_and_ranks_with_it(tiny, pool, stats, 
     assert "auto chose" in sel.summary()
     r = lensattr.rank(pool, sel, top_k=4)
     assert (r.layer, r.score, r.stat) == (sel.layer, sel.method.score, sel.method.stat)
-    # from pairs directly, as `rank(..., method="auto")`
+    # by default auto ranks with its ensemble, also from pairs directly (`method="auto"`)
+    r1 = lensattr.rank(pool, select(tiny, pool, stats), top_k=4)
     r2 = lensattr.rank(pool, pair_records, method="auto", model=tiny, top_k=4)
-    assert r2.ids == r.ids
+    assert r2.ids == r1.ids and r2.score == "mean_zscore"
 
 
 def test_auto_offers_a_covariance_inverse_only_on_a_pool_of_four_rows_a_dimension(
@@ -519,7 +520,7 @@ def test_candidates_cover_every_psi_stat_score_once():
     keys = [(m.psi, m.stat, m.score) for m in ms]
     assert len(keys) == len(set(keys))
     assert ("residual_change", "residual_change", "cosine") in keys
-    assert not any(p == "contrast" and s == "residual_change" for p, s, _ in keys)  # = the paper's
+    assert not any(p == "unit_contrast" and s == "residual_change" for p, s, _ in keys)  # PAPER
     assert not any(p == "persona" for p, _, _ in keys)
     stats_by_psi = {p: {s for q, s, _ in keys if q == p} for p, _, _ in keys}
     assert stats_by_psi["pool_contrast"] == {"residual_change", "resid_post", "grad"}
@@ -545,7 +546,7 @@ def test_select_then_cache_ranks_as_the_full_cache_would(
     from lensattr.select import select_then_cache
 
     cache, q, sel = select_then_cache(
-        tiny, train_records, pair_records, out=tmp_path / "one", sample=6, max_length=512
+        tiny, train_records, pair_records, out=tmp_path / "one", sample=6, ensemble=1
     )
     assert cache.layers == [sel.layer] and cache.stats == [sel.method.stat]
     full = lensattr.build_cache(tiny, train_records, out=tmp_path / "all", progress=False)
@@ -557,6 +558,24 @@ def test_select_then_cache_ranks_as_the_full_cache_would(
     want = lensattr.rank(full, ref, layer=sel.layer, top_k=None)
     assert got.ids == want.ids
     assert torch.allclose(got.scores, want.scores, atol=1e-5)
+    # the default, an ensemble: its members' statistics and layers cached, each member refitted
+    # against the full cache, the same ranking as on a full cache
+    cache, ens, sel = select_then_cache(
+        tiny, train_records, pair_records, out=tmp_path / "two", sample=6
+    )
+    assert isinstance(ens, lensattr.Ensemble) and sel.ensemble is not None
+    assert cache.layers == list(sel.layers) and cache.stats == list(sel.stats)
+    refs = []
+    for member in sel.ensemble.members:
+        ref = lensattr.behavior_query(
+            tiny, pair_records, psi=member.psi, stat=member.stat, pool=full, score=member.score
+        )
+        ref.layer = member.layer
+        refs.append(ref)
+    got = lensattr.rank(cache, ens, top_k=None)
+    want = lensattr.rank(full, lensattr.Ensemble(refs), top_k=None)
+    assert got.ids == want.ids
+    assert torch.allclose(got.scores, want.scores, atol=1e-4)
     with pytest.raises(ValueError, match="sample"):
         select_then_cache(tiny, train_records, pair_records, out=tmp_path / "x", sample=0)
 
@@ -608,7 +627,7 @@ def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_bui
     assert [r["criterion"] for r in sel.table] == [r["criterion"] for r in ref.table]
     got = lensattr.rank(cache, q, top_k=None)
     want = lensattr.rank(full, ref, top_k=None)
-    assert got.layer == want.layer == sel.layer
+    assert got.layer == want.layer and got.score == want.score == "mean_zscore"
     assert got.ids == want.ids
     assert torch.allclose(got.scores, want.scores, atol=1e-5)
     # a sample as large as the corpus takes the same single-build path

@@ -7,7 +7,7 @@ public API:
 - ``auto``: :func:`lensattr.select` on ``b``'s query pairs and the unlabelled pool;
 - every method of the grid (``psi|stat|score``, default every registered candidate) at every layer:
   :func:`lensattr.behavior_query` + :func:`lensattr.rank` over the pool rows;
-- the paper's residual change at the layer its own held-out accuracy chooses
+- the paper's method as its authors ran it at the layer its own held-out accuracy chooses
   (``Query.best_layer``);
 - baselines: text search (:mod:`lensattr.baselines`: every lexical kind of the replies against
   the query pairs' replies, and ``lexical``, the kind chosen without labels by ``auto``'s
@@ -110,7 +110,10 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         "baselines": lexical_and_repsim(cfg, h, name, idx, labels),
     }
     if sel.ensemble is not None:  # auto ranks with its ensemble of top methods
-        out["auto"]["members"] = [f"{q.psi}|{q.stat}|{q.score}" for q in sel.ensemble.members]
+        out["auto"]["members"] = [
+            {"method": f"{q.psi}|{q.stat}|{q.score}", "layer": q.layer}
+            for q in sel.ensemble.members
+        ]
     out["auto"].update(
         pool_metrics(
             rank(cache, sel, rows=idx, top_k=None).scores_of(idx), labels, n_boot=cfg.n_boot

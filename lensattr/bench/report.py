@@ -55,12 +55,12 @@ def markdown(results: dict[str, Any]) -> str:
         "clean examples ranked above the median label-1 plant; AUROC = label 1 vs label 0 "
         "plants (secondary). `auto` chooses statistic, psi, score and layer from the query pairs "
         "and the unlabelled pool (several layers, e.g. L18,17,15: each example scored by the "
-        "mean of its scores at them); the paper's residual change uses the layer its own held-out "
+        "mean of its scores at them); the authors' method uses the layer its own held-out "
         "accuracy chooses; hindsight = the best fixed method and layer by P@k (it peeks at the "
         "labels: reference only).",
         "",
         "| behaviour | pool (plants 1/0) | auto: method (layer) | auto P@k | auto AP | "
-        "clean above | AUROC | paper's residual change: P@k (layer) | AP | hindsight best: "
+        "clean above | AUROC | authors' method: P@k (layer) | AP | hindsight best: "
         "P@k, method (layer) | lexical: P@k (kind) | RepSim: P@k (layer) | persona | TRAK | "
         "random |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -82,7 +82,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Mean P@k over {s['n_behaviours']} behaviours: auto {_f(s['mean_p_at_k']['auto'])}, "
-        f"paper's residual change {_f(s['mean_p_at_k']['paper'])}, hindsight best "
+        f"authors' method {_f(s['mean_p_at_k']['paper'])}, hindsight best "
         f"{_f(s['mean_p_at_k']['hindsight'])}, lexical {_f(s['mean_p_at_k']['lexical'])}, "
         f"RepSim {_f(s['mean_p_at_k']['repsim'])}. Mean AP: auto {_f(s['mean_ap']['auto'])}, paper "
         f"{_f(s['mean_ap']['paper'])}. Auto within 0.05 P@k of the hindsight best on "
@@ -125,9 +125,9 @@ def baseline_table(ranking: dict[str, Any]) -> list[str]:
 
 
 def paper_table(ranking: dict[str, Any]) -> list[str]:
-    """Where the paper's residual change stands: P@k at every layer and with every score."""
+    """Where the authors' method stands: P@k at every layer and with every score."""
     lines = [
-        "## The paper's residual change, every layer",
+        "## The authors' method, every layer",
         "",
         "P@k of `residual_change / residual_change / score` per layer (`*` = the layer its "
         "held-out accuracy chooses), next to auto's method at the same layers.",
@@ -221,7 +221,7 @@ def _p_at_k(r: dict[str, Any], method: str) -> dict[str, float]:
 
 
 def precision_plot(results: dict[str, Any], path: Path) -> None:
-    """P@k against layer per behaviour: auto's method, the paper's residual change and RepSim
+    """P@k against layer per behaviour: auto's method, the authors' method and RepSim
     (dots: the layer or layers each chose without labels; a dashed line: the P@k of a layer
     set), with the lexical baseline (the kind chosen without labels; no layer) and random."""
     matplotlib = require("matplotlib", "bench")
@@ -240,7 +240,7 @@ def precision_plot(results: dict[str, Any], path: Path) -> None:
         rep = r["baselines"]["repsim"]
         for lay, label, res in (
             (_p_at_k(r, r["auto"]["method"]), "auto's method", r["auto"]),
-            (_p_at_k(r, str(PAPER)), "paper's residual change", r["paper"]),
+            (_p_at_k(r, str(PAPER)), "authors' method", r["paper"]),
             (rep["layers"], "RepSim", rep),
         ):
             xs = sorted(int(la) for la in lay)
