@@ -561,7 +561,8 @@ def random_shape_model(shape: str, device: str):
     """A randomly initialised model of a known shape in bf16 (no weights needed)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lensattr.backends.models import Model, _smollm2_dir, _wrap_nnsight  # noqa: F401
+    from lensattr import load_model
+    from lensattr.backends.models import smollm2_gguf_path
     from lensattr.testing import CHATML_TEMPLATE
 
     shapes = {
@@ -582,9 +583,11 @@ def random_shape_model(shape: str, device: str):
         hf = LlamaForCausalLM(cfg).to(torch.bfloat16)
     for p in hf.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(_smollm2_dir())  # any chat tokenizer: ids < 49152
+    gguf = smollm2_gguf_path()  # any chat tokenizer: ids < 49152
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.chat_template = tok.chat_template or CHATML_TEMPLATE
-    return _wrap_nnsight(f"random {shape}", hf.eval(), tok)
+    hf.config.name_or_path = f"random {shape}"
+    return load_model(hf.eval(), tok)
 
 
 if __name__ == "__main__":

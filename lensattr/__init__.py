@@ -31,7 +31,7 @@ from lensattr.ensemble import Ensemble
 from lensattr.metrics import pool_metrics, pool_metrics_difference
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
-from lensattr.registry import register_phi, register_psi, register_score
+from lensattr.registry import register_criterion, register_phi, register_psi, register_score
 from lensattr.select import PAPER, Method, Selection, candidates, select, select_then_cache
 from lensattr.store.cache import Cache, CacheError, build_cache, open_cache
 
@@ -68,6 +68,7 @@ __all__ = [
     "load_pairs",
     "open_cache",
     "rank",
+    "register_criterion",
     "register_phi",
     "register_psi",
     "register_score",

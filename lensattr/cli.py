@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lensattr._optional import explain
 from lensattr._version import __version__
 from lensattr.backends.sites import layer_text
 from lensattr.config import add_arguments, from_arguments
+from lensattr.optional import explain
 from lensattr.registry import names
 from lensattr.store.cache import DEFAULT_STATS
 
@@ -29,7 +29,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument(
-        "--dtype",
+        "--compute-dtype",
         default=None,
         help="compute dtype: bf16, float32, ... (default: fp32 on CPU, bf16 on GPU)",
     )
@@ -207,16 +207,15 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     return load_model(
         args.model,
         device=args.device,
-        compute_dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
         trust_remote_code=args.trust_remote_code,
     )
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from lensattr import distributed
-    from lensattr.store.cache import build_cache, parse_dtype
+    from lensattr.store.cache import build_cache
 
-    args.dtype = parse_dtype(args.dtype)  # the model's: "bf16", "fp32", ... or None
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
     rank, world = distributed.init_process_group()
     args.device = args.device or distributed.default_device()

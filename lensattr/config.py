@@ -82,7 +82,6 @@ class CaptureConfig:
             "metavar": "DTYPE",
             "choices": tuple(STORAGE_DTYPES),
             "manifest": "dtype",
-            "aliases": ("--dtype-store",),
         },
     )
 
@@ -170,7 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
     for f in dataclasses.fields(CaptureConfig):
         if not f.metadata.get("cli", True) or (wanted is not None and f.name not in wanted):
             continue
-        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
+        flags = [f"--{f.name.replace('_', '-')}"]
         extra: dict[str, Any] = (
             {"choices": list(f.metadata["choices"])} if "choices" in f.metadata else {}
         )

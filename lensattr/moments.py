@@ -174,6 +174,12 @@ class ScoreContext:
         return self.pool
 
 
+def clear_memo() -> None:
+    """Forget the moments held in memory: the next :func:`pool_moments` reads them from the
+    cache directory (or computes them), e.g. to time that."""
+    _MEMO.clear()
+
+
 def pool_moments(cache: Any, stat: str, layer: int) -> Moments:
     """The moments of statistic ``stat`` at ``layer`` over every row of ``cache``.
 
@@ -207,4 +213,12 @@ def pool_moments(cache: Any, stat: str, layer: int) -> Moments:
     return m
 
 
-__all__ = ["DEFLATE", "RIDGE", "Moments", "ScoreContext", "content_digest", "pool_moments"]
+__all__ = [
+    "DEFLATE",
+    "RIDGE",
+    "Moments",
+    "ScoreContext",
+    "clear_memo",
+    "content_digest",
+    "pool_moments",
+]

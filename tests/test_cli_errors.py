@@ -120,7 +120,7 @@ def test_empty_train_file(tmp_path, capsys):
         ("--batch-size", "-1", "batch_size must be a positive integer, not -1"),
         ("--shard-size", "0", "shard_size must be a positive integer, not 0"),
         ("--max-length", "-5", "max_length must be a positive integer"),
-        ("--dtype", "int3", "dtype 'int3' is not one of"),
+        ("--compute-dtype", "int3", "compute_dtype 'int3' is not a dtype"),
         ("--layers", "99", "out of range"),
     ],
 )
@@ -168,7 +168,7 @@ def test_an_unforeseen_error_keeps_its_traceback(tmp_path, train, monkeypatch):
 def test_dtype_spellings_on_the_command_line(tmp_path, train, capsys):
     # Issue 12.7: `lensattr cache --dtype bf16` was an AttributeError traceback.
     out = tmp_path / "c"
-    assert main(cache_cmd(train, out, "--dtype", "bf16", "--dtype-store", "fp32")) == 0
+    assert main(cache_cmd(train, out, "--compute-dtype", "bf16", "--storage-dtype", "fp32")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dtype"] == "float32"
     assert "cached 4 examples" in capsys.readouterr().out

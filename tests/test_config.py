@@ -137,7 +137,7 @@ def test_cli_defaults_are_the_dataclass_defaults(argv):
 
 def test_cli_flags_reach_the_config():
     argv = ["cache", "--train", "t", "--out", "c", "--layers", "1,2", "--max-length", "none"]
-    argv += ["--padding-side", "left", "--dtype-store", "fp32"]  # the flag's older name
+    argv += ["--padding-side", "left", "--storage-dtype", "fp32"]
     cfg = from_arguments(build_parser().parse_args(argv))
     assert cfg == CaptureConfig(
         layers="1,2", max_length=None, padding_side="left", storage_dtype="fp32"

@@ -125,7 +125,7 @@ def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _save_json(path: Path, obj: Any) -> None:
+def save_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -236,7 +236,7 @@ def build_pool(cfg: BenchConfig, behaviours: list[Behaviour], out: Path) -> dict
     pool += clean
     owner.update({ex.id: ["clean", -1] for ex in clean})
     _write_jsonl(out / "pool.jsonl", pool)
-    _save_json(labels_file, owner)
+    save_json(labels_file, owner)
     return owner
 
 
