@@ -12,6 +12,7 @@ CORE = {
     "lensattr.backends.backend",
     "lensattr.backends.bridge",
     "lensattr.backends.capture",
+    "lensattr.backends.nnsight",
 }
 """The modules of the old circle models <-> bridge <-> capture."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lensattr.backends.capture import response_loss
+from lensattr.backends.loss import response_loss
 from lensattr.backends.models import Model, load_model
 from lensattr.data import Example, Pair, load_examples, load_pairs
 from lensattr.optional import require
