@@ -15,7 +15,7 @@ from lensattr.backends.sites import layer_text
 from lensattr.config import add_arguments, from_arguments
 from lensattr.optional import explain
 from lensattr.registry import names
-from lensattr.store.cache import DEFAULT_STATS
+from lensattr.build import DEFAULT_STATS
 
 if TYPE_CHECKING:
     from lensattr.query import Query
@@ -214,7 +214,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from lensattr import distributed
-    from lensattr.store.cache import build_cache
+    from lensattr.build import build_cache
 
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
     rank, world = distributed.init_process_group()

@@ -397,8 +397,8 @@ def select_then_cache(
     import tempfile
 
     from lensattr.backends.models import load_model
+    from lensattr.build import build_cache
     from lensattr.data import load_examples
-    from lensattr.store.cache import build_cache
 
     if sample is not None and sample < 1:
         raise ValueError(f"sample must be >= 1 or None (the whole corpus), got {sample}")

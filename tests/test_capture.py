@@ -448,7 +448,7 @@ def test_a_build_runs_the_shared_opening_once(tiny, train_records, tmp_path):
         assert len(openings) == 1 and openings[0][0] == 1, openings  # 3 batches, 1 opening
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(prefix, "openings_kept", contextlib.nullcontext)
-            mp.setattr("lensattr.store.cache.openings_kept", contextlib.nullcontext)
+            mp.setattr("lensattr.build.openings_kept", contextlib.nullcontext)
             again = build_cache(tiny, recs, out=tmp_path / "again", layers=[1, 3],
                                 batch_size=2, stats=REPLY_STATS, storage_dtype="float32",
                                 progress=False)  # fmt: skip

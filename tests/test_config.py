@@ -49,7 +49,7 @@ def test_the_manifest_records_the_config(cache64):
 
 
 def test_build_cache_takes_a_config(cache64, tiny, train_records, monkeypatch):
-    import lensattr.store.cache as cache_mod
+    import lensattr.build as cache_mod
 
     cfg = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left", storage_dtype="fp32")
     monkeypatch.setattr(cache_mod, "capture", lambda *a, **k: pytest.fail("recomputed"))
