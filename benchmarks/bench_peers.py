@@ -188,7 +188,7 @@ if mode == "full":
     res["RepSim"] = {"choice": choice(sel), "scores": scores(cache, r),
                      "seconds": time.time() - t0, "build": True}
 else:
-    from lensattr.store.cache import DEFAULT_STATS
+    from lensattr.build import DEFAULT_STATS
     n = None if mode == "gradfree" else int(sample)
     stats = DEFAULT_STATS if mode == "cheapgrad" else ("resid_post",)
     cache, q, sel = lensattr.select_then_cache(m, train, pairs, out=out, sample=n, stats=stats,

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 
 from lensattr import build_cache, load_examples, load_model
 from lensattr.backends.prefix import cache_keyword, split_prompts
+from lensattr.build import DEFAULT_STATS
 from lensattr.demo import bundled
 from lensattr.render import collate, encode, length_batches
-from lensattr.store.cache import DEFAULT_STATS
 
 
 def rss_anon_mb() -> float:
@@ -208,57 +208,33 @@ def synthetic_cache(
     layers: tuple[int, ...] = (0,),
     stats: tuple[str, ...] = ("phi",),
 ) -> dict:
-    """Write an n x d bf16 cache (random rows at every layer and statistic) in lensattr's on-disk
-    format."""
-    from lensattr.store.cache import POOLING, SCHEMA_VERSION, write_manifest
-    from lensattr.store.shards import describe_shard, tensor_key, write_shard
+    """Write an n x d bf16 cache (random rows at every layer and statistic) with the store's
+    writer (:func:`lensattr.store.cache.write_cache`); return the model fingerprint it records."""
+    from lensattr.config import CaptureConfig
+    from lensattr.store.cache import write_cache
 
-    path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
-    shards = []
-    for s, start in enumerate(range(0, n, shard_rows)):
+    parts: dict[str, dict[int, list[torch.Tensor]]] = {s: {la: [] for la in layers} for s in stats}
+    for start in range(0, n, shard_rows):  # the draws in the order of the shards, as before
         m = min(shard_rows, n - start)
-        tensors = {}
         for stat in stats:
             for layer in layers:
                 rows = torch.randn((m, d), generator=gen)
                 rows = (rows + 3.0 * torch.randn(d, generator=gen)).to(torch.bfloat16)
-                tensors[tensor_key(stat, layer)] = rows
-                tensors[tensor_key(stat, layer) + "/norm"] = rows.float().norm(dim=1)
-        name = f"shard-{s:05d}.safetensors"
-        ids = [str(i) for i in range(start, start + m)]
-        digest = write_shard(path / name, tensors, metadata={"ids": json.dumps(ids)})
-        shards.append(
-            {
-                "file": name,
-                "first_row": start,
-                "n_rows": m,
-                "sha256": digest,
-                **describe_shard(path / name),
-            }
-        )
+                parts[stat][layer].append(rows)
     model = {
         "name": "synthetic",
         "weights_sha256": "0",
         "tokenizer_sha256": "0",
         "chat_template_sha256": "0",
     }
-    write_manifest(
+    write_cache(
         path,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "model": model,
-            "layers": list(layers),
-            "stats": list(stats),
-            "pooling": POOLING,
-            "dtype": "bfloat16",
-            "d_model": d,
-            "n_rows": n,
-            "ids": [str(i) for i in range(n)],
-            "shards": shards,
-            "train": {},
-            "skipped": [],
-        },
+        [str(i) for i in range(n)],
+        {s: {la: torch.cat(parts[s][la]) for la in layers} for s in stats},
+        model=model,
+        config=CaptureConfig(layers=layers, max_length=None),
+        shard_size=shard_rows,
     )
     return model
 
@@ -561,7 +537,8 @@ def random_shape_model(shape: str, device: str):
     """A randomly initialised model of a known shape in bf16 (no weights needed)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lensattr.backends.models import Model, _smollm2_dir, _wrap_nnsight  # noqa: F401
+    from lensattr import load_model
+    from lensattr.backends.models import smollm2_gguf_path
     from lensattr.testing import CHATML_TEMPLATE
 
     shapes = {
@@ -582,9 +559,11 @@ def random_shape_model(shape: str, device: str):
         hf = LlamaForCausalLM(cfg).to(torch.bfloat16)
     for p in hf.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(_smollm2_dir())  # any chat tokenizer: ids < 49152
+    gguf = smollm2_gguf_path()  # any chat tokenizer: ids < 49152
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.chat_template = tok.chat_template or CHATML_TEMPLATE
-    return _wrap_nnsight(f"random {shape}", hf.eval(), tok)
+    hf.config.name_or_path = f"random {shape}"
+    return load_model(hf.eval(), tok)
 
 
 if __name__ == "__main__":

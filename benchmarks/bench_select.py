@@ -1,7 +1,7 @@
 """Cost of ``auto`` (:func:`lensattr.select`): the whole choice over a cache, pairs captured.
 
-    python benchmarks/bench_select.py                   # 4,000 rows x 30 layers x 4 statistics
-    python benchmarks/bench_select.py --n 500 --layers 3   # plumbing check (seconds)
+    python -m benchmarks.bench_select                   # 4,000 rows x 30 layers x 4 statistics
+    python -m benchmarks.bench_select --n 500 --layers 3   # plumbing check (seconds)
 
 Writes a synthetic bf16 cache (d_model 576, the built-in statistics' names), random statistics
 for 48 query pairs, and times ``select`` with every built-in candidate at every layer: the
@@ -11,20 +11,17 @@ back). The target of issue 10 is under 60 s for the first call on 2 cores.
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_perf import synthetic_cache  # noqa: E402
-
-from lensattr import PairStats, candidates, open_cache, select  # noqa: E402
-from lensattr.backends.sites import layer_text  # noqa: E402
-from lensattr.moments import _MEMO  # noqa: E402
-from lensattr.store.cache import DEFAULT_STATS  # noqa: E402
+from benchmarks.bench_perf import synthetic_cache
+from lensattr import PairStats, candidates, open_cache, select
+from lensattr.backends.sites import layer_text
+from lensattr.build import DEFAULT_STATS
+from lensattr.moments import clear_memo
 
 
 def main() -> None:
@@ -54,7 +51,7 @@ def main() -> None:
         out = {"rows": args.n, "layers": args.layers, "candidates": n_cand, "pairs": args.pairs}
         for label in ("first", "second"):
             if label == "second":
-                _MEMO.clear()  # read the moments back from the cache directory
+                clear_memo()  # read the moments back from the cache directory
             t = time.perf_counter()
             sel = select(None, cache, ps)
             out[f"{label}_s"] = round(time.perf_counter() - t, 2)

@@ -1,17 +1,18 @@
 """How would ``auto`` have chosen under other criteria? Each rule's choice beside its precision@k.
 
-    python benchmarks/choice_study.py --bench runs/pool          # a lensattr bench output
-    python benchmarks/choice_study.py --cache C --pairs P.safetensors --labels L.json --name X
-    python benchmarks/choice_study.py ... --in-sample      # pairs inside the pool's moments
-    python benchmarks/choice_study.py ... --fold-in        # each fold's held-out sides only
-    python benchmarks/choice_study.py ... --cells OUT.json --layer-sets   # reuse --out's cells
+    python -m benchmarks.choice_study --bench runs/pool          # a lensattr bench output
+    python -m benchmarks.choice_study --cache C --pairs P.safetensors --labels L.json --name X
+    python -m benchmarks.choice_study ... --in-sample      # pairs inside the pool's moments
+    python -m benchmarks.choice_study ... --fold-in        # each fold's held-out sides only
+    python -m benchmarks.choice_study ... --cells OUT.json --layer-sets   # reuse --out's cells
 
 For every candidate ``psi|stat|score`` at every cached layer this scores the held-out folds exactly
 as :func:`lensattr.select` does (:func:`lensattr.criterion.fold_scores`, pairs and unlabelled pool
-only) and computes several criteria from the same fold scores; then, for diagnosis only, it ranks
-the pool with the candidate fitted on all pairs and reads the plant labels for precision@k. Each
-rule chooses as ``select`` does (the method with the best criterion averaged over layers, then its
-best layer) and the table prints the precision@k of what it chose.
+only) and computes several criteria from the same fold scores, each a registered criterion
+(:func:`lensattr.register_criterion`) that ``select(criterion=name)`` could choose by; then, for
+diagnosis only, it ranks the pool with the candidate fitted on all pairs and reads the plant
+labels for precision@k. Each rule chooses as ``select`` does (the method with the best criterion
+averaged over layers, then its best layer) and the table prints the precision@k of what it chose.
 
 ``--bench`` reads a ``lensattr bench`` output directory (``cache/``, ``pairs/{b}.safetensors``,
 ``pool-labels.json``: each behaviour ranked in the clean corpus plus its own plants);
@@ -26,22 +27,41 @@ are what misled the choice.
 """
 
 import argparse
-import importlib
 import json
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import lensattr
-from lensattr.criterion import heldout_ap, heldout_auroc, heldout_log_rank
+from lensattr import register_criterion
+from lensattr.criterion import (
+    DEFAULT_CRITERION,
+    POOL_SAMPLE,
+    FoldScores,
+    Method,
+    candidates,
+    fold_scores,
+    heldout_ap,
+    heldout_auroc,
+    heldout_log_rank,
+    mean_over_layers,
+)
+from lensattr.criterion import choose as choose_row
 from lensattr.metrics import pool_metrics
 from lensattr.moments import Moments, pool_moments
+from lensattr.registry import get_criterion, get_score
 from lensattr.select import offered
 
-S = importlib.import_module("lensattr.criterion")  # where fold_scores reads the pool's moments
+Measure = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
+"""``measure(pool, held-out treatments, held-out controls)``: one fold's number."""
+
+
+def fold_mean(fs: FoldScores, measure: Measure) -> float:
+    """``measure`` of each fold's held-out scores, averaged over the folds."""
+    vals = [measure(*fs.heldout(f)) for f in range(len(fs.tests))]
+    return sum(vals) / len(vals)
 
 
 def _ap_pu(pool: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
@@ -62,50 +82,83 @@ def _ap_pu(pool: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
     return float((j / (j + neg)).mean())
 
 
-def criteria(fs: Any, labels: torch.Tensor) -> dict[str, float]:
-    """Every criterion of one candidate at one layer, averaged over the folds. ``ap_oracle``
-    is a diagnosis, not a rule ``select`` could use: ``select``'s criterion with the pool's own
-    behaviour examples (label 1, read from ``labels``) left out of the negatives."""
-    out: dict[str, list[float]] = defaultdict(list)
-    for f in range(len(fs.tests)):
-        pool, t, c = fs.heldout(f)
-        neg = torch.cat([pool, c])
-        out["ap_all"].append(heldout_ap(t, neg))
-        out["ap_oracle"].append(heldout_ap(t, torch.cat([pool[labels != 1], c])))
-        out["ap_pool"].append(heldout_ap(t, pool))
-        out["ap_ctrl"].append(heldout_ap(t, c))
-        out["auc_ctrl"].append(heldout_auroc(t, c))
-        out["auc_pool"].append(heldout_auroc(t, pool))
-        out["log_rank"].append(heldout_log_rank(t, neg))
-        out["ap_pu"].append(_ap_pu(pool, t, c))
-    return {k: sum(v) / len(v) for k, v in out.items()} | {"accuracy": fs.accuracy()}
+def _ap_all(p: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+    return heldout_ap(t, torch.cat([p, c]))
 
 
-SELECT = "select: log-rank among pool + controls x AUROC vs controls"
-RULES: dict[str, Callable[[dict[str, float]], float]] = {
-    SELECT: lambda c: c["log_rank"] * c["auc_ctrl"],
-    "select before 2026-11-30: AP among pool + controls": lambda c: c["ap_all"],
-    "AP among pool x AUROC vs controls": lambda c: c["ap_pool"] * c["auc_ctrl"],
-    "min(AP among pool, AP vs controls)": lambda c: min(c["ap_pool"], c["ap_ctrl"]),
-    "AUROC vs pool x AUROC vs controls": lambda c: c["auc_pool"] * c["auc_ctrl"],
-    "log-rank among pool + controls": lambda c: c.get("log_rank"),
-    "AP, pool's behaviour share estimated (PU)": lambda c: c.get("ap_pu"),
-}
+def _ap_pool(p: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+    return heldout_ap(t, p)
 
 
-def choose(cells: list[dict[str, Any]], rule: Callable[[dict[str, float]], float]) -> dict:
+def _ap_ctrl(p: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+    return heldout_ap(t, c)
+
+
+def _auc_ctrl(p: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+    return heldout_auroc(t, c)
+
+
+def _auc_pool(p: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+    return heldout_auroc(t, p)
+
+
+def _log_rank(p: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+    return heldout_log_rank(t, torch.cat([p, c]))
+
+
+@register_criterion("ap_all", description="AP among pool + controls")
+def ap_all(fs: FoldScores) -> float:
+    """``select``'s criterion before 2026-11-30."""
+    return fold_mean(fs, _ap_all)
+
+
+@register_criterion("ap_pool_x_auroc", description="AP among pool x AUROC vs controls")
+def ap_pool_x_auroc(fs: FoldScores) -> float:
+    return fold_mean(fs, _ap_pool) * fold_mean(fs, _auc_ctrl)
+
+
+@register_criterion("min_ap", description="min(AP among pool, AP vs controls)")
+def min_ap(fs: FoldScores) -> float:
+    return min(fold_mean(fs, _ap_pool), fold_mean(fs, _ap_ctrl))
+
+
+@register_criterion("auroc_pool_x_auroc", description="AUROC vs pool x AUROC vs controls")
+def auroc_pool_x_auroc(fs: FoldScores) -> float:
+    return fold_mean(fs, _auc_pool) * fold_mean(fs, _auc_ctrl)
+
+
+@register_criterion("log_rank", description="log-rank among pool + controls")
+def log_rank(fs: FoldScores) -> float:
+    return fold_mean(fs, _log_rank)
+
+
+@register_criterion("ap_pu", description="AP, pool's behaviour share estimated (PU)")
+def ap_pu(fs: FoldScores) -> float:
+    return fold_mean(fs, _ap_pu)
+
+
+RULES = [DEFAULT_CRITERION, "ap_all", "ap_pool_x_auroc", "min_ap", "auroc_pool_x_auroc"]
+RULES += ["log_rank", "ap_pu"]
+"""The registered criteria the study compares, ``select``'s first."""
+
+
+def criteria(fs: FoldScores, labels: torch.Tensor) -> dict[str, float]:
+    """Every rule of :data:`RULES` for one candidate at one layer, its held-out accuracy, and
+    ``ap_oracle``: a diagnosis, not a rule ``select`` could use (``ap_all`` with the pool's own
+    behaviour examples, label 1 read from ``labels``, left out of the negatives)."""
+
+    def oracle(p: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> float:
+        return heldout_ap(t, torch.cat([p[labels != 1], c]))
+
+    cells = {name: get_criterion(name).fn(fs) for name in RULES}
+    return cells | {"ap_oracle": fold_mean(fs, oracle), "accuracy": fs.accuracy()}
+
+
+def choose(cells: list[dict[str, Any]], rule: str) -> dict:
     """The cell ``select``'s two-stage choice (:func:`lensattr.criterion.choose`) picks when
-    ``rule`` is the criterion."""
-    return S.choose([{**c, "criterion": rule(c)} for c in cells])
-
-
-def with_pairs_in_moments(ps: Any) -> Callable[..., Moments]:
-    """A ``pool_moments`` whose moments also hold every pair side of ``ps``."""
-
-    def moments(cache: Any, stat: str, layer: int) -> Moments:
-        return _plus(pool_moments(cache, stat, layer), torch.cat(ps.sides(stat, layer)))
-
-    return moments
+    the cells' value ``rule`` (a registered criterion's name, or ``ap_oracle``) is the
+    criterion."""
+    return choose_row([{**c, "criterion": c[rule]} for c in cells])
 
 
 def _plus(m: Moments, x: torch.Tensor) -> Moments:
@@ -118,58 +171,43 @@ def _plus(m: Moments, x: torch.Tensor) -> Moments:
     return Moments(mu, (s2 - n * torch.outer(mu, mu)) / (n - 1), n)
 
 
-def fold_in_scores(ps: Any, cache: Any, methods: list, rows: Any) -> Iterator[Any]:
-    """:func:`lensattr.criterion.fold_scores` with each fold's held-out sides in the pool's
-    moments (``--fold-in``): fold ``f``'s query is fitted, and its pool and held-out sides scored,
-    with the moments of the pool plus those sides only. Only the held-out rows of ``treatment``
-    and ``control`` are filled (``FoldScores`` reads no others)."""
-    n = ps.n_pairs
-    split = S.interleaved_folds(n)  # select's folds
-    tests, folds = [te for te, _ in split], len(split)
-    pool_rows = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
-    for m in methods:
-        psi, score = S.get_psi(m.psi), S.get_score(m.score)
-        for layer in cache.layers:
-            x = cache.stat(m.stat, layer)[pool_rows].float()
-            t, c = ps.sides(m.stat, layer)
-            base = pool_moments(cache, m.stat, layer)
-            sx = torch.empty(len(x), folds)
-            st, sc = torch.full((n, folds), torch.nan), torch.full((n, folds), torch.nan)
-            for f, (te, train) in enumerate(split):
-                mom = _plus(base, torch.cat([t[te], c[te]]))
-                q = S.fit(psi, t[train], c[train], mom if psi.uses_pool else None)[:, None]
-                ctx = lensattr.moments.ScoreContext(pool=mom)
-                sx[:, f] = S._scores(score, x, q, ctx)[:, 0]
-                st[te, f] = S._scores(score, t[te], q, ctx)[:, 0]
-                sc[te, f] = S._scores(score, c[te], q, ctx)[:, 0]
-            yield S.FoldScores(m, layer, sx, st, sc, tests)
+def with_pairs_in_moments(cache: Any, ps: Any) -> Callable[[str, int, torch.Tensor], Moments]:
+    """Fold moments (``fold_scores(moments=...)``) of the pool plus every pair side of ``ps``:
+    the held-out sides are scored in sample, as the pool's own behaviour examples are."""
+
+    def moments(stat: str, layer: int, held_out: torch.Tensor) -> Moments:
+        return _plus(pool_moments(cache, stat, layer), torch.cat(ps.sides(stat, layer)))
+
+    return moments
+
+
+def with_fold_in_moments(cache: Any, ps: Any) -> Callable[[str, int, torch.Tensor], Moments]:
+    """Fold moments of the pool plus the fold's held-out sides only (``--fold-in``)."""
+
+    def moments(stat: str, layer: int, held_out: torch.Tensor) -> Moments:
+        t, c = ps.sides(stat, layer)
+        return _plus(pool_moments(cache, stat, layer), torch.cat([t[held_out], c[held_out]]))
+
+    return moments
 
 
 def study(
     cache: Any, ps: Any, rows: Any, labels: torch.Tensor, in_sample: bool, fold_in: bool = False
 ) -> list[dict]:
-    methods = S.candidates(cache.stats)  # every candidate, whatever select would leave out
-    if len(labels) > S.POOL_SAMPLE:  # select would score a sample: labels no longer line up
-        raise SystemExit(f"choice_study: pools over {S.POOL_SAMPLE} rows are not supported")
-    if fold_in:
-        scored = fold_in_scores(ps, cache, methods, rows)
-    else:
-        scored = S.fold_scores(ps, cache, methods, cache.layers, rows=rows)
+    methods = candidates(cache.stats)  # every candidate, whatever select would leave out
+    if len(labels) > POOL_SAMPLE:  # select would score a sample: labels no longer line up
+        raise SystemExit(f"choice_study: pools over {POOL_SAMPLE} rows are not supported")
+    moments = None
     if in_sample:
-        moments = with_pairs_in_moments(ps)
-        S.pool_moments = moments
-        real_ctx = S.ScoreContext
-        S.ScoreContext = lambda c, s, la: real_ctx(pool=moments(c, s, la))
-    try:
-        cells = [
-            {"method": str(fs.method), "layer": fs.layer, **criteria(fs, labels)} for fs in scored
-        ]
-    finally:
-        S.pool_moments, S.ScoreContext = pool_moments, lensattr.moments.ScoreContext
+        moments = with_pairs_in_moments(cache, ps)
+    elif fold_in:
+        moments = with_fold_in_moments(cache, ps)
+    scored = fold_scores(ps, cache, methods, cache.layers, rows=rows, moments=moments)
+    cells = [{"method": str(fs.method), "layer": fs.layer, **criteria(fs, labels)} for fs in scored]
     idx = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
     queries: dict[str, Any] = {}
     for cell in cells:
-        m = S.Method.parse(cell["method"])
+        m = Method.parse(cell["method"])
         if cell["method"] not in queries:
             queries[cell["method"]] = lensattr.behavior_query(
                 None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
@@ -183,9 +221,10 @@ def layer_sets(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, method: str
     """``method`` at its best layer and at the mean of its scores over a set of layers: its
     3 and 5 layers of highest criterion, and every layer. The criterion of a set comes from the
     mean of its layers' fold scores (the same folds), its P@k from ``rank(..., layer=layers)``."""
-    m = S.Method.parse(method)
-    fss = {fs.layer: fs for fs in S.fold_scores(ps, cache, [m], cache.layers, rows=rows)}
-    key = {la: (fs.criterion(), fs.accuracy(), la) for la, fs in fss.items()}  # select's order
+    m = Method.parse(method)
+    fss = {fs.layer: fs for fs in fold_scores(ps, cache, [m], cache.layers, rows=rows)}
+    rule = get_criterion(DEFAULT_CRITERION).fn
+    key = {la: (rule(fs), fs.accuracy(), la) for la, fs in fss.items()}  # select's order
     by_crit = sorted(key, key=key.__getitem__, reverse=True)
     idx = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
     q = lensattr.behavior_query(
@@ -198,15 +237,15 @@ def layer_sets(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, method: str
         "top 5": by_crit[:5],
         "all": by_crit,
     }.items():
-        mean = S.mean_over_layers([fss[la] for la in layers])
+        mean = mean_over_layers([fss[la] for la in layers])
         s = lensattr.rank(cache, q, layer=layers, rows=idx, top_k=None).scores_of(idx)
-        out[name] = {"layers": layers, "criterion": mean.criterion(), **pool_metrics(s, labels)}
+        out[name] = {"layers": layers, "criterion": rule(mean), **pool_metrics(s, labels)}
     return out
 
 
 def offered_by_select(cell: dict[str, Any], cache: Any) -> bool:
     """Whether :func:`lensattr.select` offers this candidate by default on ``cache``."""
-    score = lensattr.registry.get_score(S.Method.parse(cell["method"]).score)
+    score = get_score(Method.parse(cell["method"]).score)
     return offered(score, len(cache), cache.d_model)
 
 
@@ -253,18 +292,19 @@ def main() -> None:
         print(
             f"{'rule (P@k of its choice), ' + title:60s}" + "".join(f"{n[:11]:>12s}" for n in names)
         )
-        for rule_name, rule in RULES.items():
-            if not all(rule(c) is not None for n in names for c in cells[n][:1]):
+        for rule in RULES:
+            if not all(rule in c for n in names for c in cells[n][:1]):
                 continue  # cells written before this criterion was recorded
             row = [choose(pool[n], rule)["p_at_k"] for n in names]
-            print(f"{rule_name:60s}" + "".join(f"{p:12.2f}" for p in row))
+            title = f"{rule}: {get_criterion(rule).description}"
+            print(f"{title[:60]:60s}" + "".join(f"{p:12.2f}" for p in row))
     if all("ap_oracle" in c for n in names for c in cells[n]):
-        row = [choose(offered[n], lambda c: c["ap_oracle"])["p_at_k"] for n in names]
+        row = [choose(offered[n], "ap_oracle")["p_at_k"] for n in names]
         print(f"{'diagnosis: AP, label-1 rows not negatives':60s}" + "".join(
             f"{p:12.2f}" for p in row))  # fmt: skip
     print(f"{'hindsight (best cell)':60s}" + "".join(
         f"{max(c['p_at_k'] for c in cells[n]):12.2f}" for n in names))  # fmt: skip
-    choice = {n: choose(offered[n], RULES[SELECT]) for n in names}
+    choice = {n: choose(offered[n], DEFAULT_CRITERION) for n in names}
     for n in names:
         c = choice[n]
         print(f"{n}: select chooses {c['method']} L{c['layer']} (P@k {c['p_at_k']:.2f})")

@@ -1,8 +1,8 @@
 """lensattr's rankings against bergson's best mode on one finished ``bench_peers`` run, paired.
 
-    python benchmarks/peers_paired.py --work runs/medhallu9
-    python benchmarks/peers_paired.py --work runs/medhallu8 --bergson runs/medhallu8b --select
-    python benchmarks/peers_paired.py --work runs/medhallu10 --select --pair-stats PAIRS.safetensors
+    python -m benchmarks.peers_paired --work runs/medhallu9
+    python -m benchmarks.peers_paired --work runs/medhallu8 --bergson runs/medhallu8b --select
+    python -m benchmarks.peers_paired --work runs/medhallu10 --select --pair-stats PAIRS.safetensors
 
 Reads the run's working directory: the pool's order (``train.jsonl``), its labels
 (``labels.json``, which ``bench_peers.py`` writes; for an older run, rebuilt from the shared
@@ -17,16 +17,13 @@ labels) are printed with 95% paired bootstrap intervals (:func:`lensattr.pool_me
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 import lensattr
+from benchmarks.bench_peers import print_paired
 from lensattr.backends.sites import layer_text
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_peers import print_paired  # noqa: E402
 
 
 def pool_labels(work: Path, data: str | None, shared: Path) -> torch.Tensor:

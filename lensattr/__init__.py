@@ -25,15 +25,16 @@ import lensattr.methods  # noqa: F401  (isort: skip)
 from lensattr._version import __version__
 from lensattr.backends.capture import LayerActs, capture
 from lensattr.backends.models import Model, load_model
+from lensattr.build import build_cache
 from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, Pair, load_examples, load_pairs
 from lensattr.ensemble import Ensemble
 from lensattr.metrics import pool_metrics, pool_metrics_difference
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
-from lensattr.registry import register_phi, register_psi, register_score
+from lensattr.registry import register_criterion, register_phi, register_psi, register_score
 from lensattr.select import PAPER, Method, Selection, candidates, select, select_then_cache
-from lensattr.store.cache import Cache, CacheError, build_cache, open_cache
+from lensattr.store.cache import Cache, CacheError, open_cache
 
 __all__ = [
     "__version__",
@@ -68,6 +69,7 @@ __all__ = [
     "load_pairs",
     "open_cache",
     "rank",
+    "register_criterion",
     "register_phi",
     "register_psi",
     "register_score",

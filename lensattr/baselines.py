@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lensattr._optional import require
 from lensattr.criterion import Method, heldout_auroc, heldout_log_rank
+from lensattr.optional import require
 from lensattr.query import FOLDS, interleaved_folds
 from lensattr.select import Selection, select
 

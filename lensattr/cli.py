@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lensattr._optional import explain
 from lensattr._version import __version__
 from lensattr.backends.sites import layer_text
+from lensattr.build import DEFAULT_STATS
 from lensattr.config import add_arguments, from_arguments
+from lensattr.optional import explain
 from lensattr.registry import names
-from lensattr.store.cache import DEFAULT_STATS
 
 if TYPE_CHECKING:
     from lensattr.query import Query
@@ -29,7 +29,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument(
-        "--dtype",
+        "--compute-dtype",
         default=None,
         help="compute dtype: bf16, float32, ... (default: fp32 on CPU, bf16 on GPU)",
     )
@@ -126,36 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """The ``bench`` subcommand (see :mod:`lensattr.bench`)."""
     p = sub.add_parser("bench", help="attribution benchmark: planted recovery + fine-tuning effect")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--data", default="../shared/data", help="data root")
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--behaviours", default=None, help="comma-separated names (default: all)")
-    p.add_argument("--n-clean", type=int, default=None, help="default: the whole clean corpus")
-    p.add_argument("--max-plants", type=int, default=100, help="plants per behaviour (1 + 0)")
-    p.add_argument("--n-query", type=int, default=48)
-    p.add_argument("--layers", default=None, help="default: every 3rd block from 9")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--methods",
-        default=None,
-        help="comma-separated 'psi|stat|score' methods of the grid, any registered names "
-        "(default: every registered candidate)",
-    )
-    p.add_argument("--k", type=int, default=50, help="top-k of the fine-tuning selection")
-    p.add_argument("--trak", action="store_true", help="run the TRAK baseline (slow on a CPU)")
-    p.add_argument("--no-persona", action="store_true", help="skip the persona baseline")
-    p.add_argument("--trak-dim", type=int, default=512)
-    p.add_argument("--finetune", default="", help="behaviours for the fine-tuning effect")
-    p.add_argument("--ft-steps", type=int, default=20)
-    p.add_argument("--ft-seeds", default="0,1,2")
-    p.add_argument("--ft-heldout", type=int, default=32)
-    p.add_argument(
-        "--ft-methods",
-        default=None,
-        help="comma-separated methods to fine-tune on: auto, paper, random, trak, persona or "
-        "'psi|stat|score'; default: auto,paper,residual_diff|resid_post|cosine,random",
-    )
+    from lensattr.bench.run import BenchConfig  # its fields are the flags
+
+    add_arguments(p, config=BenchConfig)
+    p.add_argument("--out", default="runs/bench", help="output directory (a rerun resumes)")
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -173,29 +147,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("smoke run: tiny random model on synthetic data; checks plumbing only")
         cfg = smoke_config(write_synthetic_data(Path(tempfile.mkdtemp()) / "data"))
     else:
-        names = [x for x in (args.behaviours or "").split(",") if x] or None
-        cfg = BenchConfig(
-            model=args.model,
-            data=args.data,
-            behaviours=names,
-            n_clean=args.n_clean,
-            max_plants=args.max_plants,
-            n_query=args.n_query,
-            layers=args.layers,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            methods=[x for x in (args.methods or "").split(",") if x] or None,
-            k=args.k,
-            persona=not args.no_persona,
-            trak=args.trak,
-            trak_dim=args.trak_dim,
-            ft_behaviours=[x for x in args.finetune.split(",") if x],
-            ft_steps=args.ft_steps,
-            ft_seeds=[int(x) for x in args.ft_seeds.split(",") if x],
-            ft_heldout=args.ft_heldout,
-        )
-        if args.ft_methods:
-            cfg.ft_methods = [x for x in args.ft_methods.split(",") if x]
+        cfg = from_arguments(args, config=BenchConfig)
     run_bench(cfg, args.out)
     print(f"results: {args.out}/results.json, {args.out}/results.md, figures in {args.out}")
     return 0
@@ -207,16 +159,15 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     return load_model(
         args.model,
         device=args.device,
-        compute_dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
         trust_remote_code=args.trust_remote_code,
     )
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from lensattr import distributed
-    from lensattr.store.cache import build_cache, parse_dtype
+    from lensattr.build import build_cache
 
-    args.dtype = parse_dtype(args.dtype)  # the model's: "bf16", "fp32", ... or None
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
     rank, world = distributed.init_process_group()
     args.device = args.device or distributed.default_device()

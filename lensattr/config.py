@@ -82,7 +82,6 @@ class CaptureConfig:
             "metavar": "DTYPE",
             "choices": tuple(STORAGE_DTYPES),
             "manifest": "dtype",
-            "aliases": ("--dtype-store",),
         },
     )
 
@@ -163,34 +162,67 @@ def check_capture(
             raise error(f"{what} were captured with {name}={want!r}, {other} with {name}={have!r}")
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
-    """Add a flag for each CLI field of :class:`CaptureConfig` (or only ``names``): its name
-    with dashes, its help, choices and default from the field, so the CLI cannot drift."""
+def names_list(text: str) -> list[str]:
+    """A comma-separated command-line list (``"a,b"`` -> ``["a", "b"]``; empty items dropped)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def ints_list(text: str) -> list[int]:
+    """A comma-separated list of integers (``"0,1,2"``)."""
+    return [int(x) for x in names_list(text)]
+
+
+def _default(f: "dataclasses.Field[Any]") -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    names: Iterable[str] | None = None,
+    *,
+    config: type = CaptureConfig,
+) -> None:
+    """Add a flag for each CLI field of the dataclass ``config`` (default :class:`CaptureConfig`;
+    or only ``names``): its name with dashes, its help, type, choices and default from the field
+    (its ``metadata``), so the CLI cannot drift from the configuration. A ``bool`` field becomes
+    ``--name`` / ``--no-name``; a list field takes a comma-separated value."""
     wanted = None if names is None else set(names)
-    for f in dataclasses.fields(CaptureConfig):
+    for f in dataclasses.fields(config):
         if not f.metadata.get("cli", True) or (wanted is not None and f.name not in wanted):
             continue
-        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
+        default = _default(f)
         extra: dict[str, Any] = (
             {"choices": list(f.metadata["choices"])} if "choices" in f.metadata else {}
         )
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, dest=f.name, default=default, action=action, help=help_text)
+            continue
         parser.add_argument(
-            *flags,
+            flag,
             dest=f.name,
-            default=f.default,
+            default=default,
             type=f.metadata.get("type", str),
             metavar=f.metadata.get("metavar"),
-            help=f"{f.metadata['help']} (default: {f.default})",
+            help=help_text,
             **extra,
         )
 
 
-def from_arguments(args: argparse.Namespace, **overrides: Any) -> CaptureConfig:
-    """The :class:`CaptureConfig` of parsed arguments (fields without a flag: their default)."""
+def from_arguments(
+    args: argparse.Namespace, *, config: type = CaptureConfig, **overrides: Any
+) -> Any:
+    """The ``config`` dataclass (default :class:`CaptureConfig`) of parsed arguments (fields
+    without a flag: their default), with ``overrides``."""
     kw: dict[str, Any] = {
-        f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(CaptureConfig)
+        f.name: getattr(args, f.name, _default(f)) for f in dataclasses.fields(config)
     }
-    return CaptureConfig(**(kw | overrides))
+    return config(**(kw | overrides))
 
 
 __all__ = [
@@ -201,4 +233,6 @@ __all__ = [
     "add_arguments",
     "check_capture",
     "from_arguments",
+    "ints_list",
+    "names_list",
 ]

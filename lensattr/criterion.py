@@ -6,7 +6,10 @@ the unlabelled pool; :class:`FoldScores` turns those scores into the criterion a
 accuracy; :func:`choose` picks the row of a criterion table. :func:`lensattr.select` runs them
 (see :mod:`lensattr.select`).
 
-The criterion is the product of two held-out measures, each a mean over the folds:
+A criterion is a registered rule (:func:`~lensattr.registry.register_criterion`) turning one
+candidate's :class:`FoldScores` into a number; ``select(criterion=name)`` chooses by it, so a
+study compares rules by name. The default, :data:`DEFAULT_CRITERION` (:func:`log_rank_auroc`), is
+the product of two held-out measures, each a mean over the folds:
 
 * the treatments' **log-rank** among the pool and the held-out controls
   (:func:`heldout_log_rank`): the recall of the held-out treatments in the top ``q`` of the pool,
@@ -22,16 +25,26 @@ The criterion is the product of two held-out measures, each a mean over the fold
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lensattr.metrics import average_precision
-from lensattr.moments import ScoreContext, pool_moments
+from lensattr.moments import Moments, ScoreContext, pool_moments
 from lensattr.query import FOLDS, PairStats, fit, interleaved_folds
-from lensattr.registry import PSI, SCORE, Psi, Score, get_psi, get_score, load_plugins
+from lensattr.registry import (
+    PSI,
+    SCORE,
+    Psi,
+    Score,
+    get_criterion,
+    get_psi,
+    get_score,
+    load_plugins,
+    register_criterion,
+)
 from lensattr.store.cache import Cache
 
 POOL_SAMPLE = 20_000
@@ -200,8 +213,11 @@ def heldout_auroc(treatment: torch.Tensor, control: torch.Tensor) -> float:
     return float((treatment.double()[:, None] > control.double()[None, :]).double().mean())
 
 
-def _scores(score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
-    """``[n, q]`` scores of rows ``x`` against the query columns ``psis`` ``[d, q]``."""
+def score_columns(
+    score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext
+) -> torch.Tensor:
+    """``[n, q]`` scores of rows ``x`` against the query columns ``psis`` ``[d, q]`` (a
+    non-finite score becomes ``-inf``, ranked last)."""
     norms = x.norm(dim=1)
     if score.batched:
         out = score.fn(x, norms, psis, ctx)
@@ -232,17 +248,6 @@ class FoldScores:
         te = self.tests[f]
         return self.pool[:, f], self.treatment[te, f], self.control[te, f]
 
-    def criterion(self) -> float:
-        """The held-out treatments' log-rank among the pool and the held-out controls, times
-        their AUROC against the held-out controls, each a mean over the folds (see the module
-        doc)."""
-        log_rank, auroc = [], []
-        for f in range(len(self.tests)):
-            pool_s, t_s, c_s = self.heldout(f)
-            log_rank.append(heldout_log_rank(t_s, torch.cat([pool_s, c_s])))
-            auroc.append(heldout_auroc(t_s, c_s))
-        return float(sum(log_rank) / len(log_rank) * sum(auroc) / len(auroc))
-
     def accuracy(self) -> float:
         """Fraction of pairs whose held-out treatment scores above its control."""
         hits = sum(
@@ -250,6 +255,37 @@ class FoldScores:
             for f, te in enumerate(self.tests)
         )
         return hits / len(self.treatment)
+
+
+DEFAULT_CRITERION = "log_rank_auroc"
+"""The criterion ``auto`` chooses by unless told otherwise (``select(criterion=...)``)."""
+
+
+@register_criterion(
+    DEFAULT_CRITERION, description="log-rank among the pool x AUROC against the controls"
+)
+def log_rank_auroc(fs: FoldScores) -> float:
+    """The held-out treatments' log-rank among the pool and the held-out controls, times their
+    AUROC against the held-out controls, each a mean over the folds (see the module doc).
+
+    Examples:
+        >>> t = [torch.tensor([0]), torch.tensor([1])]
+        >>> pool = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+        >>> fs = FoldScores(PAPER, 1, pool, torch.full((2, 2), 2.0), torch.zeros(2, 2), t)
+        >>> log_rank_auroc(fs)  # every held-out treatment above every pool row and control
+        1.0
+    """
+    log_rank, auroc = [], []
+    for f in range(len(fs.tests)):
+        pool_s, t_s, c_s = fs.heldout(f)
+        log_rank.append(heldout_log_rank(t_s, torch.cat([pool_s, c_s])))
+        auroc.append(heldout_auroc(t_s, c_s))
+    return float(sum(log_rank) / len(log_rank) * sum(auroc) / len(auroc))
+
+
+FoldMoments = Callable[[str, int, torch.Tensor], Moments]
+"""``moments(stat, layer, held_out)``: the moments a fold's query is fitted and scored with,
+given the indices of the pairs it holds out (see :func:`fold_scores`)."""
 
 
 def fold_scores(
@@ -262,11 +298,17 @@ def fold_scores(
     folds: int = FOLDS,
     pool_sample: int | None = POOL_SAMPLE,
     seed: int = 0,
+    moments: FoldMoments | None = None,
 ) -> Iterator[FoldScores]:
     """Every method at every layer scored on ``folds`` interleaved folds of the pairs: each
     fold's query is fitted on the other folds' pairs, then the pool (``rows`` of the cache, at
     most ``pool_sample`` of them, a seeded sample) and every pair are scored with it. Every fold
-    and query of a (statistic, layer) is scored in one batched call."""
+    and query of a (statistic, layer) is scored in one batched call.
+
+    ``moments`` replaces the pool's moments (:func:`~lensattr.moments.pool_moments`, what
+    ``select`` uses) by other ones for each fold, e.g. the pool's plus the pairs' (a study of
+    how the choice depends on them); each fold is then scored on its own.
+    """
     split = interleaved_folds(ps.n_pairs, folds)
     tests, trains = [te for te, _ in split], [tr for _, tr in split]
     folds = len(split)
@@ -281,30 +323,56 @@ def fold_scores(
         for layer in layers:
             x = cache.stat(stat, layer)[pool_rows].float()
             t, c = ps.sides(stat, layer)
-            ctx = ScoreContext(cache, stat, layer)
             psis: dict[str, Psi] = {m.psi: get_psi(m.psi) for m in ms}
-            moments = (
-                pool_moments(cache, stat, layer)
-                if any(p.uses_pool for p in psis.values())
-                else None
-            )
-            fitted = {
-                name: torch.stack(
-                    [fit(p, t[tr], c[tr], moments if p.uses_pool else None) for tr in trains], 1
+            names = list(psis)
+            if moments is None:
+                ctxs = [ScoreContext(cache, stat, layer)]
+                pool = (
+                    pool_moments(cache, stat, layer)
+                    if any(p.uses_pool for p in psis.values())
+                    else None
                 )
-                for name, p in psis.items()
-            }  # {psi: [d, folds]}
-            names = list(fitted)
-            cols = torch.cat([fitted[nm] for nm in names], 1)
+                fitted = {  # {psi: [d, folds]}
+                    name: torch.stack(
+                        [fit(p, t[tr], c[tr], pool if p.uses_pool else None) for tr in trains], 1
+                    )
+                    for name, p in psis.items()
+                }
+                blocks = [torch.cat([fitted[nm] for nm in names], 1)]
+            else:
+                fold_moments = [moments(stat, layer, te) for te in tests]
+                ctxs = [ScoreContext(pool=mom) for mom in fold_moments]
+                blocks = [
+                    torch.stack(
+                        [
+                            fit(psis[nm], t[tr], c[tr], mom if psis[nm].uses_pool else None)
+                            for nm in names
+                        ],
+                        1,
+                    )  # [d, psis] of fold f
+                    for tr, mom in zip(trains, fold_moments, strict=True)
+                ]
             for name in dict.fromkeys(m.score for m in ms):
                 score = get_score(name)
-                sx, st, sc = (_scores(score, a, cols, ctx) for a in (x, t, c))
+                pairs = list(zip(blocks, ctxs, strict=True))
+                sx, st, sc = (
+                    _psi_major([score_columns(score, a, q, ctx) for q, ctx in pairs], len(names))
+                    for a in (x, t, c)
+                )
                 for j, nm in enumerate(names):
                     method = Method(nm, stat, name)
                     if method not in ms:
                         continue
                     sl = slice(j * folds, (j + 1) * folds)
                     yield FoldScores(method, layer, sx[:, sl], st[:, sl], sc[:, sl], tests)
+
+
+def _psi_major(parts: list[torch.Tensor], n_psis: int) -> torch.Tensor:
+    """The ``[n, psis * folds]`` scores, psi-major (column ``j * folds + f``), from one block
+    that is already in that order or from one ``[n, psis]`` block per fold."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.stack(parts, 2).reshape(len(parts[0]), n_psis * len(parts))
 
 
 def mean_over_layers(scored: Sequence[FoldScores]) -> FoldScores:
@@ -346,12 +414,15 @@ def layer_set(
     table: list[dict[str, Any]],
     method: Method,
     size: int = LAYER_SET,
+    *,
+    criterion: str = DEFAULT_CRITERION,
     **kwargs: Any,
 ) -> dict[str, Any] | None:
     """The criterion row of ``method``'s ``size`` best layers in ``table`` taken together (each
     row scored by the mean of its scores at those layers), or ``None`` when the table has fewer
-    than two of its layers or ``size < 2``. ``layer`` is the tuple of layers, best first; the
-    keywords are :func:`fold_scores`'s, and must be those the table was computed with."""
+    than two of its layers or ``size < 2``. ``layer`` is the tuple of layers, best first;
+    ``criterion`` and the keywords (:func:`fold_scores`'s) must be those the table was computed
+    with."""
     rows = sorted((r for r in table if r["method"] == str(method)), key=_key, reverse=True)
     layers = tuple(r["layer"] for r in rows[:size])
     if size < 2 or len(layers) < 2:
@@ -360,21 +431,29 @@ def layer_set(
     return {
         "method": str(method),
         "layer": layers,
-        "criterion": fs.criterion(),
+        "criterion": get_criterion(criterion).fn(fs),
         "accuracy": fs.accuracy(),
     }
 
 
 def evaluate(
-    ps: PairStats, cache: Cache, methods: Sequence[Method], layers: Sequence[int], **kwargs: Any
+    ps: PairStats,
+    cache: Cache,
+    methods: Sequence[Method],
+    layers: Sequence[int],
+    *,
+    criterion: str = DEFAULT_CRITERION,
+    **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """The criterion and held-out accuracy of every method at every layer, a row each (the
-    keywords are :func:`fold_scores`'s: ``rows``, ``folds``, ``pool_sample``, ``seed``)."""
+    """The registered ``criterion`` and the held-out accuracy of every method at every layer, a
+    row each (the keywords are :func:`fold_scores`'s: ``rows``, ``folds``, ``pool_sample``,
+    ``seed``, ``moments``)."""
+    rule = get_criterion(criterion).fn
     return [
         {
             "method": str(fs.method),
             "layer": fs.layer,
-            "criterion": fs.criterion(),
+            "criterion": rule(fs),
             "accuracy": fs.accuracy(),
         }
         for fs in fold_scores(ps, cache, methods, layers, **kwargs)
@@ -382,9 +461,11 @@ def evaluate(
 
 
 __all__ = [
+    "DEFAULT_CRITERION",
     "PAPER",
     "POOL_SAMPLE",
     "LAYER_SET",
+    "FoldMoments",
     "FoldScores",
     "Method",
     "best_rows",
@@ -396,6 +477,8 @@ __all__ = [
     "heldout_auroc",
     "heldout_log_rank",
     "layer_set",
+    "log_rank_auroc",
     "mean_over_layers",
     "method_scores",
+    "score_columns",
 ]

@@ -30,10 +30,10 @@ from lensattr import (
     rank,
     select,
 )
-from lensattr._optional import require
 from lensattr.backends.sites import layer_text
 from lensattr.baselines import REPSIM, lexical_scores, lexical_select, repsim_select
 from lensattr.data import load_pairs
+from lensattr.optional import require
 
 
 def bundled(name: str) -> Path:

@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lensattr.store.files import CacheFiles
+
 RIDGE = 1e-2
 """Ridge of the whitener, relative to the mean eigenvalue: ``lam = RIDGE * trace(Sigma) / d``."""
 DEFLATE = 10
@@ -174,6 +176,12 @@ class ScoreContext:
         return self.pool
 
 
+def clear_memo() -> None:
+    """Forget the moments held in memory: the next :func:`pool_moments` reads them from the
+    cache directory (or computes them), e.g. to time that."""
+    _MEMO.clear()
+
+
 def pool_moments(cache: Any, stat: str, layer: int) -> Moments:
     """The moments of statistic ``stat`` at ``layer`` over every row of ``cache``.
 
@@ -184,7 +192,7 @@ def pool_moments(cache: Any, stat: str, layer: int) -> Moments:
     key = (digest, stat, int(layer))
     if key in _MEMO:
         return _MEMO[key]
-    fname = Path(cache.path) / f"moments-{stat}-{layer}.safetensors"
+    fname = CacheFiles(Path(cache.path)).moments(stat, layer)
     persist = len(cache) >= PERSIST_ROWS
     m = _read(fname, digest) if persist and fname.exists() else None
     if m is None:
@@ -207,4 +215,12 @@ def pool_moments(cache: Any, stat: str, layer: int) -> Moments:
     return m
 
 
-__all__ = ["DEFLATE", "RIDGE", "Moments", "ScoreContext", "content_digest", "pool_moments"]
+__all__ = [
+    "DEFLATE",
+    "RIDGE",
+    "Moments",
+    "ScoreContext",
+    "clear_memo",
+    "content_digest",
+    "pool_moments",
+]

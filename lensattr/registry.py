@@ -1,4 +1,5 @@
-"""Plain dict registries of training-side statistics (phi), behaviour queries (psi) and scores.
+"""Plain dict registries of training-side statistics (phi), behaviour queries (psi), scores
+and the criteria ``auto`` chooses a method by.
 
 Register your own with the decorators. A name belongs to the module that registered it first:
 registering it again from the same module (re-running a notebook cell, reloading a module)
@@ -124,9 +125,26 @@ class Score:
     full_rank: bool = False
 
 
+@dataclass(frozen=True)
+class Criterion:
+    """A rule ``auto`` chooses a method by: ``fn(fold_scores) -> float``, higher is better.
+
+    ``fn`` receives one candidate's :class:`~lensattr.criterion.FoldScores` at one layer (or
+    layer set): the pool's, the held-out treatments' and the held-out controls' scores on every
+    fold (``fold_scores.heldout(f)``). ``description`` is the phrase
+    :meth:`~lensattr.select.Selection.summary` names it by.
+    """
+
+    name: str
+    fn: Callable[[Any], float]
+    description: str
+    module: str = ""
+
+
 PHI: dict[str, Phi] = {}
 PSI: dict[str, Psi] = {}
 SCORE: dict[str, Score] = {}
+CRITERION: dict[str, Criterion] = {}
 _loaded = False
 
 
@@ -148,7 +166,6 @@ def register_phi(
     pooling: str = POOLINGS[0],
     reads_prompt: bool = False,
     override: bool = False,
-    doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a training-side statistic (decorator).
 
@@ -156,10 +173,8 @@ def register_phi(
     ``"mean_response"``, the mean over the reply tokens); statistics cached or captured together
     must share it. ``reads_prompt``: the function reads the prompt positions too (so its capture
     keeps them, gradients included). A name taken by another module raises ``ValueError`` unless
-    ``override=True``; the same module registering it again replaces it. ``doc_only`` is
-    accepted for older notebooks.
+    ``override=True``; the same module registering it again replaces it.
     """
-    del doc_only
     if not isinstance(pooling, str) or not pooling:
         raise ValueError(f"pooling must be a non-empty name, not {pooling!r}")
 
@@ -196,10 +211,8 @@ def register_psi(
     uses_pool: bool = False,
     pairs_from: Callable[..., Any] | None = None,
     override: bool = False,
-    doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a behaviour query (decorator); ``stat`` names the phi it is compared with."""
-    del doc_only
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         item = Psi(name, fn, stat, stats, uses_pool, pairs_from, fn.__module__)
@@ -215,14 +228,33 @@ def register_score(
     batched: bool = False,
     full_rank: bool = False,
     override: bool = False,
-    doc_only: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a scoring rule (decorator); ``batched``: it scores ``[d, q]`` queries at once;
     ``full_rank``: it inverts the pool's covariance (see :class:`Score`)."""
-    del doc_only
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _add(SCORE, "score", Score(name, fn, batched, fn.__module__, full_rank), override)
+        return fn
+
+    return deco
+
+
+def register_criterion(
+    name: str, *, description: str = "", override: bool = False
+) -> Callable[[Callable[[Any], float]], Callable[[Any], float]]:
+    """Register a criterion for ``select(criterion=name)`` (decorator); see :class:`Criterion`.
+
+    Examples:
+        >>> @register_criterion("heldout_accuracy", description="held-out accuracy")
+        ... def heldout_accuracy(fs):
+        ...     return fs.accuracy()
+        >>> get_criterion("heldout_accuracy").description
+        'held-out accuracy'
+    """
+
+    def deco(fn: Callable[[Any], float]) -> Callable[[Any], float]:
+        item = Criterion(name, fn, description or name, fn.__module__)
+        _add(CRITERION, "criterion", item, override)
         return fn
 
     return deco
@@ -261,8 +293,18 @@ def get_score(name: str) -> Score:
     return _lookup(SCORE, "score", name)
 
 
+def get_criterion(name: str) -> Criterion:
+    return _lookup(CRITERION, "criterion", name)
+
+
 def names(kind: str) -> list[str]:
-    """The registered names of ``"phi"``, ``"psi"`` or ``"score"`` (plugins included)."""
+    """The registered names of ``"phi"``, ``"psi"``, ``"score"`` or ``"criterion"`` (plugins
+    included)."""
     load_plugins()
-    tables: dict[str, dict[str, Any]] = {"phi": PHI, "psi": PSI, "score": SCORE}
+    tables: dict[str, dict[str, Any]] = {
+        "phi": PHI,
+        "psi": PSI,
+        "score": SCORE,
+        "criterion": CRITERION,
+    }
     return sorted(tables[kind])

@@ -46,6 +46,7 @@ import torch
 
 from lensattr.backends.sites import layer_text
 from lensattr.criterion import (
+    DEFAULT_CRITERION,
     LAYER_SET,
     PAPER,
     POOL_SAMPLE,
@@ -70,7 +71,7 @@ from lensattr.query import (
     heldout_accuracy,
     pair_stats,
 )
-from lensattr.registry import get_psi, get_score
+from lensattr.registry import get_criterion, get_psi, get_score
 from lensattr.store.cache import Cache, open_cache
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,10 @@ class Selection:
             with the chosen score (``rank(cache, selection)`` uses both).
         method: the chosen :class:`Method`; ``layer``: the chosen layer, or a tuple of layers
             (best first) when the query is ranked by the mean of its scores at them.
-        table: one row per candidate and layer: ``method``, ``layer``, ``criterion`` (held-out
-            log-rank among the pool x AUROC against the controls), ``accuracy`` (held-out
-            accuracy).
+        table: one row per candidate and layer: ``method``, ``layer``, ``criterion`` (by
+            default held-out log-rank among the pool x AUROC against the controls), ``accuracy``
+            (held-out accuracy).
+        criterion: the name of the registered criterion it chose by.
         layer_set: the same row for the chosen method's best layers taken together
             (:func:`layer_set`; ``layer`` a tuple), whether or not it was chosen; ``None`` when
             not tried.
@@ -111,6 +113,7 @@ class Selection:
     left_out: dict[str, str] = field(default_factory=dict)
     layer_set: dict[str, Any] | None = None
     ensemble: Ensemble | None = None
+    criterion: str = DEFAULT_CRITERION
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -136,8 +139,9 @@ class Selection:
             else f"the mean of layers {', '.join(map(str, self.layer))}"
         )
         lines = [
-            f"auto chose {self.method} at {where} (held-out criterion: log-rank among the pool x "
-            "AUROC against the controls; mean over layers, then the best layer or layer set)"
+            f"auto chose {self.method} at {where} (held-out criterion: "
+            f"{get_criterion(self.criterion).description}; mean over layers, then the best layer "
+            "or layer set)"
         ]
         if self.ensemble is not None:
             lines.insert(
@@ -201,6 +205,7 @@ def select(
     pool_sample: int | None = POOL_SAMPLE,
     set_size: int = LAYER_SET,
     ensemble: int = ENSEMBLE,
+    criterion: str = DEFAULT_CRITERION,
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> Selection:
@@ -225,6 +230,8 @@ def select(
         ensemble: rank with this many methods together (those of highest criterion averaged
             over layers, each at its best layer; :class:`~lensattr.ensemble.Ensemble`); 1: the
             one chosen method (at its layer or layer set).
+        criterion: the registered criterion to choose by (:func:`~lensattr.register_criterion`;
+            default: the held-out log-rank x AUROC of :mod:`lensattr.criterion`).
         batch_size: for capturing the pairs.
         progress: progress bar while capturing the pairs.
 
@@ -265,6 +272,7 @@ def select(
     for m in method_list:  # unknown names fail before any work
         get_psi(m.psi)
         get_score(m.score)
+    get_criterion(criterion)
     layer_list = list(layers) if layers is not None else list(cache.layers)
     if isinstance(pairs, PairStats):
         ps = pairs
@@ -292,10 +300,10 @@ def select(
         )
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"rows": rows, "folds": folds, "pool_sample": pool_sample}
-    table = evaluate(ps, cache, method_list, layer_list, **kw)
+    table = evaluate(ps, cache, method_list, layer_list, criterion=criterion, **kw)
     best = choose(table)
     method = Method.parse(best["method"])
-    together = layer_set(ps, cache, table, method, set_size, **kw)
+    together = layer_set(ps, cache, table, method, set_size, criterion=criterion, **kw)
     if together is not None and together["criterion"] > best["criterion"]:
         best = together
     seconds = time.perf_counter() - t0
@@ -324,6 +332,7 @@ def select(
         left_out=left_out,
         layer_set=together,
         ensemble=members,
+        criterion=criterion,
     )
 
 
@@ -345,6 +354,7 @@ def select_then_cache(
     sample: int | None = 512,
     stats: Sequence[str] = GRADIENT_FREE,
     seed: int = 0,
+    criterion: str = DEFAULT_CRITERION,
     batch_size: int = 8,
     max_length: int | None = 512,
     ensemble: int = ENSEMBLE,
@@ -362,7 +372,7 @@ def select_then_cache(
     ``auto``'s) the backward of the final build stops at the lowest chosen layer. The query is
     refitted against the full cache (its pool moments), ready for :func:`rank`. A sample of
     fewer than :data:`ROWS_PER_DIMENSION` rows a dimension leaves ``whitened_cosine`` out of
-    the choice (see :func:`select`).
+    the choice (see :func:`select`, whose registered ``criterion`` it chooses by).
 
     When the sample is the whole corpus (``sample=None`` or ``sample >= len(train)``) there is
     one build, of ``stats`` at every layer into ``out``: the choice is then exactly
@@ -388,8 +398,8 @@ def select_then_cache(
     import tempfile
 
     from lensattr.backends.models import load_model
+    from lensattr.build import build_cache
     from lensattr.data import load_examples
-    from lensattr.store.cache import build_cache
 
     if sample is not None and sample < 1:
         raise ValueError(f"sample must be >= 1 or None (the whole corpus), got {sample}")
@@ -401,7 +411,7 @@ def select_then_cache(
     if sample is None or sample >= len(examples):
         cache = build_cache(model, examples, out=out, stats=stat_list, progress=progress, **kw)
         assert cache is not None  # a single-process build returns its cache
-        sel = select(model, cache, ps, ensemble=ensemble)
+        sel = select(model, cache, ps, criterion=criterion, ensemble=ensemble)
         return cache, sel.ensemble or sel.query, sel
     picked = sorted(random.Random(seed).sample(range(len(examples)), sample))
     with tempfile.TemporaryDirectory(prefix="lensattr-sample-") as tmp:
@@ -414,7 +424,7 @@ def select_then_cache(
             **kw,
         )
         assert small is not None
-        sel = select(model, small, ps, ensemble=ensemble)
+        sel = select(model, small, ps, criterion=criterion, ensemble=ensemble)
         cache = build_cache(  # the sample's rows are copied, not captured again
             model,
             examples,
@@ -461,6 +471,7 @@ __all__ = [
     "heldout_accuracy",
     "layer_set",
     "method_scores",
+    "offered",
     "select",
     "select_then_cache",
 ]

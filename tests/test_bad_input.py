@@ -233,9 +233,9 @@ def test_cli_reports_bad_input_and_skips_it(tmp_path, messy, capsys):
 
 def _poison(monkeypatch, bad_id: str) -> None:  # noqa: ANN001
     """Make the activation gradient of example ``bad_id`` NaN, as an overflow would."""
-    import lensattr.store.cache
+    import lensattr.build
 
-    real = lensattr.store.cache.capture
+    real = lensattr.build.capture
 
     def poisoned(model, batch, layers, **kw):  # noqa: ANN001, ANN202
         acts = real(model, batch, layers, **kw)
@@ -246,7 +246,7 @@ def _poison(monkeypatch, bad_id: str) -> None:  # noqa: ANN001
                         la.grad[row] = float("nan")
         return acts
 
-    monkeypatch.setattr(lensattr.store.cache, "capture", poisoned)
+    monkeypatch.setattr(lensattr.build, "capture", poisoned)
 
 
 def test_non_finite_gradient_raises_or_is_skipped(tmp_path, tiny, train_records, monkeypatch):

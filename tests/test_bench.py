@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lensattr
-from lensattr.backends.capture import response_loss
+from lensattr.backends.loss import response_loss
 from lensattr.baselines import LEXICAL, lexical_scores
 from lensattr.bench.behaviors import load_behaviour
 from lensattr.bench.finetune import lora_finetune, trait_score

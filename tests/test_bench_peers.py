@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from lensattr.demo import bundled
-from scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_peers.py"
 
 
 def bench_peers():
-    return load_benchmark("bench_peers")
+    import benchmarks.bench_peers
+
+    return benchmarks.bench_peers
 
 
 def test_without_bergsons_venv_it_says_so_in_one_line_and_exits_0(tmp_path):
@@ -127,9 +128,9 @@ def test_results_compare_each_lensattr_method_with_bergsons_best_mode_on_the_sam
 def test_peers_paired_reads_a_finished_run_and_rebuilds_old_runs_labels(tmp_path):
     import torch
 
+    import benchmarks.peers_paired as pp
     import lensattr
 
-    pp = load_benchmark("peers_paired")
     ids = ["clean/a", "medhallu/p1", "clean/b", "medhallu/p2", "medhallu/p3", "clean/c"]
     labels = [-1, 1, -1, 0, 1, -1]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))

@@ -111,7 +111,7 @@ def test_load_model_bridge_backend():
 def test_build_cache_matches_nnsight(pair, train_records, tmp_path):
     ref, bridged = pair
     recs = train_records[:6]
-    kw = dict(layers=[1, 3], dtype="float32", batch_size=3, progress=False)
+    kw = dict(layers=[1, 3], storage_dtype="float32", batch_size=3, progress=False)
     want = build_cache(ref, recs, out=tmp_path / "nnsight", **kw)
     got = build_cache(bridged, recs, out=tmp_path / "bridge", **kw)
     assert got.ids == want.ids and got.stats == want.stats

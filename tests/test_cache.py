@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import lensattr.store.cache as cache_mod
+import lensattr.build as cache_mod
 from lensattr import CacheError, build_cache, open_cache
 from lensattr.data import DataError
 
@@ -437,4 +437,39 @@ def test_reuse_copies_the_rows_it_holds_and_captures_only_the_rest(
     with pytest.raises(CacheError, match="lacks resid_post at layer 2"):
         build_cache(
             tiny, changed, out=tmp_path / "y", layers=[2], stats=["resid_post"], reuse=sample
+        )
+
+
+def test_the_plain_tensor_writer_writes_what_a_build_writes(tmp_path, tiny, train_records):
+    """write_cache of a build's own rows gives byte-identical shards, and a cache every reader
+    opens: the layout is the store's alone, not the build loop's."""
+    from lensattr.config import CaptureConfig
+    from lensattr.store.cache import write_cache
+
+    built = build_cache(
+        tiny, train_records[:5], out=tmp_path / "built", layers=[1, 2], shard_size=2,
+        stats=["resid_post", "grad"], progress=False,
+    )  # fmt: skip
+    rows = {s: {la: built.stat(s, la)[:] for la in built.layers} for s in built.stats}
+    written = write_cache(
+        tmp_path / "written",
+        built.ids,
+        rows,
+        model=built.manifest["model"],
+        config=built.capture_config,
+        shard_size=2,
+        examples=built.examples(),
+    )
+    assert [s["sha256"] for s in written.manifest["shards"]] == [
+        s["sha256"] for s in built.manifest["shards"]
+    ]
+    assert written.manifest["records"]["sha256"] == built.manifest["records"]["sha256"]
+    written.verify()
+    for s in built.stats:
+        assert torch.equal(written.stat(s, 2)[:], rows[s][2])
+        assert torch.equal(written.stat(s, 2).norms, built.stat(s, 2).norms)
+    assert isinstance(written.capture_config, CaptureConfig)
+    with pytest.raises(ValueError, match=r"rows\['grad'\]\[1\] is \(4, 32\), not \(5, 32\)"):
+        write_cache(
+            tmp_path / "bad", built.ids, {"grad": {1: rows["grad"][1][:4]}}, model={"name": "x"}
         )

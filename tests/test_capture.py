@@ -63,7 +63,7 @@ def test_statistics_match_definitions_before_and_after_storage(tiny, train_recor
             out=tmp_path / dtype,
             layers=layers,
             stats=STATS,
-            dtype=dtype,
+            storage_dtype=dtype,
             batch_size=2,
             progress=False,
         )
@@ -444,13 +444,14 @@ def test_a_build_runs_the_shared_opening_once(tiny, train_records, tmp_path):
     handle = tiny.hf.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
         kept = build_cache(tiny, recs, out=tmp_path / "kept", layers=[1, 3], batch_size=2,
-                           stats=REPLY_STATS, dtype="float32", progress=False)  # fmt: skip
+                           stats=REPLY_STATS, storage_dtype="float32", progress=False)  # fmt: skip
         assert len(openings) == 1 and openings[0][0] == 1, openings  # 3 batches, 1 opening
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(prefix, "openings_kept", contextlib.nullcontext)
-            mp.setattr("lensattr.store.cache.openings_kept", contextlib.nullcontext)
-            again = build_cache(tiny, recs, out=tmp_path / "again", layers=[1, 3], batch_size=2,
-                                stats=REPLY_STATS, dtype="float32", progress=False)  # fmt: skip
+            mp.setattr("lensattr.build.openings_kept", contextlib.nullcontext)
+            again = build_cache(tiny, recs, out=tmp_path / "again", layers=[1, 3],
+                                batch_size=2, stats=REPLY_STATS, storage_dtype="float32",
+                                progress=False)  # fmt: skip
     finally:
         handle.remove()
     assert len(openings) == 4  # without keeping it: one per batch

@@ -1,23 +1,22 @@
 """benchmarks/choice_study.py: its "select" rule among the candidates select offers reproduces
 select's table and choice (from the same fold scores and choice rule, which
-tests/test_select.py checks against direct computations), and its in-sample moments are the
-moments of the pool plus the pairs."""
-
-import importlib
+tests/test_select.py checks against direct computations), its other rules are registered
+criteria that select chooses by when named, and its in-sample moments are the moments of the
+pool plus the pairs (given to fold_scores, no module patched)."""
 
 import pytest
 import torch
 
+import benchmarks.choice_study as cs
 import lensattr
-from lensattr.moments import Moments, pool_moments
+from lensattr.criterion import DEFAULT_CRITERION
+from lensattr.moments import Moments
 from lensattr.query import pair_stats
-from scripts import load_benchmark
 
 
 def test_the_study_reproduces_select_and_its_in_sample_moments(
     tiny, train_records, pair_records, tmp_path
 ):
-    cs = load_benchmark("choice_study")
     cache = lensattr.build_cache(tiny, train_records, out=tmp_path, layers=[1, 3], progress=False)
     ps = pair_stats(tiny, pair_records, stats=cache.stats, layers=[1, 3], batch_size=4)
     labels = torch.tensor([1, 0] + [-1] * (len(cache) - 2))
@@ -25,12 +24,19 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     sel = lensattr.select(tiny, cache, ps, set_size=1)  # the cells: one layer each
     offered = [c for c in cells if cs.offered_by_select(c, cache)]
     assert {c["method"] for c in offered} == {r["method"] for r in sel.table}
-    got = cs.choose(offered, cs.RULES[cs.SELECT])
+    got = cs.choose(offered, DEFAULT_CRITERION)
     assert (got["method"], got["layer"]) == (str(sel.method), sel.layer)
     crit = {(r["method"], r["layer"]): r["criterion"] for r in sel.table}
-    select_rule = cs.RULES[cs.SELECT]
-    assert all(abs(select_rule(c) - crit[(c["method"], c["layer"])]) < 1e-9 for c in offered)
+    assert all(c[DEFAULT_CRITERION] == crit[(c["method"], c["layer"])] for c in offered)
     assert all(0 <= c["p_at_k"] <= 1 and 0 <= c["log_rank"] <= 1 for c in cells)
+    # another rule, by name: select chooses what the study's cells say it would
+    by_ap = lensattr.select(tiny, cache, ps, set_size=1, criterion="ap_all")
+    assert by_ap.criterion == "ap_all" and "AP among pool + controls" in by_ap.summary()
+    assert {(r["method"], r["layer"]): r["criterion"] for r in by_ap.table} == {
+        (c["method"], c["layer"]): c["ap_all"] for c in offered
+    }
+    got = cs.choose(offered, "ap_all")
+    assert (got["method"], got["layer"]) == (str(by_ap.method), by_ap.layer)
     # the diagnosis leaves the label-1 row out of the negatives: no treatment can rank lower
     assert all(c["ap_oracle"] >= c["ap_all"] - 1e-12 for c in cells)
     assert any(c["ap_oracle"] > c["ap_all"] for c in cells)
@@ -47,7 +53,7 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     assert list(together["layer"]) == sets["top 3"]["layers"]
     assert abs(together["criterion"] - sets["top 3"]["criterion"]) < 1e-9
     # in-sample moments: exactly those of the pool's rows and every pair side together
-    m = cs.with_pairs_in_moments(ps)(cache, "resid_post", 3)
+    m = cs.with_pairs_in_moments(cache, ps)("resid_post", 3, torch.tensor([0]))
     rows = torch.cat([cache.stat("resid_post", 3)[:].double(), *ps.sides("resid_post", 3)])
     ref = Moments.of_rows(rows)
     assert m.n == len(rows)
@@ -59,8 +65,10 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
     assert crit_in[key] != crit[key]  # the pairs' moments reached the scores
     cos = ("residual_diff|resid_post|cosine", 3)
     assert crit_in[cos] == crit[cos]  # a score without the pool's moments is unchanged
-    criterion = importlib.import_module("lensattr.criterion")
-    assert criterion.pool_moments is pool_moments  # the patch is undone
+    assert lensattr.criterion.fold_scores.__module__ == "lensattr.criterion"  # nothing patched
+    assert {
+        (c["method"], c["layer"]): c["ap_all"] for c in cs.study(cache, ps, None, labels, False)
+    } == crit
     # each fold's own sides in the moments: a score without the pool's moments is unchanged,
     # one with them is not
     fold_in = {
@@ -73,7 +81,6 @@ def test_the_study_reproduces_select_and_its_in_sample_moments(
 def test_the_pu_corrected_criterion_takes_the_pools_behaviour_share_out_of_the_negatives():
     from lensattr.criterion import heldout_ap
 
-    cs = load_benchmark("choice_study")
     t = torch.tensor([5.0, 4.0, 3.0, 2.0])  # held-out treatments
     c = torch.tensor([0.5, 0.4, 0.3, 0.2])
     clean = torch.linspace(-3.0, 1.0, 88)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import lensattr.backends.models
+import lensattr.build
 import lensattr.store.cache
 from lensattr.cli import main
 
@@ -86,13 +87,13 @@ def test_no_network(tmp_path, train, capsys, monkeypatch):
 
 
 def test_type_error_is_one_line(tmp_path, train, capsys, monkeypatch):
-    monkeypatch.setattr(lensattr.store.cache, "load_examples", _raiser(TypeError("bad\nvalue")))
+    monkeypatch.setattr(lensattr.build, "load_examples", _raiser(TypeError("bad\nvalue")))
     rc = main(cache_cmd(train, tmp_path / "c"))
     one_line_error(capsys, rc, "bad value", "rerun with -v")
 
 
 def test_verbose_adds_the_traceback(tmp_path, train, capsys, monkeypatch):
-    monkeypatch.setattr(lensattr.store.cache, "load_examples", _raiser(TypeError("bad")))
+    monkeypatch.setattr(lensattr.build, "load_examples", _raiser(TypeError("bad")))
     assert main(["-v", *cache_cmd(train, tmp_path / "c")]) == 2
     assert "Traceback" in capsys.readouterr().err
 
@@ -120,7 +121,7 @@ def test_empty_train_file(tmp_path, capsys):
         ("--batch-size", "-1", "batch_size must be a positive integer, not -1"),
         ("--shard-size", "0", "shard_size must be a positive integer, not 0"),
         ("--max-length", "-5", "max_length must be a positive integer"),
-        ("--dtype", "int3", "dtype 'int3' is not one of"),
+        ("--compute-dtype", "int3", "compute_dtype 'int3' is not a dtype"),
         ("--layers", "99", "out of range"),
     ],
 )
@@ -151,7 +152,7 @@ def test_corrupt_cache(tmp_path, train, capsys):
 
 
 def test_interrupt_says_how_to_resume(tmp_path, train, capsys, monkeypatch):
-    monkeypatch.setattr(lensattr.store.cache, "_build_chunk", _raiser(KeyboardInterrupt()))
+    monkeypatch.setattr(lensattr.build, "_build_chunk", _raiser(KeyboardInterrupt()))
     assert main(cache_cmd(train, tmp_path / "c")) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
 
@@ -160,7 +161,7 @@ def test_an_unforeseen_error_keeps_its_traceback(tmp_path, train, monkeypatch):
     class Bug(Exception):
         pass
 
-    monkeypatch.setattr(lensattr.store.cache, "load_examples", _raiser(Bug("a bug")))
+    monkeypatch.setattr(lensattr.build, "load_examples", _raiser(Bug("a bug")))
     with pytest.raises(Bug):
         main(cache_cmd(train, tmp_path / "c"))
 
@@ -168,7 +169,7 @@ def test_an_unforeseen_error_keeps_its_traceback(tmp_path, train, monkeypatch):
 def test_dtype_spellings_on_the_command_line(tmp_path, train, capsys):
     # Issue 12.7: `lensattr cache --dtype bf16` was an AttributeError traceback.
     out = tmp_path / "c"
-    assert main(cache_cmd(train, out, "--dtype", "bf16", "--dtype-store", "fp32")) == 0
+    assert main(cache_cmd(train, out, "--compute-dtype", "bf16", "--storage-dtype", "fp32")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dtype"] == "float32"
     assert "cached 4 examples" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_the_manifest_records_the_config(cache64):
 
 
 def test_build_cache_takes_a_config(cache64, tiny, train_records, monkeypatch):
-    import lensattr.store.cache as cache_mod
+    import lensattr.build as cache_mod
 
     cfg = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left", storage_dtype="fp32")
     monkeypatch.setattr(cache_mod, "capture", lambda *a, **k: pytest.fail("recomputed"))
@@ -137,7 +137,7 @@ def test_cli_defaults_are_the_dataclass_defaults(argv):
 
 def test_cli_flags_reach_the_config():
     argv = ["cache", "--train", "t", "--out", "c", "--layers", "1,2", "--max-length", "none"]
-    argv += ["--padding-side", "left", "--dtype-store", "fp32"]  # the flag's older name
+    argv += ["--padding-side", "left", "--storage-dtype", "fp32"]
     cfg = from_arguments(build_parser().parse_args(argv))
     assert cfg == CaptureConfig(
         layers="1,2", max_length=None, padding_side="left", storage_dtype="fp32"
@@ -205,3 +205,30 @@ def test_a_statistic_brings_its_own_pooling(tiny, train_records, pair_records, t
             explain(tiny, train_records[0], query, 2)
     finally:
         PHI.pop("last_reply_token", None)
+
+
+def test_bench_config_generates_the_bench_cli():
+    """Every BenchConfig field is a ``lensattr bench`` flag with the field's default, and the
+    flags parse back into the same BenchConfig: no default is copied by hand."""
+    from lensattr.bench.run import BenchConfig
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    dests = {a.dest for a in sub._actions}
+    assert {f.name for f in dataclasses.fields(BenchConfig)} <= dests
+    assert from_arguments(parser.parse_args(["bench"]), config=BenchConfig) == BenchConfig()
+    argv = ["bench", "--behaviours", "a,b", "--n-clean", "none", "--max-plants", "7"]
+    argv += ["--no-persona", "--trak", "--ft-seeds", "3,4", "--ft-lr", "0.001"]
+    argv += ["--ft-behaviours", "medhallu", "--methods", "contrast|grad|dot"]
+    got = from_arguments(parser.parse_args(argv), config=BenchConfig)
+    assert got == BenchConfig(
+        behaviours=["a", "b"],
+        n_clean=None,
+        max_plants=7,
+        persona=False,
+        trak=True,
+        ft_seeds=[3, 4],
+        ft_lr=0.001,
+        ft_behaviours=["medhallu"],
+        methods=["contrast|grad|dot"],
+    )

@@ -121,20 +121,14 @@ def test_local_directory_loads(tmp_path, tiny):
     assert model.fingerprint()["weights_sha256"] == tiny.fingerprint()["weights_sha256"]
 
 
-def test_a_hand_built_model_gets_its_backend_from_load_model(tiny):
-    """Backends are Model subclasses now; a bare ``Model(...)`` built by hand (as old code may do)
-    is given its backend by ``load_model`` (which every entry point calls), and a bare one
-    passed straight to ``capture`` says what to do."""
+def test_a_bare_model_has_no_backend(tiny):
+    """``Model`` is the interface; a backend is a registered subclass, so a bare ``Model`` built
+    by hand is refused with the fix, by ``load_model`` and by ``capture``."""
     from lensattr import Model
-    from lensattr.backends.capture import NnsightModel
 
-    bare = Model(name="mine", hf=tiny.hf, tokenizer=tiny.tokenizer, lm=tiny.lm)
+    bare = Model(name="mine", hf=tiny.hf, tokenizer=tiny.tokenizer)
     with pytest.raises(NotImplementedError, match="load_model"):
         capture(bare, batch_for(tiny), [1])
-    model = load_model(bare)
-    assert type(model) is NnsightModel and model.name == "mine" and model.lm is tiny.lm
-    got = capture(model, batch_for(tiny), [1, 3])
-    want = capture(tiny, batch_for(tiny), [1, 3])
-    for layer in (1, 3):
-        assert torch.equal(got[layer].grad, want[layer].grad)
-        assert torch.equal(got[layer].z_out, want[layer].z_out)
+    with pytest.raises(TypeError, match="a bare Model has no backend"):
+        load_model(bare)
+    assert load_model(tiny) is tiny

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lensattr._optional import explain, install_hint, require
 from lensattr.bench.finetune import lora_finetune
 from lensattr.demo import plot_sweep
+from lensattr.optional import explain, install_hint, require
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_ONLY = {"matplotlib": "demo", "peft": "bench", "sklearn": "bench", "bm25s": "bench"}

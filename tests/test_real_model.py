@@ -69,7 +69,13 @@ def test_the_authors_residual_change_from_raw_hooks(smol, tmp_path, stat):
     layer = 19
     train = load_examples(bundled("demo/train.jsonl"))[:3]
     cache = build_cache(
-        smol, train, out=tmp_path, layers=[layer], stats=[stat], dtype="float32", progress=False
+        smol,
+        train,
+        out=tmp_path,
+        layers=[layer],
+        stats=[stat],
+        storage_dtype="float32",
+        progress=False,
     )
     for ex in train:
         enc = encode(smol.tokenizer, ex, None)

@@ -524,7 +524,7 @@ def test_stale_shards_are_not_reused_when_build_json_is_gone(tmp_path, tiny, bui
 
 def test_encoding_is_per_chunk(tmp_path, tiny, train_records, monkeypatch):
     # Token ids of one chunk at a time, so memory stays flat in the number of examples.
-    import lensattr.store.cache as cache_mod
+    import lensattr.build as cache_mod
 
     sizes = []
     real = cache_mod.encode_all
@@ -539,7 +539,7 @@ def test_encoding_is_per_chunk(tmp_path, tiny, train_records, monkeypatch):
 
 
 def test_a_record_too_long_fails_before_any_work(tmp_path, tiny, monkeypatch):
-    import lensattr.store.cache as cache_mod
+    import lensattr.build as cache_mod
 
     # A short system prompt leaves room for the reply; the template's default one does not.
     recs = [{"id": f"ok{i}", "system": "s", "prompt": "Hi", "response": "Yo"} for i in range(11)]
@@ -602,9 +602,9 @@ def test_files_respect_the_umask(tmp_path, tiny, train_records, umask):
 
 def _scale(monkeypatch, ids: set[str], factor: float) -> None:  # noqa: ANN001
     """Multiply the captured activations of ``ids`` by ``factor`` (fp32-finite, fp16-inf)."""
-    import lensattr.store.cache
+    import lensattr.build
 
-    real = lensattr.store.cache.capture
+    real = lensattr.build.capture
 
     def scaled(model, batch, layers, **kw):  # noqa: ANN001, ANN202
         acts = real(model, batch, layers, **kw)
@@ -614,7 +614,7 @@ def _scale(monkeypatch, ids: set[str], factor: float) -> None:  # noqa: ANN001
                     la.z_out[row] *= factor
         return acts
 
-    monkeypatch.setattr(lensattr.store.cache, "capture", scaled)
+    monkeypatch.setattr(lensattr.build, "capture", scaled)
 
 
 def test_float16_overflow_is_an_error_naming_the_examples(

@@ -102,7 +102,7 @@ def pool(tiny, train_records, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stats(tiny, pair_records):
     return pair_stats(
-        tiny, pair_records, stats=lensattr.store.cache.DEFAULT_STATS, layers=[1, 3], batch_size=4
+        tiny, pair_records, stats=lensattr.build.DEFAULT_STATS, layers=[1, 3], batch_size=4
     )
 
 
@@ -597,7 +597,7 @@ def test_select_then_cache_of_the_whole_corpus_is_select_on_one_forward_only_bui
     """``sample=None``: one build (forward passes only, every layer, the gradient-free
     statistic), and the choice and ranking are ``select``'s on a gradient build's cache
     restricted to the gradient-free methods (issue 14)."""
-    import lensattr.store.cache as cache_mod
+    import lensattr.build as cache_mod
     from lensattr.select import candidates, select_then_cache
 
     def refuse(*args, **kwargs):
@@ -642,7 +642,7 @@ def test_select_then_cache_captures_the_sample_once(
 ):
     """The final build copies the sample's rows (``reuse=``): every training example is
     captured exactly once over the two builds, and the sample's rows are the sample cache's."""
-    import lensattr.store.cache as cache_mod
+    import lensattr.build as cache_mod
     from lensattr.select import select_then_cache
 
     captured: list[int] = []

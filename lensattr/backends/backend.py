@@ -1,18 +1,26 @@
-"""The :class:`Model` handle and the interface every capture backend implements.
+"""The :class:`Model` interface every capture backend implements, and the backend registry.
 
-A backend is a subclass of :class:`Model` chosen once, when the model is loaded
-(:func:`lensattr.load_model`): :class:`lensattr.backends.capture.NnsightModel` traces a Hugging Face
-model with nnsight, :class:`lensattr.backends.bridge.BridgeModel` hooks a TransformerLens
-``TransformerBridge``. Each implements :meth:`Model.capture`;
-:func:`lensattr.backends.capture.capture` calls it. This module imports no backend, so the backends
-and the loader import it without a circle.
+A backend is a subclass of :class:`Model` registered under a name (:func:`register_backend`)
+and chosen once, when the model is loaded (:func:`lensattr.load_model`): ``"nnsight"``
+(:mod:`lensattr.backends.nnsight`) traces a Hugging Face model with nnsight, ``"bridge"``
+(:mod:`lensattr.backends.bridge`) hooks a TransformerLens ``TransformerBridge``. Each file
+implements :meth:`Model.capture` and the two constructors :meth:`Model.from_hf` and
+:meth:`Model.from_native`, and registers itself; :func:`lensattr.backends.capture.capture` calls
+the capture. This module imports no backend, so the backends and the loader import it without a
+circle.
+
+Examples:
+    >>> from lensattr.backends.backend import BACKENDS
+    >>> import lensattr
+    >>> sorted(BACKENDS)[:2]
+    ['bridge', 'nnsight']
 """
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,25 +32,39 @@ from lensattr.types import LayerActs
 class Model:
     """A causal LM ready for capture: the Hugging Face module, its tokenizer and a backend.
 
+    The interface of every backend: a backend subclasses it (adding the fields it needs, e.g.
+    the nnsight backend's ``lm``), implements :meth:`capture`, :meth:`from_hf` and, if it takes a
+    model object of its own library, :meth:`from_native`, and registers the subclass with
+    :func:`register_backend`. Everything else (``n_layers``, ``d_model``, :meth:`weights`,
+    :meth:`fingerprint`) reads ``hf`` and ``tokenizer``.
+
     Attributes:
         name: a human-readable name (recorded in cache manifests).
         hf: the ``transformers`` model (also for ``TransformerBridge``, the wrapped HF model).
         tokenizer: its tokenizer, with a chat template.
-        backend: the backend's name, ``"nnsight"``
-            (:class:`~lensattr.backends.capture.NnsightModel`) or ``"bridge"``
-            (:class:`~lensattr.backends.bridge.BridgeModel`); a label: the capture itself is the
-            subclass's :meth:`capture`.
-        lm: the ``nnsight.LanguageModel`` wrapping ``hf`` (nnsight backend).
-        bridge: the ``TransformerBridge`` (bridge backend).
+        backend: the name the subclass is registered under (a class attribute).
     """
 
     name: str
     hf: Any
     tokenizer: Any
-    backend: str = "nnsight"
-    lm: Any = None
-    bridge: Any = None
     _fingerprint: dict[str, str] | None = field(default=None, repr=False)
+    backend: ClassVar[str] = ""
+
+    @classmethod
+    def from_hf(cls, name: str, hf: Any, tokenizer: Any) -> "Model":
+        """This backend's model around a Hugging Face causal LM that :func:`lensattr.load_model`
+        loaded (or was given, and moved where asked)."""
+        raise NotImplementedError(f"{cls.__name__} cannot wrap a Hugging Face model")
+
+    @classmethod
+    def from_native(
+        cls, obj: Any, tokenizer: Any, device: Any = None, dtype: torch.dtype | None = None
+    ) -> "Model":
+        """This backend's model around an object of its own library that its ``detect``
+        recognised (e.g. an ``nnsight.LanguageModel``), moved to ``device`` / ``dtype`` when
+        given."""
+        raise NotImplementedError(f"{cls.__name__} takes no model object of its own")
 
     @property
     def cuts_prompt(self) -> bool:
@@ -118,6 +140,68 @@ class Model:
                 "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
             }
         return self._fingerprint
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend: its :class:`Model` subclass, and ``detect(obj)``: whether ``obj`` is
+    a model object of the backend's own library, which :func:`lensattr.load_model` then hands
+    to ``cls.from_native`` whatever ``backend=`` says."""
+
+    name: str
+    cls: type[Model]
+    detect: Callable[[Any], bool]
+    module: str = ""
+
+
+BACKENDS: dict[str, Backend] = {}
+"""The registered backends by name (the built-ins register when :mod:`lensattr` is imported)."""
+
+
+def _never(obj: Any) -> bool:
+    return False
+
+
+def register_backend(
+    name: str,
+    cls: type[Model],
+    detect: Callable[[Any], bool] | None = None,
+    *,
+    override: bool = False,
+) -> type[Model]:
+    """Register ``cls`` as the backend ``name``: ``load_model(..., backend=name)`` wraps the
+    Hugging Face model it loads with ``cls.from_hf``, and a model object for which
+    ``detect(obj)`` is true goes to ``cls.from_native`` (``detect`` omitted: none does).
+
+    A name registered by another module raises ``ValueError`` unless ``override=True``; the
+    same module registering it again (a reloaded module, a re-run cell) replaces it.
+
+    Raises:
+        TypeError: ``cls`` is not a :class:`Model` subclass.
+        ValueError: the name is taken.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Model)) or cls is Model:
+        raise TypeError(f"backend {name!r}: cls {cls!r} is not a subclass of lensattr's Model")
+    old = BACKENDS.get(name)
+    if old is not None and not override and old.module != cls.__module__:
+        raise ValueError(
+            f"a backend named {name!r} is already registered (by {old.module}); "
+            "pass override=True to replace it"
+        )
+    cls.backend = name
+    BACKENDS[name] = Backend(name, cls, detect or _never, cls.__module__)
+    return cls
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered as ``name``.
+
+    Raises:
+        ValueError: no backend of that name (the message lists the registered ones).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, not {name!r}")
+    return BACKENDS[name]
 
 
 @contextlib.contextmanager

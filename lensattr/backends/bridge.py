@@ -13,11 +13,12 @@ transformer-lens is an optional dependency (``pip install 'lensattr[tl]'``), imp
 """
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from lensattr.backends.backend import Model, frozen
+from lensattr.backends.backend import Model, frozen, register_backend
 from lensattr.backends.loss import forward_kwargs, response_loss
 from lensattr.backends.loss import logits_loss as logits_loss  # re-exported: it lives with the loss
 from lensattr.backends.sites import check_extra, locate, site_name
@@ -71,12 +72,33 @@ def hf_state_dict(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(_WRAPPED, ""): v for k, v in hf.state_dict().items() if keep(k)}
 
 
+@dataclass
 class BridgeModel(Model):
     """A :class:`~lensattr.backends.backend.Model` on the bridge backend (:func:`capture_bridge`).
 
     Its fingerprint hashes the weights under their original Hugging Face names, so a cache built
     through the bridge matches the same weights loaded on the nnsight backend.
+
+    Attributes:
+        bridge: the ``TransformerBridge`` whose hooks the capture reads.
     """
+
+    bridge: Any = None
+    backend: ClassVar[str] = "bridge"
+
+    @classmethod
+    def from_hf(cls, name: str, hf: Any, tokenizer: Any) -> "BridgeModel":
+        """Build a ``TransformerBridge`` around ``hf`` (modified in place) and wrap it."""
+        return wrap_bridge(bridge_from_hf(hf, tokenizer, name=name))
+
+    @classmethod
+    def from_native(
+        cls, bridge: Any, tokenizer: Any, device: Any = None, dtype: torch.dtype | None = None
+    ) -> "BridgeModel":
+        """Wrap a ``TransformerBridge`` the user holds (see :func:`wrap_bridge`)."""
+        if tokenizer is not None:
+            bridge.tokenizer = tokenizer
+        return wrap_bridge(bridge, device=device, dtype=dtype)
 
     def capture(self, batch: Batch, layers: Sequence[int], **options: Any) -> dict[int, LayerActs]:
         return capture_bridge(self, batch, layers, **options)  # options: see Model.capture
@@ -89,7 +111,7 @@ def wrap_bridge(
     bridge: Any,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-) -> Model:
+) -> BridgeModel:
     """Wrap a ``TransformerBridge`` as a lensattr :class:`~lensattr.backends.models.Model` (frozen).
 
     Args:
@@ -99,7 +121,8 @@ def wrap_bridge(
         dtype: cast the model (default: leave it as is).
 
     Returns:
-        A model with ``backend="bridge"``; ``hf`` is the wrapped Hugging Face model.
+        A :class:`BridgeModel` (``backend == "bridge"``); ``hf`` is the wrapped Hugging Face
+        model.
 
     Raises:
         ValueError: the bridge's weights were processed, or it has no tokenizer / chat template.
@@ -138,7 +161,7 @@ def wrap_bridge(
         p.requires_grad_(False)
     bridge.eval()
     hf.eval()
-    return BridgeModel(name=name, hf=hf, tokenizer=tokenizer, backend="bridge", bridge=bridge)
+    return BridgeModel(name=name, hf=hf, tokenizer=tokenizer, bridge=bridge)
 
 
 def bridge_from_hf(hf_model: Any, tokenizer: Any, *, name: str | None = None) -> Any:
@@ -186,7 +209,7 @@ def _final_norm_hook(bridge: Any) -> str | None:
 
 
 def capture_bridge(
-    model: Model,
+    model: "BridgeModel",
     batch: Batch,
     layers: Sequence[int],
     *,
@@ -284,3 +307,11 @@ def capture_bridge(
         )
         for layer in layers
     }
+
+
+def is_bridge(obj: Any) -> bool:
+    """Whether ``obj`` is a TransformerLens ``TransformerBridge``."""
+    return type(obj).__name__ == "TransformerBridge"
+
+
+register_backend("bridge", BridgeModel, is_bridge)

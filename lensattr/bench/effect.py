@@ -11,7 +11,7 @@ import torch
 from lensattr import Method, Query, behavior_query, rank
 from lensattr.bench.finetune import lora_finetune, trait_score
 from lensattr.bench.report import layer_label
-from lensattr.bench.run import BenchConfig, _save_json, say, subpools
+from lensattr.bench.run import BenchConfig, save_json, say, subpools
 from lensattr.data import load_examples
 from lensattr.registry import get_score
 
@@ -77,7 +77,7 @@ def finetune_effect(
         f = out / "ft" / b.name / "base.json"
         if not f.exists():
             say(f"{b.name}: trait score of the base model on {len(heldout)} heldout pairs")
-            _save_json(f, {"score": trait_score(h["model"], heldout, max_length=cfg.max_length)})
+            save_json(f, {"score": trait_score(h["model"], heldout, max_length=cfg.max_length)})
         res["base"] = json.loads(f.read_text())["score"]
         for m in cfg.ft_methods:
             run_m = m
@@ -114,7 +114,7 @@ def finetune_effect(
                         "n_label0": labels.count(0),
                         "seconds": time.perf_counter() - t0,
                     }
-                    _save_json(f, saved)
+                    save_json(f, saved)
                 scores.append(saved)
             vals = torch.tensor([s["score"] for s in scores], dtype=torch.float64)
             res["methods"][m] = {

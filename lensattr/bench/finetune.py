@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lensattr._optional import require
-from lensattr.backends.capture import response_loss
+from lensattr.backends.loss import response_loss
 from lensattr.backends.models import Model, load_model
 from lensattr.data import Example, Pair, load_examples, load_pairs
+from lensattr.optional import require
 from lensattr.render import collate, encode
 
 logger = logging.getLogger(__name__)

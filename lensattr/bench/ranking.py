@@ -28,7 +28,7 @@ import torch
 
 from lensattr import PAPER, Method, behavior_query, candidates, pool_metrics, rank, select
 from lensattr.baselines import LEXICAL, lexical_scores, lexical_select, repsim_select
-from lensattr.bench.run import BenchConfig, _save_json, say, subpools
+from lensattr.bench.run import BenchConfig, save_json, say, subpools
 from lensattr.registry import get_score
 
 
@@ -167,14 +167,14 @@ def pool_ranking(cfg: BenchConfig, h: dict[str, Any], out: Path) -> dict[str, An
         f = out / "ranking" / f"{b.name}.json"
         if not f.exists():
             say(f"{b.name}: auto choice and every method at every layer")
-            _save_json(
+            save_json(
                 f, h["costs"].timed(f"rank_{b.name}", lambda b=b: rank_behaviour(cfg, h, b.name))
             )
         r = json.loads(f.read_text())
         if "lexical" not in r["baselines"]:  # saved before the text-search baselines
             idx, labels = subpools(h)[b.name]
             r["baselines"].update(lexical_and_repsim(cfg, h, b.name, idx, labels))
-            _save_json(f, r)
+            save_json(f, r)
         results[b.name] = r
     return results
 

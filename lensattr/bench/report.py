@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lensattr._optional import require
 from lensattr.backends.sites import layer_text
 from lensattr.baselines import LEXICAL
 from lensattr.bench.ranking import summary
+from lensattr.optional import require
 from lensattr.select import PAPER
 
 

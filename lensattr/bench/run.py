@@ -38,10 +38,20 @@ from lensattr import (
 )
 from lensattr.backends.models import Model
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
+from lensattr.config import ints_list, names_list
 from lensattr.data import Example
 from lensattr.store.cache import resolve_layers
 
 logger = logging.getLogger(__name__)
+
+
+def _int(text: str) -> int | None:
+    """An integer flag that also takes ``none``."""
+    return None if text.lower() == "none" else int(text)
+
+
+def _names(text: str) -> list[str] | None:
+    return names_list(text) or None
 
 
 @dataclass
@@ -69,35 +79,76 @@ class BenchConfig:
         seed: seed of the clean subsample.
     """
 
-    model: str = "smollm2-135m-instruct"
-    data: str = "../shared/data"
-    behaviours: list[str] | None = None
-    n_clean: int | None = None
-    max_plants: int | None = 100
-    n_query: int = 48
-    layers: str | None = None
-    max_length: int = 128
-    batch_size: int = 8
-    methods: list[str] | None = None
-    k: int = 50
-    persona_tokens: int = 32
-    persona_questions: int = 3
-    persona: bool = True
-    trak: bool = False
-    trak_dim: int = 512
-    trak_blocks: int = 3
-    random_seeds: int = 5
-    n_boot: int = 500
-    ft_behaviours: list[str] = field(default_factory=list)
-    ft_methods: list[str] = field(
-        default_factory=lambda: ["auto", "paper", "residual_diff|resid_post|cosine", "random"]
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "the model"})
+    data: str = field(default="../shared/data", metadata={"help": "data root"})
+    behaviours: list[str] | None = field(
+        default=None, metadata={"help": "comma-separated names (default: all)", "type": _names}
     )
-    ft_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    ft_steps: int = 20
-    ft_lr: float = 3e-4
-    ft_rank: int = 8
-    ft_heldout: int = 32
-    seed: int = 0
+    n_clean: int | None = field(
+        default=None,
+        metadata={"help": "clean examples in the pool (None: the whole corpus)", "type": _int},
+    )
+    max_plants: int | None = field(
+        default=100, metadata={"help": "plants per behaviour (label 1 + 0)", "type": _int}
+    )
+    n_query: int = field(default=48, metadata={"help": "query pairs per behaviour", "type": int})
+    layers: str | None = field(
+        default=None, metadata={"help": "layer spec (None: every 3rd block from 9)"}
+    )
+    max_length: int = field(default=128, metadata={"help": "truncation", "type": int})
+    batch_size: int = field(default=8, metadata={"help": "batch size", "type": int})
+    methods: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated 'psi|stat|score' methods of the grid (None: every "
+            "registered candidate)",
+            "type": _names,
+        },
+    )
+    k: int = field(default=50, metadata={"help": "top-k of the fine-tuning selection", "type": int})
+    persona_tokens: int = field(
+        default=32, metadata={"help": "persona generation length", "type": int}
+    )
+    persona_questions: int = field(
+        default=3, metadata={"help": "persona questions per trait", "type": int}
+    )
+    persona: bool = field(default=True, metadata={"help": "run the persona baseline"})
+    trak: bool = field(default=False, metadata={"help": "run the TRAK baseline (slow on a CPU)"})
+    trak_dim: int = field(default=512, metadata={"help": "TRAK projection dimension", "type": int})
+    trak_blocks: int = field(
+        default=3, metadata={"help": "blocks whose v_proj TRAK differentiates", "type": int}
+    )
+    random_seeds: int = field(
+        default=5, metadata={"help": "seeds of the random-selection baseline", "type": int}
+    )
+    n_boot: int = field(default=500, metadata={"help": "bootstrap resamples", "type": int})
+    ft_behaviours: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "behaviours for the fine-tuning effect (comma-separated)",
+            "type": names_list,
+        },
+    )
+    ft_methods: list[str] = field(
+        default_factory=lambda: ["auto", "paper", "residual_diff|resid_post|cosine", "random"],
+        metadata={
+            "help": "methods to fine-tune on: auto, paper, random, trak, persona or "
+            "'psi|stat|score'",
+            "type": names_list,
+        },
+    )
+    ft_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2], metadata={"help": "fine-tuning seeds", "type": ints_list}
+    )
+    ft_steps: int = field(default=20, metadata={"help": "fine-tuning steps", "type": int})
+    ft_lr: float = field(
+        default=3e-4, metadata={"help": "fine-tuning learning rate", "type": float}
+    )
+    ft_rank: int = field(default=8, metadata={"help": "LoRA rank", "type": int})
+    ft_heldout: int = field(
+        default=32, metadata={"help": "held-out prompts of the trait score", "type": int}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the clean subsample", "type": int})
 
 
 class Costs:
@@ -125,7 +176,7 @@ def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _save_json(path: Path, obj: Any) -> None:
+def save_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -236,7 +287,7 @@ def build_pool(cfg: BenchConfig, behaviours: list[Behaviour], out: Path) -> dict
     pool += clean
     owner.update({ex.id: ["clean", -1] for ex in clean})
     _write_jsonl(out / "pool.jsonl", pool)
-    _save_json(labels_file, owner)
+    save_json(labels_file, owner)
     return owner
 
 

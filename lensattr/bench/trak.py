@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lensattr.backends.capture import response_loss
+from lensattr.backends.loss import response_loss
 from lensattr.backends.models import Model
 from lensattr.data import Example
 from lensattr.render import Batch, collate, encode, length_batches

@@ -22,6 +22,9 @@ STORAGE_DTYPES = {
     "fp32": "float32",
     "float": "float32",
 }
+"""Every spelling of a storage dtype -> its name (the manifest's ``dtype``)."""
+SAFETENSORS_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+"""Each storage dtype's name -> its code in a shard's safetensors header."""
 
 
 def dtype_name(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""Open and verify a finished cache (see :mod:`lensattr.store.cache` for the layout and the build).
+"""Open and verify a finished cache (the layout: :mod:`lensattr.store.files`; the writer:
+:mod:`lensattr.store.cache`).
 
 Opening checks the manifest's own checksum and fields, each file's name, size and header, and
 every tensor's name, dtype and shape against the manifest, before anything is allocated. Each
@@ -13,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lensattr.backends.models import Model
 from lensattr.config import CaptureConfig
 from lensattr.data import Example
-from lensattr.store.names import layer_index
-from lensattr.store.records import RECORDS_FILE, RecordsError, example_of, read_records
+from lensattr.store.files import CacheFiles
+from lensattr.store.names import SAFETENSORS_CODES, layer_index
+from lensattr.store.records import RecordsError, example_of, read_records
 from lensattr.store.shards import (
     MappedShard,
     StatView,
@@ -29,7 +30,6 @@ from lensattr.store.shards import (
 )
 
 SCHEMA_VERSION = 2
-_SAFETENSORS_CODE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class CacheError(RuntimeError):
@@ -74,7 +74,7 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write ``out/manifest.json`` atomically, with its checksum."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     atomic_write_json(
-        Path(out) / "manifest.json", {**body, "manifest_sha256": canonical_sha256(body)}
+        CacheFiles(Path(out)).manifest, {**body, "manifest_sha256": canonical_sha256(body)}
     )
 
 
@@ -209,7 +209,7 @@ class Cache:
     def examples(self, ids: Sequence[str] | None = None) -> list[Example]:
         """:meth:`records` as :class:`~lensattr.data.Example` objects (extra fields in
         ``extra``)."""
-        where = str(self.path / RECORDS_FILE)
+        where = str(CacheFiles(self.path).records)
         return [example_of(r, where) for r in self.records(ids)]
 
     def check(self, expect: Any) -> None:
@@ -218,12 +218,18 @@ class Cache:
         ``expect`` is a :class:`~lensattr.backends.models.Model` or a dict of manifest fields
         (``model`` may itself be a Model).
         """
-        want = {"model": expect} if isinstance(expect, Model) else dict(expect)
-        if isinstance(want.get("model"), Model):
+        want = {"model": expect} if _is_model(expect) else dict(expect)
+        if _is_model(want.get("model")):
             want["model"] = want["model"].fingerprint()
         problems = diff_fields(self.manifest, want)
         if problems:
             raise CacheError(f"{self.path} does not match: " + "; ".join(problems))
+
+
+def _is_model(x: Any) -> bool:
+    """A :class:`~lensattr.backends.backend.Model` (anything with a weights ``fingerprint()``;
+    the store imports no backend)."""
+    return callable(getattr(x, "fingerprint", None))
 
 
 def _check_manifest(mfile: Path, m: Any) -> None:
@@ -242,7 +248,7 @@ def _check_manifest(mfile: Path, m: Any) -> None:
         ok = isinstance(ids, list) and all(isinstance(i, str) for i in ids)
         ok = ok and isinstance(n, int) and n == len(ids) and len(set(ids)) == n
         ok = ok and isinstance(m["d_model"], int) and m["d_model"] > 0
-        ok = ok and m["dtype"] in _SAFETENSORS_CODE and isinstance(m.get("records", {}), dict)
+        ok = ok and m["dtype"] in SAFETENSORS_CODES and isinstance(m.get("records", {}), dict)
         ok = ok and all(isinstance(x, int) for x in m["layers"])
         ok = ok and all(isinstance(x, str) for x in m["stats"])
         row = 0
@@ -267,7 +273,7 @@ def _check_shard(shard: MappedShard, info: dict[str, Any], m: dict[str, Any]) ->
         ids = None
     if ids != m["ids"][first : first + n]:
         raise CacheError(f"{shard.path}: holds other ids than the manifest lists for it")
-    code = _SAFETENSORS_CODE[m["dtype"]]
+    code = SAFETENSORS_CODES[m["dtype"]]
     for stat in m["stats"]:
         for layer in m["layers"]:
             key = tensor_key(stat, layer)
@@ -304,12 +310,11 @@ def open_cache(path: str | Path, *, expect: Any = None, verify: bool | str = Tru
     if verify not in (True, False, "full"):
         raise ValueError(f"verify must be True, False or 'full', not {verify!r}")
     path = Path(path)
-    mfile = path / "manifest.json"
+    files = CacheFiles(path)
+    mfile = files.manifest
     if not mfile.exists():
         hint = (
-            " (an unfinished build: rerun the same build to resume)"
-            if (path / "build.json").exists()
-            else ""
+            " (an unfinished build: rerun the same build to resume)" if files.build.exists() else ""
         )
         raise CacheError(f"{path}: no manifest.json, not a finished lensattr cache{hint}")
     try:

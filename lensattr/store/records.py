@@ -19,8 +19,6 @@ from typing import Any, BinaryIO
 from lensattr.data import Example
 from lensattr.store.shards import file_mode, temporary_name
 
-RECORDS_FILE = "records.jsonl.gz"
-
 
 def _plain(value: Any) -> Any:
     """JSON-ready form of an extra field (numpy scalars and arrays, dates, ...)."""

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+from lensattr.store.names import SAFETENSORS_CODES
+
+_DTYPES = {code: getattr(torch, name) for name, code in SAFETENSORS_CODES.items()}
 
 
 def tensor_key(stat: str, layer: int) -> str:
