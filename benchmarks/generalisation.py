@@ -491,9 +491,9 @@ def main() -> None:
     b.add_argument("--data", default="../shared/data")
     b.add_argument("--work", default="runs/gen")
     b.add_argument("--model", default="smollm2-135m-instruct")
-    b.add_argument("--clean", type=int, default=400, help="clean superset size")
+    b.add_argument("--clean", type=int, default=800, help="clean superset size")
     b.add_argument(
-        "--plants", type=int, default=25, help="label-1 (and label-0) superset per behaviour"
+        "--plants", type=int, default=50, help="label-1 (and label-0) superset per behaviour"
     )
     b.add_argument("--pairs", type=int, default=24)
     b.add_argument("--layers", default="2:30:3")
@@ -505,8 +505,8 @@ def main() -> None:
     s.add_argument("--work", default="runs/gen")
     s.add_argument("--seeds", default="0,1,2")
     s.add_argument("--model", default="smollm2-135m-instruct")
-    s.add_argument("--pool", type=int, default=300, help="clean examples per pool")
-    s.add_argument("--plants", type=int, default=20, help="label-1 (and label-0) plants per pool")
+    s.add_argument("--pool", type=int, default=600, help="clean examples per pool")
+    s.add_argument("--plants", type=int, default=40, help="label-1 (and label-0) plants per pool")
     s.add_argument("--behaviours", default="")
     s.add_argument("--redo", action="store_true")
     r = sub.add_parser("report")

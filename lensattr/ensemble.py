@@ -9,7 +9,7 @@ the mean and standard deviation taken over the ranked rows ``P``. Standardising 
 dot products and whitened scores on one scale. Each member is a method whose held-out treatment
 replies rank high among the pool and above their controls; averaging many of them averages out
 the luck of choosing any one on a few held-out pairs. Left out of one behaviour at a time, the
-mean of the 20 best methods found more of each behaviour's examples than the single best method
+mean of the 30 best methods found more of each behaviour's examples than the single best method
 did (the generalisation study, ``docs/results.md``).
 """
 

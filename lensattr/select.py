@@ -168,7 +168,7 @@ class Selection:
         return "\n".join(lines)
 
 
-ENSEMBLE = 20
+ENSEMBLE = 30
 """How many methods ``auto`` ranks together (:class:`~lensattr.ensemble.Ensemble`): the size
 that found the most behaviour examples when fitted on the other behaviours and scored on each
 one left out (the generalisation study, ``docs/results.md``)."""

@@ -43,6 +43,7 @@ SOURCES = {
     "demo/summary.json": "docs/results/demo.json",
     "demo/layer_sweep.png": "docs/img/demo/layer_sweep.png",
     "gen/report.json": "docs/results/generalisation.json",
+    "gen-small/report.json": "docs/results/generalisation-small.json",
     "perf.json": "docs/results/performance.json",
     "peers-demo.json": "docs/results/peers-demo.json",
 }
@@ -117,10 +118,13 @@ def render_demo(d: dict[str, Any]) -> str:
 
 GEN_COLUMNS = {  # column of runs/gen/report.json -> what the table calls it
     "auto (LOBO)": "auto",
-    "hindsight": "hindsight best",
+    "ensemble (LOBO)": "auto, size fitted on the others",
+    "auto, one method (LOBO)": "one method",
     "paper": "authors' method",
-    "repsim": "RepSim",
+    "old_paper": "old PAPER",
     "lexical": "text search",
+    "repsim": "RepSim",
+    "hindsight": "hindsight best",
 }
 
 
@@ -273,6 +277,7 @@ def render_peers_precision(d: dict[str, Any]) -> str:
 
 
 GEN = "python benchmarks/generalisation.py report --work runs/gen"
+GEN_SMALL = "python benchmarks/generalisation.py report --work runs/gen-small"
 PERF = "python benchmarks/bench_perf.py --out runs/perf.json"
 PEERS_RUN = "python benchmarks/bench_peers.py --data demo --out runs/peers-demo.json"
 
@@ -281,6 +286,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "demo": ("demo.json", render_demo, "lensattr demo --out runs/demo"),
     "generalisation": ("generalisation.json", render_generalisation, GEN),
     "generalisation-rules": ("generalisation.json", render_generalisation_rules, GEN),
+    "generalisation-small": ("generalisation-small.json", render_generalisation, GEN_SMALL),
     "build": ("performance.json", render_build, PERF),
     "ratios": ("performance.json", render_ratios, PERF),
     "memory": ("performance.json", render_memory, PERF),
