@@ -102,11 +102,16 @@ def render_demo(d: dict[str, Any]) -> str:
             continue
         m = d[key]
         method = m.get("method") or m.get("kind") or ""
+        chose = f"`{method}`" if method else ""
+        where = layer_of(m)
+        if m.get("members"):  # auto's ensemble: its size, and its best method
+            chose = f"the mean of its {len(m['members'])} best methods (best: {chose})"
+            where = "each its own"
         rows.append(
             [
                 name,
-                f"`{method}`" if method else "",
-                layer_of(m),
+                chose,
+                where,
                 num(m.get("planted_in_top10"), "d"),
                 interval(m.get("p_at_k"), m.get("p_at_k_ci")),
                 num(m.get("ap")),
