@@ -67,9 +67,10 @@ def main() -> None:
         sel = lensattr.select(model, cache, pairs, progress=False)
         print(sel.summary(top=3))
         r = lensattr.rank(cache, sel, top_k=None)
-        mine[f"auto now ({sel.method} @ L{layer_text(sel.layer)})"] = r.scores_of(
-            range(len(cache))
-        ).float()
+        what = f"{sel.method} @ L{layer_text(sel.layer)}"
+        if sel.ensemble is not None:
+            what = f"ensemble of {len(sel.ensemble.members)}, best {what}"
+        mine[f"auto now ({what})"] = r.scores_of(range(len(cache))).float()
     scored = Path(args.bergson or work) / "bergson-0-scores.json"
     theirs = {m: torch.tensor(s) for m, s in json.loads(scored.read_text())["scores"].items()}
 

@@ -149,9 +149,9 @@ def test_peers_paired_reads_a_finished_run_and_rebuilds_old_runs_labels(tmp_path
     )
     (tmp_path / "bergson-0-scores.json").write_text(json.dumps({"scores": bergson}))
     res = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "peers_paired.py"), "--work", str(tmp_path),
+        [sys.executable, "-m", "benchmarks.peers_paired", "--work", str(tmp_path),
          "--n-boot", "50"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1],
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     lab = torch.tensor(labels)
@@ -186,9 +186,9 @@ def test_peers_paired_select_reuses_saved_pair_stats(tiny, train_records, pair_r
     scores = {"dot": [float(i) for i in range(n)]}
     (tmp_path / "bergson-0-scores.json").write_text(json.dumps({"scores": scores}))
     res = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "peers_paired.py"), "--work", str(tmp_path),
+        [sys.executable, "-m", "benchmarks.peers_paired", "--work", str(tmp_path),
          "--select", "--pair-stats", str(tmp_path / "pairs.safetensors"), "--n-boot", "20"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1],
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     sel = lensattr.select(tiny, cache, ps)
@@ -196,7 +196,10 @@ def test_peers_paired_select_reuses_saved_pair_stats(tiny, train_records, pair_r
         lensattr.rank(cache, sel, top_k=None).scores_of(range(n)), torch.tensor(labels)
     )
     line = next(x for x in res.stdout.splitlines() if x.startswith("auto now"))
-    assert line.startswith(f"auto now ({sel.method} @ L{','.join(map(str, sel.layers))})")
+    from lensattr.backends.sites import layer_text
+
+    best = f"{sel.method} @ L{layer_text(sel.layer)}"
+    assert line.startswith(f"auto now (ensemble of {len(sel.ensemble.members)}, best {best})")
     assert f"AP {m['ap']:.3f}" in line
 
 
