@@ -108,7 +108,7 @@ def test_custom_methods_guide_runs(tmp_path):
     chosen = re.search(r"^CHOSEN (\S+)$", proc.stdout, re.M)
     assert chosen, proc.stdout[-2000:]
     assert chosen.group(1) in {
-        "unit_contrast|residual_change|abs_cosine",
+        "sign_contrast|residual_change|abs_cosine",
         "clipped_pool_contrast|resid_post|centered_cosine",
         "pool_contrast|resid_post|deflated_cosine",
         "residual_change|residual_change|cosine",
@@ -182,10 +182,10 @@ def test_generalisation_and_peers_tables_compute_what_they_claim():
     }
     summary = {"all": {"means": means, "within_0.05_of_hindsight": {"auto (LOBO)": 1}}}
     out = t.render_generalisation({"rows": rows, "summary": summary}).splitlines()
-    assert out[0] == "| behaviour | auto | hindsight best | authors' method |"
-    assert out[2] == "| a | 0.50 | 0.75 | 0.25 |"
+    assert out[0] == "| behaviour | auto | authors' method | hindsight best |"
+    assert out[2] == "| a | 0.50 | 0.25 | 0.75 |"
     assert out[3] == "| b | 1.00 | not measured yet | not measured yet |"
-    assert out[4] == "| **mean, all** | 0.75 [0.50, 1.00] | 0.75 | not measured yet |"
+    assert out[4] == "| **mean, all** | 0.75 [0.50, 1.00] | not measured yet | 0.75 |"
     rules = t.render_generalisation_rules({"rows": rows, "summary": summary}).splitlines()
     assert rules[2] == "| `auto (LOBO)` | 0.75 [0.50, 1.00] | 1 of 2 |"
 

@@ -90,7 +90,7 @@ def test_capture_recomputes_silu_outputs_bitwise(tiny, train_records, monkeypatc
     lowest requested layer up), and its tensors are bitwise those of a capture that keeps them."""
     import contextlib
 
-    from lensattr.backends import capture as capture_mod
+    from lensattr.backends import nnsight as capture_mod
 
     batch = collate(
         [encode(tiny.tokenizer, ex) for ex in load_examples(train_records[:5])],
