@@ -46,7 +46,7 @@ from lensattr.store.reader import (
     manifest_sha256,
     name_ids,
 )
-from lensattr.store.shards import atomic_write_json
+from lensattr.store.shards import atomic_write_json, plain_name
 
 __all__ = ["DEFAULT_STATS", "build_cache", "encode_all"]
 logger = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ def _check_arguments(
     names = [s.strip() for s in stats.split(",")] if isinstance(stats, str) else list(stats)
     if not names or not all(isinstance(s, str) and s for s in names):
         raise ValueError(f"stats must name at least one statistic, not {stats!r}")
+    for s in names:
+        plain_name(s, "statistic")
     if len(set(names)) != len(names):
         raise ValueError(f"stats {names} name a statistic twice")
     return names
@@ -207,7 +209,7 @@ def build_cache(
             return reopen(out, plan)
         build_file = files.build
         if build_file.exists():
-            problems = diff_fields(json.loads(build_file.read_text()), plan)
+            problems = diff_fields(_read_build(build_file), plan)
             if problems:
                 raise CacheError(
                     f"{out} holds a different, unfinished build: " + "; ".join(problems)
@@ -261,11 +263,31 @@ def build_cache(
         return finish(out, plan, chunks, skipped)
 
 
+def _read_build(build_file: Path) -> dict[str, Any]:
+    """An unfinished build's record, or a :class:`CacheError` naming it when it is corrupt."""
+    try:
+        record = json.loads(build_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        record = err
+    if not isinstance(record, dict):
+        why = f" ({record})" if isinstance(record, Exception) else ""
+        raise CacheError(
+            f"{build_file}: corrupt build record{why}; delete it and rerun the same build (the "
+            "finished shards that match are kept)"
+        )
+    return record
+
+
 def _reusable(reuse: Cache, plan: dict[str, Any], examples: Sequence[Example]) -> dict[str, int]:
     """``{example id: row of reuse}`` for the examples ``reuse`` holds with the same messages,
     after checking that its rows are what this build would compute."""
     keys = ("model", "pooling", "max_length", "dtype", "padding_side")  # what the rows depend on
     problems = diff_fields({k: reuse.manifest.get(k) for k in keys}, {k: plan[k] for k in keys})
+    problems += [
+        f"its {stat} was computed by {module}, this build's by {plan['stat_modules'][stat]}"
+        for stat, module in (reuse.manifest.get("stat_modules") or {}).items()
+        if stat in plan["stats"] and module != plan["stat_modules"][stat]
+    ]
     missing = [
         f"{stat} at layer {layer}"
         for stat in plan["stats"]
@@ -329,6 +351,8 @@ def _plan(
         "model": model.fingerprint(),
         "n_layers": model.n_layers,
         "stats": list(stats),
+        # the module of each statistic's function: a query computed by another is refused
+        "stat_modules": {s: get_phi(s).module for s in stats},
         **config.to_manifest(),
         "shard_size": shard_size,
         "batch_size": batch_size,
@@ -384,7 +408,7 @@ def _build_chunk(
             )
             for layer in layers:
                 for p in phis:
-                    vec = p.fn(acts[layer]).float().cpu().to(store_dtype)  # checked as stored
+                    vec = p.apply(acts[layer]).float().cpu().to(store_dtype)  # checked as stored
                     finite = torch.isfinite(vec).all(1) & torch.isfinite(vec.float().norm(dim=1))
                     for j in (~finite).nonzero()[:, 0].tolist():
                         bad.setdefault(idx[j], f"non-finite {p.name} at layer {layer} in {dname}")

@@ -4,6 +4,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -153,9 +154,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device(device: str | None) -> None:
+    """Refuse a device this torch cannot use in one line (CUDA asked of a CPU-only torch would
+    otherwise fail deep inside ``Module.to`` with an ``AssertionError``)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU found"
+        raise ValueError(f"--device {device!r}: CUDA is not available ({why}); use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r}: MPS is not available; use --device cpu")
+
+
+def _check_out(out: str, *, inputs: Sequence[str | None] = (), caches: Sequence[str] = ()) -> None:
+    """Refuse an output path that is one of the command's inputs or lies inside a cache
+    directory (the cache read, or any directory holding a cache or a build): writing there would
+    overwrite what the command reads, or a cache's own files."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is not None and Path(given).exists() and Path(given).resolve() == target:
+            raise ValueError(f"--out {out}: that is an input of this command; write elsewhere")
+    for cache in caches:
+        if target.is_relative_to(Path(cache).resolve()):
+            raise ValueError(
+                f"--out {out}: inside the cache directory {cache}; write outside the cache"
+            )
+    parent = target.parent
+    if (parent / "manifest.json").exists() or (parent / "build.json").exists():
+        raise ValueError(f"--out {out}: {parent} holds a lensattr cache; write outside it")
+
+
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from lensattr.backends.models import load_model
 
+    _check_device(args.device)
     return load_model(
         args.model,
         device=args.device,
@@ -208,6 +246,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from lensattr.query import behavior_query
     from lensattr.select import select
 
+    _check_out(args.out, inputs=[args.pairs], caches=[args.cache] if args.cache else [])
     if args.method not in (None, "auto"):
         from lensattr.select import Method
 
@@ -267,6 +306,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         raise ValueError("give either --query (a saved query) or --pairs with --method auto")
     if args.pairs is not None and args.method != "auto":
         raise ValueError("--pairs ranks with --method auto; for a fixed method build a query")
+    _check_out(args.out, inputs=[args.query, args.pairs], caches=[args.cache])
     cache = open_cache(args.cache)
     r = rank(
         cache,
@@ -284,14 +324,14 @@ def cmd_rank(args: argparse.Namespace) -> int:
         for i, (eid, score, rec) in enumerate(zip(r.ids, r.scores.tolist(), records, strict=True)):
             row = {
                 "id": eid,
-                "score": score,
+                "score": score if math.isfinite(score) else None,  # JSON has no NaN: null
                 "rank": i + 1,
                 "layer": r.layer,
                 "stat": r.stat,
                 "score_name": r.score,
                 "example": {k: v for k, v in rec.items() if k != "id"},
             }
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
     print(
         f"wrote {len(r)} ranked examples (layer {layer_text(r.layer)}, {r.stat}, {r.score}) "
         f"to {args.out}"

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lensattr.checks import positive_int, row_indices
 from lensattr.metrics import average_precision
 from lensattr.moments import Moments, ScoreContext, pool_moments
 from lensattr.query import FOLDS, PairStats, fit, interleaved_folds
@@ -220,9 +221,9 @@ def score_columns(
     non-finite score becomes ``-inf``, ranked last)."""
     norms = x.norm(dim=1)
     if score.batched:
-        out = score.fn(x, norms, psis, ctx)
+        out = score.apply(x, norms, psis, ctx)
     else:
-        out = torch.stack([score.fn(x, norms, psis[:, j], ctx) for j in range(psis.shape[1])], 1)
+        out = torch.stack([score.apply(x, norms, psis[:, j], ctx) for j in range(psis.shape[1])], 1)
     return out.float().nan_to_num(nan=-torch.inf, posinf=-torch.inf)
 
 
@@ -309,10 +310,12 @@ def fold_scores(
     ``select`` uses) by other ones for each fold, e.g. the pool's plus the pairs' (a study of
     how the choice depends on them); each fold is then scored on its own.
     """
+    positive_int("pool_sample", pool_sample, none=True)
     split = interleaved_folds(ps.n_pairs, folds)
     tests, trains = [te for te, _ in split], [tr for _, tr in split]
     folds = len(split)
-    pool_rows = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
+    chosen = row_indices(rows, len(cache))
+    pool_rows = torch.arange(len(cache)) if chosen is None else chosen
     if pool_sample is not None and len(pool_rows) > pool_sample:
         gen = torch.Generator().manual_seed(seed)
         pool_rows = pool_rows[torch.randperm(len(pool_rows), generator=gen)[:pool_sample]].sort()[0]

@@ -159,6 +159,17 @@ def _csv(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
+def _parquet(path: Path) -> list[Any]:
+    """The rows of a parquet file (an empty or unreadable one: a :class:`DataError` naming it)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001  (pyarrow's errors share no base class lensattr knows)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(str(path), None, f"not a readable parquet file ({first})") from None
+
+
 def _raw_records(source: Any, split: str | None = None) -> tuple[str, list[tuple[str, Any]]]:
     """Return (description, [(location, record), ...]) for any supported source."""
     import datasets
@@ -211,8 +222,7 @@ def _raw_records(source: Any, split: str | None = None) -> tuple[str, list[tuple
                 raise DataError(str(path), None, "expected a JSON array of records")
             return str(path), [(f"{path}, record {i}", rec) for i, rec in enumerate(data)]
         if suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(path))
-            return str(path), _rows(str(path), ds)
+            return str(path), _rows(str(path), _parquet(path))
         raise ValueError(
             f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)"
         )
@@ -248,7 +258,7 @@ def _string(
 def _record_id(rec: Mapping[str, Any], where: str, index: int) -> str:
     if "id" not in rec or rec["id"] is None:
         return f"row-{index}"
-    if not isinstance(rec["id"], (str, int)):
+    if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):  # true: not "True"
         raise DataError(where, "id", f"expected a string, got {type(rec['id']).__name__}")
     return str(rec["id"])
 

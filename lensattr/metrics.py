@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 
+from lensattr.checks import positive_int, same_length
+
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the ROC curve of ``labels`` (1 = positive) by ``scores`` (ties count one half).
@@ -17,6 +19,7 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
         >>> auroc(torch.tensor([1.0, 1.0]), torch.tensor([1, 0]))
         0.5
     """
+    same_length("auroc", scores=scores, labels=labels)
     scores, labels = scores.double(), labels.bool()
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
@@ -48,6 +51,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
         >>> average_precision(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 0, 1]))
         0.8333333333333333
     """
+    same_length("average_precision", scores=scores, labels=labels)
     hit = labels.bool()[_order(scores)]
     n_pos = int(hit.sum())
     if n_pos == 0:
@@ -63,8 +67,9 @@ def precision_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
         >>> precision_at_k(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1, 0, 1]), 2)
         0.5
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be >= 1, got {k!r}")
+    same_length("precision_at_k", scores=scores, labels=labels)
     top = _order(scores)[:k]
     return float(labels.bool()[top].double().mean())
 
@@ -91,6 +96,8 @@ def pool_metrics(
         >>> m["p_at_k"], round(m["ap"], 3), m["clean_above_median"], m["auroc_planted"]
         (0.5, 0.833, 1, 1.0)
     """
+    same_length("pool_metrics", scores=scores, labels=labels)
+    positive_int("n_boot", n_boot, least=0)
     labels = labels.long()
     pos = labels == 1
     k = int(pos.sum())
@@ -146,6 +153,7 @@ def pool_metrics_difference(
         >>> d["p_at_k_ci"][0] >= 0.0
         True
     """
+    positive_int("n_boot", n_boot, least=0)
     labels = labels.long()
     pos = labels == 1
     k = int(pos.sum())

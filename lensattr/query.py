@@ -9,25 +9,29 @@ mean over pairs, and the held-out accuracy a few matrix-vector products.
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from lensattr._version import __version__
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.prefix import openings_kept
+from lensattr.checks import positive_int
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
-from lensattr.render import collate, encode, length_batches
+from lensattr.render import Encoded, collate, encode, length_batches
 from lensattr.store.cache import Cache, CacheError, open_cache, resolve_layers
+from lensattr.store.reader import name_ids
+from lensattr.store.shards import plain_name, save_tensors
 from lensattr.types import LayerActs, Vec
 
 FOLDS = 4
@@ -45,12 +49,14 @@ class QueryError(ValueError):
 class PairStats:
     """Statistics of every pair's treatment and control reply: ``side[stat][layer]`` is
     ``[n_pairs, d_model]`` (fp32), row ``j`` from pair ``j`` on both sides; ``capture``: the
-    capture settings (``None``: not recorded, nothing is checked)."""
+    capture settings (``None``: not recorded, nothing is checked); ``sources``: the module of
+    the function that computed each statistic (``None``: not recorded)."""
 
     treatment: dict[str, dict[int, torch.Tensor]]
     control: dict[str, dict[int, torch.Tensor]]
     model: dict[str, str]
     capture: CaptureConfig | None = None
+    sources: dict[str, str] | None = None
 
     @property
     def stats(self) -> list[str]:
@@ -81,20 +87,72 @@ class PairStats:
             for stat, by_layer in table.items()
             for layer, v in by_layer.items()
         }
-        meta = {"model": json.dumps(self.model), "capture": _capture_json(self.capture)}
-        save_file(tensors, str(path), meta)
+        meta = {
+            "model": json.dumps(self.model),
+            "capture": _capture_json(self.capture),
+            "sources": json.dumps(self.sources),
+        }
+        save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "PairStats":
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        sides: dict[str, dict[str, dict[int, torch.Tensor]]] = {"t": {}, "c": {}}
-        for key, v in load_file(str(path)).items():
-            side, stat, layer = key.split("/")
-            sides[side].setdefault(stat, {})[int(layer)] = v
-        ps = cls(sides["t"], sides["c"], json.loads(meta["model"]))
-        ps.capture = _capture_of(meta, ps.layers)
+        """Read pair statistics saved by :meth:`save`.
+
+        Raises:
+            QueryError: not a readable pair-statistics file (naming it).
+            OSError: the file cannot be opened (missing, no permission).
+        """
+        with open(path, "rb"):  # a missing or unreadable file: its own OSError, naming it
+            pass
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            sides: dict[str, dict[str, dict[int, torch.Tensor]]] = {"t": {}, "c": {}}
+            for key, v in load_file(str(path)).items():
+                side, stat, layer = key.split("/")
+                sides[side].setdefault(plain_name(stat, "statistic"), {})[int(layer)] = v
+            ps = cls(sides["t"], sides["c"], json.loads(meta["model"]))
+            ps.capture = _capture_of(meta, ps.layers)
+            ps.sources = _sources_of(json.loads(meta.get("sources", "null")))
+        except (KeyError, ValueError, TypeError, AttributeError, SafetensorError) as err:
+            raise QueryError(
+                f"{path}: not lensattr pair statistics ({type(err).__name__}: {err})"
+            ) from None
         return ps
+
+
+def _sources_of(value: Any) -> dict[str, str] | None:
+    """Recorded statistic sources: ``null`` or ``{statistic: module}``."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return value
+    raise ValueError(f"field 'sources': {value!r} is not a map of statistics to modules")
+
+
+def _check_distinct(pairs: Sequence[Pair], encs: list[list[Encoded]], max_length: Any) -> None:
+    """Refuse pairs whose two sides are the same tokens: the same reply, or replies that differ
+    only beyond ``max_length`` (truncation cut the difference away). Such a pair contrasts
+    nothing, and would dilute the query and the held-out measures without a word."""
+    same = [p for p, (t, c) in zip(pairs, encs, strict=True) if t.ids == c.ids]
+    if not same:
+        return
+    text = [p.id for p in same if p.sides()[0].messages == p.sides()[1].messages]
+    cut = [p.id for p in same if p.id not in text]
+    problems = []
+    if text:
+        problems.append(f"pairs {name_ids(text)} have the same treatment and control")
+    if cut:
+        problems.append(
+            f"pairs {name_ids(cut)} differ only beyond max_length={max_length} tokens (truncation "
+            "makes their two sides identical: raise max_length)"
+        )
+    raise QueryError(
+        "; ".join(problems) + f" ({len(same)} of {len(pairs)} pairs): a pair must contrast two "
+        "different replies; fix or drop them"
+    )
 
 
 def _capture_json(config: CaptureConfig | None) -> str:
@@ -147,6 +205,7 @@ def pair_stats(
     pooling = pooling_of(phis)  # before any work: statistics captured together share one
     layer_list = resolve_layers(layers, model.n_layers)
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
+    _check_distinct(pair_list, encs, max_length)
     per = max(1, batch_size // 2)
     n, d = len(pair_list), model.d_model
     out = {
@@ -172,7 +231,7 @@ def pair_stats(
             for layer, a in acts.items():
                 for side, rows in zip(("t", "c"), _split(a), strict=True):
                     for p in phis:
-                        out[side][p.name][layer][idx] = p.fn(rows).float().cpu()
+                        out[side][p.name][layer][idx] = p.apply(rows).float().cpu()
             bar.update(len(idx))
     bar.close()
     return PairStats(
@@ -186,6 +245,7 @@ def pair_stats(
             pooling=pooling,
             storage_dtype="float32",
         ),
+        {p.name: p.module for p in phis},
     )
 
 
@@ -216,6 +276,8 @@ class Query:
             the query is ranked by the mean of its scores at several layers.
         pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
         capture: the capture settings of the pairs (``None``: not recorded, nothing checked).
+        stat_module: the module of the function that computed the statistic (checked against
+            the cache's record; ``None``: not recorded, nothing checked).
     """
 
     vectors: dict[int, torch.Tensor]
@@ -228,9 +290,11 @@ class Query:
     layer: int | tuple[int, ...] | None = None
     pool: str | None = None
     capture: CaptureConfig | None = None
+    stat_module: str | None = None
 
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
+        check_fields(vars(self))
 
     def best_layer(self) -> int | tuple[int, ...]:
         """The chosen layer (or layers) if :func:`lensattr.select` set one, else the layer whose
@@ -280,32 +344,46 @@ class Query:
             "layer": json.dumps(self.layer),
             "pool": json.dumps(self.pool),
             "capture": _capture_json(self.capture),
+            "stat_module": json.dumps(self.stat_module),
+            "lensattr_version": __version__,
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the query as safetensors (vectors) with JSON metadata."""
-        vectors = {f"layer/{k}": v.contiguous() for k, v in self.vectors.items()}
-        save_file(vectors, str(path), self.metadata())
+        """Write the query as safetensors (vectors) with JSON metadata, atomically and with the
+        umask's mode; a failure names ``path``."""
+        save_tensors(path, {f"layer/{k}": v for k, v in self.vectors.items()}, self.metadata())
 
     @classmethod
     def from_saved(cls, meta: dict[str, str], vectors: dict[int, torch.Tensor]) -> "Query":
-        """The query that :meth:`metadata` and the vectors describe (validated)."""
-        return cls(
-            vectors=vectors,
-            psi=meta["psi"],
-            stat=meta["stat"],
-            model=json.loads(meta["model"]),
-            n_pairs=int(meta["n_pairs"]),
-            cv={int(k): v for k, v in (json.loads(meta.get("cv", "null")) or {}).items()},
-            score=meta["score"],
-            layer=_layer_of(json.loads(meta.get("layer", "null"))),
-            pool=json.loads(meta.get("pool", "null")),
-            capture=_capture_of(meta, sorted(vectors)),
-        )
+        """The query that :meth:`metadata` and the vectors describe (validated field by field
+        before the dataclass sees them: :func:`check_fields`)."""
+        fields = {
+            "vectors": vectors,
+            "psi": meta["psi"],
+            "stat": meta["stat"],
+            "model": json.loads(meta["model"]),
+            "n_pairs": int(meta["n_pairs"]),
+            "cv": _cv_of(json.loads(meta.get("cv", "null"))),
+            "score": meta["score"],
+            "layer": _layer_of(json.loads(meta.get("layer", "null"))),
+            "pool": json.loads(meta.get("pool", "null")),
+            "capture": _capture_of(meta, sorted(vectors)),
+            "stat_module": json.loads(meta.get("stat_module", "null")),
+        }
+        check_fields(fields)
+        return cls(**fields)
 
     @classmethod
     def load(cls, path: str | Path) -> "Query":
-        """Read a saved query, validating every vector (finite, unit norm) and field."""
+        """Read a saved query, validating every vector (finite, unit norm) and field.
+
+        Raises:
+            QueryError: not a lensattr query, or a field or vector of the wrong kind (naming the
+                file).
+            OSError: the file cannot be opened (missing, no permission, a directory).
+        """
+        with open(path, "rb"):  # a missing or unreadable file: its own OSError, naming it
+            pass
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
@@ -313,10 +391,27 @@ class Query:
             return cls.from_saved(meta, vectors)
         except QueryError as err:
             raise QueryError(f"{path}: {err}") from None
-        except (KeyError, ValueError, IndexError, OSError, SafetensorError) as err:
+        except (
+            KeyError,
+            ValueError,
+            IndexError,
+            TypeError,
+            AttributeError,
+            OSError,
+            SafetensorError,
+        ) as err:
             raise QueryError(
                 f"{path}: not a lensattr query ({type(err).__name__}: {err})"
             ) from None
+
+
+def _cv_of(value: Any) -> dict[int, Any] | None:
+    """A saved query's held-out accuracies: ``null`` or ``{layer: accuracy}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"field 'cv': {value!r} is not a map of layers to accuracies")
+    return {int(k): v for k, v in value.items()}
 
 
 def _layer_of(value: Any) -> int | tuple[int, ...] | None:
@@ -328,18 +423,68 @@ def _layer_of(value: Any) -> int | tuple[int, ...] | None:
     raise ValueError(f"field 'layer': {value!r} is not a layer or a list of layers")
 
 
+def check_fields(fields: dict[str, Any]) -> None:
+    """Refuse a query field of the wrong kind (one line naming the field): the names must be
+    plain names, ``model`` a map of strings, ``n_pairs`` a count, ``cv`` a map of layers to
+    numbers, ``pool`` and ``stat_module`` strings or ``None``."""
+
+    def bad(field: str, want: str) -> QueryError:
+        return QueryError(f"field {field!r}: {fields.get(field)!r} is not {want}")
+
+    for field in ("psi", "stat", "score"):
+        try:
+            plain_name(fields.get(field), field)
+        except ValueError as err:
+            raise QueryError(f"field {field!r}: {err}") from None
+    model, n_pairs, cv = fields.get("model"), fields.get("n_pairs"), fields.get("cv")
+    if not isinstance(model, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | None) for k, v in model.items()
+    ):
+        raise bad("model", "a model fingerprint (a map of strings)")
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 0:
+        raise bad("n_pairs", "a count of pairs")
+    if cv is not None and not (
+        isinstance(cv, dict)
+        and all(
+            isinstance(k, int) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in cv.items()
+        )
+    ):
+        raise bad("cv", "a map of layers to held-out accuracies")
+    for field in ("pool", "stat_module"):
+        if not isinstance(fields.get(field), str | None):
+            raise bad(field, "a string or null")
+    capture = fields.get("capture")
+    if capture is not None and not isinstance(capture, CaptureConfig):
+        raise bad("capture", "capture settings")
+
+
 def check_fits(
-    cache: Cache, model: dict[str, str], capture: CaptureConfig | None, what: str
+    cache: Cache,
+    model: dict[str, str],
+    capture: CaptureConfig | None,
+    what: str,
+    sources: Mapping[str, str | None] | None = None,
 ) -> None:
     """Raise :class:`~lensattr.store.cache.CacheError` naming the field where statistics captured
     with ``model`` and ``capture`` settings (``what``: "the query", "the pairs") do not fit
-    ``cache`` (the settings through :func:`~lensattr.config.check_capture`)."""
+    ``cache`` (the settings through :func:`~lensattr.config.check_capture`), or where a
+    statistic of ``sources`` (``{statistic: module of its function}``) was computed by another
+    function than the cache's (an overridden built-in, a plugin). ``None``: not recorded."""
     cache.check({"model": model})
 
     def error(text: str) -> CacheError:
         return CacheError(f"{cache.path}: {text}; capture them again with the cache's settings")
 
     check_capture(capture, cache.capture_config, what=what, other="the cache", error=error)
+    recorded = cache.manifest.get("stat_modules") or {}
+    for stat, module in (sources or {}).items():
+        if module and recorded.get(stat) and recorded[stat] != module:
+            raise CacheError(
+                f"{cache.path}: its {stat!r} rows were computed by {recorded[stat]}, the "
+                f"statistic of {what} by {module} (a replaced built-in or a plugin): compute "
+                "both with the same function"
+            )
 
 
 def check_vectors(vectors: dict[int, torch.Tensor], what: str) -> None:
@@ -365,8 +510,9 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def fit(psi: Psi, t: torch.Tensor, c: torch.Tensor, pool: Moments | None) -> torch.Tensor:
-    """The unnormalised query ``mean_j psi.fn(t, c, pool)_j`` (fp32)."""
-    return psi.fn(t, c, pool).double().mean(0).float()
+    """The unnormalised query ``mean_j psi.fn(t, c, pool)_j`` (fp32); the function's output is
+    checked to be one contribution per pair (:meth:`~lensattr.registry.Psi.apply`)."""
+    return psi.apply(t, c, pool).double().mean(0).float()
 
 
 def interleaved_folds(n: int, folds: int = FOLDS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -378,6 +524,7 @@ def interleaved_folds(n: int, folds: int = FOLDS) -> list[tuple[torch.Tensor, to
         >>> [(te.tolist(), tr.tolist()) for te, tr in interleaved_folds(3, 2)]
         [([0, 2], [False, True, False]), ([1], [True, False, True])]
     """
+    positive_int("folds", folds, least=2)
     folds = min(folds, n)
     out = []
     for k in range(folds):
@@ -413,7 +560,7 @@ def heldout_accuracy(
     hits = 0
     for test, train in interleaved_folds(n, folds):
         p = fit(psi, t[train], c[train], ctx.moments() if psi.uses_pool and ctx else None)
-        st, sc = (score.fn(x[test], x[test].norm(dim=1), p, ctx) for x in (t, c))
+        st, sc = (score.apply(x[test], x[test].norm(dim=1), p, ctx) for x in (t, c))
         hits += int((st > sc).sum())
     return hits / n
 
@@ -498,7 +645,7 @@ def behavior_query(
             progress=progress,
         )
     if cache is not None:
-        check_fits(cache, ps.model, ps.capture, "the pairs")
+        check_fits(cache, ps.model, ps.capture, "the pairs", ps.sources)
     vectors, cv = {}, {}
     for layer in layer_list:
         t, c = ps.sides(stat_name, layer)
@@ -516,6 +663,7 @@ def behavior_query(
         score=score,
         pool=content_digest(cache) if spec.uses_pool and cache is not None else None,
         capture=ps.capture,
+        stat_module=(ps.sources or {}).get(stat_name),
     )
 
 

@@ -10,6 +10,7 @@ import torch
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.sites import layer_index
+from lensattr.checks import positive_int, row_indices
 from lensattr.config import POOLINGS, CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
 from lensattr.ensemble import SCORE as ENSEMBLE_SCORE
@@ -21,6 +22,10 @@ from lensattr.render import collate, encode
 from lensattr.store.cache import Cache, CacheError, open_cache
 
 logger = logging.getLogger(__name__)
+SCORE_BLOCK = 1024
+"""Rows a score is computed on at a time, in blocks aligned to the cache's row 0: a row's score
+is computed on the same block of rows whatever ``chunk_rows`` and ``rows`` are, so it is bitwise
+the same, and so is the order of ties."""
 
 
 @dataclass
@@ -110,19 +115,31 @@ def rank(
         score: registered score name (default: the query's ``score``).
         top_k: how many to keep (``None``: all, sorted).
         bottom: keep the lowest scores instead.
-        rows: rank only these cache rows (indices; default: all).
+        rows: rank only these cache rows: indices (``0 <= r < len(cache)``) or a boolean mask
+            of ``len(cache)`` (default: all).
         method: ``"auto"``: choose statistic, psi, score and layer with :func:`~lensattr.select`
             from the pairs given as ``query`` and this cache (needs ``model``).
         model: the model, for ``method="auto"``.
-        chunk_rows: rows converted to fp32 at a time (default: about 32 MiB worth).
+        chunk_rows: rows converted to fp32 at a time (default: about 32 MiB worth; rounded up
+            to a multiple of :data:`SCORE_BLOCK`). The scores do not depend on it: each row is
+            scored in the same block of :data:`SCORE_BLOCK` rows whatever it is.
 
     Raises:
-        CacheError: the query was built with another model, settings or pool than the cache.
+        CacheError: the query was built with another model, settings, pool or statistic
+            function than the cache, or has another dimension.
+        QueryError: ``stat`` is not the statistic the query was built on.
+        ValueError: ``top_k``, ``chunk_rows`` or ``rows`` out of range (one line naming it).
+        MethodError: the score returned something else than one score per row.
 
     Examples:
         >>> # r = rank(cache, query, top_k=10); list(zip(r.ids, r.scores.tolist()))
     """
+    top_k = positive_int("top_k", top_k, none=True)
+    chunk_rows = positive_int("chunk_rows", chunk_rows, none=True)
+    if not isinstance(bottom, bool):
+        raise ValueError(f"bottom must be True or False, not {bottom!r}")
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    keep = row_indices(rows, len(cache))
     if method is not None:
         if method != "auto":
             raise ValueError(f"method {method!r}: only 'auto' is known (or pass a Query)")
@@ -130,9 +147,7 @@ def rank(
             raise ValueError("method='auto' builds the query from pairs: pass model=")
         from lensattr.select import select
 
-        query = select(model, cache, query, rows=rows)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        query = select(model, cache, query, rows=keep)
     ranked = as_ranked(query)
     if isinstance(ranked, Ensemble):
         if layer is not None or stat is not None or score is not None:
@@ -140,44 +155,53 @@ def rank(
                 "an ensemble ranks each member at its own layer with its own statistic and "
                 "score; rank one member (ensemble.members[i], or selection.query) to set them"
             )
-        return _rank_ensemble(cache, ranked, top_k, bottom, rows, chunk_rows)
+        return _rank_ensemble(cache, ranked, top_k, bottom, keep, chunk_rows)
     query = ranked
     check_query(cache, query)
     layers = _layers_arg(layer, query)
-    stat = stat or query.stat
+    if stat is not None and stat != query.stat:
+        raise QueryError(
+            f"stat={stat!r}, but the query was built on {query.stat!r}: its vectors live in that "
+            f"statistic's space; build a query on {stat!r} to rank it"
+        )
+    stat = query.stat
     score = score or query.score
     rule = get_score(score)
     psis = [query.vector(la).float() for la in layers]
     ctxs = [ScoreContext(cache=cache, stat=stat, layer=la) for la in layers]
     views = [cache.stat(stat, la) for la in layers]
-    view = views[0]
+    n_rows = len(views[0])
     keep_rows = None
-    if rows is not None:
-        keep_rows = torch.zeros(len(view), dtype=torch.bool)
-        keep_rows[torch.as_tensor(rows, dtype=torch.long)] = True
-    n_total = len(view) if keep_rows is None else int(keep_rows.sum())
+    if keep is not None:
+        keep_rows = torch.zeros(n_rows, dtype=torch.bool)
+        keep_rows[keep] = True
+    n_total = n_rows if keep is None else len(keep)
     if n_total == 0:
         raise ValueError("nothing to rank: the cache (or the rows asked for) is empty")
-    chunk_rows = chunk_rows or max(1024, (32 << 20) // (4 * view.d_model))
+    block = SCORE_BLOCK
+    chunk_rows = chunk_rows or max(1024, (32 << 20) // (4 * views[0].d_model))
+    chunk_rows = -(-chunk_rows // block) * block  # whole blocks, aligned to row 0
     k = n_total if top_k is None else min(top_k, n_total)
     cand_s: list[torch.Tensor] = []  # each chunk's k best, in ranking order
     cand_i: list[torch.Tensor] = []
     nonfinite = 0
-    # never a full fp32 copy; every layer's view yields the same row blocks
-    for chunks in zip(*(v.chunks(chunk_rows) for v in views), strict=True):
-        start, n = chunks[0][0], len(chunks[0][1])
-        idx = torch.arange(start, start + n)
-        sel = None if keep_rows is None else keep_rows[start : start + n]
-        if sel is not None:
-            if not sel.any():
-                continue
-            idx = idx[sel]
-        s = torch.zeros(len(idx))
-        for (_, block, norms), psi, ctx in zip(chunks, psis, ctxs, strict=True):
-            if sel is not None:
-                block, norms = block[sel], norms[sel]
-            s += rule.fn(block.float(), norms, psi, ctx).float()
+    for start in range(0, n_rows, chunk_rows):  # never a full fp32 copy
+        stop = min(start + chunk_rows, n_rows)
+        idx = torch.arange(start, stop)
+        sel = None if keep_rows is None else keep_rows[start:stop]
+        if sel is not None and not sel.any():
+            continue
+        s = torch.zeros(stop - start)
+        for view, psi, ctx in zip(views, psis, ctxs, strict=True):
+            rows_, norms = view.span(start, stop)
+            rows_ = rows_.to(torch.float32, copy=True)  # a fresh buffer: blocks stay aligned
+            for b in range(0, stop - start, block):  # every row in its own block of row 0's grid
+                if sel is None or sel[b : b + block].any():
+                    part = slice(b, b + block)
+                    s[part] += rule.apply(rows_[part], norms[part], psi, ctx).float()
         s /= len(layers)
+        if sel is not None:
+            s, idx = s[sel], idx[sel]
         bad = ~torch.isfinite(s)
         nonfinite += int(bad.sum())
         s = (-s if bottom else s).masked_fill(bad, -torch.inf)  # non-finite: always last
@@ -244,8 +268,17 @@ def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def check_query(cache: Cache, query: Query) -> None:
     """Raise :class:`CacheError` naming the field where ``query`` does not fit ``cache``: the
-    model, the capture settings, or (for a pool-aware query) the pool it was built against."""
-    check_fits(cache, query.model, query.capture, "the query's pairs")
+    model, the capture settings, the function that computed its statistic, its dimension, or
+    (for a pool-aware query) the pool it was built against."""
+    check_fits(
+        cache, query.model, query.capture, "the query's pairs", {query.stat: query.stat_module}
+    )
+    dims = sorted({int(v.shape[0]) for v in query.vectors.values()})
+    if dims != [cache.d_model]:
+        raise CacheError(
+            f"{cache.path}: the query's vectors have {', '.join(map(str, dims))} dimensions, the "
+            f"cache's rows {cache.d_model}: build the query with the cache's model"
+        )
     if query.pool is not None and query.pool != content_digest(cache):
         raise CacheError(
             f"{cache.path}: the query contrasts with another pool (its moments came from a "
@@ -327,7 +360,7 @@ def explain(
         one_hot = torch.zeros((n, acts.mask.shape[1]), dtype=torch.bool, device=acts.mask.device)
         one_hot[torch.arange(n), positions] = True
         single = acts.map(functools.partial(_repeat, n=n), mask=one_hot)
-        per_layer.append(spec.fn(single).float().cpu() @ query.vector(la))
+        per_layer.append(spec.apply(single).float().cpu() @ query.vector(la))
     contrib = torch.stack(per_layer).mean(0)
     tokens = [model.tokenizer.decode([t]) for t in enc.ids[enc.n_prompt :]]
     return Explanation(tokens=tokens, contributions=contrib, total=float(contrib.mean()))

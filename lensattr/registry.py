@@ -1,14 +1,23 @@
 """Plain dict registries of training-side statistics (phi), behaviour queries (psi), scores
 and the criteria ``auto`` chooses a method by.
 
-Register your own with the decorators. A name belongs to the module that registered it first:
-registering it again from the same module (re-running a notebook cell, reloading a module)
-replaces the old function; from anywhere else it raises unless ``override=True``. The built-ins
-(:mod:`lensattr.methods`) register themselves when ``lensattr`` is imported: the package's
-``__init__`` imports them first, so this module imports nothing above it. Third-party packages
-register through the entry-point group ``lensattr.methods``: each entry point names a module that
-lensattr imports lazily, once, the first time a registry is read; a plugin that fails to import
-is logged as a warning and skipped, so one broken plugin cannot break every lookup.
+Register your own with the decorators. A name is a plain name (letters, digits, ``.``, ``_``
+and ``-``, not starting with ``.``: it becomes part of tensor and file names). A name belongs to
+the module that registered it first: registering it again from the same module (re-running a
+notebook cell, reloading a module) replaces the old function; from anywhere else it raises unless
+``override=True``. The built-ins (:mod:`lensattr.methods`) register themselves when ``lensattr``
+is imported: the package's ``__init__`` imports them first, so this module imports nothing above
+it. Third-party packages register through the entry-point group ``lensattr.methods``: each entry
+point names a module that lensattr imports lazily, once, the first time a registry is read; a
+plugin that fails to import is logged as a warning and skipped, so one broken plugin cannot break
+every lookup. A plugin may replace a built-in (``override=True``) only when the user allows it by
+name in the environment variable ``LENSATTR_PLUGIN_OVERRIDES`` (comma-separated names, or ``*``
+for any); otherwise the built-in stays and a warning says so. Either way the replacement is
+logged.
+
+What a registered function returns is checked where lensattr calls it (:meth:`Phi.apply`,
+:meth:`Psi.apply`, :meth:`Score.apply`): a float tensor of the documented shape, else a
+:class:`MethodError` naming the function.
 
 Examples:
     >>> import torch
@@ -22,17 +31,46 @@ Examples:
 """
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from lensattr.config import POOLINGS
+from lensattr.store.shards import plain_name
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "lensattr.methods"
+OVERRIDES_ENV = "LENSATTR_PLUGIN_OVERRIDES"
+"""The environment variable that lets plugins replace built-ins: comma-separated names, or ``*``."""
+
+
+class MethodError(ValueError):
+    """A registered function returned something other than what lensattr documents for it."""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _checked(kind: str, item: Any, out: Any, shape: tuple[int, ...], meaning: str) -> torch.Tensor:
+    """``out`` when it is a floating-point tensor of ``shape``, else a :class:`MethodError`."""
+    if (
+        isinstance(out, torch.Tensor)
+        and out.is_floating_point()
+        and tuple(out.shape) == tuple(shape)
+    ):
+        return out
+    where = f"{item.module}.{getattr(item.fn, '__qualname__', item.fn)}"
+    raise MethodError(
+        f"{kind} {item.name!r} ({where}) returned {_describe(out)}; lensattr expects a float "
+        f"tensor of shape {tuple(shape)} ({meaning})"
+    )
 
 
 @runtime_checkable
@@ -72,6 +110,12 @@ class Phi:
     pooling: str = POOLINGS[0]
     prompt: bool = False
 
+    def apply(self, acts: Any) -> torch.Tensor:
+        """``fn(acts)``, checked to be a float ``[batch, d_model]`` tensor (:class:`MethodError`
+        naming the function otherwise)."""
+        shape = (acts.mask.shape[0], acts.z_out.shape[-1])
+        return _checked("phi", self, self.fn(acts), shape, "one row per example")
+
     @property
     def reads_prompt(self) -> bool:
         """Whether it may read positions outside the response: registered with ``prompt=True``,
@@ -104,6 +148,12 @@ class Psi:
     pairs_from: Callable[..., Any] | None = None
     module: str = ""
 
+    def apply(self, treatment: torch.Tensor, control: torch.Tensor, pool: Any) -> torch.Tensor:
+        """``fn(treatment, control, pool)``, checked to be a float ``[n_pairs, d_model]`` tensor
+        (:class:`MethodError` naming the function otherwise)."""
+        out = self.fn(treatment, control, pool)
+        return _checked("psi", self, out, tuple(treatment.shape), "one contribution per pair")
+
 
 @dataclass(frozen=True)
 class Score:
@@ -123,6 +173,16 @@ class Score:
     batched: bool = False
     module: str = ""
     full_rank: bool = False
+
+    def apply(
+        self, rows: torch.Tensor, norms: torch.Tensor, psi: torch.Tensor, ctx: Any
+    ) -> torch.Tensor:
+        """``fn(rows, norms, psi, ctx)``, checked to be a float tensor of one score per row
+        (``[n]``) or, for several queries ``psi`` ``[d, q]``, ``[n, q]`` (:class:`MethodError`
+        naming the function otherwise: a scalar would give every row the same score)."""
+        shape = (rows.shape[0],) if psi.ndim == 1 else (rows.shape[0], psi.shape[1])
+        meaning = "one score per row" if psi.ndim == 1 else "one score per row and query"
+        return _checked("score", self, self.fn(rows, norms, psi, ctx), shape, meaning)
 
 
 @dataclass(frozen=True)
@@ -146,15 +206,50 @@ PSI: dict[str, Psi] = {}
 SCORE: dict[str, Score] = {}
 CRITERION: dict[str, Criterion] = {}
 _loaded = False
+_plugin: EntryPoint | None = None  # the entry point being imported, if any
+
+
+def builtin(item: Any) -> bool:
+    """Whether a registered item is one of lensattr's own (its function lives in lensattr)."""
+    return item.module == "lensattr" or item.module.startswith("lensattr.")
+
+
+def _allowed_overrides() -> set[str]:
+    return {x.strip() for x in os.environ.get(OVERRIDES_ENV, "").split(",") if x.strip()}
 
 
 def _add(table: dict[str, Any], kind: str, item: Any, override: bool) -> None:
+    plain_name(item.name, kind)
     old = table.get(item.name)
     if old is not None and not override and old.module != item.module:
         raise ValueError(
             f"a {kind} named {item.name!r} is already registered (by {old.module}); "
             "pass override=True to replace it"
         )
+    if old is not None and _plugin is not None and builtin(old) and not builtin(item):
+        allowed = _allowed_overrides()
+        if item.name not in allowed and "*" not in allowed:
+            logger.warning(
+                "lensattr plugin %s (%s) tried to replace the built-in %s %r; the built-in is "
+                "kept (to allow it: %s=%s)",
+                _plugin.name,
+                _plugin.value,
+                kind,
+                item.name,
+                OVERRIDES_ENV,
+                item.name,
+            )
+            return
+        logger.warning(
+            "lensattr plugin %s (%s) replaces the built-in %s %r (allowed by %s)",
+            _plugin.name,
+            _plugin.value,
+            kind,
+            item.name,
+            OVERRIDES_ENV,
+        )
+    elif old is not None and old.module != item.module:
+        logger.info("%s %r of %s replaces the one of %s", kind, item.name, item.module, old.module)
     table[item.name] = item
 
 
@@ -175,6 +270,7 @@ def register_phi(
     keeps them, gradients included). A name taken by another module raises ``ValueError`` unless
     ``override=True``; the same module registering it again replaces it.
     """
+    plain_name(name, "phi")
     if not isinstance(pooling, str) or not pooling:
         raise ValueError(f"pooling must be a non-empty name, not {pooling!r}")
 
@@ -213,6 +309,9 @@ def register_psi(
     override: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a behaviour query (decorator); ``stat`` names the phi it is compared with."""
+    plain_name(name, "psi")
+    for s in (stat, *(stats or ())):
+        plain_name(s, "statistic")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         item = Psi(name, fn, stat, stats, uses_pool, pairs_from, fn.__module__)
@@ -231,6 +330,7 @@ def register_score(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a scoring rule (decorator); ``batched``: it scores ``[d, q]`` queries at once;
     ``full_rank``: it inverts the pool's covariance (see :class:`Score`)."""
+    plain_name(name, "score")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _add(SCORE, "score", Score(name, fn, batched, fn.__module__, full_rank), override)
@@ -262,16 +362,19 @@ def register_criterion(
 
 def load_plugins() -> None:
     """Import every ``lensattr.methods`` entry point, once; a broken one is logged and skipped."""
-    global _loaded
+    global _loaded, _plugin
     if _loaded:
         return
     _loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         logger.debug("loading lensattr plugin %s", ep.value)
+        _plugin = ep
         try:
             ep.load()
         except Exception as err:  # noqa: BLE001  (a plugin's failure must not break lensattr)
             logger.warning("lensattr plugin %s (%s) failed to load: %s", ep.name, ep.value, err)
+        finally:
+            _plugin = None
 
 
 def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:

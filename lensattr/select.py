@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lensattr.backends.sites import layer_text
+from lensattr.checks import positive_int, row_indices
 from lensattr.criterion import (
     DEFAULT_CRITERION,
     LAYER_SET,
@@ -222,9 +221,11 @@ def select(
             the scores that invert the pool's covariance when the cache has fewer than
             :data:`ROWS_PER_DIMENSION` rows a dimension; see :attr:`Selection.left_out`).
         layers: candidate layers (default: every cached layer).
-        rows: the cache rows that form the pool (default: all).
-        folds: interleaved folds of the pairs.
-        pool_sample: at most this many pool rows enter the criterion (seeded sample).
+        rows: the cache rows that form the pool: indices or a boolean mask, as
+            :func:`~lensattr.rank` takes them (default: all).
+        folds: interleaved folds of the pairs (at least 2).
+        pool_sample: at most this many pool rows enter the criterion (seeded sample; ``None``:
+            every row).
         set_size: how many of the chosen method's best layers to try together (the mean of
             their scores) against its best layer; 1: one layer only.
         ensemble: rank with this many methods together (those of highest criterion averaged
@@ -238,6 +239,8 @@ def select(
     Raises:
         QueryError: fewer than 4 pairs, a pool smaller than the held-out fold, or a cache built
             with another model or capture settings than the pairs.
+        ValueError: ``folds``, ``pool_sample``, ``set_size``, ``batch_size`` or ``rows`` out of
+            range (before any work; one line naming it).
 
     Examples:
         >>> import tempfile, lensattr
@@ -251,7 +254,12 @@ def select(
     """
     if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
         raise ValueError(f"ensemble must be a positive number of methods, got {ensemble!r}")
+    folds = positive_int("folds", folds, least=2)
+    pool_sample = positive_int("pool_sample", pool_sample, none=True)
+    set_size = positive_int("set_size", set_size)
+    batch_size = positive_int("batch_size", batch_size)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    rows = row_indices(rows, len(cache))
     left_out: dict[str, str] = {}
     if methods is not None:
         method_list = [Method.parse(x) for x in methods]
@@ -291,8 +299,8 @@ def select(
         raise QueryError(
             f"auto needs at least {MIN_PAIRS} query pairs to hold some out, got {ps.n_pairs}"
         )
-    check_fits(cache, ps.model, ps.capture, "the pairs")
-    n_pool = len(cache) if rows is None else len(torch.as_tensor(rows))
+    check_fits(cache, ps.model, ps.capture, "the pairs", ps.sources)
+    n_pool = len(cache) if rows is None else len(rows)
     if n_pool < math.ceil(ps.n_pairs / min(folds, ps.n_pairs)):
         raise QueryError(
             f"the pool has {n_pool} examples, fewer than a held-out fold of the pairs: "
@@ -401,8 +409,7 @@ def select_then_cache(
     from lensattr.build import build_cache
     from lensattr.data import load_examples
 
-    if sample is not None and sample < 1:
-        raise ValueError(f"sample must be >= 1 or None (the whole corpus), got {sample}")
+    positive_int("sample", sample, none=True)
     model = load_model(model)
     examples = load_examples(train)
     kw: dict[str, Any] = {"batch_size": batch_size, "max_length": max_length}

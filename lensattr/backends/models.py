@@ -240,4 +240,11 @@ def _model_location(spec: str | Path) -> str | Path:
             f"{spec}: {what}; give a local model directory, {SMOLLM2!r}, {TINY!r} or a hub id "
             "as hf://owner/name"
         )
+    pickled = sorted(p.name for p in Path(spec).glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+    if pickled and not any(Path(spec).glob("*.safetensors")):  # unpickling can run code
+        raise ValueError(
+            f"{spec}: holds pickled weights ({', '.join(pickled[:3])}) and no .safetensors; "
+            "lensattr loads safetensors only: convert them once, in a trusted environment, with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
     return spec

@@ -98,6 +98,7 @@ IDENTITY = (
     "shard_size",
     "batch_size",
     "padding_side",
+    "stat_modules",
 )
 
 
@@ -117,7 +118,15 @@ def write_lock(out: Path, *, shared: bool = False) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not on POSIX
         yield
         return
-    fd = os.open(CacheFiles(out).lock, os.O_RDWR | os.O_CREAT, 0o666)
+    lock = CacheFiles(out).lock
+    try:  # never through a symlink planted in its place
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise CacheError(
+            f"{lock} is a symbolic link; lensattr does not follow it: remove it"
+        ) from None
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -138,7 +147,10 @@ def write_lock(out: Path, *, shared: bool = False) -> Iterator[None]:
 def reopen(out: Path, plan: dict[str, Any]) -> "Cache":
     """A finished cache at ``out``: verified like any open, then compared with ``plan``."""
     cache = open_cache(out)
-    problems = diff_fields(identity(cache.manifest), identity(plan))
+    have, want = identity(cache.manifest), identity(plan)
+    if have["stat_modules"] is None:  # built before they were recorded: nothing to compare
+        del have["stat_modules"], want["stat_modules"]
+    problems = diff_fields(have, want)
     if problems:
         raise CacheError(f"{out} holds a different cache: " + "; ".join(problems))
     logger.info("%s is complete; nothing to do", out)
@@ -242,6 +254,12 @@ def finish(
         shards.append(manifest_entry(i, info, len(ids)))
         ids += info["ids"]
         skipped += info["skipped"]
+    if not ids:  # every example skipped: an error, never a "finished" cache of 0 rows
+        first = f" (first: {skipped[0]['reason']})" if skipped else ""
+        raise CacheError(
+            f"{out}: all {len(skipped)} examples were skipped, nothing to cache{first}; fix "
+            "them (a reply cut away by max_length: raise max_length)"
+        )
     table = {ex.id: ex for chunk in chunks for ex in chunk}
     records = write_records(files.records, (table[i] for i in ids))
     manifest = {

@@ -19,6 +19,8 @@ layout is changing this class (and ``SCHEMA_VERSION`` in :mod:`lensattr.store.re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lensattr.store.shards import plain_file
+
 RECORDS_FILE = "records.jsonl.gz"
 
 
@@ -65,5 +67,6 @@ class CacheFiles:
         return self.root / f"shard-{index:05d}.json"
 
     def moments(self, stat: str, layer: int) -> Path:
-        """The pool's moments of ``stat`` at ``layer`` (see :mod:`lensattr.moments`)."""
-        return self.root / f"moments-{stat}-{layer}.safetensors"
+        """The pool's moments of ``stat`` at ``layer`` (see :mod:`lensattr.moments`), through the
+        plain-name check: a statistic's name never leads out of the cache directory."""
+        return plain_file(self.root, f"moments-{stat}-{int(layer)}.safetensors", "moments")

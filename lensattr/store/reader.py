@@ -25,6 +25,7 @@ from lensattr.store.shards import (
     atomic_write_json,
     nonfinite_rows,
     plain_file,
+    plain_name,
     sha256_file,
     tensor_key,
 )
@@ -251,6 +252,8 @@ def _check_manifest(mfile: Path, m: Any) -> None:
         ok = ok and m["dtype"] in SAFETENSORS_CODES and isinstance(m.get("records", {}), dict)
         ok = ok and all(isinstance(x, int) for x in m["layers"])
         ok = ok and all(isinstance(x, str) for x in m["stats"])
+        for stat in m["stats"]:  # a statistic's name reaches file names (its pool moments)
+            plain_name(stat, "statistic")
         row = 0
         for s in shards:
             ok = ok and s["first_row"] == row and isinstance(s["n_rows"], int)
@@ -258,6 +261,8 @@ def _check_manifest(mfile: Path, m: Any) -> None:
         ok = ok and row == n
     except (KeyError, TypeError) as err:
         raise CacheError(f"{mfile}: corrupt manifest (field {err})") from None
+    except ValueError as err:
+        raise CacheError(f"{mfile}: corrupt manifest ({err})") from None
     if not ok:
         raise CacheError(f"{mfile}: corrupt manifest (ids, rows and shards do not agree)")
 

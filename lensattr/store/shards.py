@@ -8,6 +8,7 @@ file and views its tensors in place (``torch.frombuffer`` over the documented sa
 tensor they return and a query over millions of rows must not.
 """
 
+import errno
 import hashlib
 import json
 import mmap
@@ -21,7 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save, save_file
 
 from lensattr.store.names import SAFETENSORS_CODES
 
@@ -32,8 +34,28 @@ def tensor_key(stat: str, layer: int) -> str:
     return f"{stat}/{layer}"
 
 
-# A file name a manifest may list: plain, inside the cache directory, not hidden.
+# A plain name: what a manifest may list as a file (inside the cache directory, not hidden), and
+# what a registered statistic, query or score may be called (it reaches file and tensor names).
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def plain_name(name: Any, what: str = "file") -> str:
+    """``name`` when it is a plain name: a non-empty string of letters, digits, ``.``, ``_`` and
+    ``-`` that does not start with ``.`` (so no path separator, no ``..``, no hidden name).
+
+    Raises:
+        ValueError: anything else (``None``, a number, ``""``, ``"a/b"``, ``".."``).
+
+    Examples:
+        >>> plain_name("residual_change", "phi")
+        'residual_change'
+    """
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name.strip(".") == "":
+        raise ValueError(
+            f"{what} name {name!r} is not a plain name (letters, digits, '.', '_' and '-', not "
+            "starting with '.')"
+        )
+    return name
 
 
 def file_mode() -> int:
@@ -60,21 +82,52 @@ def plain_file(directory: Path, name: Any, what: str = "file") -> Path:
     Raises:
         ValueError: a path with a separator, ``..``, a hidden name, or a symlink leading out.
     """
-    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name.strip(".") == "":
-        raise ValueError(f"{directory}: {what} name {name!r} is not a plain file name")
+    try:
+        plain_name(name, what)
+    except ValueError:
+        raise ValueError(f"{directory}: {what} name {name!r} is not a plain file name") from None
     path = directory / name
     if path.is_symlink() and path.resolve().parent != directory.resolve():
         raise ValueError(f"{path}: {what} is a symlink that leads out of {directory}")
     return path
 
 
+def write_error(path: Path, err: BaseException) -> OSError:
+    """An ``OSError`` naming ``path`` (not a writer's temporary file) for a failed write: the
+    error's errno (also out of a ``SafetensorError``'s text) and reason."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)|code: (\d+)", str(err))  # Rust's io::Error
+        code = int(found.group(1) or found.group(2)) if found else errno.EIO
+    reason = getattr(err, "strerror", None) or os.strerror(code)
+    return OSError(code, f"could not write it ({reason})", str(path))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, with the umask's mode.
+
+    Raises:
+        OSError: naming ``path`` (the temporary file is removed).
+    """
     tmp = temporary_name(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
+
+
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a small safetensors file (a query, pair statistics) atomically, with the umask's
+    mode (``safetensors`` alone creates it ``0600``); a failure names ``path``."""
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(Path(path), data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -89,12 +142,16 @@ def write_shard(
     The file gets the umask's mode (``safetensors`` alone creates it ``0600``).
     """
     tmp = temporary_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, file_mode())
-    with open(tmp, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, file_mode())
+        with open(tmp, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # e.g. a full disk or `ulimit -f`: name the shard
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
     return digest
 
 
@@ -225,6 +282,17 @@ class StatView:
         for start, mat, norms in self._parts:
             for i in range(0, mat.shape[0], rows):
                 yield start + i, mat[i : i + rows], norms[i : i + rows]
+
+    def span(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``start:stop`` (``0 <= start <= stop <= n``) and their norms, in the storage
+        dtype: views when they lie in one shard, else copies."""
+        norms = [
+            nm[max(start - s, 0) : max(min(stop - s, mat.shape[0]), 0)]
+            for s, mat, nm in self._parts
+            if s < stop and s + mat.shape[0] > start
+        ]
+        norm = norms[0] if len(norms) == 1 else torch.cat(norms) if norms else torch.zeros(0)
+        return self[start:stop], norm
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, int):
