@@ -22,6 +22,7 @@ from lensattr._version import __version__
 from lensattr.backends.capture import capture
 from lensattr.backends.models import Model, load_model
 from lensattr.backends.prefix import openings_kept
+from lensattr.checks import positive_int
 from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.progress import Progress
@@ -74,12 +75,6 @@ def encode_all(
     return out
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, not {value!r}")
-    return value
-
-
 def _check_arguments(
     stats: Any,
     batch_size: Any,
@@ -87,8 +82,8 @@ def _check_arguments(
     on_error: Any,
 ) -> list[str]:
     """Validate build_cache's sizes and choices before any work; return the statistic names."""
-    _positive_int("batch_size", batch_size)
-    _positive_int("shard_size", shard_size)
+    positive_int("batch_size", batch_size)
+    positive_int("shard_size", shard_size)
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     names = [s.strip() for s in stats.split(",")] if isinstance(stats, str) else list(stats)
