@@ -22,6 +22,7 @@ from lensattr._version import __version__
 from lensattr.backends.capture import capture
 from lensattr.backends.models import Model, load_model
 from lensattr.backends.prefix import openings_kept
+from lensattr.backends.sites import parse_layers
 from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.progress import Progress
@@ -37,7 +38,7 @@ from lensattr.store.cache import (
     write_lock,
 )
 from lensattr.store.files import CacheFiles
-from lensattr.store.names import dtype_name, resolve_layers
+from lensattr.store.names import dtype_name
 from lensattr.store.reader import (
     SCHEMA_VERSION,
     Cache,
@@ -189,7 +190,7 @@ def build_cache(
         where = str(train) if isinstance(train, (str, Path)) else "train"
         why = f"all {len(skipped)} records are bad ({skipped[0]['reason']})" if skipped else ""
         raise DataError(where, None, why or "no examples (empty, or only blank lines)")
-    cfg = dataclasses.replace(cfg, layers=resolve_layers(cfg.layers, model.n_layers))
+    cfg = dataclasses.replace(cfg, layers=sorted(parse_layers(cfg.layers, model.n_layers)))
     layer_list, max_length, padding_side = list(cfg.layers), cfg.max_length, cfg.padding_side
     phis = [get_phi(s) for s in stats]
     pooling = pooling_of(phis)  # the statistics' own; a config naming another is refused

@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer",
         default=None,
-        help="block index (negative: from the last), 'best', or 'blocks.N.hook_resid_post'; "
-        "several, comma-separated (12,15,18): the mean of the scores at those layers; "
-        "default: the layer chosen for the query (else its best held-out accuracy)",
+        help="a layer (negative: from the model's last block), 'best', or a hook name "
+        "(blocks.N.hook_resid_post; blocks.N.hook_resid_pre is layer N-1); several "
+        "(12,15,18 or 12:16): the mean of the scores at those layers; default: the layer "
+        "chosen for the query (else its best held-out accuracy)",
     )
     p.add_argument("--stat", default=None, help="cached statistic (default: the query's)")
     p.add_argument(
@@ -273,7 +274,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         args.query if args.query is not None else args.pairs,
         method=args.method if args.pairs is not None else None,
         model=_load(args) if args.pairs is not None else None,
-        layer=args.layer.split(",") if args.layer and "," in args.layer else args.layer,
+        layer=args.layer,
         stat=args.stat,
         score=args.score,
         top_k=args.top_k,

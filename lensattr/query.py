@@ -21,13 +21,14 @@ from safetensors.torch import load_file, save_file
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.prefix import openings_kept
+from lensattr.backends.sites import parse_layers
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
 from lensattr.render import collate, encode, length_batches
-from lensattr.store.cache import Cache, CacheError, open_cache, resolve_layers
+from lensattr.store.cache import Cache, CacheError, open_cache
 from lensattr.types import LayerActs, Vec
 
 FOLDS = 4
@@ -145,7 +146,7 @@ def pair_stats(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     phis = [get_phi(s) for s in dict.fromkeys(stats)]
     pooling = pooling_of(phis)  # before any work: statistics captured together share one
-    layer_list = resolve_layers(layers, model.n_layers)
+    layer_list = sorted(parse_layers(layers, model.n_layers))
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
     per = max(1, batch_size // 2)
     n, d = len(pair_list), model.d_model
@@ -479,14 +480,14 @@ def behavior_query(
         if psi_kwargs:
             raise TypeError(f"options {sorted(psi_kwargs)} need pairs, not PairStats")
         ps = pairs
-        layer_list = ps.layers if layers == "all" else resolve_layers(layers, max(ps.layers) + 1)
+        layer_list = ps.layers if layers == "all" else sorted(parse_layers(layers, max(ps.layers) + 1))
     else:
         model = load_model(model)
         if spec.pairs_from is not None:
             pairs = spec.pairs_from(model, pairs, **psi_kwargs)
         elif psi_kwargs:
             raise TypeError(f"psi {psi!r} takes no options {sorted(psi_kwargs)}")
-        layer_list = resolve_layers(layers, model.n_layers)
+        layer_list = sorted(parse_layers(layers, model.n_layers))
         ps = pair_stats(
             model,
             pairs,

@@ -9,7 +9,7 @@ import torch
 
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
-from lensattr.backends.sites import layer_index
+from lensattr.backends.sites import layer_text, parse_layers
 from lensattr.config import POOLINGS, CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
 from lensattr.ensemble import SCORE as ENSEMBLE_SCORE
@@ -60,17 +60,24 @@ class Ranking:
         return self.scores[order[pos]]
 
 
-def _layers_arg(layer: Any, query: Query) -> tuple[int, ...]:
-    """The layers to score, as a tuple of distinct block indices, from a layer given as an int
-    (negative counts from the last query layer), a TransformerLens hook name
-    (``"blocks.12.hook_resid_post"``), ``"best"`` or ``None`` (the query's own, see
-    :meth:`~lensattr.query.Query.best_layer`), or a list or tuple of them."""
+def _layers_arg(layer: Any, query: Query, n_layers: int) -> tuple[int, ...]:
+    """The layers to score, in the order given, from ``layer`` as
+    :func:`~lensattr.backends.sites.parse_layers` reads it for a model of ``n_layers`` blocks
+    (negative ints count from its last block), or ``"best"`` / ``None`` (the query's own, see
+    :meth:`~lensattr.query.Query.best_layer`).
+
+    Raises:
+        QueryError: a layer the query was not built at.
+    """
     if layer is None or layer == "best":
         layer = query.best_layer()
-    given = layer if isinstance(layer, list | tuple) else (layer,)
-    layers = tuple(layer_index(x, max(query.layers) + 1) for x in given)
-    if not layers or len(set(layers)) < len(layers):
-        raise ValueError(f"layer={layer!r}: give distinct layers, at least one")
+    layers = tuple(parse_layers(layer, n_layers))
+    missing = [la for la in layers if la not in query.layers]
+    if missing:
+        raise QueryError(
+            f"layer={layer!r} is layer {layer_text(tuple(missing))} of this {n_layers}-block "
+            f"model, which the query lacks (it has layers {layer_text(tuple(query.layers))})"
+        )
     return layers
 
 
@@ -101,11 +108,13 @@ def rank(
             (each row scored by the mean of the members' standardised scores, each member at
             its own layer), a saved file of either, a :class:`~lensattr.select.Selection` (its
             ensemble when it has one), or (with ``method="auto"``) query pairs.
-        layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;
-            default: the layer (or layers) chosen for the query, else its best by held-out
-            accuracy. A list of them scores each row by the mean of its scores at those layers
-            (each layer's query against that layer's cached statistic), as a gradient method
-            scores all its modules at once.
+        layer: a layer as :func:`~lensattr.backends.sites.parse_layers` reads it (an int,
+            negative from the model's last block; a TransformerLens hook name; a range
+            ``"a:b"``), or ``"best"``; default: the layer (or layers) chosen for the query, else
+            its best by held-out accuracy. Several layers (a list, ``"12,15"``, ``"12:16"``)
+            score each row by the mean of its scores at those layers (each layer's query
+            against that layer's cached statistic), as a gradient method scores all its
+            modules at once.
         stat: cached statistic (default: the query's ``stat``).
         score: registered score name (default: the query's ``score``).
         top_k: how many to keep (``None``: all, sorted).
@@ -143,7 +152,7 @@ def rank(
         return _rank_ensemble(cache, ranked, top_k, bottom, rows, chunk_rows)
     query = ranked
     check_query(cache, query)
-    layers = _layers_arg(layer, query)
+    layers = _layers_arg(layer, query, cache.n_layers)
     stat = stat or query.stat
     score = score or query.score
     rule = get_score(score)
@@ -293,7 +302,7 @@ def explain(
     """
     model = load_model(model)
     query = as_query(query)
-    layers = _layers_arg(layer, query)
+    layers = _layers_arg(layer, query, model.n_layers)
     spec = get_phi(stat or query.stat)
     if spec.pooling != POOLINGS[0]:  # each reply token's term is the statistic at a one-hot mask
         raise QueryError(

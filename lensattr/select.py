@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from lensattr.backends.sites import layer_text
+from lensattr.backends.sites import layer_text, parse_layers
 from lensattr.criterion import (
     DEFAULT_CRITERION,
     LAYER_SET,
@@ -199,7 +199,7 @@ def select(
     pairs: Any,
     *,
     methods: Sequence[Any] | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Any = None,
     rows: Any = None,
     folds: int = FOLDS,
     pool_sample: int | None = POOL_SAMPLE,
@@ -221,7 +221,8 @@ def select(
             :func:`candidates` of the cached statistics: every registered psi and score, less
             the scores that invert the pool's covariance when the cache has fewer than
             :data:`ROWS_PER_DIMENSION` rows a dimension; see :attr:`Selection.left_out`).
-        layers: candidate layers (default: every cached layer).
+        layers: candidate layers, as :func:`~lensattr.backends.sites.parse_layers` reads them
+            (default: every cached layer).
         rows: the cache rows that form the pool (default: all).
         folds: interleaved folds of the pairs.
         pool_sample: at most this many pool rows enter the criterion (seeded sample).
@@ -273,7 +274,13 @@ def select(
         get_psi(m.psi)
         get_score(m.score)
     get_criterion(criterion)
-    layer_list = list(layers) if layers is not None else list(cache.layers)
+    layer_list = list(cache.layers) if layers is None else parse_layers(layers, cache.n_layers)
+    lacking = [la for la in layer_list if la not in cache.layers]
+    if lacking:
+        raise QueryError(
+            f"layers={layers!r}: layer {layer_text(tuple(lacking))} is not in the cache (it has "
+            f"{layer_text(tuple(cache.layers))})"
+        )
     if isinstance(pairs, PairStats):
         ps = pairs
     else:

@@ -14,7 +14,7 @@ from lensattr import (
     load_pairs,
     rank,
 )
-from lensattr.query import Query
+from lensattr.query import Query, QueryError
 from lensattr.registry import get_phi
 from lensattr.render import collate, encode
 
@@ -121,10 +121,34 @@ def test_rank_over_several_layers_is_the_mean_of_their_scores(built, g):
     assert one.layer == 2 and torch.equal(
         one.scores, rank(cache, q, layer=2, score=g, top_k=None).scores
     )
-    with pytest.raises(ValueError, match="distinct layers"):
-        rank(cache, q, layer=[2, -1])  # -1 is layer 2 again
-    with pytest.raises(ValueError, match="distinct layers"):
+    with pytest.raises(ValueError, match="layer 2 twice"):
+        rank(cache, q, layer=[2, -2])  # -2 is layer 2 again (of a 4-block model)
+    with pytest.raises(ValueError, match="select no block"):
         rank(cache, q, layer=[])
+
+
+def test_rank_layers_count_from_the_models_last_block(built):
+    """Issue 26 item 8: on the 4-block model, -1 is block 3 (which the query lacks), -2 block 2;
+    a range and hook names name the same layers as in ``build_cache(layers=)``."""
+    cache, q = built
+    assert cache.n_layers == 4 and q.layers == [1, 2]
+    ref = rank(cache, q, layer=2, top_k=None)
+    for same in (-2, "-2", "blocks.2.hook_resid_post", "blocks.3.hook_resid_pre"):
+        r = rank(cache, q, layer=same, top_k=None)
+        assert r.layer == 2 and torch.equal(r.scores, ref.scores) and r.ids == ref.ids
+    both = rank(cache, q, layer=[1, 2], top_k=None)
+    for same in ("1:3", "1,2", "-3:-1", slice(1, 3)):
+        assert torch.equal(rank(cache, q, layer=same, top_k=None).scores, both.scores)
+    with pytest.raises(
+        QueryError,
+        match=r"layer 3 of this 4-block model, which the query lacks "
+        r"\(it has layers 1,2\)",
+    ):
+        rank(cache, q, layer=-1)
+    with pytest.raises(ValueError, match="out of range for a model with 4 blocks"):
+        rank(cache, q, layer=4)
+    with pytest.raises(ValueError, match="unknown hook name hook_banana"):
+        rank(cache, q, layer="blocks.2.hook_banana")
 
 
 def test_rank_refuses_a_query_from_another_model(built, pair_records):

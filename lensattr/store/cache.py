@@ -32,13 +32,7 @@ from lensattr._version import __version__
 from lensattr.config import CaptureConfig
 from lensattr.data import Example
 from lensattr.store.files import CacheFiles
-from lensattr.store.names import (
-    STORAGE_DTYPES,
-    dtype_name,
-    layer_index,
-    parse_dtype,
-    resolve_layers,
-)
+from lensattr.store.names import STORAGE_DTYPES, dtype_name, parse_dtype
 from lensattr.store.reader import (
     INFORMATIVE,
     SCHEMA_VERSION,
@@ -71,14 +65,12 @@ __all__ = [
     "dtype_name",
     "finish",
     "identity",
-    "layer_index",
     "manifest_entry",
     "manifest_sha256",
     "open_cache",
     "parse_dtype",
     "plan_sha256",
     "reopen",
-    "resolve_layers",
     "write_cache",
     "write_chunk",
     "write_lock",

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lensattr.backends.sites import layer_index
 from lensattr.config import CaptureConfig
 from lensattr.data import Example
 from lensattr.store.files import CacheFiles
-from lensattr.store.names import SAFETENSORS_CODES, layer_index
+from lensattr.store.names import SAFETENSORS_CODES
 from lensattr.store.records import RecordsError, example_of, read_records
 from lensattr.store.shards import (
     MappedShard,
@@ -110,6 +111,12 @@ class Cache:
         return self.manifest["stats"]
 
     @property
+    def n_layers(self) -> int:
+        """The number of blocks of the model the cache was built with (what a negative layer
+        counts back from)."""
+        return int(self.manifest.get("n_layers") or max(self.layers) + 1)
+
+    @property
     def capture_config(self) -> CaptureConfig:
         """The capture settings the cache was built with (from its manifest)."""
         return CaptureConfig.from_manifest(self.manifest)
@@ -122,15 +129,15 @@ class Cache:
         return int(self.manifest["n_rows"])
 
     def layer(self, layer: Any) -> int:
-        """The cached block that ``layer`` names: an int (negative counts from the model's last
-        block), or a hook name such as ``"blocks.12.hook_resid_post"``.
+        """The cached layer that ``layer`` names, as
+        :func:`~lensattr.backends.sites.layer_index` reads it: an int (negative counts from the
+        model's last block), or a hook name such as ``"blocks.12.hook_resid_post"``.
 
         Raises:
             KeyError: the cache does not hold that layer.
         """
-        n_layers = int(self.manifest.get("n_layers") or max(self.layers) + 1)
         try:
-            index = layer_index(layer, n_layers)
+            index = layer_index(layer, self.n_layers)
         except ValueError as err:
             raise KeyError(f"{err} (this cache has layers {self.layers})") from None
         if index not in self.layers:
