@@ -1,9 +1,11 @@
-"""The ``lensattr`` command line: ``cache``, ``query``, ``rank`` and ``demo``."""
+"""The ``lensattr`` command line: ``cache``, ``query``, ``rank``, ``explain``, ``demo`` and
+``bench``."""
 
 import argparse
 import errno
 import json
 import logging
+import shutil
 import sys
 import traceback
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from lensattr.registry import names
 
 if TYPE_CHECKING:
     from lensattr.query import Query
+    from lensattr.rank import Ranking
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="query file (.safetensors)")
 
-    p = sub.add_parser("rank", help="rank cached examples against a query; writes jsonl")
+    p = sub.add_parser("rank", help="rank cached examples against a query; prints the top")
     p.add_argument("--cache", required=True)
     p.add_argument("--query", default=None, help="a saved query (from `lensattr query`)")
     p.add_argument(
@@ -107,12 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
     )
-    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=20, help="how many to show (and write)")
     p.add_argument("--bottom", action="store_true", help="lowest scores instead")
-    p.add_argument("--out", required=True, help="output .jsonl (id, score, rank, example)")
+    p.add_argument(
+        "--out", default=None, help="also write a .jsonl (id, score, rank, method, example)"
+    )
     _model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="for capturing --pairs")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser(
+        "explain", help="which reply tokens of cached examples drive their score (highlighted)"
+    )
+    p.add_argument("--cache", required=True, help="the cache holding the examples")
+    p.add_argument("--query", required=True, help="a saved query (from `lensattr query`)")
+    p.add_argument("--ids", default=None, help="comma-separated example ids (default: the top)")
+    p.add_argument("--top", type=int, default=3, help="without --ids: the top this many")
+    p.add_argument("--layer", default=None, help="as for `lensattr rank` (default: the query's)")
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="highlight with terminal colours (auto: on a terminal)",
+    )
+    _model_args(p)
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2 and bundled data")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -280,6 +301,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         bottom=args.bottom,
     )
+    print(f"{r.describe()}:")
+    print(ranking_text(r, shutil.get_terminal_size().columns))
+    if args.out is None:
+        return 0
     records = cache.records(r.ids)  # the cache's own checksummed copy of the training records
     with open(args.out, "w", encoding="utf-8") as fh:
         for i, (eid, score, rec) in enumerate(zip(r.ids, r.scores.tolist(), records, strict=True)):
@@ -287,16 +312,51 @@ def cmd_rank(args: argparse.Namespace) -> int:
                 "id": eid,
                 "score": score,
                 "rank": i + 1,
+                "method": r.method,
                 "layer": r.layer,
+                "psi": r.psi,
                 "stat": r.stat,
                 "score_name": r.score,
                 "example": {k: v for k, v in rec.items() if k != "id"},
             }
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(
-        f"wrote {len(r)} ranked examples (layer {layer_text(r.layer)}, {r.stat}, {r.score}) "
-        f"to {args.out}"
-    )
+    print(f"wrote {len(r)} ranked examples to {args.out}")
+    return 0
+
+
+def ranking_text(r: "Ranking", width: int = 100) -> str:
+    """A ranking's table for a terminal ``width`` columns wide: rank, id, score, the label if
+    the records have one, and as much of each reply as fits."""
+    from lensattr.tables import excerpt, text_table
+
+    rows = r.table()
+    columns = ["rank", "id", "score", *(["label"] if any("label" in x for x in rows) else [])]
+    fixed = len(text_table(rows, columns).splitlines()[0]) if rows else 0
+    for x in rows:
+        x["text"] = excerpt(str(x.get("text", "")), max(20, width - fixed - 3))
+    return text_table(rows, [*columns, "text"])
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lensattr.query import Query
+    from lensattr.rank import explain, rank
+    from lensattr.store.cache import open_cache
+
+    cache = open_cache(args.cache)
+    query = Query.load(args.query)
+    ids = [x for x in (args.ids or "").split(",") if x]
+    if not ids:
+        ids = rank(cache, query, layer=args.layer, top_k=args.top).ids
+    examples = cache.examples(ids)
+    model = _load(args)
+    color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty())
+    max_length = cache.capture_config.max_length
+    for ex in examples:
+        e = explain(model, ex, query, args.layer, max_length=max_length)
+        print(f"{ex.id}: mean token contribution {e.total:+.4g} ({len(e.tokens)} reply tokens)")
+        print("  " + e.text(color=color).replace("\n", "\n  "))
+    if not color:
+        print("[[ ]]: the tokens that raise the score most; (( )): that lower it most")
     return 0
 
 
@@ -323,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": cmd_cache,
         "query": cmd_query,
         "rank": cmd_rank,
+        "explain": cmd_explain,
         "demo": cmd_demo,
         "bench": cmd_bench,
     }

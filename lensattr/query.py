@@ -480,7 +480,8 @@ def behavior_query(
         if psi_kwargs:
             raise TypeError(f"options {sorted(psi_kwargs)} need pairs, not PairStats")
         ps = pairs
-        layer_list = ps.layers if layers == "all" else sorted(parse_layers(layers, max(ps.layers) + 1))
+        n_layers = max(ps.layers) + 1
+        layer_list = ps.layers if layers == "all" else sorted(parse_layers(layers, n_layers))
     else:
         model = load_model(model)
         if spec.pairs_from is not None:

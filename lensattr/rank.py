@@ -2,7 +2,7 @@
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from lensattr.query import Query, QueryError, as_query, check_fits
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
 from lensattr.store.cache import Cache, CacheError, open_cache
+from lensattr.tables import excerpt, html_table, tokens_html, tokens_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ class Ranking:
     Ordered by score (highest first; lowest first for ``bottom=True``), ties by row index;
     non-finite scores always come last and are counted in ``n_nonfinite``. ``stat`` is the
     cached statistic ranked and ``score`` the registered score that gave ``scores``; ``layer``
-    is a tuple when the scores are the mean over several layers.
+    is a tuple when the scores are the mean over several layers; ``psi`` names the query's
+    psi, and ``cache`` is the cache ranked (for the replies in :meth:`table` and
+    :meth:`to_pandas`). In a notebook a ranking shows as a table of its first 20 examples.
     """
 
     ids: list[str]
@@ -40,9 +43,65 @@ class Ranking:
     stat: str
     score: str
     n_nonfinite: int = 0
+    psi: str | None = None
+    cache: Cache | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def method(self) -> str:
+        """The method that ranked, as ``"psi|stat|score"`` (``?`` for an unknown psi)."""
+        return f"{self.psi or '?'}|{self.stat}|{self.score}"
+
+    def describe(self) -> str:
+        """One line: how many examples, the method and the layer (or layers)."""
+        n = f" of {len(self.cache)}" if self.cache is not None else ""
+        where = f"layer {self.layer}" if isinstance(self.layer, int) else "the mean of layers "
+        where += "" if isinstance(self.layer, int) else layer_text(self.layer)
+        return f"{len(self)}{n} examples ranked by {self.method} at {where}"
+
+    def __repr__(self) -> str:
+        top = ", ".join(
+            f"{i} {s:+.3f}" for i, s in zip(self.ids, self.scores[:3].tolist(), strict=False)
+        )
+        more = ", ..." if len(self) > 3 else ""
+        return f"Ranking({self.describe()}: {top}{more})"
+
+    def table(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The first ``n`` rows (default: all) as dicts: ``rank``, ``id``, ``score``, and when
+        the ranking knows its cache the reply (``text``) and the record's other fields
+        (``label``, ``source``, ...)."""
+        ids = self.ids[:n]
+        out = [
+            {"rank": i + 1, "id": eid, "row": row, "score": score}
+            for i, (eid, row, score) in enumerate(
+                zip(ids, self.rows.tolist(), self.scores.tolist(), strict=False)
+            )
+        ]
+        if self.cache is not None and ids:
+            for row, ex in zip(out, self.cache.examples(ids), strict=True):
+                row["text"] = ex.response
+                row.update({k: v for k, v in ex.extra.items() if k not in row})
+        return out
+
+    def to_pandas(self) -> Any:
+        """The ranking as a ``pandas.DataFrame``, one row per ranked example: ``rank``, ``id``,
+        ``row`` (the cache row, which is the example's place in the data the cache was built
+        from), ``score``, and (from the cache) ``text``, the reply, and the record's other
+        fields. Join it to your own data on ``id`` (``df.merge(mine, on="id")``), or put it in
+        data order with ``.sort_values("row")`` after ``rank(..., top_k=None)``.
+        """
+        import pandas as pd
+
+        return pd.DataFrame(self.table()).set_index("rank")
+
+    def _repr_html_(self) -> str:
+        rows = [{**r, "text": excerpt(str(r.get("text", "")))} for r in self.table(20)]
+        columns = ["rank", "id", "score", *(["label"] if any("label" in r for r in rows) else [])]
+        columns += ["text"] if self.cache is not None else []
+        more = f" (the first 20 of {len(self)})" if len(self) > 20 else ""
+        return html_table(rows, columns, caption=self.describe() + more)
 
     def scores_of(self, rows: Any) -> torch.Tensor:
         """The scores of cache ``rows``, in that order (e.g. ``range(len(cache))`` after
@@ -210,6 +269,8 @@ def rank(
         stat=stat,
         score=score,
         n_nonfinite=nonfinite,
+        psi=query.psi,
+        cache=cache,
     )
 
 
@@ -269,6 +330,18 @@ class Explanation:
     tokens: list[str]
     contributions: torch.Tensor  # [n_response] = s_token . psi
     total: float  # mean of contributions = <phi(x), psi>
+
+    def __repr__(self) -> str:
+        return f"Explanation({len(self.tokens)} tokens, total {self.total:+.4g}: {self.text()!r})"
+
+    def text(self, color: bool = False) -> str:
+        """The reply with its tokens highlighted by contribution (see
+        :func:`~lensattr.tables.tokens_text`): ANSI colours with ``color``, else the strongest
+        tokens in ``[[ ]]`` (raise the score) or ``(( ))`` (lower it)."""
+        return tokens_text(self.tokens, self.contributions.tolist(), color=color)
+
+    def _repr_html_(self) -> str:
+        return tokens_html(self.tokens, self.contributions.tolist())
 
 
 def explain(
