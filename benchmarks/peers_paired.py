@@ -75,7 +75,7 @@ def main() -> None:
     theirs = {m: torch.tensor(s) for m, s in json.loads(scored.read_text())["scores"].items()}
 
     def metrics(s: torch.Tensor) -> dict:
-        return {**lensattr.pool_metrics(s, labels), "scores": s}
+        return {**lensattr.pool_metrics(s, labels, coding="planted"), "scores": s}
 
     modes = {f"bergson {m}": metrics(s) for m, s in theirs.items()}
     mine = {name: metrics(s) for name, s in mine.items()}

@@ -100,7 +100,7 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     )
     assert lexical_select(texts, t, c)[0] == lex["kind"]
     labels = torch.tensor([int(e.extra.get("label", -1)) for e in examples])
-    want = lensattr.pool_metrics(lexical_scores(texts, t, c, lex["kind"]), labels)
+    want = lensattr.pool_metrics(lexical_scores(texts, t, c, lex["kind"]), labels, coding="planted")
     assert lex["p_at_k"] == want["p_at_k"] and lex["ap"] == pytest.approx(want["ap"])
     assert rep["method"] == "repsim|resid_post|cosine" and len(rep["sweep"]) == 4
 
