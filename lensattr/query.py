@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.prefix import openings_kept
-from lensattr.backends.sites import parse_layers
+from lensattr.backends.sites import layer_text, parse_layers
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
@@ -29,6 +29,7 @@ from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
 from lensattr.render import collate, encode, length_batches
 from lensattr.store.cache import Cache, CacheError, open_cache
+from lensattr.tables import layers_text
 from lensattr.types import LayerActs, Vec
 
 FOLDS = 4
@@ -56,6 +57,12 @@ class PairStats:
     @property
     def stats(self) -> list[str]:
         return list(self.treatment)
+
+    def __repr__(self) -> str:
+        return (
+            f"PairStats({self.n_pairs} pairs, stats {', '.join(self.stats)}, layers "
+            f"{layers_text(self.layers)}, model {self.model.get('name', '?')})"
+        )
 
     @property
     def layers(self) -> list[int]:
@@ -232,6 +239,16 @@ class Query:
 
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
+
+    def __repr__(self) -> str:
+        chosen = "" if self.layer is None else f", chosen layer {layer_text(self.layer)}"
+        cv = ", ".join(f"L{k} {v:.2f}" for k, v in sorted((self.cv or {}).items())[:8])
+        cv += ", ..." if len(self.cv or {}) > 8 else ""
+        return (
+            f"Query({self.psi}|{self.stat}|{self.score} from {self.n_pairs} pairs, layers "
+            f"{layers_text(self.layers)}{chosen}, model {self.model.get('name', '?')}"
+            + (f", held-out accuracy {cv})" if cv else ")")
+        )
 
     def best_layer(self) -> int | tuple[int, ...]:
         """The chosen layer (or layers) if :func:`lensattr.select` set one, else the layer whose

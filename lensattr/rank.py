@@ -82,7 +82,7 @@ class Ranking:
         if self.cache is not None and ids:
             for row, ex in zip(out, self.cache.examples(ids), strict=True):
                 row["text"] = ex.response
-                row.update({k: v for k, v in ex.extra.items() if k not in row})
+                row.update({k: v for k, v in ex.extra.items() if k not in row and k[0] != "_"})
         return out
 
     def to_pandas(self) -> Any:

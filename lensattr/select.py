@@ -34,6 +34,7 @@ each candidate is then a few matrix products over the cache rows, with every fol
 (statistic, layer) scored in one batched call.
 """
 
+import html
 import logging
 import math
 import time
@@ -127,6 +128,18 @@ class Selection:
     def stats(self) -> tuple[str, ...]:
         """Every statistic the choice ranks with."""
         return self.ensemble.stats if self.ensemble is not None else (self.method.stat,)
+
+    def __repr__(self) -> str:
+        return (
+            f"Selection({self.method} at layer {layer_text(self.layer)}"
+            + (f" (ensemble of {len(self.ensemble.members)})" if self.ensemble else "")
+            + f", from "
+            f"{len(self.table)} candidate rows (method x layer) in {self.seconds:.1f}s; "
+            ".summary() for the table)"
+        )
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(self.summary())}</pre>"
 
     def summary(self, top: int = 8) -> str:
         """A few lines: the choice, then the best methods (criterion averaged over layers, and

@@ -25,6 +25,20 @@ def excerpt(text: str, width: int = EXCERPT) -> str:
     return flat if len(flat) <= width else flat[: max(width - 3, 0)] + "..."
 
 
+def layers_text(layers: Sequence[int]) -> str:
+    """Layers for a summary line: a run of consecutive layers as a range ``a:b`` (as
+    :func:`~lensattr.backends.sites.parse_layers` reads it), else comma-separated.
+
+    Examples:
+        >>> layers_text(range(30)), layers_text([1, 3]), layers_text([5])
+        ('0:30', '1,3', '5')
+    """
+    layers = list(layers)
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}:{layers[-1] + 1}"
+    return ",".join(map(str, layers))
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:+.4f}"

@@ -29,6 +29,7 @@ from lensattr.store.shards import (
     sha256_file,
     tensor_key,
 )
+from lensattr.tables import layers_text
 
 SCHEMA_VERSION = 2
 
@@ -84,7 +85,7 @@ def name_ids(ids: list[str]) -> str:
     return ", ".join(repr(i) for i in ids[:5]) + more
 
 
-@dataclass
+@dataclass(repr=False)
 class Cache:
     """An opened cache (see :func:`open_cache`).
 
@@ -127,6 +128,14 @@ class Cache:
 
     def __len__(self) -> int:
         return int(self.manifest["n_rows"])
+
+    def __repr__(self) -> str:
+        model = (self.manifest.get("model") or {}).get("name", "?")
+        return (
+            f"Cache({len(self)} rows, layers {layers_text(self.layers)} of {self.n_layers}, "
+            f"stats {', '.join(self.stats)}, model {model}, d_model {self.d_model}, "
+            f"{self.manifest.get('dtype', '?')}, at {self.path})"
+        )
 
     def layer(self, layer: Any) -> int:
         """The cached layer that ``layer`` names, as
