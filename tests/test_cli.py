@@ -270,7 +270,11 @@ def test_explain_prints_highlighted_tokens(ranked, capsys, tiny):
     """`lensattr explain`: the same tokens and contributions as :func:`lensattr.explain`."""
     from lensattr import Query, explain
 
-    cache, q, by_id = ranked
+    cache, _, by_id = ranked
+    q = str(Path(cache).parent / "contrast.st")  # a statistic pooled over the reply alone
+    common = ["--model", "tiny-random", "--device", "cpu", "--quiet", "--layers", "1:3"]
+    pairs = ["--pairs", str(Path(cache).parent / "pairs.jsonl"), "--psi", "contrast"]
+    assert main(["query", *common, *pairs, "--stat", "resid_post", "--out", q]) == 0
     capsys.readouterr()
     base = ["explain", "--model", "tiny-random", "--device", "cpu", "--cache", cache]
     assert main([*base, "--query", q, "--ids", "ex3,ex5", "--color", "never"]) == 0
