@@ -29,6 +29,7 @@ from lensattr.progress import Progress
 from lensattr.registry import get_phi, pooling_of
 from lensattr.render import Encoded, TruncationError, collate, encode, length_batches
 from lensattr.store.cache import (
+    ELSEWHERE,
     chunk_done,
     chunk_sha256,
     finish,
@@ -211,7 +212,9 @@ def build_cache(
             problems = diff_fields(json.loads(build_file.read_text()), plan)
             if problems:
                 raise CacheError(
-                    f"{out} holds a different, unfinished build: " + "; ".join(problems)
+                    f"{out} holds a different, unfinished build: "
+                    + "; ".join(problems)
+                    + f"; {ELSEWHERE}"
                 )
         elif rank == 0:
             atomic_write_json(build_file, plan)

@@ -193,6 +193,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
     rank, world = distributed.init_process_group()
     args.device = args.device or distributed.default_device()
+    built = (Path(args.out) / "manifest.json").exists()
     try:
         cache = build_cache(
             _load(args),
@@ -211,8 +212,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         distributed.destroy_process_group()
     if cache is not None:
         print(
-            f"cached {len(cache)} examples x {len(cache.layers)} layers x "
-            f"{len(cache.stats)} statistics in {args.out}"
+            f"{'already built, nothing to do:' if built else 'cached'} {len(cache)} examples x "
+            f"{len(cache.layers)} layers x {len(cache.stats)} statistics in {args.out}"
         )
     return 0
 

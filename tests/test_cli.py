@@ -295,3 +295,22 @@ def test_explain_prints_highlighted_tokens(ranked, capsys, tiny):
     assert "\x1b[48;5;" in capsys.readouterr().out
     assert main([*base, "--query", q, "--ids", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cache_says_already_built_and_how_to_cache_other_data(tmp_path, train_records, capsys):
+    """Issue 27 item 14: an identical rerun says so; other data into the same directory names
+    the fix (another --out)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in train_records[:-1]))
+    args = ["cache", "--model", "tiny-random", "--device", "cpu", "--quiet", "--layers", "1"]
+    out = ["--out", str(tmp_path / "c")]
+    assert main([*args, "--train", str(train), *out]) == 0
+    assert capsys.readouterr().out.startswith(f"cached {len(train_records)} examples x 1 layers")
+    assert main([*args, "--train", str(train), *out]) == 0
+    assert capsys.readouterr().out.startswith("already built, nothing to do: ")
+    assert main([*args, "--train", str(other), *out]) == 2
+    err = capsys.readouterr().err
+    assert "holds a different cache: train" in err and "choose another out directory (--out)" in err
+    assert err.count("\n") == 1

@@ -73,6 +73,7 @@ __all__ = [
     "reopen",
     "write_cache",
     "write_chunk",
+    "ELSEWHERE",
     "write_lock",
     "write_manifest",
 ]
@@ -127,12 +128,18 @@ def write_lock(out: Path, *, shared: bool = False) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+ELSEWHERE = "to build this one, choose another out directory (--out), or delete that one"
+"""The fix that an error about a directory holding another cache or build names."""
+
+
 def reopen(out: Path, plan: dict[str, Any]) -> "Cache":
     """A finished cache at ``out``: verified like any open, then compared with ``plan``."""
     cache = open_cache(out)
     problems = diff_fields(identity(cache.manifest), identity(plan))
     if problems:
-        raise CacheError(f"{out} holds a different cache: " + "; ".join(problems))
+        raise CacheError(
+            f"{out} holds a different cache: " + "; ".join(problems) + f"; {ELSEWHERE}"
+        )
     logger.info("%s is complete; nothing to do", out)
     return cache
 
