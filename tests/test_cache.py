@@ -203,7 +203,7 @@ def test_layers_negative_ranges_and_hook_names():
         (-31, "out of range"),
         ("1,blocks.2.hook_resid_pre", "layer 1 twice"),
         ("::0", "step cannot be 0"),
-        ("5:2", "select no block"),
+        ("5:2", "selects no block"),
     ):
         with pytest.raises(ValueError, match=why):
             parse_layers(bad, 30)

@@ -126,7 +126,7 @@ def test_rank_over_several_layers_is_the_mean_of_their_scores(built, g):
     )
     with pytest.raises(ValueError, match="layer 2 twice"):
         rank(cache, q, layer=[2, -2])  # -2 is layer 2 again (of a 4-block model)
-    with pytest.raises(ValueError, match="select no block"):
+    with pytest.raises(ValueError, match="selects no block"):
         rank(cache, q, layer=[])
 
 

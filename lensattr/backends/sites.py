@@ -165,7 +165,9 @@ def parse_layers(spec: Any, n_layers: int) -> list[int]:
         else:
             out.append(layer_index(item, n_layers))
     if not out:
-        raise ValueError(f"layers {spec!r} select no block of a model with {n_layers} blocks")
+        raise ValueError(
+            f"layers {spec!r}: that selects no block of a model with {n_layers} blocks"
+        )
     twice = sorted({la for la in out if out.count(la) > 1})
     if twice:
         raise ValueError(f"layers {spec!r} name layer {layer_text(tuple(twice))} twice")
