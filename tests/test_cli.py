@@ -1,6 +1,7 @@
 """The command line end to end on the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
