@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import lensattr
-from lensattr.backends.sites import layer_text
 from lensattr.demo import bundled
+from lensattr.layers import layer_text
 
 
 def p_at_k(cache, ranking, labels_by_id) -> float:

@@ -149,7 +149,7 @@ def pick_pairs(path: Path, n: int | None, seed: int) -> list[dict]:
 LENSATTR_PIPELINE = """
 import json, sys, time
 import lensattr
-from lensattr.backends.sites import layer_text
+from lensattr.layers import layer_text
 spec, train, pairs, out, mode, batch_size, max_length, sample, result = sys.argv[1:10]
 kw = dict(batch_size=int(batch_size), max_length=int(max_length))
 m = lensattr.load_model(spec, device="cpu", compute_dtype="float32")

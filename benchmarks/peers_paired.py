@@ -23,7 +23,7 @@ import torch
 
 import lensattr
 from benchmarks.bench_peers import print_paired
-from lensattr.backends.sites import layer_text
+from lensattr.layers import layer_text
 
 
 def pool_labels(work: Path, data: str | None, shared: Path) -> torch.Tensor:

@@ -22,9 +22,9 @@ from lensattr._version import __version__
 from lensattr.backends.capture import capture
 from lensattr.backends.models import Model, load_model
 from lensattr.backends.prefix import openings_kept
-from lensattr.backends.sites import parse_layers
 from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
+from lensattr.layers import parse_layers
 from lensattr.progress import Progress
 from lensattr.registry import get_phi, pooling_of
 from lensattr.render import Encoded, TruncationError, collate, encode, length_batches

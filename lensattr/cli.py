@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lensattr._version import __version__
-from lensattr.backends.sites import layer_text
 from lensattr.build import DEFAULT_STATS
 from lensattr.config import add_arguments, from_arguments
+from lensattr.layers import layer_text
 from lensattr.optional import explain
 from lensattr.registry import names
 

@@ -30,9 +30,9 @@ from lensattr import (
     rank,
     select,
 )
-from lensattr.backends.sites import layer_text
 from lensattr.baselines import REPSIM, lexical_scores, lexical_select, repsim_select
 from lensattr.data import load_pairs
+from lensattr.layers import layer_text
 from lensattr.plot import layer_sweep, plot_sweep
 
 

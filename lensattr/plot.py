@@ -12,7 +12,7 @@ Examples:
 from pathlib import Path
 from typing import Any
 
-from lensattr.backends.sites import layer_text
+from lensattr.layers import layer_text
 from lensattr.metrics import pool_metrics
 from lensattr.optional import require
 from lensattr.query import as_query

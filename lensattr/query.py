@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.prefix import openings_kept
-from lensattr.backends.sites import layer_text, parse_layers
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
+from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of

@@ -9,11 +9,11 @@ import torch
 
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
-from lensattr.backends.sites import layer_text, parse_layers
 from lensattr.config import POOLINGS, CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
 from lensattr.ensemble import SCORE as ENSEMBLE_SCORE
 from lensattr.ensemble import Ensemble, as_ranked, standardised
+from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
 from lensattr.registry import get_phi, get_score
@@ -121,7 +121,7 @@ class Ranking:
 
 def _layers_arg(layer: Any, query: Query, n_layers: int) -> tuple[int, ...]:
     """The layers to score, in the order given, from ``layer`` as
-    :func:`~lensattr.backends.sites.parse_layers` reads it for a model of ``n_layers`` blocks
+    :func:`~lensattr.layers.parse_layers` reads it for a model of ``n_layers`` blocks
     (negative ints count from its last block), or ``"best"`` / ``None`` (the query's own, see
     :meth:`~lensattr.query.Query.best_layer`).
 
@@ -167,7 +167,7 @@ def rank(
             (each row scored by the mean of the members' standardised scores, each member at
             its own layer), a saved file of either, a :class:`~lensattr.select.Selection` (its
             ensemble when it has one), or (with ``method="auto"``) query pairs.
-        layer: a layer as :func:`~lensattr.backends.sites.parse_layers` reads it (an int,
+        layer: a layer as :func:`~lensattr.layers.parse_layers` reads it (an int,
             negative from the model's last block; a TransformerLens hook name; a range
             ``"a:b"``), or ``"best"``; default: the layer (or layers) chosen for the query, else
             its best by held-out accuracy. Several layers (a list, ``"12,15"``, ``"12:16"``)

@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 
-from lensattr.backends.sites import layer_text, parse_layers
 from lensattr.criterion import (
     DEFAULT_CRITERION,
     LAYER_SET,
@@ -62,6 +61,7 @@ from lensattr.criterion import (
     method_scores,
 )
 from lensattr.ensemble import Ensemble
+from lensattr.layers import layer_text, parse_layers
 from lensattr.query import (
     FOLDS,
     PairStats,
@@ -234,7 +234,7 @@ def select(
             :func:`candidates` of the cached statistics: every registered psi and score, less
             the scores that invert the pool's covariance when the cache has fewer than
             :data:`ROWS_PER_DIMENSION` rows a dimension; see :attr:`Selection.left_out`).
-        layers: candidate layers, as :func:`~lensattr.backends.sites.parse_layers` reads them
+        layers: candidate layers, as :func:`~lensattr.layers.parse_layers` reads them
             (default: every cached layer).
         rows: the cache rows that form the pool (default: all).
         folds: interleaved folds of the pairs.

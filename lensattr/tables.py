@@ -27,7 +27,7 @@ def excerpt(text: str, width: int = EXCERPT) -> str:
 
 def layers_text(layers: Sequence[int]) -> str:
     """Layers for a summary line: a run of consecutive layers as a range ``a:b`` (as
-    :func:`~lensattr.backends.sites.parse_layers` reads it), else comma-separated.
+    :func:`~lensattr.layers.parse_layers` reads it), else comma-separated.
 
     Examples:
         >>> layers_text(range(30)), layers_text([1, 3]), layers_text([5])

@@ -172,7 +172,7 @@ def test_storage_dtype_spellings(tmp_path, tiny, train_records, spelling, name):
 
 
 def test_layers_negative_ranges_and_hook_names():
-    from lensattr.backends.sites import parse_layers
+    from lensattr.layers import parse_layers
 
     assert parse_layers(-1, 30) == [29]
     assert parse_layers("-1", 30) == [29]

@@ -37,10 +37,10 @@ from lensattr import (
     pair_stats,
 )
 from lensattr.backends.models import Model
-from lensattr.backends.sites import parse_layers
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
 from lensattr.config import ints_list, names_list
 from lensattr.data import Example
+from lensattr.layers import parse_layers
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A storage dtype is ``"bf16"`` / ``"bfloat16"``, ``"fp16"`` / ``"float16"``, ``"fp32"`` /
 ``"float32"`` or a ``torch.dtype``. (Layers are parsed by
-:func:`lensattr.backends.sites.parse_layers`.)
+:func:`lensattr.layers.parse_layers`.)
 """
 
 from typing import Any

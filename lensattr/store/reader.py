@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lensattr.backends.sites import layer_index
 from lensattr.config import CaptureConfig
 from lensattr.data import Example
+from lensattr.layers import layer_index
 from lensattr.store.files import CacheFiles
 from lensattr.store.names import SAFETENSORS_CODES
 from lensattr.store.records import RecordsError, example_of, read_records
@@ -139,7 +139,7 @@ class Cache:
 
     def layer(self, layer: Any) -> int:
         """The cached layer that ``layer`` names, as
-        :func:`~lensattr.backends.sites.layer_index` reads it: an int (negative counts from the
+        :func:`~lensattr.layers.layer_index` reads it: an int (negative counts from the
         model's last block), or a hook name such as ``"blocks.12.hook_resid_post"``.
 
         Raises:
