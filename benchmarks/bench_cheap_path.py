@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 import lensattr
-from lensattr.backends.sites import layer_text
 from lensattr.demo import bundled
+from lensattr.layers import layer_text
 
 
 def p_at_k(cache, ranking, labels_by_id) -> float:
     scores = ranking.scores_of(range(len(cache)))
     labels = torch.tensor([labels_by_id.get(i, -1) for i in cache.ids])
-    return float(lensattr.pool_metrics(scores, labels)["p_at_k"])
+    return float(lensattr.pool_metrics(scores, labels, coding="planted")["p_at_k"])
 
 
 def main() -> None:

@@ -149,7 +149,7 @@ def pick_pairs(path: Path, n: int | None, seed: int) -> list[dict]:
 LENSATTR_PIPELINE = """
 import json, sys, time
 import lensattr
-from lensattr.backends.sites import layer_text
+from lensattr.layers import layer_text
 spec, train, pairs, out, mode, batch_size, max_length, sample, result = sys.argv[1:10]
 kw = dict(batch_size=int(batch_size), max_length=int(max_length))
 m = lensattr.load_model(spec, device="cpu", compute_dtype="float32")
@@ -347,7 +347,7 @@ def main() -> int:
         for mode, sc in json.loads(scored.read_text())["scores"].items():
             res["methods"][f"bergson {mode}"] = {
                 "pipeline_s": res["pipeline_s"],
-                **lensattr.pool_metrics(torch.tensor(sc), labels),
+                **lensattr.pool_metrics(torch.tensor(sc), labels, coding="planted"),
                 "scores": sc,
             }
         return res
@@ -381,7 +381,7 @@ def main() -> int:
             who = "baseline" if "seconds" in m else "lensattr"
             res["methods"][f"{who} {name} ({m['choice']})"] = {
                 "pipeline_s": seconds,
-                **lensattr.pool_metrics(torch.tensor(m["scores"]), labels),
+                **lensattr.pool_metrics(torch.tensor(m["scores"]), labels, coding="planted"),
                 "scores": m["scores"],
             }
         return res
@@ -468,7 +468,7 @@ def print_paired(
     print(f"\nlensattr minus {best} ({n_boot:,} paired bootstrap resamples, 95% intervals)")
     for method, m in mine.items():
         d = lensattr.pool_metrics_difference(
-            torch.as_tensor(m["scores"]), base, labels, n_boot=n_boot
+            torch.as_tensor(m["scores"]), base, labels, n_boot=n_boot, coding="planted"
         )
         print(
             f"{method:<{width}} P@{k} {d['p_at_k']:+.2f} [{d['p_at_k_ci'][0]:+.2f}, "

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.bench_perf import synthetic_cache
 from lensattr import PairStats, candidates, open_cache, select
-from lensattr.backends.sites import layer_text
 from lensattr.build import DEFAULT_STATS
+from lensattr.layers import layer_text
 from lensattr.moments import clear_memo
 
 

@@ -213,7 +213,12 @@ def study(
                 None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
             )
         r = lensattr.rank(cache, queries[cell["method"]], layer=cell["layer"], rows=idx, top_k=None)
-        cell.update({k: pool_metrics(r.scores_of(idx), labels)[k] for k in ("p_at_k", "ap")})
+        cell.update(
+            {
+                k: pool_metrics(r.scores_of(idx), labels, coding="planted")[k]
+                for k in ("p_at_k", "ap")
+            }
+        )
     return cells
 
 
@@ -239,7 +244,11 @@ def layer_sets(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, method: str
     }.items():
         mean = mean_over_layers([fss[la] for la in layers])
         s = lensattr.rank(cache, q, layer=layers, rows=idx, top_k=None).scores_of(idx)
-        out[name] = {"layers": layers, "criterion": rule(mean), **pool_metrics(s, labels)}
+        out[name] = {
+            "layers": layers,
+            "criterion": rule(mean),
+            **pool_metrics(s, labels, coding="planted"),
+        }
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 
 import lensattr
 from benchmarks.bench_peers import print_paired
-from lensattr.backends.sites import layer_text
+from lensattr.layers import layer_text
 
 
 def pool_labels(work: Path, data: str | None, shared: Path) -> torch.Tensor:
@@ -75,7 +75,7 @@ def main() -> None:
     theirs = {m: torch.tensor(s) for m, s in json.loads(scored.read_text())["scores"].items()}
 
     def metrics(s: torch.Tensor) -> dict:
-        return {**lensattr.pool_metrics(s, labels), "scores": s}
+        return {**lensattr.pool_metrics(s, labels, coding="planted"), "scores": s}
 
     modes = {f"bergson {m}": metrics(s) for m, s in theirs.items()}
     mine = {name: metrics(s) for name, s in mine.items()}

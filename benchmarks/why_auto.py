@@ -61,7 +61,9 @@ def main() -> None:
                 scores = lensattr.rank(cache, query, layer=row["layer"], top_k=None).scores_of(
                     range(len(cache))
                 )
-                p_at_k[row["layer"]] = lensattr.pool_metrics(scores, labels)["p_at_k"]
+                p_at_k[row["layer"]] = lensattr.pool_metrics(scores, labels, coding="planted")[
+                    "p_at_k"
+                ]
         layer = chosen[name]["layer"]
         table.append((means[name][0], name, layer, p_at_k[layer], max(p_at_k.values())))
     table.sort(reverse=True)

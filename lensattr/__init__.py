@@ -19,9 +19,18 @@ Examples:
     statistic, query, score and layer from the pairs and the unlabelled cache.
 """
 
+import importlib as _importlib
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # tqdm.auto (imported by transformers, datasets and huggingface_hub) warns "IProgress not
+    # found" on import in a notebook without ipywidgets; lensattr's own bars do without it.
+    _warnings.filterwarnings("ignore", message="IProgress not found")
+    _importlib.import_module("tqdm.auto")
+
 # The built-in statistics, queries and scores register themselves on import: first, so that
 # every registry lookup sees them (importing any submodule imports this package first).
-import lensattr.methods  # noqa: F401  (isort: skip)
+import lensattr.methods  # noqa: F401, E402  (isort: skip)
 from lensattr._version import __version__
 from lensattr.backends.capture import LayerActs, capture
 from lensattr.backends.models import Model, load_model

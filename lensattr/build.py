@@ -25,10 +25,12 @@ from lensattr.backends.prefix import openings_kept
 from lensattr.checks import positive_int
 from lensattr.config import CaptureConfig
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
+from lensattr.layers import parse_layers
 from lensattr.progress import Progress
 from lensattr.registry import get_phi, pooling_of
 from lensattr.render import Encoded, TruncationError, collate, encode, length_batches
 from lensattr.store.cache import (
+    ELSEWHERE,
     chunk_done,
     chunk_sha256,
     finish,
@@ -38,7 +40,7 @@ from lensattr.store.cache import (
     write_lock,
 )
 from lensattr.store.files import CacheFiles
-from lensattr.store.names import dtype_name, resolve_layers
+from lensattr.store.names import dtype_name
 from lensattr.store.reader import (
     SCHEMA_VERSION,
     Cache,
@@ -186,7 +188,7 @@ def build_cache(
         where = str(train) if isinstance(train, (str, Path)) else "train"
         why = f"all {len(skipped)} records are bad ({skipped[0]['reason']})" if skipped else ""
         raise DataError(where, None, why or "no examples (empty, or only blank lines)")
-    cfg = dataclasses.replace(cfg, layers=resolve_layers(cfg.layers, model.n_layers))
+    cfg = dataclasses.replace(cfg, layers=sorted(parse_layers(cfg.layers, model.n_layers)))
     layer_list, max_length, padding_side = list(cfg.layers), cfg.max_length, cfg.padding_side
     phis = [get_phi(s) for s in stats]
     pooling = pooling_of(phis)  # the statistics' own; a config naming another is refused
@@ -207,7 +209,9 @@ def build_cache(
             problems = diff_fields(_read_build(build_file), plan)
             if problems:
                 raise CacheError(
-                    f"{out} holds a different, unfinished build: " + "; ".join(problems)
+                    f"{out} holds a different, unfinished build: "
+                    + "; ".join(problems)
+                    + f"; {ELSEWHERE}"
                 )
         elif rank == 0:
             atomic_write_json(build_file, plan)

@@ -1,10 +1,12 @@
-"""The ``lensattr`` command line: ``cache``, ``query``, ``rank`` and ``demo``."""
+"""The ``lensattr`` command line: ``cache``, ``query``, ``rank``, ``explain``, ``demo`` and
+``bench``."""
 
 import argparse
 import errno
 import json
 import logging
 import math
+import shutil
 import sys
 import traceback
 from collections.abc import Sequence
@@ -12,14 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lensattr._version import __version__
-from lensattr.backends.sites import layer_text
 from lensattr.build import DEFAULT_STATS
 from lensattr.config import add_arguments, from_arguments
+from lensattr.layers import layer_text
 from lensattr.optional import explain
 from lensattr.registry import names
 
 if TYPE_CHECKING:
     from lensattr.query import Query
+    from lensattr.rank import Ranking
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="query file (.safetensors)")
 
-    p = sub.add_parser("rank", help="rank cached examples against a query; writes jsonl")
+    p = sub.add_parser("rank", help="rank cached examples against a query; prints the top")
     p.add_argument("--cache", required=True)
     p.add_argument("--query", default=None, help="a saved query (from `lensattr query`)")
     p.add_argument(
@@ -99,20 +102,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer",
         default=None,
-        help="block index (negative: from the last), 'best', or 'blocks.N.hook_resid_post'; "
-        "several, comma-separated (12,15,18): the mean of the scores at those layers; "
-        "default: the layer chosen for the query (else its best held-out accuracy)",
+        help="a layer (negative: from the model's last block), 'best', or a hook name "
+        "(blocks.N.hook_resid_post; blocks.N.hook_resid_pre is layer N-1); several "
+        "(12,15,18 or 12:16): the mean of the scores at those layers; default: the layer "
+        "chosen for the query (else its best held-out accuracy)",
     )
     p.add_argument("--stat", default=None, help="cached statistic (default: the query's)")
     p.add_argument(
         "--score", default=None, help=f"score (default: the query's): {', '.join(names('score'))}"
     )
-    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=20, help="how many to show (and write)")
     p.add_argument("--bottom", action="store_true", help="lowest scores instead")
-    p.add_argument("--out", required=True, help="output .jsonl (id, score, rank, example)")
+    p.add_argument(
+        "--out", default=None, help="also write a .jsonl (id, score, rank, method, example)"
+    )
     _model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="for capturing --pairs")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser(
+        "explain", help="which reply tokens of cached examples drive their score (highlighted)"
+    )
+    p.add_argument("--cache", required=True, help="the cache holding the examples")
+    p.add_argument("--query", required=True, help="a saved query (from `lensattr query`)")
+    p.add_argument("--ids", default=None, help="comma-separated example ids (default: the top)")
+    p.add_argument("--top", type=int, default=3, help="without --ids: the top this many")
+    p.add_argument("--layer", default=None, help="as for `lensattr rank` (default: the query's)")
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="highlight with terminal colours (auto: on a terminal)",
+    )
+    _model_args(p)
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2 and bundled data")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -209,6 +231,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     # Under torchrun / accelerate launch: a process group, and one GPU per rank of a node.
     rank, world = distributed.init_process_group()
     args.device = args.device or distributed.default_device()
+    built = (Path(args.out) / "manifest.json").exists()
     try:
         cache = build_cache(
             _load(args),
@@ -227,8 +250,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         distributed.destroy_process_group()
     if cache is not None:
         print(
-            f"cached {len(cache)} examples x {len(cache.layers)} layers x "
-            f"{len(cache.stats)} statistics in {args.out}"
+            f"{'already built, nothing to do:' if built else 'cached'} {len(cache)} examples x "
+            f"{len(cache.layers)} layers x {len(cache.stats)} statistics in {args.out}"
         )
     return 0
 
@@ -313,12 +336,16 @@ def cmd_rank(args: argparse.Namespace) -> int:
         args.query if args.query is not None else args.pairs,
         method=args.method if args.pairs is not None else None,
         model=_load(args) if args.pairs is not None else None,
-        layer=args.layer.split(",") if args.layer and "," in args.layer else args.layer,
+        layer=args.layer,
         stat=args.stat,
         score=args.score,
         top_k=args.top_k,
         bottom=args.bottom,
     )
+    print(f"{r.describe()}:")
+    print(ranking_text(r, shutil.get_terminal_size().columns))
+    if args.out is None:
+        return 0
     records = cache.records(r.ids)  # the cache's own checksummed copy of the training records
     with open(args.out, "w", encoding="utf-8") as fh:
         for i, (eid, score, rec) in enumerate(zip(r.ids, r.scores.tolist(), records, strict=True)):
@@ -326,16 +353,51 @@ def cmd_rank(args: argparse.Namespace) -> int:
                 "id": eid,
                 "score": score if math.isfinite(score) else None,  # JSON has no NaN: null
                 "rank": i + 1,
+                "method": r.method,
                 "layer": r.layer,
+                "psi": r.psi,
                 "stat": r.stat,
                 "score_name": r.score,
                 "example": {k: v for k, v in rec.items() if k != "id"},
             }
             fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-    print(
-        f"wrote {len(r)} ranked examples (layer {layer_text(r.layer)}, {r.stat}, {r.score}) "
-        f"to {args.out}"
-    )
+    print(f"wrote {len(r)} ranked examples to {args.out}")
+    return 0
+
+
+def ranking_text(r: "Ranking", width: int = 100) -> str:
+    """A ranking's table for a terminal ``width`` columns wide: rank, id, score, the label if
+    the records have one, and as much of each reply as fits."""
+    from lensattr.tables import excerpt, text_table
+
+    rows = r.table()
+    columns = ["rank", "id", "score", *(["label"] if any("label" in x for x in rows) else [])]
+    fixed = len(text_table(rows, columns).splitlines()[0]) if rows else 0
+    for x in rows:
+        x["text"] = excerpt(str(x.get("text", "")), max(20, width - fixed - 3))
+    return text_table(rows, [*columns, "text"])
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lensattr.query import Query
+    from lensattr.rank import explain, rank
+    from lensattr.store.cache import open_cache
+
+    cache = open_cache(args.cache)
+    query = Query.load(args.query)
+    ids = [x for x in (args.ids or "").split(",") if x]
+    if not ids:
+        ids = rank(cache, query, layer=args.layer, top_k=args.top).ids
+    examples = cache.examples(ids)
+    model = _load(args)
+    color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty())
+    max_length = cache.capture_config.max_length
+    for ex in examples:
+        e = explain(model, ex, query, args.layer, max_length=max_length)
+        print(f"{ex.id}: mean token contribution {e.total:+.4g} ({len(e.tokens)} reply tokens)")
+        print("  " + e.text(color=color).replace("\n", "\n  "))
+    if not color:
+        print("[[ ]]: the tokens that raise the score most; (( )): that lower it most")
     return 0
 
 
@@ -362,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": cmd_cache,
         "query": cmd_query,
         "rank": cmd_rank,
+        "explain": cmd_explain,
         "demo": cmd_demo,
         "bench": cmd_bench,
     }

@@ -30,10 +30,10 @@ from lensattr import (
     rank,
     select,
 )
-from lensattr.backends.sites import layer_text
 from lensattr.baselines import REPSIM, lexical_scores, lexical_select, repsim_select
 from lensattr.data import load_pairs
-from lensattr.optional import require
+from lensattr.layers import layer_text
+from lensattr.plot import layer_sweep, plot_sweep
 
 
 def bundled(name: str) -> Path:
@@ -45,51 +45,6 @@ def all_scores(cache: Any, query: Any, layer: Any, score: str | None) -> torch.T
     """Every cached example's score (cache row order) under ``query`` at ``layer`` (or the mean
     over a layer set)."""
     return rank(cache, query, layer=layer, score=score, top_k=None).scores_of(range(len(cache)))
-
-
-def layer_sweep(cache: Any, query: Any, score: str, labels: torch.Tensor) -> list[dict[str, Any]]:
-    """Precision among the pool (P@k, AP) and planted AUROC of one query at every layer."""
-    rows = []
-    for layer in query.layers:
-        m = pool_metrics(all_scores(cache, query, layer, score), labels)
-        cv = (query.cv or {}).get(layer, float("nan"))
-        rows.append({"layer": layer, **m, "heldout_accuracy": cv})
-    return rows
-
-
-def plot_sweep(
-    sweeps: dict[str, tuple[list[dict[str, Any]], Any, float]], path: Path, title: str
-) -> None:
-    """precision@k against layer for each method: large dots at the layer (or layer set) it
-    chose, and for a layer set a dashed line at the precision of their mean."""
-    matplotlib = require("matplotlib", "demo")
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for name, (rows, chosen, p_at_k) in sweeps.items():
-        layers = [r["layer"] for r in rows]
-        (line,) = ax.plot(layers, [r["p_at_k"] for r in rows], marker=".", label=name)
-        chosen = (chosen,) if isinstance(chosen, int) else chosen
-        at = [r["p_at_k"] for la in chosen for r in rows if r["layer"] == la]
-        ax.plot(chosen, at, "o", ms=9, color=line.get_color())
-        if len(chosen) > 1:
-            ax.plot(
-                [min(chosen), max(chosen)],
-                [p_at_k, p_at_k],
-                "--",
-                color=line.get_color(),
-                label=f"{name.split(':')[0]}: mean of layers {layer_text(chosen)}",
-            )
-    ax.set_xlabel("layer (large dots: the layer or layers chosen without labels)")
-    ax.set_ylabel("precision@k among the pool")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def show_top(top: Any, by_id: dict[str, Any]) -> int:
@@ -132,7 +87,7 @@ def baselines(
     ]
     for name, what, scores, extra in rows:
         found = int((labels[scores.topk(10).indices] == 1).sum())
-        met = pool_metrics(scores, labels, n_boot=500)
+        met = pool_metrics(scores, labels, n_boot=500, coding="planted")
         print(
             f"{what}: {found} of 10 planted in the top-10, precision@{k} {met['p_at_k']:.2f} "
             f"[{met['p_at_k_ci'][0]:.2f}, {met['p_at_k_ci'][1]:.2f}], AP {met['ap']:.2f}, "
@@ -203,7 +158,7 @@ def run_demo(
         what = f"{sel.method}, layer{'s' if len(sel.layers) > 1 else ''} {layer_text(sel.layers)}"
     print(f"\nauto: top-10 of {len(cache)} ({what}):")
     found = show_top(top, by_id)
-    auto_m = pool_metrics(all_scores(cache, sel, None, None), labels, n_boot=500)
+    auto_m = pool_metrics(all_scores(cache, sel, None, None), labels, n_boot=500, coding="planted")
     print(
         f"\nplanted (label 1) in the top-10: {found} of 10 ({k} planted among {len(cache)})\n"
         f"precision@{k} among the pool {auto_m['p_at_k']:.2f} "
@@ -219,7 +174,9 @@ def run_demo(
     p_top = rank(cache, paper, layer=p_layer, top_k=10)
     times["the paper's method"] = time.perf_counter() - t0
     p_found = sum(by_id[e].extra.get("label") == 1 for e in p_top.ids)
-    paper_m = pool_metrics(all_scores(cache, paper, p_layer, PAPER.score), labels, n_boot=500)
+    paper_m = pool_metrics(
+        all_scores(cache, paper, p_layer, PAPER.score), labels, n_boot=500, coding="planted"
+    )
     print(
         f"\nfor comparison, the paper's method as its authors ran it ({PAPER}) at layer "
         f"{p_layer} (its held-out "
@@ -231,10 +188,12 @@ def run_demo(
     t0 = time.perf_counter()
     base = baselines(cache, stats, examples, labels)
     times["text search and RepSim"] = time.perf_counter() - t0
-    auto_sweep = layer_sweep(cache, sel.query, sel.method.score, labels)
-    paper_sweep = layer_sweep(cache, paper, PAPER.score, labels)
+    auto_sweep = layer_sweep(cache, sel.query, labels, coding="planted")
+    paper_sweep = layer_sweep(cache, paper, labels, coding="planted")
     rep = base["repsim"]
-    rep["sweep"] = layer_sweep(cache, rep.pop("query"), REPSIM.score, labels)
+    rep["sweep"] = layer_sweep(
+        cache, rep.pop("query"), labels, score=REPSIM.score, coding="planted"
+    )
     plot = out / "layer_sweep.png"
     auto_label = f"auto: {sel.method}"
     if sel.ensemble is not None:  # the curve is its best method's; the dashed line, the ensemble

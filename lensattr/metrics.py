@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from lensattr.checks import positive_int, same_length
@@ -74,48 +75,117 @@ def precision_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return float(labels.bool()[top].double().mean())
 
 
+CODINGS = ("relevant", "planted")
+"""How :func:`pool_metrics` reads labels: ``"relevant"``: 1 (or ``True``) = an example of the
+behaviour, 0 = any other; ``"planted"``: 1 = a planted example of the behaviour, 0 = its decoy
+(the same prompt with a behaviour-free reply), -1 = an unrelated (clean) example."""
+
+
+def as_labels(labels: Any, n: int, coding: str, what: str = "pool_metrics") -> torch.Tensor:
+    """``labels`` (a tensor, array or list of ints or bools) as a long tensor, checked: one per
+    score (``n``), each a value of ``coding`` (:data:`CODINGS`), at least one 1.
+
+    Examples:
+        >>> as_labels([True, False, 1], 3, "relevant").tolist()
+        [1, 0, 1]
+    """
+    if coding not in CODINGS:
+        raise ValueError(f"{what}: coding={coding!r} is not one of {CODINGS}")
+    t = (
+        labels.detach().cpu()
+        if isinstance(labels, torch.Tensor)
+        else torch.as_tensor(np.asarray(labels))
+    )
+    if t.dtype == torch.bool:
+        t = t.long()
+    if t.is_floating_point() and bool((t != t.round()).any()):
+        raise ValueError(f"{what}: labels must be integers (or bools), got {t.dtype}")
+    t = t.long().flatten()
+    if len(t) != n:
+        raise ValueError(f"{what}: {len(t)} labels for {n} scores; give one label per score")
+    allowed = {0, 1} if coding == "relevant" else {-1, 0, 1}
+    bad = sorted(set(t.unique().tolist()) - allowed)
+    if bad:
+        hint = (
+            "; for 1 = behaviour, 0 = decoy, -1 = clean pass coding='planted'"
+            if coding == "relevant" and bad == [-1]
+            else ""
+        )
+        raise ValueError(
+            f"{what}: labels {bad} are not {coding!r} labels (those are "
+            f"{', '.join(map(str, sorted(allowed, reverse=True)))}){hint}"
+        )
+    if not bool((t == 1).any()):
+        raise ValueError(f"{what} needs at least one label-1 example")
+    return t
+
+
+def _as_scores(scores: Any) -> torch.Tensor:
+    if isinstance(scores, torch.Tensor):
+        return scores.detach().cpu().double().flatten()
+    return torch.as_tensor(np.asarray(scores, dtype=np.float64)).flatten()
+
+
 def pool_metrics(
-    scores: torch.Tensor, labels: torch.Tensor, *, n_boot: int = 0, seed: int = 0
+    scores: Any, labels: Any, *, coding: str = "relevant", n_boot: int = 0, seed: int = 0
 ) -> dict[str, Any]:
     """How high a behaviour's examples rank among everything else in the pool.
 
-    ``labels``: 1 = an example of the behaviour (a label-1 plant), 0 = a decoy (the same prompt
-    with the behaviour-free reply), -1 = an unrelated (clean) example. Returns
+    ``scores`` and ``labels``: one per pool example (tensors, arrays or lists). ``labels`` read
+    by ``coding``:
 
-    - ``p_at_k``: precision@k of the label-1 examples against every other example, with
-      ``k`` = the number of label-1 examples (the headline);
+    - ``"relevant"`` (default): 1 (or ``True``) = an example of the behaviour, 0 = any other;
+    - ``"planted"``: 1 = a planted example of the behaviour, 0 = its decoy (the same prompt with
+      a behaviour-free reply), -1 = an unrelated (clean) example (the benchmark's labels).
+
+    Returns
+
+    - ``k``: the number of label-1 examples;
+    - ``p_at_k``: precision@k of the label-1 examples against every other example (the
+      headline);
     - ``ap``: their average precision against every other example;
-    - ``clean_above_median``: how many clean examples rank above the median label-1 example;
-    - ``auroc_planted``: AUROC of label 1 vs label 0 (secondary);
+    - with ``"relevant"``: ``auroc``, AUROC of label 1 vs label 0, and ``above_median``, how
+      many label-0 examples rank above the median label-1 example;
+    - with ``"planted"``: ``auroc_planted``, AUROC of label 1 vs label 0 (the decoys;
+      secondary), and ``clean_above_median``, how many clean examples rank above the median
+      label-1 example;
     - with ``n_boot > 0``, 95% bootstrap intervals ``p_at_k_ci`` and ``ap_ci`` (resampling the
       examples within each label).
 
+    Raises:
+        ValueError: labels of another coding, not one per score, or no label-1 example.
+
     Examples:
-        >>> s = torch.tensor([0.9, 0.8, 0.5, 0.4, 0.1])
-        >>> m = pool_metrics(s, torch.tensor([1, -1, 1, 0, -1]))
-        >>> m["p_at_k"], round(m["ap"], 3), m["clean_above_median"], m["auroc_planted"]
-        (0.5, 0.833, 1, 1.0)
+        >>> s = [0.9, 0.8, 0.5, 0.4, 0.1]
+        >>> m = pool_metrics(s, [1, 0, 1, 0, 0])
+        >>> m["p_at_k"], round(m["ap"], 3), m["above_median"], round(m["auroc"], 3)
+        (0.5, 0.833, 1, 0.833)
+        >>> m = pool_metrics(s, [1, -1, 1, 0, -1], coding="planted")
+        >>> m["p_at_k"], m["clean_above_median"], m["auroc_planted"]
+        (0.5, 1, 1.0)
     """
-    same_length("pool_metrics", scores=scores, labels=labels)
     positive_int("n_boot", n_boot, least=0)
-    labels = labels.long()
+    scores = _as_scores(scores)
+    labels = as_labels(labels, len(scores), coding)
     pos = labels == 1
     k = int(pos.sum())
-    if k == 0:
-        raise ValueError("pool_metrics needs at least one label-1 example")
     order = _order(scores)
     rank_of = torch.empty_like(order)
     rank_of[order] = torch.arange(len(order))
     pos_ranks = rank_of[pos].sort().values
     median_rank = int(pos_ranks[k // 2])  # the upper median
-    plant = labels >= 0
     out: dict[str, Any] = {
         "k": k,
         "p_at_k": precision_at_k(scores, pos, k),
         "ap": average_precision(scores, pos),
-        "clean_above_median": int(((labels == -1) & (rank_of < median_rank)).sum()),
-        "auroc_planted": auroc(scores[plant], pos[plant].long()) if plant.any() else float("nan"),
     }
+    if coding == "relevant":
+        out["above_median"] = int(((labels == 0) & (rank_of < median_rank)).sum())
+        out["auroc"] = auroc(scores, pos.long())
+    else:
+        plant = labels >= 0
+        out["clean_above_median"] = int(((labels == -1) & (rank_of < median_rank)).sum())
+        out["auroc_planted"] = auroc(scores[plant], pos[plant].long())
     if n_boot > 0:
         pk, ap = [], []
         for idx in _resamples(labels, n_boot, seed):
@@ -126,10 +196,11 @@ def pool_metrics(
 
 
 def pool_metrics_difference(
-    scores: torch.Tensor,
-    baseline: torch.Tensor,
-    labels: torch.Tensor,
+    scores: Any,
+    baseline: Any,
+    labels: Any,
     *,
+    coding: str = "relevant",
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -138,13 +209,13 @@ def pool_metrics_difference(
     Two methods' precision@k on one pool each carry the pool's own luck; their difference is
     judged on the same resamples of the pool (a paired bootstrap), so the luck they share
     cancels and the interval is usually much narrower than the two separate ones. ``labels``
-    as in :func:`pool_metrics`. Returns ``p_at_k`` and ``ap``, ``scores``'s minus
+    and ``coding`` as in :func:`pool_metrics`. Returns ``p_at_k`` and ``ap``, ``scores``'s minus
     ``baseline``'s on the whole pool, and their 95% paired bootstrap intervals
     ``p_at_k_ci`` and ``ap_ci`` (``n_boot`` resamples of the examples within each label, both
     rankings scored on each).
 
     Examples:
-        >>> lab = torch.tensor([1, 1, 0, -1, -1, -1])
+        >>> lab = [1, 1, 0, 0, 0, 0]
         >>> a = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3, 0.0])  # both label-1 examples on top
         >>> b = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.0])  # one of them below four others
         >>> d = pool_metrics_difference(a, b, lab, n_boot=200)
@@ -154,16 +225,15 @@ def pool_metrics_difference(
         True
     """
     positive_int("n_boot", n_boot, least=0)
-    labels = labels.long()
+    scores, baseline = _as_scores(scores), _as_scores(baseline)
+    if scores.shape != baseline.shape:
+        raise ValueError(
+            f"pool_metrics_difference: {len(scores)} scores but {len(baseline)} baseline "
+            "scores; give one of each per pool example"
+        )
+    labels = as_labels(labels, len(scores), coding, "pool_metrics_difference")
     pos = labels == 1
     k = int(pos.sum())
-    if k == 0:
-        raise ValueError("pool_metrics_difference needs at least one label-1 example")
-    if scores.shape != baseline.shape or scores.shape != labels.shape:
-        raise ValueError(
-            f"scores {tuple(scores.shape)}, baseline {tuple(baseline.shape)} and labels "
-            f"{tuple(labels.shape)} must be one value per pool example each"
-        )
 
     def gap(idx: torch.Tensor | None) -> tuple[float, float]:
         a, b, p = (scores, baseline, pos) if idx is None else (scores[idx], baseline[idx], pos[idx])

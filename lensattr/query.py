@@ -25,13 +25,15 @@ from lensattr.backends.prefix import openings_kept
 from lensattr.checks import positive_int
 from lensattr.config import CaptureConfig, check_capture
 from lensattr.data import Pair, load_pairs
+from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
 from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
 from lensattr.render import Encoded, collate, encode, length_batches
-from lensattr.store.cache import Cache, CacheError, open_cache, resolve_layers
+from lensattr.store.cache import Cache, CacheError, open_cache
 from lensattr.store.reader import name_ids
 from lensattr.store.shards import plain_name, save_tensors
+from lensattr.tables import layers_text
 from lensattr.types import LayerActs, Vec
 
 FOLDS = 4
@@ -61,6 +63,12 @@ class PairStats:
     @property
     def stats(self) -> list[str]:
         return list(self.treatment)
+
+    def __repr__(self) -> str:
+        return (
+            f"PairStats({self.n_pairs} pairs, stats {', '.join(self.stats)}, layers "
+            f"{layers_text(self.layers)}, model {self.model.get('name', '?')})"
+        )
 
     @property
     def layers(self) -> list[int]:
@@ -203,7 +211,7 @@ def pair_stats(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     phis = [get_phi(s) for s in dict.fromkeys(stats)]
     pooling = pooling_of(phis)  # before any work: statistics captured together share one
-    layer_list = resolve_layers(layers, model.n_layers)
+    layer_list = sorted(parse_layers(layers, model.n_layers))
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
     _check_distinct(pair_list, encs, max_length)
     per = max(1, batch_size // 2)
@@ -295,6 +303,16 @@ class Query:
     def __post_init__(self) -> None:
         check_vectors(self.vectors, "the query")
         check_fields(vars(self))
+
+    def __repr__(self) -> str:
+        chosen = "" if self.layer is None else f", chosen layer {layer_text(self.layer)}"
+        cv = ", ".join(f"L{k} {v:.2f}" for k, v in sorted((self.cv or {}).items())[:8])
+        cv += ", ..." if len(self.cv or {}) > 8 else ""
+        return (
+            f"Query({self.psi}|{self.stat}|{self.score} from {self.n_pairs} pairs, layers "
+            f"{layers_text(self.layers)}{chosen}, model {self.model.get('name', '?')}"
+            + (f", held-out accuracy {cv})" if cv else ")")
+        )
 
     def best_layer(self) -> int | tuple[int, ...]:
         """The chosen layer (or layers) if :func:`lensattr.select` set one, else the layer whose
@@ -626,14 +644,15 @@ def behavior_query(
         if psi_kwargs:
             raise TypeError(f"options {sorted(psi_kwargs)} need pairs, not PairStats")
         ps = pairs
-        layer_list = ps.layers if layers == "all" else resolve_layers(layers, max(ps.layers) + 1)
+        n_layers = max(ps.layers) + 1
+        layer_list = ps.layers if layers == "all" else sorted(parse_layers(layers, n_layers))
     else:
         model = load_model(model)
         if spec.pairs_from is not None:
             pairs = spec.pairs_from(model, pairs, **psi_kwargs)
         elif psi_kwargs:
             raise TypeError(f"psi {psi!r} takes no options {sorted(psi_kwargs)}")
-        layer_list = resolve_layers(layers, model.n_layers)
+        layer_list = sorted(parse_layers(layers, model.n_layers))
         ps = pair_stats(
             model,
             pairs,

@@ -2,24 +2,25 @@
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
-from lensattr.backends.sites import layer_index
 from lensattr.checks import positive_int, row_indices
 from lensattr.config import POOLINGS, CaptureConfig, check_capture
 from lensattr.data import Example, load_examples
 from lensattr.ensemble import SCORE as ENSEMBLE_SCORE
 from lensattr.ensemble import Ensemble, as_ranked, standardised
+from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
 from lensattr.registry import get_phi, get_score
 from lensattr.render import collate, encode
 from lensattr.store.cache import Cache, CacheError, open_cache
+from lensattr.tables import excerpt, html_table, tokens_html, tokens_text
 
 logger = logging.getLogger(__name__)
 SCORE_BLOCK = 1024
@@ -35,7 +36,9 @@ class Ranking:
     Ordered by score (highest first; lowest first for ``bottom=True``), ties by row index;
     non-finite scores always come last and are counted in ``n_nonfinite``. ``stat`` is the
     cached statistic ranked and ``score`` the registered score that gave ``scores``; ``layer``
-    is a tuple when the scores are the mean over several layers.
+    is a tuple when the scores are the mean over several layers; ``psi`` names the query's
+    psi, and ``cache`` is the cache ranked (for the replies in :meth:`table` and
+    :meth:`to_pandas`). In a notebook a ranking shows as a table of its first 20 examples.
     """
 
     ids: list[str]
@@ -45,9 +48,70 @@ class Ranking:
     stat: str
     score: str
     n_nonfinite: int = 0
+    psi: str | None = None
+    cache: Cache | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def method(self) -> str:
+        """The method that ranked, as ``"psi|stat|score"`` (``?`` for an unknown psi)."""
+        return f"{self.psi or '?'}|{self.stat}|{self.score}"
+
+    def describe(self) -> str:
+        """One line: how many examples, the method and the layer (or layers)."""
+        n = f" of {len(self.cache)}" if self.cache is not None else ""
+        if self.score == ENSEMBLE_SCORE:  # each member at its own layer
+            return (
+                f"{len(self)}{n} examples ranked by the mean standardised score of an "
+                f"{self.psi} (statistics {self.stat}, layers {layer_text(self.layer)})"
+            )
+        where = f"layer {self.layer}" if isinstance(self.layer, int) else "the mean of layers "
+        where += "" if isinstance(self.layer, int) else layer_text(self.layer)
+        return f"{len(self)}{n} examples ranked by {self.method} at {where}"
+
+    def __repr__(self) -> str:
+        top = ", ".join(
+            f"{i} {s:+.3f}" for i, s in zip(self.ids, self.scores[:3].tolist(), strict=False)
+        )
+        more = ", ..." if len(self) > 3 else ""
+        return f"Ranking({self.describe()}: {top}{more})"
+
+    def table(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The first ``n`` rows (default: all) as dicts: ``rank``, ``id``, ``score``, and when
+        the ranking knows its cache the reply (``text``) and the record's other fields
+        (``label``, ``source``, ...)."""
+        ids = self.ids[:n]
+        out = [
+            {"rank": i + 1, "id": eid, "row": row, "score": score}
+            for i, (eid, row, score) in enumerate(
+                zip(ids, self.rows.tolist(), self.scores.tolist(), strict=False)
+            )
+        ]
+        if self.cache is not None and ids:
+            for row, ex in zip(out, self.cache.examples(ids), strict=True):
+                row["text"] = ex.response
+                row.update({k: v for k, v in ex.extra.items() if k not in row and k[0] != "_"})
+        return out
+
+    def to_pandas(self) -> Any:
+        """The ranking as a ``pandas.DataFrame``, one row per ranked example: ``rank``, ``id``,
+        ``row`` (the cache row, which is the example's place in the data the cache was built
+        from), ``score``, and (from the cache) ``text``, the reply, and the record's other
+        fields. Join it to your own data on ``id`` (``df.merge(mine, on="id")``), or put it in
+        data order with ``.sort_values("row")`` after ``rank(..., top_k=None)``.
+        """
+        import pandas as pd
+
+        return pd.DataFrame(self.table()).set_index("rank")
+
+    def _repr_html_(self) -> str:
+        rows = [{**r, "text": excerpt(str(r.get("text", "")))} for r in self.table(20)]
+        columns = ["rank", "id", "score", *(["label"] if any("label" in r for r in rows) else [])]
+        columns += ["text"] if self.cache is not None else []
+        more = f" (the first 20 of {len(self)})" if len(self) > 20 else ""
+        return html_table(rows, columns, caption=self.describe() + more)
 
     def scores_of(self, rows: Any) -> torch.Tensor:
         """The scores of cache ``rows``, in that order (e.g. ``range(len(cache))`` after
@@ -65,17 +129,24 @@ class Ranking:
         return self.scores[order[pos]]
 
 
-def _layers_arg(layer: Any, query: Query) -> tuple[int, ...]:
-    """The layers to score, as a tuple of distinct block indices, from a layer given as an int
-    (negative counts from the last query layer), a TransformerLens hook name
-    (``"blocks.12.hook_resid_post"``), ``"best"`` or ``None`` (the query's own, see
-    :meth:`~lensattr.query.Query.best_layer`), or a list or tuple of them."""
+def _layers_arg(layer: Any, query: Query, n_layers: int) -> tuple[int, ...]:
+    """The layers to score, in the order given, from ``layer`` as
+    :func:`~lensattr.layers.parse_layers` reads it for a model of ``n_layers`` blocks
+    (negative ints count from its last block), or ``"best"`` / ``None`` (the query's own, see
+    :meth:`~lensattr.query.Query.best_layer`).
+
+    Raises:
+        QueryError: a layer the query was not built at.
+    """
     if layer is None or layer == "best":
         layer = query.best_layer()
-    given = layer if isinstance(layer, list | tuple) else (layer,)
-    layers = tuple(layer_index(x, max(query.layers) + 1) for x in given)
-    if not layers or len(set(layers)) < len(layers):
-        raise ValueError(f"layer={layer!r}: give distinct layers, at least one")
+    layers = tuple(parse_layers(layer, n_layers))
+    missing = [la for la in layers if la not in query.layers]
+    if missing:
+        raise QueryError(
+            f"layer={layer!r} is layer {layer_text(tuple(missing))} of this {n_layers}-block "
+            f"model, which the query lacks (it has layers {layer_text(tuple(query.layers))})"
+        )
     return layers
 
 
@@ -106,11 +177,13 @@ def rank(
             (each row scored by the mean of the members' standardised scores, each member at
             its own layer), a saved file of either, a :class:`~lensattr.select.Selection` (its
             ensemble when it has one), or (with ``method="auto"``) query pairs.
-        layer: block index (negative from the end), ``"best"``, or a TransformerLens hook name;
-            default: the layer (or layers) chosen for the query, else its best by held-out
-            accuracy. A list of them scores each row by the mean of its scores at those layers
-            (each layer's query against that layer's cached statistic), as a gradient method
-            scores all its modules at once.
+        layer: a layer as :func:`~lensattr.layers.parse_layers` reads it (an int,
+            negative from the model's last block; a TransformerLens hook name; a range
+            ``"a:b"``), or ``"best"``; default: the layer (or layers) chosen for the query, else
+            its best by held-out accuracy. Several layers (a list, ``"12,15"``, ``"12:16"``)
+            score each row by the mean of its scores at those layers (each layer's query
+            against that layer's cached statistic), as a gradient method scores all its
+            modules at once.
         stat: cached statistic (default: the query's ``stat``).
         score: registered score name (default: the query's ``score``).
         top_k: how many to keep (``None``: all, sorted).
@@ -158,7 +231,7 @@ def rank(
         return _rank_ensemble(cache, ranked, top_k, bottom, keep, chunk_rows)
     query = ranked
     check_query(cache, query)
-    layers = _layers_arg(layer, query)
+    layers = _layers_arg(layer, query, cache.n_layers)
     if stat is not None and stat != query.stat:
         raise QueryError(
             f"stat={stat!r}, but the query was built on {query.stat!r}: its vectors live in that "
@@ -225,6 +298,8 @@ def rank(
         stat=stat,
         score=score,
         n_nonfinite=nonfinite,
+        psi=query.psi,
+        cache=cache,
     )
 
 
@@ -258,6 +333,8 @@ def _rank_ensemble(
         stat="+".join(ensemble.stats),
         score=ENSEMBLE_SCORE,
         n_nonfinite=int(bad.sum()),
+        psi=f"ensemble of {len(ensemble.members)}",
+        cache=cache,
     )
 
 
@@ -294,6 +371,18 @@ class Explanation:
     contributions: torch.Tensor  # [n_response] = s_token . psi
     total: float  # mean of contributions = <phi(x), psi>
 
+    def __repr__(self) -> str:
+        return f"Explanation({len(self.tokens)} tokens, total {self.total:+.4g}: {self.text()!r})"
+
+    def text(self, color: bool = False) -> str:
+        """The reply with its tokens highlighted by contribution (see
+        :func:`~lensattr.tables.tokens_text`): ANSI colours with ``color``, else the strongest
+        tokens in ``[[ ]]`` (raise the score) or ``(( ))`` (lower it)."""
+        return tokens_text(self.tokens, self.contributions.tolist(), color=color)
+
+    def _repr_html_(self) -> str:
+        return tokens_html(self.tokens, self.contributions.tolist())
+
 
 def explain(
     model: Any,
@@ -326,7 +415,7 @@ def explain(
     """
     model = load_model(model)
     query = as_query(query)
-    layers = _layers_arg(layer, query)
+    layers = _layers_arg(layer, query, model.n_layers)
     spec = get_phi(stat or query.stat)
     if spec.pooling != POOLINGS[0]:  # each reply token's term is the statistic at a one-hot mask
         raise QueryError(

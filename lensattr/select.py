@@ -34,6 +34,7 @@ each candidate is then a few matrix products over the cache rows, with every fol
 (statistic, layer) scored in one batched call.
 """
 
+import html
 import logging
 import math
 import time
@@ -42,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lensattr.backends.sites import layer_text
 from lensattr.checks import positive_int, row_indices
 from lensattr.criterion import (
     DEFAULT_CRITERION,
@@ -60,6 +60,7 @@ from lensattr.criterion import (
     method_scores,
 )
 from lensattr.ensemble import Ensemble
+from lensattr.layers import layer_text, parse_layers
 from lensattr.query import (
     FOLDS,
     PairStats,
@@ -126,6 +127,18 @@ class Selection:
     def stats(self) -> tuple[str, ...]:
         """Every statistic the choice ranks with."""
         return self.ensemble.stats if self.ensemble is not None else (self.method.stat,)
+
+    def __repr__(self) -> str:
+        return (
+            f"Selection({self.method} at layer {layer_text(self.layer)}"
+            + (f" (ensemble of {len(self.ensemble.members)})" if self.ensemble else "")
+            + f", from "
+            f"{len(self.table)} candidate rows (method x layer) in {self.seconds:.1f}s; "
+            ".summary() for the table)"
+        )
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(self.summary())}</pre>"
 
     def summary(self, top: int = 8) -> str:
         """A few lines: the choice, then the best methods (criterion averaged over layers, and
@@ -198,7 +211,7 @@ def select(
     pairs: Any,
     *,
     methods: Sequence[Any] | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Any = None,
     rows: Any = None,
     folds: int = FOLDS,
     pool_sample: int | None = POOL_SAMPLE,
@@ -220,7 +233,8 @@ def select(
             :func:`candidates` of the cached statistics: every registered psi and score, less
             the scores that invert the pool's covariance when the cache has fewer than
             :data:`ROWS_PER_DIMENSION` rows a dimension; see :attr:`Selection.left_out`).
-        layers: candidate layers (default: every cached layer).
+        layers: candidate layers, as :func:`~lensattr.layers.parse_layers` reads them
+            (default: every cached layer).
         rows: the cache rows that form the pool: indices or a boolean mask, as
             :func:`~lensattr.rank` takes them (default: all).
         folds: interleaved folds of the pairs (at least 2).
@@ -281,7 +295,13 @@ def select(
         get_psi(m.psi)
         get_score(m.score)
     get_criterion(criterion)
-    layer_list = list(layers) if layers is not None else list(cache.layers)
+    layer_list = list(cache.layers) if layers is None else parse_layers(layers, cache.n_layers)
+    lacking = [la for la in layer_list if la not in cache.layers]
+    if lacking:
+        raise QueryError(
+            f"layers={layers!r}: layer {layer_text(tuple(lacking))} is not in the cache (it has "
+            f"{layer_text(tuple(cache.layers))})"
+        )
     if isinstance(pairs, PairStats):
         ps = pairs
     else:

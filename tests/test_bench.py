@@ -35,7 +35,7 @@ def ranked_at(out, behaviour, method, layers):
     ps = lensattr.PairStats.load(out / "pairs" / f"{behaviour}.safetensors")
     q = lensattr.behavior_query(None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache)
     r = lensattr.rank(cache, q, layer=list(layers), rows=idx, top_k=None)
-    return lensattr.pool_metrics(r.scores_of(idx), labels)
+    return lensattr.pool_metrics(r.scores_of(idx), labels, coding="planted")
 
 
 def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
@@ -70,7 +70,7 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
         s = lexical_scores(
             [replies[i] for i in rows], [p.treatment for p in pairs], [p.control for p in pairs], k
         )
-        got = lensattr.pool_metrics(s, torch.tensor([owner[i][1] for i in rows]))
+        got = lensattr.pool_metrics(s, torch.tensor([owner[i][1] for i in rows]), coding="planted")
         assert base[f"lexical {k}"]["p_at_k"] == got["p_at_k"], k
     # RepSim: the layer auto's criterion chooses for it alone, its P@k at every layer
     repsim = base["repsim"]
@@ -97,7 +97,7 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
         q = lensattr.behavior_query(None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache)
         s = lensattr.rank(cache, q, layer=member["layer"], rows=idx, top_k=None).scores_of(idx)
         z += (s.double() - s.double().mean()) / s.double().std()
-    want = lensattr.pool_metrics((z / len(auto["members"])).float(), labels)
+    want = lensattr.pool_metrics((z / len(auto["members"])).float(), labels, coding="planted")
     assert len(auto["members"]) > 1
     assert auto["p_at_k"] == pytest.approx(want["p_at_k"]) and auto["ap"] == pytest.approx(
         want["ap"]

@@ -106,7 +106,11 @@ def test_results_compare_each_lensattr_method_with_bergsons_best_mode_on_the_sam
 
     def method(noise: float) -> dict:
         s = truth + noise * torch.randn(len(labels), generator=gen, dtype=torch.float64)
-        return {"pipeline_s": 1.0, **lensattr.pool_metrics(s, labels), "scores": s.tolist()}
+        return {
+            "pipeline_s": 1.0,
+            **lensattr.pool_metrics(s, labels, coding="planted"),
+            "scores": s.tolist(),
+        }
 
     bergson = {"bergson dot": method(3.0), "bergson unit": method(0.1)}  # unit: the best mode
     full = {"lensattr auto (x @ 1)": method(0.7)}
@@ -119,6 +123,7 @@ def test_results_compare_each_lensattr_method_with_bergsons_best_mode_on_the_sam
         torch.tensor(full["lensattr auto (x @ 1)"]["scores"]),
         torch.tensor(bergson["bergson unit"]["scores"]),
         labels,
+        coding="planted",
     )
     line = next(x for x in out.splitlines() if x.startswith("lensattr auto") and "[" in x)
     assert f"P@3 {d['p_at_k']:+.2f} [{d['p_at_k_ci'][0]:+.2f}, {d['p_at_k_ci'][1]:+.2f}]" in line
@@ -157,7 +162,7 @@ def test_peers_paired_reads_a_finished_run_and_rebuilds_old_runs_labels(tmp_path
     lab = torch.tensor(labels)
     best = "unit"  # P@2 0.5, AP 0.75 against dot's 0.5, 0.45
     d = lensattr.pool_metrics_difference(
-        torch.tensor(mine), torch.tensor(bergson[best]), lab, n_boot=50
+        torch.tensor(mine), torch.tensor(bergson[best]), lab, n_boot=50, coding="planted"
     )
     assert f"minus bergson {best}" in res.stdout
     line = res.stdout.splitlines()[-1]
@@ -193,10 +198,12 @@ def test_peers_paired_select_reuses_saved_pair_stats(tiny, train_records, pair_r
     assert res.returncode == 0, res.stderr
     sel = lensattr.select(tiny, cache, ps)
     m = lensattr.pool_metrics(
-        lensattr.rank(cache, sel, top_k=None).scores_of(range(n)), torch.tensor(labels)
+        lensattr.rank(cache, sel, top_k=None).scores_of(range(n)),
+        torch.tensor(labels),
+        coding="planted",
     )
     line = next(x for x in res.stdout.splitlines() if x.startswith("auto now"))
-    from lensattr.backends.sites import layer_text
+    from lensattr.layers import layer_text
 
     best = f"{sel.method} @ L{layer_text(sel.layer)}"
     assert line.startswith(f"auto now (ensemble of {len(sel.ensemble.members)}, best {best})")

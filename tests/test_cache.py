@@ -172,24 +172,41 @@ def test_storage_dtype_spellings(tmp_path, tiny, train_records, spelling, name):
 
 
 def test_layers_negative_ranges_and_hook_names():
-    from lensattr.store.cache import layer_index, resolve_layers
+    from lensattr.layers import parse_layers
 
-    assert resolve_layers(-1, 30) == [29]
-    assert resolve_layers("-1", 30) == [29]
-    assert resolve_layers("-3:", 30) == [27, 28, 29]
-    assert resolve_layers(":2", 30) == [0, 1]
-    assert resolve_layers("20:30", 30) == list(range(20, 30))
-    assert resolve_layers("blocks.12.hook_resid_post", 30) == [12]
-    assert resolve_layers(["blocks.3.hook_mlp_out", "blocks.-1.hook_resid_pre", 5], 30) == [
-        3,
-        5,
+    assert parse_layers(-1, 30) == [29]
+    assert parse_layers("-1", 30) == [29]
+    assert parse_layers("-3:", 30) == [27, 28, 29]
+    assert parse_layers(":2", 30) == [0, 1]
+    assert parse_layers("20:30", 30) == list(range(20, 30))
+    assert parse_layers("0:30:10", 30) == [0, 10, 20]
+    assert parse_layers([range(2), slice(-1, None)], 30) == [0, 1, 29]
+    assert parse_layers("blocks.12.hook_resid_post", 30) == [12]
+    # TransformerLens: block l's input is block l-1's output
+    assert parse_layers(["blocks.3.hook_resid_pre", "blocks.29.hook_resid_post", 5], 30) == [
+        2,
         29,
+        5,
     ]
-    assert resolve_layers("0,blocks.7.hook_resid_post", 30) == [0, 7]
-    assert layer_index("blocks.12", 30) == 12
-    for bad in ("20:40", "blocks.30.hook_resid_post", "hook_mlp_out", "x", -31):
-        with pytest.raises(ValueError, match="out of range|not a block index|a range is"):
-            resolve_layers(bad, 30)
+    assert parse_layers("7,blocks.1.hook_resid_post,2:4", 30) == [7, 1, 2, 3]
+    assert parse_layers("all", 3) == [0, 1, 2]
+    for bad, why in (
+        ("20:40", "out of range"),
+        ("blocks.30.hook_resid_post", "out of range"),
+        ("blocks.2.hook_banana", "unknown hook name hook_banana"),
+        ("blocks.2.hook_mlp_out", "inside block 2"),
+        ("blocks.0.hook_resid_pre", "the embeddings"),
+        ("blocks.-1.hook_resid_post", "not a block index"),
+        ("blocks.12", "not a block index"),
+        ("hook_mlp_out", "not a block index"),
+        ("x", "not a block index"),
+        (-31, "out of range"),
+        ("1,blocks.2.hook_resid_pre", "layer 1 twice"),
+        ("::0", "step cannot be 0"),
+        ("5:2", "selects no block"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_layers(bad, 30)
 
 
 def test_stat_takes_negative_layers_and_hook_names(tiny, train_records, tmp_path):

@@ -158,7 +158,8 @@ def test_sites_map_to_the_modules_that_hooks_see(tiny, train_records):
 
 
 def test_transformerlens_hook_names_are_accepted(tiny):
-    from lensattr.backends.sites import layer_index, site_kind
+    from lensattr.backends.sites import site_kind
+    from lensattr.layers import layer_index
 
     batch = collate(
         [encode(tiny.tokenizer, Example.from_prompt("a", "Hi there", "Yo"))], tiny.pad_id

@@ -1,6 +1,7 @@
 """The command line end to end on the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_demo_runs_on_the_tiny_model(tmp_path, capsys):
     )
     assert lexical_select(texts, t, c)[0] == lex["kind"]
     labels = torch.tensor([int(e.extra.get("label", -1)) for e in examples])
-    want = lensattr.pool_metrics(lexical_scores(texts, t, c, lex["kind"]), labels)
+    want = lensattr.pool_metrics(lexical_scores(texts, t, c, lex["kind"]), labels, coding="planted")
     assert lex["p_at_k"] == want["p_at_k"] and lex["ap"] == pytest.approx(want["ap"])
     assert rep["method"] == "repsim|resid_post|cosine" and len(rep["sweep"]) == 4
 
@@ -214,3 +215,103 @@ def test_rank_prints_from_the_cache_not_the_train_file(tmp_path, train_records, 
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     by_id = {r["id"]: r for r in recs}
     assert [r["example"]["source"] for r in rows] == [by_id[r["id"]]["source"] for r in rows]
+
+
+@pytest.fixture
+def ranked(tmp_path, train_records, pair_records):
+    """A cache at layers 1 and 2 of records with a label, and a query: paths."""
+    recs = [dict(r, label=i % 2) for i, r in enumerate(train_records)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_records))
+    common = ["--model", "tiny-random", "--device", "cpu", "--quiet", "--layers", "1:3"]
+    cache, q = str(tmp_path / "c"), str(tmp_path / "q.st")
+    assert main(["cache", *common, "--train", str(train), "--out", cache]) == 0
+    assert main(["query", *common, "--pairs", str(pairs), "--out", q]) == 0
+    return cache, q, {r["id"]: r for r in recs}
+
+
+def test_rank_prints_a_table_without_out(ranked, capsys):
+    """Issue 27 item 9: the top-k as a table (id, score, label, reply), the method and layer
+    named; --out optional; a range of layers as in `cache --layers`."""
+    cache, q, by_id = ranked
+    capsys.readouterr()
+    assert main(["rank", "--cache", cache, "--query", q, "--layer", "1:3", "--top-k", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ref = rank(open_cache(cache), q, layer=[1, 2], top_k=4)
+    assert lines[0] == (
+        f"4 of {len(by_id)} examples ranked by residual_change|residual_change|cosine at the "
+        "mean of layers 1,2:"
+    )
+    assert lines[1].split() == ["rank", "id", "score", "label", "text"]
+    for i, (line, eid, score) in enumerate(
+        zip(lines[2:], ref.ids, ref.scores.tolist(), strict=True)
+    ):
+        rank_, id_, score_, label, *text = line.split()
+        assert (int(rank_), id_, score_) == (i + 1, eid, f"{score:+.4f}")
+        assert int(label) == by_id[eid]["label"]
+        rec = by_id[eid]
+        reply = " ".join((rec.get("response") or rec["messages"][-1]["content"]).split())
+        assert reply.startswith(" ".join(text).removesuffix("..."))
+    assert len(lines) == 6  # no jsonl written, nothing else printed
+
+
+def test_rank_jsonl_names_the_method(ranked, tmp_path):
+    cache, q, _ = ranked
+    out = tmp_path / "r.jsonl"
+    assert main(["rank", "--cache", cache, "--query", q, "--layer", "-2", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 12 and {r["layer"] for r in rows} == {2}  # -2: of the 4-block model
+    assert {r["method"] for r in rows} == {"residual_change|residual_change|cosine"}
+    assert main(["rank", "--cache", cache, "--query", q, "--layer", "-1"]) == 2  # block 3
+
+
+def test_explain_prints_highlighted_tokens(ranked, capsys, tiny):
+    """`lensattr explain`: the same tokens and contributions as :func:`lensattr.explain`."""
+    from lensattr import Query, explain
+
+    cache, _, by_id = ranked
+    q = str(Path(cache).parent / "contrast.st")  # a statistic pooled over the reply alone
+    common = ["--model", "tiny-random", "--device", "cpu", "--quiet", "--layers", "1:3"]
+    pairs = ["--pairs", str(Path(cache).parent / "pairs.jsonl"), "--psi", "contrast"]
+    assert main(["query", *common, *pairs, "--stat", "resid_post", "--out", q]) == 0
+    capsys.readouterr()
+    base = ["explain", "--model", "tiny-random", "--device", "cpu", "--cache", cache]
+    assert main([*base, "--query", q, "--ids", "ex3,ex5", "--color", "never"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ex = open_cache(cache).examples(["ex3", "ex5"])
+    for i, one in enumerate(ex):
+        e = explain(
+            tiny, one, Query.load(q), max_length=open_cache(cache).capture_config.max_length
+        )
+        assert lines[2 * i] == (
+            f"{one.id}: mean token contribution {e.total:+.4g} ({len(e.tokens)} reply tokens)"
+        )
+        assert lines[2 * i + 1] == "  " + e.text()
+        assert "[[" in e.text() and "".join(e.tokens) == e.text().replace("[[", "").replace(
+            "]]", ""
+        ).replace("((", "").replace("))", "")
+    assert main([*base, "--query", q, "--top", "1", "--color", "always"]) == 0
+    assert "\x1b[48;5;" in capsys.readouterr().out
+    assert main([*base, "--query", q, "--ids", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_cache_says_already_built_and_how_to_cache_other_data(tmp_path, train_records, capsys):
+    """Issue 27 item 14: an identical rerun says so; other data into the same directory names
+    the fix (another --out)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in train_records[:-1]))
+    args = ["cache", "--model", "tiny-random", "--device", "cpu", "--quiet", "--layers", "1"]
+    out = ["--out", str(tmp_path / "c")]
+    assert main([*args, "--train", str(train), *out]) == 0
+    assert capsys.readouterr().out.startswith(f"cached {len(train_records)} examples x 1 layers")
+    assert main([*args, "--train", str(train), *out]) == 0
+    assert capsys.readouterr().out.startswith("already built, nothing to do: ")
+    assert main([*args, "--train", str(other), *out]) == 2
+    err = capsys.readouterr().err
+    assert "holds a different cache: train" in err and "choose another out directory (--out)" in err
+    assert err.count("\n") == 1

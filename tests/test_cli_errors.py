@@ -123,6 +123,8 @@ def test_empty_train_file(tmp_path, capsys):
         ("--max-length", "-5", "max_length must be a positive integer"),
         ("--compute-dtype", "int3", "compute_dtype 'int3' is not a dtype"),
         ("--layers", "99", "out of range"),
+        ("--layers", "blocks.2.hook_banana", "unknown hook name hook_banana"),  # issue 27 item 4
+        ("--layers", "1:9", "out of range for a model with 4 blocks"),
     ],
 )
 def test_bad_sizes(tmp_path, train, capsys, flag, value, problem):

@@ -45,12 +45,73 @@ def test_docs_build_strict(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     assert (site / "index.html").exists()
-    for page in ("concepts", "api/pipeline", "tutorials/01_quickstart"):
-        assert (site / page / "index.html").exists(), page
-    quickstart = (site / "tutorials" / "01_quickstart" / "index.html").read_text()
+    for page in ("concepts", "api/pipeline", "tutorials/01_quickstart"):  # no directory URLs
+        assert (site / f"{page}.html").exists(), page
+    check_api_reference(site)
+    quickstart = (site / "tutorials" / "01_quickstart.html").read_text()
     # stored outputs shown: precision among the pool first, planted AUROC second
     assert re.search(r"precision@\d+ among the pool at layer \d+: \d\.\d{3}", quickstart)
     assert re.search(r"planted AUROC at layer \d+: \d\.\d{3}", quickstart)
+
+
+def check_api_reference(site: Path) -> None:
+    """Issue 27 item 13: the API reference opens with ``lensattr.__all__``, every public name
+    documented there, once in the whole reference; the other pages hold no name twice."""
+    import lensattr
+
+    ids: dict[str, list[str]] = {}
+    for page in sorted((site / "api").glob("*.html")):
+        for anchor in re.findall(r'<h[1-6] id="(lensattr[\w.]*)"', page.read_text()):
+            ids.setdefault(anchor, []).append(page.name)
+    twice = {k: v for k, v in ids.items() if len(v) > 1}
+    assert not twice, twice
+    first = re.findall(
+        r'<h3 id="(lensattr\.[\w.]+)"',
+        (site / "api" / "index.html").read_text(),  # not members
+    )
+    public = [n for n in lensattr.__all__ if n != "__version__"]
+    shown = [a.rsplit(".", 1)[-1] for a in first]
+    assert sorted(shown) == sorted(public), set(shown) ^ set(public)
+    for anchor in first:  # each under its own module's name, so nothing else takes its anchor
+        name = anchor.rsplit(".", 1)[-1]
+        assert getattr(lensattr, name) is getattr(
+            __import__(anchor.rsplit(".", 1)[0], fromlist=[name]), name
+        )
+    # elsewhere a public name is only a module's (lensattr.rank, the module of rank)
+    import importlib.util
+
+    def is_module(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # its parent is a module, not a package
+            return False
+
+    again = [
+        a
+        for a, pages in ids.items()
+        if pages != ["index.html"] and a.rsplit(".", 1)[-1] in public and not is_module(a)
+    ]
+    assert not again, again
+
+
+def test_datasets_page_names_every_source(tmp_path):
+    """Issue 27 item 10: the sources table of the data guide is what the loader takes: every
+    file type its error message lists, hub datasets written hf://owner/name, DataFrames."""
+    from lensattr import load_examples
+
+    text = (ROOT / "docs" / "howto" / "datasets.md").read_text()
+    table = text.split("## Sources", 1)[1].split("\n## ", 1)[0]
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(ValueError, match="unsupported file type") as err:
+        load_examples(tmp_path / "x.txt")
+    suffixes = set(
+        re.findall(r"\.(?:jsonl|json|csv|parquet|\w+)\b", str(err.value).split("use ")[1])
+    )
+    assert suffixes == {".jsonl", ".json", ".csv", ".parquet"}
+    for suffix in suffixes:
+        assert f"| `{suffix}` |" in table, suffix
+    assert '`"hf://org/name"`' in table and "pandas.DataFrame" in table
+    assert '(`"org/name"`)' not in text
 
 
 def test_docs_point_at_data_users_have():

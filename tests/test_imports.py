@@ -142,3 +142,16 @@ def test_the_architecture_page_names_modules_that_exist():
     assert len(named) > 20
     missing = [n for n in named if not (PACKAGE.parent / n).exists() and not (PACKAGE / n).exists()]
     assert missing == [], missing
+
+
+def test_import_in_a_notebook_prints_nothing():
+    """Issue 27 item 12: ``import lensattr`` in a Jupyter kernel without ipywidgets writes no
+    ``TqdmWarning: IProgress not found`` (nor anything else)."""
+    import pytest
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import lensattr")]
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute(cwd=str(PACKAGE.parent))
+    assert nb.cells[0]["outputs"] == []

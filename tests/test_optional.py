@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lensattr.bench.finetune import lora_finetune
-from lensattr.demo import plot_sweep
 from lensattr.optional import explain, install_hint, require
+from lensattr.plot import plot_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_ONLY = {"matplotlib": "demo", "peft": "bench", "sklearn": "bench", "bm25s": "bench"}

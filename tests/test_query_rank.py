@@ -1,5 +1,7 @@
 """Queries, ranking and explanations against direct computations."""
 
+import html
+
 import pytest
 import torch
 from reference import reference_capture, reference_stats
@@ -14,7 +16,8 @@ from lensattr import (
     load_pairs,
     rank,
 )
-from lensattr.query import Query
+from lensattr.query import Query, QueryError
+from lensattr.rank import Ranking
 from lensattr.registry import get_phi
 from lensattr.render import collate, encode
 
@@ -121,10 +124,34 @@ def test_rank_over_several_layers_is_the_mean_of_their_scores(built, g):
     assert one.layer == 2 and torch.equal(
         one.scores, rank(cache, q, layer=2, score=g, top_k=None).scores
     )
-    with pytest.raises(ValueError, match="distinct layers"):
-        rank(cache, q, layer=[2, -1])  # -1 is layer 2 again
-    with pytest.raises(ValueError, match="distinct layers"):
+    with pytest.raises(ValueError, match="layer 2 twice"):
+        rank(cache, q, layer=[2, -2])  # -2 is layer 2 again (of a 4-block model)
+    with pytest.raises(ValueError, match="selects no block"):
         rank(cache, q, layer=[])
+
+
+def test_rank_layers_count_from_the_models_last_block(built):
+    """Issue 26 item 8: on the 4-block model, -1 is block 3 (which the query lacks), -2 block 2;
+    a range and hook names name the same layers as in ``build_cache(layers=)``."""
+    cache, q = built
+    assert cache.n_layers == 4 and q.layers == [1, 2]
+    ref = rank(cache, q, layer=2, top_k=None)
+    for same in (-2, "-2", "blocks.2.hook_resid_post", "blocks.3.hook_resid_pre"):
+        r = rank(cache, q, layer=same, top_k=None)
+        assert r.layer == 2 and torch.equal(r.scores, ref.scores) and r.ids == ref.ids
+    both = rank(cache, q, layer=[1, 2], top_k=None)
+    for same in ("1:3", "1,2", "-3:-1", slice(1, 3)):
+        assert torch.equal(rank(cache, q, layer=same, top_k=None).scores, both.scores)
+    with pytest.raises(
+        QueryError,
+        match=r"layer 3 of this 4-block model, which the query lacks "
+        r"\(it has layers 1,2\)",
+    ):
+        rank(cache, q, layer=-1)
+    with pytest.raises(ValueError, match="out of range for a model with 4 blocks"):
+        rank(cache, q, layer=4)
+    with pytest.raises(ValueError, match="unknown hook name hook_banana"):
+        rank(cache, q, layer="blocks.2.hook_banana")
 
 
 def test_rank_refuses_a_query_from_another_model(built, pair_records):
@@ -154,3 +181,34 @@ def test_explain_contributions_average_to_the_score(tiny, built, train_records):
     assert torch.allclose(both.contributions, (e.contributions + one.contributions) / 2, atol=1e-6)
     at_1 = float(stat_of(tiny, [ex], "residual_change", 1)[0] @ q.vector(1))
     assert both.total == pytest.approx((float(full @ q.vector(2)) + at_1) / 2, abs=1e-5)
+
+
+def test_short_reprs_and_a_ranking_as_a_table(tiny, built, pair_records):
+    """Issue 27 items 8 and 11: one-line reprs (no manifest, no tensors); a ranking as a
+    DataFrame that joins back to the data by id, and in data order by row; as HTML."""
+    from lensattr import pair_stats
+
+    cache, q = built
+    text = repr(cache)
+    assert text.startswith(f"Cache({len(cache)} rows, layers 1,2 of 4, stats residual_change")
+    assert "sha256" not in text and len(text) < 300
+    assert repr(q).startswith(f"Query(residual_change|residual_change|cosine from {q.n_pairs} ")
+    assert "tensor" not in repr(q) and len(repr(q)) < 300
+    ps = pair_stats(tiny, pair_records[:3], stats=["grad"], layers="0:4")
+    assert repr(ps) == "PairStats(3 pairs, stats grad, layers 0:4, model tiny-random)"
+    r = rank(cache, q, layer=2, top_k=None)
+    assert repr(r).startswith(f"Ranking({len(cache)} of {len(cache)} examples ranked by ")
+    df = r.to_pandas()
+    assert list(df.index) == list(range(1, len(cache) + 1))
+    assert list(df["id"]) == r.ids and list(df["score"]) == r.scores.tolist()
+    examples = {ex.id: ex for ex in cache.examples()}
+    assert list(df["text"]) == [examples[i].response for i in r.ids]
+    in_order = df.sort_values("row")
+    assert list(in_order["id"]) == cache.ids
+    assert torch.equal(torch.tensor(in_order["score"].tolist()), r.scores_of(range(len(cache))))
+    page = r._repr_html_()
+    assert page.count("<tr>") == 1 + len(cache) and f"<td>{r.ids[0]}</td>" in page
+    assert f"<td>{html.escape(examples[r.ids[0]].response)}</td>" in page
+    many = Ranking([f"<x{i}>" for i in range(25)], torch.zeros(25), torch.arange(25), 2, "s", "c")
+    page = many._repr_html_()
+    assert page.count("<tr>") == 21 and "the first 20 of 25" in page and "&lt;x0&gt;" in page

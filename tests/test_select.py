@@ -46,7 +46,7 @@ def test_average_precision_and_precision_at_k_match_their_definitions():
 def test_pool_metrics_headline_and_secondary_columns():
     s = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, float("nan")])
     lab = torch.tensor([-1, 1, 0, -1, 1, -1, 1])
-    m = pool_metrics(s, lab, n_boot=50)
+    m = pool_metrics(s, lab, n_boot=50, coding="planted")
     assert m["k"] == 3
     assert m["p_at_k"] == pytest.approx(1 / 3)  # top-3: clean, plant, decoy
     assert m["ap"] == pytest.approx((1 / 2 + 2 / 5 + 3 / 7) / 3)  # NaN ranks last
@@ -54,7 +54,47 @@ def test_pool_metrics_headline_and_secondary_columns():
     assert m["clean_above_median"] == 2
     assert 0 <= m["p_at_k_ci"][0] <= m["p_at_k"] <= m["p_at_k_ci"][1] <= 1
     with pytest.raises(ValueError, match="label-1"):
-        pool_metrics(s, torch.full((7,), -1))
+        pool_metrics(s, torch.full((7,), -1), coding="planted")
+
+
+def test_pool_metrics_reads_plain_relevant_labels_from_lists_and_arrays():
+    """Issue 27 item 2: 0/1 labels mean relevant / not (not "decoy"); lists, arrays and bools
+    give the same numbers, checked against a brute-force count; the planted coding is asked
+    for by name, and labels of the other coding are refused."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(40, generator=gen, dtype=torch.float64)
+    y = [int(i % 4 == 0) for i in range(40)]  # 10 relevant
+    order = sorted(range(40), key=lambda i: -float(s[i]))
+    pos_ranks = sorted(order.index(i) for i in range(40) if y[i])
+    median = pos_ranks[len(pos_ranks) // 2]
+    pairs = [(float(s[i]), float(s[j])) for i in range(40) if y[i] for j in range(40) if not y[j]]
+    want = {
+        "k": 10,
+        "p_at_k": sum(y[i] for i in order[:10]) / 10,
+        "ap": sum((n + 1) / (r + 1) for n, r in enumerate(pos_ranks)) / 10,
+        "above_median": sum(1 for r in range(median) if not y[order[r]]),
+        "auroc": sum(a > b for a, b in pairs) / len(pairs),
+    }
+    for labels in (y, np.array(y), torch.tensor(y), [bool(v) for v in y], np.array(y) == 1):
+        for scores in (s, s.tolist(), s.numpy()):
+            m = pool_metrics(scores, labels)
+            assert m.keys() == want.keys()
+            assert m == pytest.approx(want)
+    planted = [1 if v else (0 if i % 4 == 1 else -1) for i, v in enumerate(y)]
+    with pytest.raises(
+        ValueError, match="labels \\[-1\\] are not 'relevant' labels.*coding='planted'"
+    ):
+        pool_metrics(s, planted)
+    m = pool_metrics(s, planted, coding="planted")
+    assert m["p_at_k"] == want["p_at_k"] and {"clean_above_median", "auroc_planted"} <= m.keys()
+    with pytest.raises(ValueError, match="39 labels for 40 scores"):
+        pool_metrics(s, y[:-1])
+    with pytest.raises(ValueError, match="labels \\[2\\] are not 'planted'"):
+        pool_metrics(s, [2] + y[1:], coding="planted")
+    with pytest.raises(ValueError, match="coding='decoy' is not one of"):
+        pool_metrics(s, y, coding="decoy")
 
 
 def test_pool_metrics_difference_is_paired_on_the_same_resamples():
@@ -63,28 +103,31 @@ def test_pool_metrics_difference_is_paired_on_the_same_resamples():
     truth = (lab == 1).double()
     a = truth + 0.8 * torch.randn(100, generator=gen, dtype=torch.float64)
     b = truth + 1.5 * torch.randn(100, generator=gen, dtype=torch.float64)
-    d = pool_metrics_difference(a, b, lab, n_boot=300, seed=4)
+    d = pool_metrics_difference(a, b, lab, n_boot=300, seed=4, coding="planted")
     # the point values are the two rankings' own metrics, subtracted
-    ma, mb = pool_metrics(a, lab), pool_metrics(b, lab)
+    ma, mb = pool_metrics(a, lab, coding="planted"), pool_metrics(b, lab, coding="planted")
     assert d["k"] == 12
     assert d["p_at_k"] == pytest.approx(ma["p_at_k"] - mb["p_at_k"])
     assert d["ap"] == pytest.approx(ma["ap"] - mb["ap"])
     # pairing: each resample scores both rankings, so swapping them mirrors every interval
     # exactly, and a ranking against itself differs by exactly zero on every resample
-    r = pool_metrics_difference(b, a, lab, n_boot=300, seed=4)
+    r = pool_metrics_difference(b, a, lab, n_boot=300, seed=4, coding="planted")
     assert r["ap_ci"] == pytest.approx([-d["ap_ci"][1], -d["ap_ci"][0]])
     assert r["p_at_k_ci"] == pytest.approx([-d["p_at_k_ci"][1], -d["p_at_k_ci"][0]])
-    z = pool_metrics_difference(a, a, lab, n_boot=50)
+    z = pool_metrics_difference(a, a, lab, n_boot=50, coding="planted")
     assert z["p_at_k_ci"] == [0.0, 0.0] and z["ap_ci"] == [0.0, 0.0]
     # the paired interval is narrower than the two rankings' own intervals put together, and a
     # ranking that puts every label-1 example first beats the noisy one on every resample
-    ia, ib = pool_metrics(a, lab, n_boot=300, seed=4), pool_metrics(b, lab, n_boot=300, seed=4)
+    ia, ib = (
+        pool_metrics(a, lab, n_boot=300, seed=4, coding="planted"),
+        pool_metrics(b, lab, n_boot=300, seed=4, coding="planted"),
+    )
     width = d["ap_ci"][1] - d["ap_ci"][0]
     assert width < (ia["ap_ci"][1] - ia["ap_ci"][0]) + (ib["ap_ci"][1] - ib["ap_ci"][0])
-    perfect = pool_metrics_difference(truth, b, lab, n_boot=100)
+    perfect = pool_metrics_difference(truth, b, lab, n_boot=100, coding="planted")
     assert perfect["ap_ci"][0] > 0
-    with pytest.raises(ValueError, match="one value per pool example"):
-        pool_metrics_difference(a, b[:-1], lab)
+    with pytest.raises(ValueError, match="one of each per pool example"):
+        pool_metrics_difference(a, b[:-1], lab, coding="planted")
 
 
 # ----------------------------------------------------------------------------- cache fixture

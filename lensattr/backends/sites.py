@@ -9,18 +9,21 @@ lensattr addresses activations by TransformerLens names:
 :func:`locate` is the one place where a name meets a backend: for a Hugging Face model it gives
 the module path and port (``input`` / ``output``) that the nnsight backend reads inside a trace;
 for a ``TransformerBridge`` it gives the hook point, which carries the same name.
+
+A *layer* is the residual stream after a block: layer ``l`` is ``blocks.{l}.hook_resid_post``,
+which is also ``blocks.{l+1}.hook_resid_pre`` (:func:`lensattr.layers.parse_layers` reads
+every layer argument of the API and the command line).
 """
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
 import torch
 
+from lensattr.layers import KINDS
 from lensattr.types import EXTRA_SITES
 
-KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 EXTRA = EXTRA_SITES
 """Sites a capture may keep besides ``z_in`` / ``z_out`` (``capture(..., sites=EXTRA)``)."""
 _SITE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
@@ -55,42 +58,6 @@ def site_kind(name: str) -> str:
             "blocks.<l>.hook_<kind>)"
         )
     return kind
-
-
-def layer_index(spec: "int | str", n_layers: int) -> int:
-    """A block index from an int, a numeral (``"12"``, ``"-1"``: from the end) or a site name
-    (``"blocks.12.hook_resid_post"``), checked against ``n_layers``.
-
-    Examples:
-        >>> layer_index("blocks.12.hook_resid_post", 30), layer_index(-1, 30), layer_index("3", 30)
-        (12, 29, 3)
-    """
-    if isinstance(spec, bool):
-        raise ValueError(f"layer {spec!r} is not a block index")
-    if isinstance(spec, int):
-        layer = spec
-    elif isinstance(spec, str) and re.fullmatch(r"\s*-?\d+\s*", spec):
-        layer = int(spec)
-    elif isinstance(spec, str) and _SITE.match(spec.strip()):
-        layer = parse_site(spec.strip())[0]
-    else:
-        raise ValueError(
-            f"layer {spec!r} is not a block index (an integer, negative from the end, or a site "
-            "name such as blocks.12.hook_resid_post)"
-        )
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer {spec!r} is out of range for a model with {n_layers} blocks")
-    return layer % n_layers
-
-
-def layer_text(layer: "int | Sequence[int]") -> str:
-    """A layer, or a layer set (scored by the mean over its layers), as ``--layer`` takes it.
-
-    Examples:
-        >>> layer_text(18), layer_text((18, 17, 15))
-        ('18', '18,17,15')
-    """
-    return str(layer) if isinstance(layer, int) else ",".join(map(str, layer))
 
 
 def check_extra(sites: Any) -> tuple[str, ...]:

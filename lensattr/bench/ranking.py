@@ -51,7 +51,12 @@ def lexical_and_repsim(
     treatment, control = [p.treatment for p in pairs], [p.control for p in pairs]
     kind, table = lexical_select(texts, treatment, control)
     kinds = {
-        k: pool_metrics(lexical_scores(texts, treatment, control, k), labels, n_boot=cfg.n_boot)
+        k: pool_metrics(
+            lexical_scores(texts, treatment, control, k),
+            labels,
+            n_boot=cfg.n_boot,
+            coding="planted",
+        )
         for k in LEXICAL
     }
     rs = repsim_select(cache, h["pairs"][name], layers=layers, rows=idx)
@@ -62,10 +67,15 @@ def lexical_and_repsim(
             "method": str(rs.method),
             "layer": rs.layer,
             **pool_metrics(
-                _scores(cache, rs.query, rs.layer, "cosine", idx), labels, n_boot=cfg.n_boot
+                _scores(cache, rs.query, rs.layer, "cosine", idx),
+                labels,
+                n_boot=cfg.n_boot,
+                coding="planted",
             ),
             "layers": {
-                str(la): pool_metrics(_scores(cache, rs.query, la, "cosine", idx), labels)["p_at_k"]
+                str(la): pool_metrics(
+                    _scores(cache, rs.query, la, "cosine", idx), labels, coding="planted"
+                )["p_at_k"]
                 for la in layers
             },
         },
@@ -92,7 +102,8 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
             queries[(m.psi, m.stat, m.score)] = q
         grid[str(m)] = {
             "layers": {
-                str(la): pool_metrics(_scores(cache, q, la, m.score, idx), labels) for la in layers
+                str(la): pool_metrics(_scores(cache, q, la, m.score, idx), labels, coding="planted")
+                for la in layers
             },
             "cv": {str(la): (q.cv or {}).get(la) for la in layers},
             "query_layer": q.best_layer(),
@@ -116,7 +127,10 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         ]
     out["auto"].update(
         pool_metrics(
-            rank(cache, sel, rows=idx, top_k=None).scores_of(idx), labels, n_boot=cfg.n_boot
+            rank(cache, sel, rows=idx, top_k=None).scores_of(idx),
+            labels,
+            n_boot=cfg.n_boot,
+            coding="planted",
         )
     )
     paper = grid[str(PAPER)]
@@ -128,6 +142,7 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
             _scores(cache, q_paper, paper["query_layer"], PAPER.score, idx),
             labels,
             n_boot=cfg.n_boot,
+            coding="planted",
         ),
     }
     best = max(
@@ -140,7 +155,7 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         la = persona.best_layer()
         out["baselines"]["persona"] = {
             "layer": la,
-            **pool_metrics(_scores(cache, persona, la, "cosine", idx), labels),
+            **pool_metrics(_scores(cache, persona, la, "cosine", idx), labels, coding="planted"),
         }
     if h.get("trak") is not None:
         tr = h["trak"]
@@ -148,11 +163,11 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         rows = tr["pool"][idx]
         psi = (q["t"] - q["c"]).mean(0)
         s = get_score("cosine").fn(rows, rows.norm(dim=1), psi, None)
-        out["baselines"]["trak"] = pool_metrics(s, labels)
+        out["baselines"]["trak"] = pool_metrics(s, labels, coding="planted")
     rand = []
     for seed in range(cfg.random_seeds):
         gen = torch.Generator().manual_seed(seed)
-        rand.append(pool_metrics(torch.rand(len(idx), generator=gen), labels))
+        rand.append(pool_metrics(torch.rand(len(idx), generator=gen), labels, coding="planted"))
     out["baselines"]["random"] = {
         key: float(torch.tensor([float(r[key]) for r in rand]).mean())
         for key in ("p_at_k", "ap", "clean_above_median", "auroc_planted")

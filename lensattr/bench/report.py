@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lensattr.backends.sites import layer_text
 from lensattr.baselines import LEXICAL
 from lensattr.bench.ranking import summary
+from lensattr.layers import layer_text
 from lensattr.optional import require
 from lensattr.select import PAPER
 

@@ -40,7 +40,7 @@ from lensattr.backends.models import Model
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
 from lensattr.config import ints_list, names_list
 from lensattr.data import Example
-from lensattr.store.cache import resolve_layers
+from lensattr.layers import parse_layers
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def pool_layers(cfg: BenchConfig, model: Model) -> list[int]:
     the lowest cached layer, so the lowest third is left out to keep the pool cache cheap)."""
     if cfg.layers is None:
         return list(range(9, model.n_layers, 3))
-    return resolve_layers(cfg.layers, model.n_layers)
+    return sorted(parse_layers(cfg.layers, model.n_layers))
 
 
 def prepare(

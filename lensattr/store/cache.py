@@ -32,13 +32,7 @@ from lensattr._version import __version__
 from lensattr.config import CaptureConfig
 from lensattr.data import Example
 from lensattr.store.files import CacheFiles
-from lensattr.store.names import (
-    STORAGE_DTYPES,
-    dtype_name,
-    layer_index,
-    parse_dtype,
-    resolve_layers,
-)
+from lensattr.store.names import STORAGE_DTYPES, dtype_name, parse_dtype
 from lensattr.store.reader import (
     INFORMATIVE,
     SCHEMA_VERSION,
@@ -71,16 +65,15 @@ __all__ = [
     "dtype_name",
     "finish",
     "identity",
-    "layer_index",
     "manifest_entry",
     "manifest_sha256",
     "open_cache",
     "parse_dtype",
     "plan_sha256",
     "reopen",
-    "resolve_layers",
     "write_cache",
     "write_chunk",
+    "ELSEWHERE",
     "write_lock",
     "write_manifest",
 ]
@@ -144,6 +137,10 @@ def write_lock(out: Path, *, shared: bool = False) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+ELSEWHERE = "to build this one, choose another out directory (--out), or delete that one"
+"""The fix that an error about a directory holding another cache or build names."""
+
+
 def reopen(out: Path, plan: dict[str, Any]) -> "Cache":
     """A finished cache at ``out``: verified like any open, then compared with ``plan``."""
     cache = open_cache(out)
@@ -152,7 +149,9 @@ def reopen(out: Path, plan: dict[str, Any]) -> "Cache":
         del have["stat_modules"], want["stat_modules"]
     problems = diff_fields(have, want)
     if problems:
-        raise CacheError(f"{out} holds a different cache: " + "; ".join(problems))
+        raise CacheError(
+            f"{out} holds a different cache: " + "; ".join(problems) + f"; {ELSEWHERE}"
+        )
     logger.info("%s is complete; nothing to do", out)
     return cache
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from lensattr.config import CaptureConfig
 from lensattr.data import Example
+from lensattr.layers import layer_index
 from lensattr.store.files import CacheFiles
-from lensattr.store.names import SAFETENSORS_CODES, layer_index
+from lensattr.store.names import SAFETENSORS_CODES
 from lensattr.store.records import RecordsError, example_of, read_records
 from lensattr.store.shards import (
     MappedShard,
@@ -29,6 +30,7 @@ from lensattr.store.shards import (
     sha256_file,
     tensor_key,
 )
+from lensattr.tables import layers_text
 
 SCHEMA_VERSION = 2
 
@@ -84,7 +86,7 @@ def name_ids(ids: list[str]) -> str:
     return ", ".join(repr(i) for i in ids[:5]) + more
 
 
-@dataclass
+@dataclass(repr=False)
 class Cache:
     """An opened cache (see :func:`open_cache`).
 
@@ -111,6 +113,12 @@ class Cache:
         return self.manifest["stats"]
 
     @property
+    def n_layers(self) -> int:
+        """The number of blocks of the model the cache was built with (what a negative layer
+        counts back from)."""
+        return int(self.manifest.get("n_layers") or max(self.layers) + 1)
+
+    @property
     def capture_config(self) -> CaptureConfig:
         """The capture settings the cache was built with (from its manifest)."""
         return CaptureConfig.from_manifest(self.manifest)
@@ -122,16 +130,24 @@ class Cache:
     def __len__(self) -> int:
         return int(self.manifest["n_rows"])
 
+    def __repr__(self) -> str:
+        model = (self.manifest.get("model") or {}).get("name", "?")
+        return (
+            f"Cache({len(self)} rows, layers {layers_text(self.layers)} of {self.n_layers}, "
+            f"stats {', '.join(self.stats)}, model {model}, d_model {self.d_model}, "
+            f"{self.manifest.get('dtype', '?')}, at {self.path})"
+        )
+
     def layer(self, layer: Any) -> int:
-        """The cached block that ``layer`` names: an int (negative counts from the model's last
-        block), or a hook name such as ``"blocks.12.hook_resid_post"``.
+        """The cached layer that ``layer`` names, as
+        :func:`~lensattr.layers.layer_index` reads it: an int (negative counts from the
+        model's last block), or a hook name such as ``"blocks.12.hook_resid_post"``.
 
         Raises:
             KeyError: the cache does not hold that layer.
         """
-        n_layers = int(self.manifest.get("n_layers") or max(self.layers) + 1)
         try:
-            index = layer_index(layer, n_layers)
+            index = layer_index(layer, self.n_layers)
         except ValueError as err:
             raise KeyError(f"{err} (this cache has layers {self.layers})") from None
         if index not in self.layers:
