@@ -329,7 +329,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         raise ValueError("give either --query (a saved query) or --pairs with --method auto")
     if args.pairs is not None and args.method != "auto":
         raise ValueError("--pairs ranks with --method auto; for a fixed method build a query")
-    _check_out(args.out, inputs=[args.query, args.pairs], caches=[args.cache])
+    if args.out is not None:  # without --out the ranking is only printed
+        _check_out(args.out, inputs=[args.query, args.pairs], caches=[args.cache])
     cache = open_cache(args.cache)
     r = rank(
         cache,

@@ -717,10 +717,13 @@ def test_a_query_file_without_read_permission_says_so(tmp_path, built, capsys):
 
 
 def test_metrics_refuse_scores_and_labels_of_different_lengths():
-    for fn in (lensattr.pool_metrics, lensattr.metrics.auroc, lensattr.metrics.average_precision):
+    for fn in (lensattr.metrics.auroc, lensattr.metrics.average_precision):
         with pytest.raises(ValueError) as err:
             fn(torch.ones(3), torch.tensor([1, 0]))
         one_line(err.value, "scores has shape (3,) and labels (2,)")
+    with pytest.raises(ValueError) as err:
+        lensattr.pool_metrics(torch.ones(3), [1, 0])
+    one_line(err.value, "pool_metrics: 2 labels for 3 scores")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has a GPU")

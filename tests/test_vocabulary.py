@@ -25,7 +25,8 @@ def cq(tiny, train_records, pair_records, tmp_path_factory):
         stats=["resid_post", "residual_change"],
         progress=False,
     )
-    q = behavior_query(tiny, pair_records, layers=[1, 2], score="dot")
+    # built on resid_post, ranked against resid_post: a query ranks only its own statistic
+    q = behavior_query(tiny, pair_records, psi="residual_diff", layers=[1, 2], score="dot")
     q.save(out / "q.safetensors")
     return cache, q, out
 
