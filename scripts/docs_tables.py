@@ -123,13 +123,13 @@ def render_demo(d: dict[str, Any]) -> str:
 
 GEN_COLUMNS = {  # column of runs/gen/report.json -> what the table calls it
     "auto (LOBO)": "auto",
-    "ensemble (LOBO)": "auto, size fitted on the others",
+    "ensemble (LOBO)": "auto, LOBO size",
     "auto, one method (LOBO)": "one method",
     "paper": "authors' method",
     "old_paper": "old PAPER",
     "lexical": "text search",
     "repsim": "RepSim",
-    "hindsight": "hindsight best",
+    "hindsight": "hindsight",
 }
 
 

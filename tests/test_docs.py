@@ -243,7 +243,7 @@ def test_generalisation_and_peers_tables_compute_what_they_claim():
     }
     summary = {"all": {"means": means, "within_0.05_of_hindsight": {"auto (LOBO)": 1}}}
     out = t.render_generalisation({"rows": rows, "summary": summary}).splitlines()
-    assert out[0] == "| behaviour | auto | authors' method | hindsight best |"
+    assert out[0] == "| behaviour | auto | authors' method | hindsight |"
     assert out[2] == "| a | 0.50 | 0.25 | 0.75 |"
     assert out[3] == "| b | 1.00 | not measured yet | not measured yet |"
     assert out[4] == "| **mean, all** | 0.75 [0.50, 1.00] | not measured yet | 0.75 |"
