@@ -22,6 +22,7 @@ P@k, and the baselines') per pool; ``report`` fits and scores the rules and writ
 """
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -35,6 +36,7 @@ import torch
 import lensattr
 from lensattr.bench.behaviors import clean_subsample, default_sources, load_behaviour
 from lensattr.data import Example
+from lensattr.ensemble import standardised
 from lensattr.metrics import precision_at_k
 
 STATS = (
@@ -59,6 +61,12 @@ SHARED_TEN = (
 AUTHORS_DEPTH = 19 / 32  # their README's layer 19 of Llama-3.1-8B's 32 blocks
 
 
+@functools.cache
+def _behaviours(data: str) -> dict[str, Any]:
+    """Every behaviour of the data folder by name, read once a process."""
+    return {b.name: b for b in (load_behaviour(s) for s in default_sources(data))}
+
+
 def _reply(ex: Example) -> str:
     return ex.messages[-1]["content"]
 
@@ -76,7 +84,7 @@ def build(args: argparse.Namespace) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = lensattr.load_model(args.model)
-    behaviours = [load_behaviour(s) for s in default_sources(args.data)]
+    behaviours = list(_behaviours(args.data).values())
     clean = clean_subsample(Path(args.data) / "train" / "clean.jsonl", args.clean, seed=0)
     rows: list[Example] = list(clean)
     plan: dict[str, Any] = {"clean": [e.id for e in clean], "behaviours": {}}
@@ -200,6 +208,7 @@ def score_pool(
     # every candidate at every layer: its criterion (label-free) and its P@k (labels)
     cells = []
     queries: dict[str, Any] = {}
+    scores: dict[tuple[str, int], torch.Tensor] = {}  # kept for the ensembles below
     for row in sel.table:
         m = lensattr.Method.parse(row["method"])
         if row["method"] not in queries:
@@ -207,6 +216,7 @@ def score_pool(
                 None, ps, psi=m.psi, stat=m.stat, pool=cache, score=m.score
             )
         s = _all_scores(cache, queries[row["method"]], row["layer"])
+        scores[row["method"], row["layer"]] = s
         cells.append(
             {
                 "method": row["method"],
@@ -223,10 +233,7 @@ def score_pool(
     order = sorted(by_method, key=lambda m: _criterion_mean(by_method[m]), reverse=True)
     out["ensembles"] = {}
     for n in (2, 3, 5, 8, 12, 20, 30, 50):
-        zs = []
-        for m in order[:n]:
-            s = _all_scores(cache, queries[m], _best_layer(by_method[m])["layer"]).double()
-            zs.append((s - s.mean()) / s.std().clamp(min=1e-12))
+        zs = [standardised(scores[m, _best_layer(by_method[m])["layer"]]) for m in order[:n]]
         out["ensembles"][f"top{n}"] = {
             "methods": order[:n],
             "p_at_k": _p_at_k(torch.stack(zs).mean(0).float(), labels),
@@ -256,13 +263,7 @@ def score_pool(
         lexical = None  # type: ignore[assignment]
     if lexical is not None:
         texts = [_reply(ex_by_id[i]) for i in cache.ids]
-        pairs = lensattr.load_pairs(
-            [
-                b.query
-                for b in [load_behaviour(s) for s in default_sources(args.data)]
-                if b.name == name
-            ][0][: ps.n_pairs]
-        )
+        pairs = _behaviours(args.data)[name].query[: ps.n_pairs]
         t, c = [p.treatment for p in pairs], [p.control for p in pairs]
         for kind in lexical.LEXICAL:
             s = lexical.lexical_scores(texts, t, c, kind)
