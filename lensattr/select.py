@@ -364,10 +364,12 @@ def select(
     )
 
 
-def _member(ps: PairStats, cache: Cache, method: Method, layer: int) -> Query:
-    """``method``'s query at ``layer`` (fitted on every pair, against ``cache``'s moments)."""
+def _member(ps: PairStats, cache: Cache, method: Method, layer: int | tuple[int, ...]) -> Query:
+    """``method``'s query at ``layer`` (or layer set), fitted on every pair against ``cache``'s
+    moments."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
     q = behavior_query(
-        None, ps, psi=method.psi, stat=method.stat, layers=[layer], pool=cache, score=method.score
+        None, ps, psi=method.psi, stat=method.stat, layers=layers, pool=cache, score=method.score
     )
     q.layer = layer
     return q
@@ -465,9 +467,8 @@ def select_then_cache(
         assert cache is not None
     if sel.ensemble is not None:  # each member refitted against the full cache's moments
         members = [
-            _member(ps, cache, Method(q.psi, q.stat, q.score), layer)
+            _member(ps, cache, Method(q.psi, q.stat, q.score), q.best_layer())
             for q in sel.ensemble.members
-            if isinstance(layer := q.best_layer(), int)  # select gives each member one layer
         ]
         return cache, Ensemble(members), sel
     query = behavior_query(
