@@ -1,6 +1,7 @@
 """Does `auto` hold up on behaviours it was not tuned on? Leave-one-behaviour-out, over pool seeds.
 
-Every behaviour of the shared data (MedHallu, the persona traits, the five trait specs) is
+Every behaviour of the shared data (MedHallu, the persona traits, the five trait specs) and the
+study's own long-reply behaviours (:data:`OWN`: XSTest's over-refusal and unsafe compliance) is
 ranked inside small realistic pools: ``--pool`` clean examples plus the behaviour's own plants
 (``--plants`` label-1 and as many label-0 decoys for a folder behaviour, the 12 + 12 of a trait
 spec), one pool per seed. Precision@k among the pool (k = the behaviour's label-1 count) judges
@@ -61,10 +62,17 @@ SHARED_TEN = (
 AUTHORS_DEPTH = 19 / 32  # their README's layer 19 of Llama-3.1-8B's 32 blocks
 
 
+OWN = Path(__file__).parent / "behaviors"
+"""The study's own behaviours beside the shared data's: long free-text replies built from public
+data (``scripts/build_xstest.py``; their licence file is in that folder)."""
+
+
 @functools.cache
-def _behaviours(data: str) -> dict[str, Any]:
-    """Every behaviour of the data folder by name, read once a process."""
-    return {b.name: b for b in (load_behaviour(s) for s in default_sources(data))}
+def _behaviours(data: str, own: str) -> dict[str, Any]:
+    """Every behaviour of the data folder and of the folder ``own`` (none if empty) by name,
+    read once a process."""
+    folders = sorted(p for p in Path(own).glob("*") if (p / "plant.jsonl").exists()) if own else []
+    return {b.name: b for b in (load_behaviour(s) for s in [*default_sources(data), *folders])}
 
 
 def _reply(ex: Example) -> str:
@@ -84,7 +92,7 @@ def build(args: argparse.Namespace) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = lensattr.load_model(args.model)
-    behaviours = list(_behaviours(args.data).values())
+    behaviours = list(_behaviours(args.data, args.own).values())
     clean = clean_subsample(Path(args.data) / "train" / "clean.jsonl", args.clean, seed=0)
     rows: list[Example] = list(clean)
     plan: dict[str, Any] = {"clean": [e.id for e in clean], "behaviours": {}}
@@ -263,7 +271,7 @@ def score_pool(
         lexical = None  # type: ignore[assignment]
     if lexical is not None:
         texts = [_reply(ex_by_id[i]) for i in cache.ids]
-        pairs = _behaviours(args.data)[name].query[: ps.n_pairs]
+        pairs = _behaviours(args.data, args.own)[name].query[: ps.n_pairs]
         t, c = [p.treatment for p in pairs], [p.control for p in pairs]
         for kind in lexical.LEXICAL:
             s = lexical.lexical_scores(texts, t, c, kind)
@@ -448,7 +456,13 @@ def report(args: argparse.Namespace) -> None:
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{rows[n][c]:.2f}" for c in cols) + " |")
     summary: dict[str, Any] = {}
-    for group, members in (("all", names), ("shared ten", [n for n in names if n in SHARED_TEN])):
+    groups = {
+        "all": names,
+        "shared ten": [n for n in names if n in SHARED_TEN],
+        "long replies": [n for n in names if not n.startswith("persona-")],
+        "one-word replies": [n for n in names if n.startswith("persona-")],
+    }
+    for group, members in groups.items():
         if not members:
             continue
         means = {}
@@ -490,6 +504,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--data", default="../shared/data")
+    b.add_argument("--own", default=str(OWN), help="more behaviour folders ('': none)")
     b.add_argument("--work", default="runs/gen")
     b.add_argument("--model", default="smollm2-135m-instruct")
     b.add_argument("--clean", type=int, default=800, help="clean superset size")
@@ -503,6 +518,7 @@ def main() -> None:
     b.add_argument("--reuse", default="", help="a finished work directory to copy rows from")
     s = sub.add_parser("score")
     s.add_argument("--data", default="../shared/data")
+    s.add_argument("--own", default=str(OWN), help="more behaviour folders ('': none)")
     s.add_argument("--work", default="runs/gen")
     s.add_argument("--seeds", default="0,1,2")
     s.add_argument("--model", default="smollm2-135m-instruct")

@@ -23,7 +23,7 @@ def study(*args: str) -> None:
 
 def test_the_study_builds_scores_and_reports(tmp_path):
     data, work = write_synthetic_data(tmp_path / "data"), tmp_path / "work"
-    common = ["--data", str(data), "--work", str(work)]
+    common = ["--data", str(data), "--work", str(work), "--own", ""]
     study("build", *common, "--model", "tiny-random", "--clean", "40", "--plants", "8",
           "--pairs", "8", "--layers", "0:4:1")  # fmt: skip
     study("score", *common, "--model", "tiny-random", "--seeds", "0,1", "--pool", "30",
