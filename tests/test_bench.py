@@ -103,6 +103,10 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
         want["ap"]
     )
     assert len(auto["p_at_k_ci"]) == 2
+    # the fine-tune on auto's top-k trains on that same ensemble's top-k, not on its best member's
+    top = torch.topk(z, cfg.k).indices.tolist()
+    tuned = json.loads((out / "ft" / "shouting" / "auto-s0.json").read_text())
+    assert tuned["ids"] == [cache.ids[idx[i]] for i in top]
     # the report writes a layer set as the layers --layer takes, and plots it
     from lensattr.bench.report import write_outputs
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lensattr import Method, Query, behavior_query, rank
+from lensattr import PAPER, Method, Query, behavior_query, candidates, rank, select
 from lensattr.bench.finetune import lora_finetune, trait_score
 from lensattr.bench.report import layer_label
 from lensattr.bench.run import BenchConfig, save_json, say, subpools
@@ -26,7 +26,7 @@ def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]
         q = h["personas"][name]
         q.layer = r["baselines"]["persona"]["layer"]
         return q
-    m = Method.parse(r[method]["method"] if method in ("auto", "paper") else method)
+    m = Method.parse(r[method]["method"] if method == "paper" else method)
     q = behavior_query(
         None,
         h["pairs"][name],
@@ -36,17 +36,48 @@ def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]
         pool=h["cache"],
         score=m.score,
     )
-    q.layer = r[method]["layer"] if method in ("auto", "paper") else q.best_layer()
+    q.layer = r[method]["layer"] if method == "paper" else q.best_layer()
     return q
 
 
-def top_ids(
-    method: str, name: str, h: dict[str, Any], ranking: dict[str, Any], k: int, seed: int
-) -> list[str]:
-    """Pool ids of the top-``k`` of ``method`` in behaviour ``name``'s pool (``random``: a seeded
-    sample); ``psi|stat|score`` methods use the layer their own query pairs choose."""
+def _auto(cfg: BenchConfig, h: dict[str, Any], name: str) -> Any:
+    """``auto``'s choice for ``name`` as the ranking step made it (the same call, so the same
+    ensemble): what auto ranks with, not only its best single method."""
     idx, _ = subpools(h)[name]
-    cache = h["cache"]
+    methods = (
+        [Method.parse(m) for m in cfg.methods] if cfg.methods else candidates(h["cache"].stats)
+    )
+    if PAPER not in methods:
+        methods.append(PAPER)
+    return select(None, h["cache"], h["pairs"][name], methods=methods, layers=h["layers"], rows=idx)
+
+
+def _resolved(method: str, r: dict[str, Any]) -> str:
+    """What ``auto`` or ``paper`` ranked with, in words, for the tables."""
+    chosen = r[method]
+    if method == "auto" and chosen.get("members"):
+        return f"mean of {len(chosen['members'])} methods (best: {chosen['method']})"
+    return f"{chosen['method']} {layer_label(chosen['layer'])}"
+
+
+def top_ids(
+    cfg: BenchConfig,
+    method: str,
+    name: str,
+    h: dict[str, Any],
+    ranking: dict[str, Any],
+    seed: int,
+) -> list[str]:
+    """Pool ids of the top-``cfg.k`` of ``method`` in behaviour ``name``'s pool (``random``: a
+    seeded sample; ``auto``: its selection, ensemble included); ``psi|stat|score`` methods use
+    the layer their own query pairs choose."""
+    idx, _ = subpools(h)[name]
+    cache, k = h["cache"], cfg.k
+    if method == "auto":
+        chosen = h.setdefault("auto", {})
+        if name not in chosen:
+            chosen[name] = _auto(cfg, h, name)
+        return rank(cache, chosen[name], rows=idx, top_k=k).ids
     if method == "random":
         ids = [cache.ids[i] for i in idx.tolist()]
         return random.Random(seed).sample(ids, min(k, len(ids)))
@@ -88,7 +119,7 @@ def finetune_effect(
             scores = []
             for seed in cfg.ft_seeds:
                 f = out / "ft" / b.name / f"{run_m.replace('|', '+')}-s{seed}.json"
-                ids = top_ids(m, b.name, h, ranking, cfg.k, seed)
+                ids = top_ids(cfg, m, b.name, h, ranking, seed)
                 saved = json.loads(f.read_text()) if f.exists() else None
                 # a saved fine-tune is reused only for the same top-k: after a change to the
                 # method (e.g. auto choosing differently) it would be a stale row
@@ -123,14 +154,7 @@ def finetune_effect(
                 "sd": float(vals.std()) if len(vals) > 1 else 0.0,
                 "n_label1_selected": [s["n_label1"] for s in scores],
                 "n_label0_selected": [s["n_label0"] for s in scores],
-                **(
-                    {
-                        "resolved": f"{ranking[b.name][m]['method']} "
-                        f"{layer_label(ranking[b.name][m]['layer'])}"
-                    }
-                    if m in ("auto", "paper")
-                    else {}
-                ),
+                **({"resolved": _resolved(m, ranking[b.name])} if m in ("auto", "paper") else {}),
             }
         # every fine-tune + score of this behaviour that ran, this session or an earlier one
         res["seconds"] = sum(
