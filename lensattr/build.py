@@ -23,7 +23,7 @@ from lensattr.backends.capture import capture
 from lensattr.backends.models import Model, load_model
 from lensattr.backends.prefix import openings_kept
 from lensattr.checks import positive_int
-from lensattr.config import CaptureConfig
+from lensattr.config import CaptureConfig, resolve_config
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.layers import parse_layers
 from lensattr.progress import Progress
@@ -170,7 +170,14 @@ def build_cache(
     """
     from lensattr import distributed
 
-    cfg = _capture_config(config, layers, max_length, padding_side, storage_dtype)
+    cfg = resolve_config(
+        config,
+        "build_cache",
+        layers=layers,
+        max_length=max_length,
+        padding_side=padding_side,
+        storage_dtype=storage_dtype,
+    )
     stats = _check_arguments(stats, batch_size, shard_size, on_error)
     if rank is None or world_size is None:
         env_rank, env_world = distributed.world()
@@ -301,36 +308,6 @@ def _reusable(reuse: Cache, plan: dict[str, Any], examples: Sequence[Example]) -
     held = [ex for ex in examples if ex.id in row_of]
     stored = {r["id"]: r["messages"] for r in reuse.records([ex.id for ex in held])}
     return {ex.id: row_of[ex.id] for ex in held if stored[ex.id] == [dict(m) for m in ex.messages]}
-
-
-def _capture_config(
-    config: CaptureConfig | None,
-    layers: Any,
-    max_length: Any,
-    padding_side: Any,
-    storage_dtype: Any,
-) -> CaptureConfig:
-    """build_cache's capture settings: ``config``, or one made of its keywords (not both)."""
-    given = CaptureConfig(
-        layers=layers,
-        max_length=max_length,
-        padding_side=padding_side,
-        storage_dtype=storage_dtype,
-    )
-    if config is None:
-        return given
-    if not isinstance(config, CaptureConfig):
-        raise TypeError(f"config must be a CaptureConfig, not {type(config).__name__}")
-    changed = [
-        f.name
-        for f in dataclasses.fields(given)
-        if getattr(given, f.name) != getattr(CaptureConfig(), f.name)
-    ]
-    if changed:
-        raise ValueError(
-            f"build_cache got config= and {', '.join(changed)}=: give the capture settings once"
-        )
-    return config
 
 
 def _plan(

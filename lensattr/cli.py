@@ -304,13 +304,11 @@ def cmd_query(args: argparse.Namespace) -> int:
         args.pairs,
         psi=args.psi,
         stat=args.stat,
-        layers=args.layers,
         pool=args.cache,
         score=args.score,
         batch_size=args.batch_size,
-        max_length=args.max_length,
-        padding_side=args.padding_side,
         progress=False if args.quiet else None,
+        config=from_arguments(args),
     )
     q.save(args.out)
     print(

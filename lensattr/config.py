@@ -8,6 +8,9 @@ manifest; :func:`~lensattr.pair_stats` records one for the query pairs, and a sa
 ``rank`` (query against cache) and ``explain`` (query against its own capture) call it, and a
 mismatch names the field and both values. The command line's flags, help and defaults for these
 settings are generated from the fields (:func:`add_arguments`), so they cannot drift apart.
+Every step that captures takes one as ``config=`` (:func:`~lensattr.build_cache`,
+:func:`~lensattr.pair_stats`, :func:`~lensattr.behavior_query`,
+:func:`~lensattr.select_then_cache`), with the same rule (:func:`resolve_config`).
 """
 
 import argparse
@@ -162,6 +165,45 @@ def check_capture(
             raise error(f"{what} were captured with {name}={want!r}, {other} with {name}={have!r}")
 
 
+def resolve_config(config: "CaptureConfig | None", caller: str, **keywords: Any) -> CaptureConfig:
+    """A step's capture settings: ``config``, or the settings its ``keywords`` give (``layers``,
+    ``max_length``, ...; the fields they leave out at their defaults), not both.
+
+    With ``config``, each keyword must be at its default: the settings are given once, and a
+    keyword next to ``config=`` raises ``ValueError`` naming it and ``caller`` (the step).
+
+    Raises:
+        TypeError: ``config`` is not a :class:`CaptureConfig`.
+        ValueError: ``config`` and a keyword off its default.
+
+    Examples:
+        >>> resolve_config(None, "pair_stats", max_length=256).max_length
+        256
+        >>> resolve_config(CaptureConfig(max_length=256), "pair_stats", max_length=512).max_length
+        256
+        >>> resolve_config(CaptureConfig(), "pair_stats", max_length=256)
+        Traceback (most recent call last):
+        ...
+        ValueError: pair_stats got config= and max_length=: give the capture settings once
+    """
+    given = CaptureConfig(**keywords)
+    if config is None:
+        return given
+    if not isinstance(config, CaptureConfig):
+        raise TypeError(f"config must be a CaptureConfig, not {type(config).__name__}")
+    default = CaptureConfig()
+    changed = [
+        f.name
+        for f in dataclasses.fields(given)
+        if f.name in keywords and getattr(given, f.name) != getattr(default, f.name)
+    ]
+    if changed:
+        raise ValueError(
+            f"{caller} got config= and {', '.join(changed)}=: give the capture settings once"
+        )
+    return config
+
+
 def names_list(text: str) -> list[str]:
     """A comma-separated command-line list (``"a,b"`` -> ``["a", "b"]``; empty items dropped)."""
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -235,4 +277,5 @@ __all__ = [
     "from_arguments",
     "ints_list",
     "names_list",
+    "resolve_config",
 ]

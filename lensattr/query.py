@@ -7,6 +7,7 @@ pool-aware psi, to the training pool's moments): a query for any psi, statistic 
 mean over pairs, and the held-out accuracy a few matrix-vector products.
 """
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.prefix import openings_kept
 from lensattr.checks import positive_int
-from lensattr.config import CaptureConfig, check_capture
+from lensattr.config import CaptureConfig, check_capture, resolve_config
 from lensattr.data import Pair, load_pairs
 from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
@@ -190,6 +191,7 @@ def pair_stats(
     max_length: int | None = 512,
     padding_side: str = "right",
     progress: bool | None = None,
+    config: CaptureConfig | None = None,
 ) -> PairStats:
     """Capture the statistics ``stats`` of every pair's two replies at ``layers`` (one pass).
 
@@ -197,12 +199,21 @@ def pair_stats(
     ``batch_size // 2`` pairs, grouped by length to limit padding (by reply length where the
     backend starts each row's backward at its own prompt's end, as :func:`~lensattr.build_cache`).
 
+    ``config``: the capture settings as one :class:`~lensattr.config.CaptureConfig` (a cache's
+    own, ``cache.capture_config``, captures the pairs as the cache was), instead of ``layers``,
+    ``max_length`` and ``padding_side``, which then stay at their defaults
+    (:func:`~lensattr.config.resolve_config`, as in :func:`~lensattr.build_cache`). Its
+    ``storage_dtype`` is the cache's: pair statistics are kept in fp32.
+
     Examples:
         >>> pairs = [{"prompt": "Is 2+2=5?", "treatment": "Yes!", "control": "No, 4."}]
         >>> s = pair_stats("tiny-random", pairs, stats=["resid_post"], layers=[1, 3])
         >>> s.n_pairs, s.layers, tuple(s.sides("resid_post", 3)[0].shape)
         (1, [1, 3], (1, 32))
     """
+    cfg = resolve_config(
+        config, "pair_stats", layers=layers, max_length=max_length, padding_side=padding_side
+    )
     model = load_model(model)
     pair_list = load_pairs(pairs) if not _is_pair_list(pairs) else list(pairs)
     if not pair_list:
@@ -211,7 +222,10 @@ def pair_stats(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     phis = [get_phi(s) for s in dict.fromkeys(stats)]
     pooling = pooling_of(phis)  # before any work: statistics captured together share one
-    layer_list = sorted(parse_layers(layers, model.n_layers))
+    if cfg.pooling not in (pooling, CaptureConfig().pooling):
+        raise ValueError(f"config pooling {cfg.pooling!r}, but the statistics pool by {pooling!r}")
+    layer_list = sorted(parse_layers(cfg.layers, model.n_layers))
+    max_length, padding_side = cfg.max_length, cfg.padding_side
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
     _check_distinct(pair_list, encs, max_length)
     per = max(1, batch_size // 2)
@@ -596,6 +610,7 @@ def behavior_query(
     max_length: int | None = 512,
     padding_side: str = "right",
     progress: bool | None = None,
+    config: CaptureConfig | None = None,
     **psi_kwargs: Any,
 ) -> Query:
     """Build the query ``psi = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
@@ -621,6 +636,8 @@ def behavior_query(
             accuracy measured in).
         batch_size, max_length, padding_side: as in :func:`~lensattr.build_cache`.
         progress: as in :func:`~lensattr.build_cache` (``False``: silent).
+        config: the capture settings as one :class:`~lensattr.config.CaptureConfig`, instead
+            of ``layers``, ``max_length`` and ``padding_side``, as in :func:`pair_stats`.
         **psi_kwargs: passed to the psi's pair builder (e.g. ``max_new_tokens`` for persona).
 
     Examples:
@@ -629,6 +646,9 @@ def behavior_query(
         >>> q.layers, round(float(q.vector(3).norm()), 4)
         ([1, 3], 1.0)
     """
+    cfg = resolve_config(
+        config, "behavior_query", layers=layers, max_length=max_length, padding_side=padding_side
+    )
     spec = get_psi(psi)
     stat_name = stat or spec.stat
     if spec.stats is not None and stat_name not in spec.stats:
@@ -645,23 +665,23 @@ def behavior_query(
             raise TypeError(f"options {sorted(psi_kwargs)} need pairs, not PairStats")
         ps = pairs
         n_layers = max(ps.layers) + 1
-        layer_list = ps.layers if layers == "all" else sorted(parse_layers(layers, n_layers))
+        layer_list = (
+            ps.layers if cfg.layers == "all" else sorted(parse_layers(cfg.layers, n_layers))
+        )
     else:
         model = load_model(model)
         if spec.pairs_from is not None:
             pairs = spec.pairs_from(model, pairs, **psi_kwargs)
         elif psi_kwargs:
             raise TypeError(f"psi {psi!r} takes no options {sorted(psi_kwargs)}")
-        layer_list = sorted(parse_layers(layers, model.n_layers))
+        layer_list = sorted(parse_layers(cfg.layers, model.n_layers))
         ps = pair_stats(
             model,
             pairs,
             stats=[stat_name],
-            layers=layer_list,
             batch_size=batch_size,
-            max_length=max_length,
-            padding_side=padding_side,
             progress=progress,
+            config=dataclasses.replace(cfg, layers=layer_list),
         )
     if cache is not None:
         check_fits(cache, ps.model, ps.capture, "the pairs", ps.sources)

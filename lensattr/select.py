@@ -34,6 +34,7 @@ each candidate is then a few matrix products over the cache rows, with every fol
 (statistic, layer) scored in one batched call.
 """
 
+import dataclasses
 import html
 import logging
 import math
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lensattr.checks import positive_int, row_indices
+from lensattr.config import CaptureConfig, resolve_config
 from lensattr.criterion import (
     DEFAULT_CRITERION,
     LAYER_SET,
@@ -309,11 +311,9 @@ def select(
             model,
             pairs,
             stats=sorted({m.stat for m in method_list}),
-            layers=layer_list,
             batch_size=batch_size,
-            max_length=cache.capture_config.max_length,
-            padding_side=cache.capture_config.padding_side,
             progress=progress,
+            config=dataclasses.replace(cache.capture_config, layers=layer_list),
         )
     if ps.n_pairs < MIN_PAIRS:
         raise QueryError(
@@ -389,6 +389,7 @@ def select_then_cache(
     max_length: int | None = 512,
     ensemble: int = ENSEMBLE,
     progress: bool | None = None,
+    config: CaptureConfig | None = None,
 ) -> tuple[Cache, "Query | Ensemble", Selection]:
     """The cheap path for one behaviour: choose on a sample, then cache the corpus for the choice.
 
@@ -403,6 +404,10 @@ def select_then_cache(
     refitted against the full cache (its pool moments), ready for :func:`rank`. A sample of
     fewer than :data:`ROWS_PER_DIMENSION` rows a dimension leaves ``whitened_cosine`` out of
     the choice (see :func:`select`, whose registered ``criterion`` it chooses by).
+
+    ``config``: the capture settings of the pairs, the sample and the corpus as one
+    :class:`~lensattr.config.CaptureConfig`, instead of ``max_length`` (as in
+    :func:`~lensattr.build_cache`); its ``layers`` are the candidate layers (default: all).
 
     When the sample is the whole corpus (``sample=None`` or ``sample >= len(train)``) there is
     one build, of ``stats`` at every layer into ``out``: the choice is then exactly
@@ -432,13 +437,14 @@ def select_then_cache(
     from lensattr.data import load_examples
 
     positive_int("sample", sample, none=True)
+    cfg = resolve_config(config, "select_then_cache", max_length=max_length)
     model = load_model(model)
     examples = load_examples(train)
-    kw: dict[str, Any] = {"batch_size": batch_size, "max_length": max_length}
+    kw: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
     stat_list = list(stats)
-    ps = pair_stats(model, pairs, stats=stat_list, layers="all", progress=progress, **kw)
+    ps = pair_stats(model, pairs, stats=stat_list, config=cfg, **kw)
     if sample is None or sample >= len(examples):
-        cache = build_cache(model, examples, out=out, stats=stat_list, progress=progress, **kw)
+        cache = build_cache(model, examples, out=out, stats=stat_list, config=cfg, **kw)
         assert cache is not None  # a single-process build returns its cache
         sel = select(model, cache, ps, criterion=criterion, ensemble=ensemble)
         return cache, sel.ensemble or sel.query, sel
@@ -449,7 +455,7 @@ def select_then_cache(
             [examples[i] for i in picked],
             out=tmp,
             stats=stat_list,
-            progress=progress,
+            config=cfg,
             **kw,
         )
         assert small is not None
@@ -458,9 +464,8 @@ def select_then_cache(
             model,
             examples,
             out=out,
-            layers=sorted(sel.layers),
             stats=list(sel.stats),
-            progress=progress,
+            config=dataclasses.replace(cfg, layers=sorted(sel.layers)),
             reuse=small,
             **kw,
         )

@@ -232,3 +232,55 @@ def test_bench_config_generates_the_bench_cli():
         ft_behaviours=["medhallu"],
         methods=["contrast|grad|dot"],
     )
+
+
+def test_pair_stats_takes_a_config(tiny, pair_records):
+    cfg = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left")
+    stats = ["resid_post", "residual_change"]
+    by_config = pair_stats(tiny, pair_records, stats=stats, config=cfg, progress=False)
+    by_keywords = pair_stats(
+        tiny,
+        pair_records,
+        stats=stats,
+        layers=LAYERS,
+        max_length=64,
+        padding_side="left",
+        progress=False,
+    )
+    assert (
+        by_config.capture
+        == by_keywords.capture
+        == dataclasses.replace(cfg, storage_dtype="float32")
+    )
+    for stat in stats:
+        for layer in LAYERS:
+            for a, b in zip(
+                by_config.sides(stat, layer), by_keywords.sides(stat, layer), strict=True
+            ):
+                assert torch.equal(a, b), (stat, layer)  # bitwise
+    q_config = behavior_query(tiny, pair_records, config=cfg, progress=False)
+    q_keywords = behavior_query(
+        tiny, pair_records, layers=LAYERS, max_length=64, padding_side="left", progress=False
+    )
+    assert q_config.capture == q_keywords.capture
+    assert all(torch.equal(q_config.vector(la), q_keywords.vector(la)) for la in LAYERS)
+
+
+@pytest.mark.parametrize("step", [pair_stats, behavior_query])
+def test_a_config_and_a_keyword_conflict_as_in_build_cache(step, tiny, pair_records):
+    cfg = CaptureConfig(layers=LAYERS, max_length=64)
+    name = step.__name__
+    with pytest.raises(ValueError, match=f"^{name} got config= and max_length=: give the capture"):
+        step(tiny, pair_records, config=cfg, max_length=32)
+    with pytest.raises(ValueError, match=f"^{name} got config= and layers, padding_side=: give"):
+        step(tiny, pair_records, config=cfg, layers=[1], padding_side="left")
+    # a keyword left at its default (spelled out or not) defers to the config, as in build_cache
+    got = step(tiny, pair_records, config=cfg, max_length=512, progress=False)
+    assert got.capture is not None and got.capture.max_length == 64
+
+
+def test_select_then_cache_takes_a_config(tmp_path):
+    from lensattr import select_then_cache
+
+    with pytest.raises(ValueError, match="^select_then_cache got config= and max_length="):
+        select_then_cache(None, [], [], out=tmp_path, config=CaptureConfig(), max_length=32)

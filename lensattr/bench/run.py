@@ -38,7 +38,7 @@ from lensattr import (
 )
 from lensattr.backends.models import Model
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
-from lensattr.config import ints_list, names_list
+from lensattr.config import CaptureConfig, ints_list, names_list
 from lensattr.data import Example
 from lensattr.layers import parse_layers
 
@@ -312,14 +312,16 @@ def prepare(
     layers = pool_layers(cfg, model)
     behaviours = load_behaviours(cfg)
     owner = build_pool(cfg, behaviours, out)
-    kw: dict[str, Any] = {"batch_size": cfg.batch_size, "max_length": cfg.max_length}
+    # one set of capture settings for the pool, the query pairs and the personas
+    kw: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "config": CaptureConfig(layers=layers, max_length=cfg.max_length),
+    }
     say(f"pool: {len(owner)} examples, layers {layers}, behaviours {[b.name for b in behaviours]}")
     say("caching the pool (forward + activation backward, every default statistic)")
     cache = costs.timed(
         "cache_pool",
-        lambda: build_cache(
-            model, out / "pool.jsonl", out=out / "cache", layers=layers, on_error="skip", **kw
-        ),
+        lambda: build_cache(model, out / "pool.jsonl", out=out / "cache", on_error="skip", **kw),
     )
     pairs: dict[str, PairStats] = {}
     personas: dict[str, Query | None] = {}
@@ -339,7 +341,7 @@ def prepare(
             f,
             f"{b.name}: query-pair statistics ({n} pairs)",
             f"pairs_{b.name}",
-            lambda: pair_stats(model, query, stats=cache.stats, layers=layers, **kw),  # noqa: B023
+            lambda: pair_stats(model, query, stats=cache.stats, **kw),  # noqa: B023
         )
         pairs[b.name] = PairStats.load(f)
         personas[b.name] = None
@@ -354,7 +356,6 @@ def prepare(
                     model,
                     spec,  # noqa: B023  (step calls it at once)
                     psi="persona",
-                    layers=layers,
                     max_new_tokens=cfg.persona_tokens,
                     **kw,
                 ),
