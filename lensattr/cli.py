@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--psi", default="residual_change", help=f"registered query: {', '.join(names('psi'))}"
     )
-    p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('phi'))}")
+    p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('stat'))}")
     p.add_argument("--score", default="cosine", help=f"score: {', '.join(names('score'))}")
     p.add_argument(
         "--method",

@@ -25,7 +25,7 @@ from lensattr.store.names import STORAGE_DTYPES, dtype_name
 
 POOLINGS = ("mean_response",)
 """The built-in statistics' pooling: the mean over the reply's token positions. A statistic
-registered with another ``pooling=`` name brings its own (``register_phi``)."""
+registered with another ``pooling=`` name brings its own (``register_stat``)."""
 PADDING_SIDES = ("right", "left")
 
 

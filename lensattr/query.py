@@ -29,7 +29,7 @@ from lensattr.data import Pair, load_pairs
 from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
-from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
+from lensattr.registry import Psi, Score, get_psi, get_score, get_stat, pooling_of
 from lensattr.render import Encoded, collate, encode, length_batches
 from lensattr.store.cache import Cache, CacheError, open_cache
 from lensattr.store.reader import name_ids
@@ -220,8 +220,8 @@ def pair_stats(
         raise QueryError("no pairs to build the query from")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    phis = [get_phi(s) for s in dict.fromkeys(stats)]
-    pooling = pooling_of(phis)  # before any work: statistics captured together share one
+    specs = [get_stat(s) for s in dict.fromkeys(stats)]
+    pooling = pooling_of(specs)  # before any work: statistics captured together share one
     if cfg.pooling not in (pooling, CaptureConfig().pooling):
         raise ValueError(f"config pooling {cfg.pooling!r}, but the statistics pool by {pooling!r}")
     layer_list = sorted(parse_layers(cfg.layers, model.n_layers))
@@ -231,12 +231,12 @@ def pair_stats(
     per = max(1, batch_size // 2)
     n, d = len(pair_list), model.d_model
     out = {
-        side: {p.name: {la: torch.empty((n, d)) for la in layer_list} for p in phis}
+        side: {p.name: {la: torch.empty((n, d)) for la in layer_list} for p in specs}
         for side in ("t", "c")
     }
-    sites = tuple(dict.fromkeys(s for p in phis for s in p.sites))
-    need_grad = any(p.needs_grad for p in phis)
-    keep_prompt = any(p.reads_prompt for p in phis)
+    sites = tuple(dict.fromkeys(s for p in specs for s in p.sites))
+    need_grad = any(p.needs_grad for p in specs)
+    keep_prompt = any(p.reads_prompt for p in specs)
     # a pair's two sides share their prompt, so its longer side is its longer reply: batches of
     # similar reply length where each row's graph starts at its own prompt's end, as in a build
     by_reply = need_grad and not keep_prompt and model.cuts_prompt
@@ -252,7 +252,7 @@ def pair_stats(
             )
             for layer, a in acts.items():
                 for side, rows in zip(("t", "c"), _split(a), strict=True):
-                    for p in phis:
+                    for p in specs:
                         out[side][p.name][layer][idx] = p.apply(rows).float().cpu()
             bar.update(len(idx))
     bar.close()
@@ -267,7 +267,7 @@ def pair_stats(
             pooling=pooling,
             storage_dtype="float32",
         ),
-        {p.name: p.module for p in phis},
+        {p.name: p.module for p in specs},
     )
 
 

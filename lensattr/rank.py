@@ -17,7 +17,7 @@ from lensattr.ensemble import Ensemble, as_ranked, standardised
 from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
-from lensattr.registry import get_phi, get_score
+from lensattr.registry import get_score, get_stat
 from lensattr.render import collate, encode
 from lensattr.store.cache import Cache, CacheError, open_cache
 from lensattr.tables import excerpt, html_table, tokens_html, tokens_text
@@ -369,7 +369,7 @@ class Explanation:
 
     tokens: list[str]
     contributions: torch.Tensor  # [n_response] = s_token . psi
-    total: float  # mean of contributions = <phi(x), psi>
+    total: float  # mean of contributions = <s(x), q>
 
     def __repr__(self) -> str:
         return f"Explanation({len(self.tokens)} tokens, total {self.total:+.4g}: {self.text()!r})"
@@ -397,7 +397,7 @@ def explain(
 
     The statistic of token ``p`` is the statistic (``stat``, default: the query's) evaluated
     with the response mask restricted to ``p``; for the mean-pooled built-ins the contributions
-    average exactly to ``<phi(x), psi>``. At a layer set (``layer`` a list, or a query whose
+    average exactly to ``<s(x), q>``. At a layer set (``layer`` a list, or a query whose
     chosen layer is one) each token's contribution is the mean of its contributions at those
     layers.
 
@@ -416,7 +416,7 @@ def explain(
     model = load_model(model)
     query = as_query(query)
     layers = _layers_arg(layer, query, model.n_layers)
-    spec = get_phi(stat or query.stat)
+    spec = get_stat(stat or query.stat)
     if spec.pooling != POOLINGS[0]:  # each reply token's term is the statistic at a one-hot mask
         raise QueryError(
             f"explain splits a mean over the reply tokens; {spec.name} pools by {spec.pooling!r}"

@@ -1,4 +1,4 @@
-"""Plain dict registries of training-side statistics (phi), behaviour queries (psi), scores
+"""Plain dict registries of training-side statistics (``STAT``), behaviour queries (psi), scores
 and the criteria ``auto`` chooses a method by.
 
 Register your own with the decorators. A name is a plain name (letters, digits, ``.``, ``_``
@@ -15,18 +15,18 @@ name in the environment variable ``LENSATTR_PLUGIN_OVERRIDES`` (comma-separated 
 for any); otherwise the built-in stays and a warning says so. Either way the replacement is
 logged.
 
-What a registered function returns is checked where lensattr calls it (:meth:`Phi.apply`,
+What a registered function returns is checked where lensattr calls it (:meth:`Stat.apply`,
 :meth:`Psi.apply`, :meth:`Score.apply`): a float tensor of the documented shape, else a
 :class:`MethodError` naming the function.
 
 Examples:
     >>> import torch
-    >>> from lensattr.registry import register_phi, PHI
-    >>> @register_phi("last_token_resid", needs_grad=False)
+    >>> from lensattr.registry import register_stat, STAT
+    >>> @register_stat("last_token_resid", needs_grad=False)
     ... def last_token_resid(acts):
     ...     idx = acts.mask.int().cumsum(1).argmax(1)  # last response position
     ...     return acts.z_out[torch.arange(len(idx)), idx]
-    >>> "last_token_resid" in PHI
+    >>> "last_token_resid" in STAT
     True
 """
 
@@ -74,7 +74,7 @@ def _checked(kind: str, item: Any, out: Any, shape: tuple[int, ...], meaning: st
 
 
 @runtime_checkable
-class PhiFn(Protocol):
+class StatFn(Protocol):
     def __call__(self, acts: Any, /) -> torch.Tensor: ...
 
 
@@ -91,7 +91,7 @@ class ScoreFn(Protocol):
 
 
 @dataclass(frozen=True)
-class Phi:
+class Stat:
     """A training-side statistic: ``fn(acts: LayerActs) -> Float[Tensor, "batch d_model"]``.
 
     ``needs_grad``: whether it reads ``acts.grad`` (else the capture skips the backward);
@@ -103,7 +103,7 @@ class Phi:
     """
 
     name: str
-    fn: PhiFn
+    fn: StatFn
     needs_grad: bool = True
     sites: tuple[str, ...] = ()
     module: str = ""
@@ -114,7 +114,7 @@ class Phi:
         """``fn(acts)``, checked to be a float ``[batch, d_model]`` tensor (:class:`MethodError`
         naming the function otherwise)."""
         shape = (acts.mask.shape[0], acts.z_out.shape[-1])
-        return _checked("phi", self, self.fn(acts), shape, "one row per example")
+        return _checked("statistic", self, self.fn(acts), shape, "one row per example")
 
     @property
     def reads_prompt(self) -> bool:
@@ -201,7 +201,7 @@ class Criterion:
     module: str = ""
 
 
-PHI: dict[str, Phi] = {}
+STAT: dict[str, Stat] = {}
 PSI: dict[str, Psi] = {}
 SCORE: dict[str, Score] = {}
 CRITERION: dict[str, Criterion] = {}
@@ -253,7 +253,7 @@ def _add(table: dict[str, Any], kind: str, item: Any, override: bool) -> None:
     table[item.name] = item
 
 
-def register_phi(
+def register_stat(
     name: str,
     *,
     needs_grad: bool = True,
@@ -270,33 +270,33 @@ def register_phi(
     keeps them, gradients included). A name taken by another module raises ``ValueError`` unless
     ``override=True``; the same module registering it again replaces it.
     """
-    plain_name(name, "phi")
+    plain_name(name, "statistic")
     if not isinstance(pooling, str) or not pooling:
         raise ValueError(f"pooling must be a non-empty name, not {pooling!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        item = Phi(name, fn, needs_grad, tuple(sites), fn.__module__, pooling, reads_prompt)
-        _add(PHI, "phi", item, override)
+        item = Stat(name, fn, needs_grad, tuple(sites), fn.__module__, pooling, reads_prompt)
+        _add(STAT, "statistic", item, override)
         return fn
 
     return deco
 
 
-def pooling_of(phis: Sequence[Phi]) -> str:
+def pooling_of(stats: Sequence[Stat]) -> str:
     """The one pooling of statistics captured together (a cache, a query's pairs).
 
     Raises:
         ValueError: they pool differently (the message names each statistic's pooling).
 
     Examples:
-        >>> pooling_of([get_phi("residual_change"), get_phi("resid_post")])
+        >>> pooling_of([get_stat("residual_change"), get_stat("resid_post")])
         'mean_response'
     """
-    kinds = {p.pooling for p in phis}
+    kinds = {p.pooling for p in stats}
     if len(kinds) > 1:
-        each = ", ".join(f"{p.name} ({p.pooling})" for p in phis)
+        each = ", ".join(f"{p.name} ({p.pooling})" for p in stats)
         raise ValueError(f"statistics captured together must share a pooling; got {each}")
-    return kinds.pop() if kinds else Phi.pooling
+    return kinds.pop() if kinds else Stat.pooling
 
 
 def register_psi(
@@ -308,7 +308,7 @@ def register_psi(
     pairs_from: Callable[..., Any] | None = None,
     override: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a behaviour query (decorator); ``stat`` names the phi it is compared with."""
+    """Register a behaviour query (decorator); ``stat`` names the statistic it is compared with."""
     plain_name(name, "psi")
     for s in (stat, *(stats or ())):
         plain_name(s, "statistic")
@@ -384,8 +384,8 @@ def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:
     return table[name]
 
 
-def get_phi(name: str) -> Phi:
-    return _lookup(PHI, "phi", name)
+def get_stat(name: str) -> Stat:
+    return _lookup(STAT, "statistic", name)
 
 
 def get_psi(name: str) -> Psi:
@@ -401,11 +401,11 @@ def get_criterion(name: str) -> Criterion:
 
 
 def names(kind: str) -> list[str]:
-    """The registered names of ``"phi"``, ``"psi"``, ``"score"`` or ``"criterion"`` (plugins
+    """The registered names of ``"stat"``, ``"psi"``, ``"score"`` or ``"criterion"`` (plugins
     included)."""
     load_plugins()
     tables: dict[str, dict[str, Any]] = {
-        "phi": PHI,
+        "stat": STAT,
         "psi": PSI,
         "score": SCORE,
         "criterion": CRITERION,

@@ -66,7 +66,7 @@ def cli_error(capsys, code: int, *needles: str) -> str:  # noqa: ANN001
     return lines[0]
 
 
-def hand_cache(path: Path, rows: dict[int, torch.Tensor], *, stat: str = "phi", shard_rows=5):
+def hand_cache(path: Path, rows: dict[int, torch.Tensor], *, stat: str = "hand", shard_rows=5):
     """A float32 cache of the given rows (``{layer: [n, d]}``), in shards of ``shard_rows``."""
     path.mkdir(parents=True)
     n, d = next(iter(rows.values())).shape
@@ -131,7 +131,7 @@ def hcache(tmp_path_factory, hrows):
 def hquery():
     gen = torch.Generator().manual_seed(1)
     vecs = {la: unit(torch.randn(D, generator=gen)) for la in LAYERS}
-    return Query(vectors=vecs, psi="contrast", stat="phi", model=MODEL, n_pairs=6)
+    return Query(vectors=vecs, psi="contrast", stat="hand", model=MODEL, n_pairs=6)
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +185,9 @@ def reference(cache, q, layers, score, keep, top_k, bottom, block=1024):  # noqa
     rule = get_score(score)
     s = torch.zeros(len(cache))
     for la in layers:
-        view = cache.stat("phi", la)
+        view = cache.stat("hand", la)
         x, norms = view[:].to(torch.float32, copy=True), view.norms
-        ctx = ScoreContext(cache, "phi", la)
+        ctx = ScoreContext(cache, "hand", la)
         s += torch.cat(
             [
                 rule.fn(x[a : a + block], norms[a : a + block], q.vector(la), ctx).float()
@@ -220,7 +220,7 @@ def test_a_build_whose_every_record_is_dropped_is_an_error(tmp_path, tiny, train
     one_line(err.value, "all 12 examples were skipped", "max_length")
     assert not (tmp_path / "a" / "manifest.json").exists()
 
-    @registry.register_phi("bnd_inf", needs_grad=False)
+    @registry.register_stat("bnd_inf", needs_grad=False)
     def bnd_inf(acts):  # noqa: ANN001, ANN202
         return torch.full((acts.mask.shape[0], acts.z_out.shape[-1]), torch.inf)
 
@@ -230,7 +230,7 @@ def test_a_build_whose_every_record_is_dropped_is_an_error(tmp_path, tiny, train
                         stats=["bnd_inf"], on_error="skip", progress=False)  # fmt: skip
         one_line(err.value, "all 3 examples were skipped", "non-finite bnd_inf")
     finally:
-        registry.PHI.pop("bnd_inf")
+        registry.STAT.pop("bnd_inf")
 
 
 def test_the_cli_does_not_report_a_cache_of_0_examples(tmp_path, built, capsys):
@@ -331,7 +331,7 @@ def test_a_psi_or_phi_of_the_wrong_shape_is_refused_naming_it(
     def bnd_flat(treatment, control, pool):  # noqa: ANN001, ANN202
         return (treatment - control).mean(0)  # [d], not one contribution per pair
 
-    @registry.register_phi("bnd_one_row", needs_grad=False)
+    @registry.register_stat("bnd_one_row", needs_grad=False)
     def bnd_one_row(acts):  # noqa: ANN001, ANN202
         return pool(acts.z_out, acts.mask)[:1]  # would broadcast to every row
 
@@ -343,12 +343,12 @@ def test_a_psi_or_phi_of_the_wrong_shape_is_refused_naming_it(
         with pytest.raises(MethodError) as err:
             build_cache(tiny, train_records[:4], out=tmp_path / "c", layers=[1],
                         stats=["bnd_one_row"], progress=False)  # fmt: skip
-        one_line(err.value, "phi 'bnd_one_row'", "shape (1, 32)", "one row per example")
+        one_line(err.value, "statistic 'bnd_one_row'", "shape (1, 32)", "one row per example")
         with pytest.raises(MethodError):
             pair_stats(tiny, pair_records, stats=["bnd_one_row"], layers=[1])
     finally:
         registry.PSI.pop("bnd_flat")
-        registry.PHI.pop("bnd_one_row")
+        registry.STAT.pop("bnd_one_row")
 
 
 # ======================================================================== 6. plugins
@@ -409,17 +409,17 @@ def test_pairs_whose_two_sides_are_the_same_are_refused_naming_them(tiny, pair_r
 
 
 @pytest.mark.parametrize("name", [None, 5, "", "a/b", "..", ".hidden", "x/../../escaped", "a|b"])
-@pytest.mark.parametrize("kind", ["phi", "psi", "score"])
+@pytest.mark.parametrize("kind", ["statistic", "psi", "score"])
 def test_registry_names_are_plain_names(kind, name):
     deco = {
-        "phi": lambda: unchecked(registry.register_phi)(name),
+        "statistic": lambda: unchecked(registry.register_stat)(name),
         "psi": lambda: unchecked(registry.register_psi)(name, stat="resid_post"),
         "score": lambda: unchecked(registry.register_score)(name),
     }[kind]
     with pytest.raises(ValueError) as err:
         deco()(lambda *a: None)
     one_line(err.value, f"{kind} name {name!r} is not a plain name")
-    assert name not in registry.PHI and name not in registry.PSI and name not in registry.SCORE
+    assert name not in registry.STAT and name not in registry.PSI and name not in registry.SCORE
     with pytest.raises(ValueError, match="statistic name 'a/b' is not a plain name"):
         registry.register_psi("bnd_ok", stat="a/b")(lambda *a: None)
     assert "bnd_ok" not in registry.PSI
@@ -444,8 +444,8 @@ def test_a_crafted_statistic_name_never_reaches_a_path(tmp_path, hcache, monkeyp
         pool_moments(hcache, "x/../../escaped", 0)
     assert not list(tmp_path.rglob("*escaped*"))
     assert not list(hcache.path.parent.glob("*escaped*"))
-    pool_moments(hcache, "phi", 0)  # a plain one persists, inside the cache
-    assert (hcache.path / "moments-phi-0.safetensors").exists()
+    pool_moments(hcache, "hand", 0)  # a plain one persists, inside the cache
+    assert (hcache.path / "moments-hand-0.safetensors").exists()
 
 
 # ===================================================== 10. another statistic than the query's
@@ -500,13 +500,13 @@ def test_a_boolean_id_is_refused(tmp_path, value):
 def test_a_query_from_another_statistic_function_is_refused(
     tmp_path, tiny, train_records, pair_records
 ):
-    builtin = registry.PHI["resid_post"]
+    builtin = registry.STAT["resid_post"]
     assert lensattr.build_cache(tiny, train_records[:4], out=tmp_path / "b", layers=[1],
                                 stats=["resid_post"], progress=False).manifest["stat_modules"] == {
         "resid_post": "lensattr.methods.statistics"
     }  # fmt: skip
     try:  # an overridden built-in: the same name, another function
-        registry.register_phi("resid_post", needs_grad=False, override=True)(
+        registry.register_stat("resid_post", needs_grad=False, override=True)(
             lambda acts: 2 * pool(acts.z_out, acts.mask)
         )
         cache = build_cache(tiny, train_records[:4], out=tmp_path / "c", layers=[1],
@@ -517,7 +517,7 @@ def test_a_query_from_another_statistic_function_is_refused(
                         progress=False)  # fmt: skip
         one_line(err.value, "cannot be reused", "computed by lensattr.methods.statistics")
     finally:
-        registry.PHI["resid_post"] = builtin
+        registry.STAT["resid_post"] = builtin
     assert cache.manifest["stat_modules"] == {"resid_post": "test_boundary"}
     assert cache.manifest["lensattr_version"] == lensattr.__version__
     q = behavior_query(tiny, pair_records, psi="residual_diff", layers=[1])
@@ -658,7 +658,7 @@ def test_a_corrupt_build_record_is_named(tmp_path, tiny, train_records):
 
 
 def test_a_query_of_another_dimension_is_refused(hcache):
-    q = Query(vectors={0: unit(torch.ones(8))}, psi="contrast", stat="phi", model=MODEL, n_pairs=2)
+    q = Query(vectors={0: unit(torch.ones(8))}, psi="contrast", stat="hand", model=MODEL, n_pairs=2)
     with pytest.raises(CacheError) as err:
         lensattr.rank(hcache, q, layer=0)
     one_line(err.value, "the query's vectors have 8 dimensions, the cache's rows 16")
@@ -844,7 +844,7 @@ def hpairs(hrows):
     gen = torch.Generator().manual_seed(2)
     t = {la: hrows[la][:6] + torch.randn(6, D, generator=gen) for la in LAYERS}
     c = {la: torch.randn(6, D, generator=gen) for la in LAYERS}
-    return PairStats({"phi": t}, {"phi": c}, MODEL)
+    return PairStats({"hand": t}, {"hand": c}, MODEL)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -864,7 +864,7 @@ def test_select_chooses_or_refuses_in_one_line(
     )
     valid = valid and score in GOOD_SCORES and (keep is None or len(keep) >= 2)
     try:
-        sel = unchecked(lensattr.select)(None, hcache, hpairs, methods=[f"contrast|phi|{score}"],
+        sel = unchecked(lensattr.select)(None, hcache, hpairs, methods=[f"contrast|hand|{score}"],
                               rows=rows, folds=folds, pool_sample=pool_sample,
                               set_size=set_size)  # fmt: skip
     except ValueError as err:
@@ -872,12 +872,12 @@ def test_select_chooses_or_refuses_in_one_line(
         assert not valid or "fewer than a held-out fold" in text, text
         return
     assert valid, "a bad argument was accepted"
-    assert str(sel.method) == f"contrast|phi|{score}"
+    assert str(sel.method) == f"contrast|hand|{score}"
     assert all(math.isfinite(r["criterion"]) for r in sel.table)
     if isinstance(keep, torch.Tensor):  # the same pool given as indices or as a mask
         mask = torch.zeros(N, dtype=torch.bool)
         mask[keep] = True
-        again = lensattr.select(None, hcache, hpairs, methods=[f"contrast|phi|{score}"],
+        again = lensattr.select(None, hcache, hpairs, methods=[f"contrast|hand|{score}"],
                                 rows=mask, folds=folds, pool_sample=pool_sample,
                                 set_size=set_size)  # fmt: skip
         assert again.table == sel.table and again.layer == sel.layer
@@ -885,7 +885,7 @@ def test_select_chooses_or_refuses_in_one_line(
 
 @settings(max_examples=120, deadline=None)
 @given(
-    kind=st.sampled_from(["phi", "psi", "score"]),
+    kind=st.sampled_from(["statistic", "psi", "score"]),
     shape=st.lists(st.integers(0, 5), max_size=3),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.int64, torch.bool]),
     n=st.integers(1, 4),
@@ -898,8 +898,8 @@ def test_registered_outputs_are_right_or_refused_naming_the_function(kind, shape
     out = torch.zeros(shape, dtype=dtype)
     fn = lambda *args: out  # noqa: E731
     fn.__qualname__ = "bnd_fn"
-    if kind == "phi":
-        item = registry.Phi("bnd_p", fn, module="tests")
+    if kind == "statistic":
+        item = registry.Stat("bnd_p", fn, module="tests")
         z = torch.zeros(n, 2, d)
         call, want = (
             (lambda: item.apply(LayerActs(z, z, None, torch.ones(n, 2, dtype=bool)))),
@@ -909,7 +909,7 @@ def test_registered_outputs_are_right_or_refused_naming_the_function(kind, shape
             ],
         )
     elif kind == "psi":
-        item = registry.Psi("bnd_p", fn, stat="phi", module="tests")
+        item = registry.Psi("bnd_p", fn, stat="hand", module="tests")
         call, want = (lambda: item.apply(torch.zeros(n, d), torch.zeros(n, d), None)), [n, d]
     else:
         item = registry.Score("bnd_p", fn, module="tests")

@@ -168,12 +168,12 @@ def test_bad_settings_are_refused_naming_the_field():
 
 
 def test_a_statistic_brings_its_own_pooling(tiny, train_records, pair_records, tmp_path):
-    """Pooling is an attribute of a statistic (``register_phi(pooling=...)``): the cache and the
+    """Pooling is an attribute of a statistic (``register_stat(pooling=...)``): the cache and the
     query record it, statistics that pool differently are not captured together, ``rank``
     refuses a query of another pooling and ``explain`` a statistic it cannot split by token."""
-    from lensattr.registry import PHI, register_phi
+    from lensattr.registry import STAT, register_stat
 
-    @register_phi("last_reply_token", needs_grad=False, pooling="last_token")
+    @register_stat("last_reply_token", needs_grad=False, pooling="last_token")
     def last_reply_token(acts):
         last = acts.mask.float().cumsum(1).argmax(1)  # the last reply position of each row
         return acts.z_out[torch.arange(len(last)), last]
@@ -204,7 +204,7 @@ def test_a_statistic_brings_its_own_pooling(tiny, train_records, pair_records, t
         with pytest.raises(QueryError, match="pools by 'last_token'"):
             explain(tiny, train_records[0], query, 2)
     finally:
-        PHI.pop("last_reply_token", None)
+        STAT.pop("last_reply_token", None)
 
 
 def test_bench_config_generates_the_bench_cli():

@@ -18,7 +18,7 @@ from lensattr import (
 )
 from lensattr.query import Query, QueryError
 from lensattr.rank import Ranking
-from lensattr.registry import get_phi
+from lensattr.registry import get_stat
 from lensattr.render import collate, encode
 
 
@@ -169,13 +169,13 @@ def test_explain_contributions_average_to_the_score(tiny, built, train_records):
     _, q = built
     ex = load_examples(train_records)[4]
     e = explain(tiny, ex, q, 2)
-    phi = get_phi("residual_change")
+    spec = get_stat("residual_change")
     full = stat_of(tiny, [ex], "residual_change", 2)[0]
     assert len(e.tokens) == encode(tiny.tokenizer, ex).n_response
     assert abs(e.total - float(full @ q.vector(2))) < 1e-5 * max(1.0, float(full.norm()))
-    assert phi.name == q.stat
+    assert spec.name == q.stat
     # at a layer set, as rank scores it: each token's mean over the layers, so the total is the
-    # mean of the layers' <phi(x), psi>
+    # mean of the layers' <s(x), q>
     both = explain(tiny, ex, q, [2, 1])
     one = explain(tiny, ex, q, 1)
     assert torch.allclose(both.contributions, (e.contributions + one.contributions) / 2, atol=1e-6)

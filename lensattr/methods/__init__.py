@@ -1,6 +1,6 @@
 """The registered methods: the built-in statistics, behaviour queries and scores.
 
-:mod:`~lensattr.methods.statistics` (phi: one vector per example and layer, and the poolings
+:mod:`~lensattr.methods.statistics` (one vector per example and layer, and the poolings
 :func:`pool` and :func:`pool_weighted`), :mod:`~lensattr.methods.queries` (psi: the query from
 pairs) and :mod:`~lensattr.methods.scores` (how a cached row compares with a query). Importing
 this package registers them (``lensattr/__init__.py`` does, before anything else); every name
