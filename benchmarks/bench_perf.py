@@ -257,8 +257,8 @@ def bench_ranking(n: int, d: int, workdir: Path) -> dict:
     t = time.perf_counter()
     model = synthetic_cache(path, n, d)
     write_s = time.perf_counter() - t
-    psi = F.normalize(torch.randn(d), dim=0)
-    q = Query(vectors={0: psi}, psi="synthetic", stat="synthetic", model=model, n_pairs=1)
+    vec = F.normalize(torch.randn(d), dim=0)
+    q = Query(vectors={0: vec}, rule="synthetic", stat="synthetic", model=model, n_pairs=1)
     out = {
         "n": n,
         "d_model": d,

@@ -54,8 +54,8 @@ def main() -> None:
     chosen = best_rows(sel.table)  # each method's layer, as select picks it
     table = []
     for name in means:
-        psi, stat, score = name.split("|")
-        query = lensattr.behavior_query(None, stats, psi=psi, stat=stat, score=score, pool=cache)
+        rule, stat, score = name.split("|")
+        query = lensattr.behavior_query(None, stats, query=rule, stat=stat, score=score, pool=cache)
         p_at_k = {}
         for row in sel.table:
             if row["method"] == name:

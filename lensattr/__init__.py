@@ -41,7 +41,7 @@ from lensattr.ensemble import Ensemble
 from lensattr.metrics import pool_metrics, pool_metrics_difference
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
-from lensattr.registry import register_criterion, register_psi, register_score, register_stat
+from lensattr.registry import register_criterion, register_query, register_score, register_stat
 from lensattr.select import PAPER, Method, Selection, candidates, select, select_then_cache
 from lensattr.store.cache import Cache, CacheError, open_cache
 
@@ -80,6 +80,6 @@ __all__ = [
     "rank",
     "register_criterion",
     "register_stat",
-    "register_psi",
+    "register_query",
     "register_score",
 ]

@@ -167,7 +167,9 @@ def run_demo(
     )
 
     t0 = time.perf_counter()
-    paper = behavior_query(m, stats, psi=PAPER.psi, stat=PAPER.stat, pool=cache, score=PAPER.score)
+    paper = behavior_query(
+        m, stats, query=PAPER.query, stat=PAPER.stat, pool=cache, score=PAPER.score
+    )
     p_layer = paper.best_layer()
     assert isinstance(p_layer, int)  # no layer set: the query's best by held-out accuracy
     p_top = rank(cache, paper, layer=p_layer, top_k=10)
@@ -214,7 +216,7 @@ def run_demo(
             "method": str(sel.method),
             "layer": sel.layer,
             "members": [
-                {"method": f"{q.psi}|{q.stat}|{q.score}", "layer": q.layer}
+                {"method": f"{q.rule}|{q.stat}|{q.score}", "layer": q.layer}
                 for q in sel.ensemble.members
             ]
             if sel.ensemble is not None

@@ -2,9 +2,9 @@
 
 Ranking a behaviour's training examples inside a mostly unrelated corpus is what lensattr is for,
 so a method is judged by how it does exactly that, on data whose answer is known without labels:
-the query pairs themselves. For every candidate ``(psi, stat, score)`` and layer, :func:`select`
+the query pairs themselves. For every candidate ``(query, stat, score)`` and layer, :func:`select`
 
-1. fits psi on all but one of ``folds`` interleaved folds of the pairs,
+1. fits the query on all but one of ``folds`` interleaved folds of the pairs,
 2. scores the held-out treatment replies, the held-out control replies and the training pool
    (the cache, unlabelled) with the score,
 3. measures how high the held-out treatment replies rank: their *log-rank* among the pool and
@@ -73,7 +73,7 @@ from lensattr.query import (
     heldout_accuracy,
     pair_stats,
 )
-from lensattr.registry import get_criterion, get_psi, get_score
+from lensattr.registry import get_criterion, get_query, get_score
 from lensattr.store.cache import Cache, open_cache
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def select(
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> Selection:
-    """Choose statistic, psi, score and layer for a behaviour from its pairs and the unlabelled
+    """Choose statistic, query, score and layer for a behaviour from its pairs and the unlabelled
     cache alone, and return the chosen query, ready to rank.
 
     Args:
@@ -231,8 +231,8 @@ def select(
             takes); unused when ``pairs`` is a :class:`~lensattr.query.PairStats`.
         cache: the cache to rank (or its directory): the pool.
         pairs: the behaviour's query pairs (path, dataset, list) or their :class:`PairStats`.
-        methods: candidate methods (``"psi|stat|score"`` strings or :class:`Method`; default:
-            :func:`candidates` of the cached statistics: every registered psi and score, less
+        methods: candidate methods (``"query|stat|score"`` strings or :class:`Method`; default:
+            :func:`candidates` of the cached statistics: every registered query rule and score, less
             the scores that invert the pool's covariance when the cache has fewer than
             :data:`ROWS_PER_DIMENSION` rows a dimension; see :attr:`Selection.left_out`).
         layers: candidate layers, as :func:`~lensattr.layers.parse_layers` reads them
@@ -294,7 +294,7 @@ def select(
     if missing:
         raise QueryError(f"statistics {missing} are not in the cache (it has {cache.stats})")
     for m in method_list:  # unknown names fail before any work
-        get_psi(m.psi)
+        get_query(m.query)
         get_score(m.score)
     get_criterion(criterion)
     layer_list = list(cache.layers) if layers is None else parse_layers(layers, cache.n_layers)
@@ -338,7 +338,7 @@ def select(
     query = behavior_query(
         None,
         ps,
-        psi=method.psi,
+        query=method.query,
         stat=method.stat,
         layers=layer_list,
         pool=cache,
@@ -369,7 +369,13 @@ def _member(ps: PairStats, cache: Cache, method: Method, layer: int | tuple[int,
     moments."""
     layers = [layer] if isinstance(layer, int) else list(layer)
     q = behavior_query(
-        None, ps, psi=method.psi, stat=method.stat, layers=layers, pool=cache, score=method.score
+        None,
+        ps,
+        query=method.query,
+        stat=method.stat,
+        layers=layers,
+        pool=cache,
+        score=method.score,
     )
     q.layer = layer
     return q
@@ -472,14 +478,14 @@ def select_then_cache(
         assert cache is not None
     if sel.ensemble is not None:  # each member refitted against the full cache's moments
         members = [
-            _member(ps, cache, Method(q.psi, q.stat, q.score), q.best_layer())
+            _member(ps, cache, Method(q.rule, q.stat, q.score), q.best_layer())
             for q in sel.ensemble.members
         ]
         return cache, Ensemble(members), sel
     query = behavior_query(
         None,
         ps,
-        psi=sel.method.psi,
+        query=sel.method.query,
         stat=sel.method.stat,
         layers=sorted(sel.layers),
         pool=cache,

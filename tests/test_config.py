@@ -194,10 +194,10 @@ def test_a_statistic_brings_its_own_pooling(tiny, train_records, pair_records, t
             )
         last = pair_stats(tiny, pair_records, stats=["last_reply_token"], layers=[2])
         assert last.capture.pooling == "last_token"
-        query = behavior_query(None, last, psi="contrast", stat="last_reply_token")
+        query = behavior_query(None, last, query="contrast", stat="last_reply_token")
         assert len(rank(cache, query, layer=2, top_k=3)) == 3  # same pooling: ranked
         mean = pair_stats(tiny, pair_records, stats=["resid_post"], layers=[2])
-        other = behavior_query(None, mean, psi="contrast", stat="resid_post")
+        other = behavior_query(None, mean, query="contrast", stat="resid_post")
         refused = "pooling='mean_response', the cache with pooling='last_token'"
         with pytest.raises(CacheError, match=refused):
             rank(cache, other, layer=2, stat="last_reply_token")

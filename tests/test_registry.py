@@ -16,12 +16,12 @@ def test_builtins_are_registered_eagerly():
     builtins = {"residual_change", "residual_change_reply", "resid_post", "grad"}
     assert builtins <= set(registry.STAT)
     assert {"contrast", "residual_change", "residual_diff", "persona", "pool_contrast"} <= set(
-        registry.PSI
+        registry.QUERY
     )
     assert {"cosine", "dot", "projection", "centered_cosine", "deflated_cosine"} <= set(
         registry.SCORE
     )
-    assert "pool_contrast" in registry.names("psi")
+    assert "pool_contrast" in registry.names("query")
 
 
 @pytest.mark.parametrize("deco", [registry.register_stat, registry.register_score])
@@ -29,7 +29,7 @@ def test_duplicate_names_from_another_module_are_refused(deco):
     with pytest.raises(ValueError, match="already registered"):
         deco("resid_post" if deco is registry.register_stat else "cosine")(lambda *a: None)
     with pytest.raises(ValueError, match="already registered"):
-        registry.register_psi("residual_diff", stat="resid_post")(lambda *a: None)
+        registry.register_query("residual_diff", stat="resid_post")(lambda *a: None)
     assert registry.SCORE["cosine"].module == "lensattr.methods.scores"  # nothing half-replaced
 
 
@@ -75,12 +75,14 @@ def test_unknown_name_lists_the_registered_ones():
         registry.get_stat("nope")
 
 
-def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_records, tmp_path):
+def test_custom_statistic_and_query_by_decorator_end_to_end(
+    tiny, train_records, pair_records, tmp_path
+):
     @lensattr.register_stat("test_attn_pooled", needs_grad=False, sites=("attn_out",))
     def attn_pooled(acts):
         return pool(acts.attn_out, acts.mask)
 
-    @lensattr.register_psi("test_treatment_only", stat="test_attn_pooled")
+    @lensattr.register_query("test_treatment_only", stat="test_attn_pooled")
     def treatment_only(treatment, control, pool):
         return treatment
 
@@ -93,7 +95,7 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
             stats=["test_attn_pooled", "resid_post"],
             progress=False,
         )
-        q = lensattr.behavior_query(tiny, pair_records, psi="test_treatment_only", layers=[1])
+        q = lensattr.behavior_query(tiny, pair_records, query="test_treatment_only", layers=[1])
         assert q.stat == "test_attn_pooled"
         r = lensattr.rank(cache, q, layer=1, top_k=3)
         # independent: cosine of the stored rows with the query vector
@@ -102,7 +104,7 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
         assert r.ids == [cache.ids[i] for i in torch.topk(cos, 3).indices.tolist()]
     finally:
         registry.STAT.pop("test_attn_pooled")
-        registry.PSI.pop("test_treatment_only")
+        registry.QUERY.pop("test_treatment_only")
 
 
 def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, train_records):

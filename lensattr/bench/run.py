@@ -13,7 +13,7 @@ run rerun with the same command resumes. Layout::
     cost.json                        seconds per step
 
 The bench uses lensattr's public API only (``pair_stats``, ``behavior_query``, ``select``,
-``rank``, the registries), so any registered psi, statistic or score is benchmarked by name.
+``rank``, the registries), so any registered query rule, statistic or score is benchmarked by name.
 """
 
 import json
@@ -64,10 +64,10 @@ class BenchConfig:
         behaviours: names to run (default: all under ``data``).
         n_clean: clean examples in the pool (default: the whole clean corpus).
         max_plants: cap on plants per behaviour, class-balanced (50 label-1 + 50 label-0).
-        n_query: query pairs per behaviour (psi and every choice made without labels).
+        n_query: query pairs per behaviour (the query and every choice made without labels).
         layers: layer spec (default every 3rd block from 9).
         max_length, batch_size: truncation and batch size of every capture.
-        methods: ``psi|stat|score`` methods of the grid (default: every registered candidate).
+        methods: ``query|stat|score`` methods of the grid (default: every registered candidate).
         k: top-k of the fine-tuning selection.
         persona_tokens, persona_questions: persona-vector generation settings.
         trak, trak_dim, trak_blocks: run the TRAK baseline, its projection dimension and how many
@@ -100,7 +100,7 @@ class BenchConfig:
     methods: list[str] | None = field(
         default=None,
         metadata={
-            "help": "comma-separated 'psi|stat|score' methods of the grid (None: every "
+            "help": "comma-separated 'query|stat|score' methods of the grid (None: every "
             "registered candidate)",
             "type": _names,
         },
@@ -133,7 +133,7 @@ class BenchConfig:
         default_factory=lambda: ["auto", "paper", "residual_diff|resid_post|cosine", "random"],
         metadata={
             "help": "methods to fine-tune on: auto, paper, random, trak, persona or "
-            "'psi|stat|score'",
+            "'query|stat|score'",
             "type": names_list,
         },
     )
@@ -355,7 +355,7 @@ def prepare(
                 lambda: behavior_query(
                     model,
                     spec,  # noqa: B023  (step calls it at once)
-                    psi="persona",
+                    query="persona",
                     max_new_tokens=cfg.persona_tokens,
                     **kw,
                 ),
