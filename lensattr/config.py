@@ -115,9 +115,9 @@ class CaptureConfig:
     def from_manifest(cls, manifest: Mapping[str, Any]) -> "CaptureConfig":
         """The capture settings a manifest (or a saved query's record) holds.
 
-        Every manifest lensattr writes has every field; a record written before a field existed
-        (a query saved before ``pooling`` and ``layers`` were recorded) gets the field's default,
-        the only value it could have had.
+        Every manifest and record lensattr writes has every field (:meth:`to_manifest`); a key a
+        hand-written manifest leaves out gets the field's default. A saved query's reader refuses
+        an incomplete record (:meth:`lensattr.query.Query.load`).
         """
         kw = {}
         for f in dataclasses.fields(cls):

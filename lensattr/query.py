@@ -121,8 +121,8 @@ class PairStats:
                 side, stat, layer = key.split("/")
                 sides[side].setdefault(plain_name(stat, "statistic"), {})[int(layer)] = v
             ps = cls(sides["t"], sides["c"], json.loads(meta["model"]))
-            ps.capture = _capture_of(meta, ps.layers)
-            ps.sources = _sources_of(json.loads(meta.get("sources", "null")))
+            ps.capture = _capture_of(meta)
+            ps.sources = _sources_of(json.loads(meta["sources"]))
         except (KeyError, ValueError, TypeError, AttributeError, SafetensorError) as err:
             raise QueryError(
                 f"{path}: not lensattr pair statistics ({type(err).__name__}: {err})"
@@ -168,17 +168,16 @@ def _capture_json(config: CaptureConfig | None) -> str:
     return json.dumps({} if config is None else config.to_manifest())
 
 
-def _capture_of(meta: dict[str, str], layers: list[int]) -> CaptureConfig | None:
-    """The capture settings a saved query or pair statistics record (``None``: none recorded).
-
-    Records saved before :class:`~lensattr.config.CaptureConfig` hold only ``max_length`` and
-    ``padding_side``: the rest is what they were then (the pairs' layers, fp32 rows, the one
-    pooling).
-    """
-    record = json.loads(meta.get("capture", "{}"))
+def _capture_of(meta: dict[str, str]) -> CaptureConfig | None:
+    """The capture settings a saved query or pair statistics record (``{}``: ``None``, none
+    recorded), every field of :class:`~lensattr.config.CaptureConfig` (:func:`_capture_json`)."""
+    record = json.loads(meta["capture"])
     if not record:
         return None
-    return CaptureConfig.from_manifest({"layers": layers, "dtype": "float32", **record})
+    missing = [k for k in CaptureConfig().to_manifest() if k not in record]
+    if missing:
+        raise ValueError(f"field 'capture' lacks {', '.join(map(repr, missing))}")
+    return CaptureConfig.from_manifest(record)
 
 
 def pair_stats(
@@ -396,12 +395,12 @@ class Query:
             "stat": meta["stat"],
             "model": json.loads(meta["model"]),
             "n_pairs": int(meta["n_pairs"]),
-            "cv": _cv_of(json.loads(meta.get("cv", "null"))),
+            "cv": _cv_of(json.loads(meta["cv"])),
             "score": meta["score"],
-            "layer": _layer_of(json.loads(meta.get("layer", "null"))),
-            "pool": json.loads(meta.get("pool", "null")),
-            "capture": _capture_of(meta, sorted(vectors)),
-            "stat_module": json.loads(meta.get("stat_module", "null")),
+            "layer": _layer_of(json.loads(meta["layer"])),
+            "pool": json.loads(meta["pool"]),
+            "capture": _capture_of(meta),
+            "stat_module": json.loads(meta["stat_module"]),
         }
         check_fields(fields)
         return cls(**fields)

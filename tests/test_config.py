@@ -78,18 +78,25 @@ def _rewrite_meta(path, **meta):
     save_file(load_file(str(path)), str(path), new)
 
 
-def test_old_saved_queries_map_into_the_config(tiny, pair_records, tmp_path):
+def test_a_saved_query_records_every_capture_field(tiny, pair_records, tmp_path):
     path = tmp_path / "q.safetensors"
-    behavior_query(tiny, pair_records, layers=LAYERS, max_length=64).save(path)
-    # before CaptureConfig, a query recorded max_length and padding_side only
+    q = behavior_query(tiny, pair_records, layers=LAYERS, max_length=64)
+    q.save(path)
+    record = json.loads(Query.load(path).metadata()["capture"])
+    assert record == CaptureConfig(layers=LAYERS, max_length=64, storage_dtype="fp32").to_manifest()
+    # nothing was released: a record missing a field (or the record itself) is refused, not filled
     _rewrite_meta(path, capture=json.dumps({"max_length": 64, "padding_side": "right"}))
-    old = Query.load(path)
-    assert old.capture == CaptureConfig(layers=LAYERS, max_length=64, storage_dtype="float32")
-    _rewrite_meta(path, capture=None)  # and before that, nothing (checked against nothing)
-    assert Query.load(path).capture is None
-    _rewrite_meta(path, capture=json.dumps({"max_length": 64, "padding_side": "middle"}))
+    with pytest.raises(QueryError, match="field 'capture' lacks 'layers', 'pooling', 'dtype'"):
+        Query.load(path)
+    _rewrite_meta(path, capture=None)
+    with pytest.raises(QueryError, match="not a lensattr query \\(KeyError: 'capture'\\)"):
+        Query.load(path)
+    _rewrite_meta(path, capture=json.dumps({**record, "padding_side": "middle"}))
     with pytest.raises(QueryError, match="padding_side must be 'right' or 'left'"):
         Query.load(path)
+    q.capture = None  # not recorded: saved as {}, read back as None (checked against nothing)
+    q.save(path)
+    assert Query.load(path).capture is None
 
 
 def test_rank_refuses_a_query_at_another_max_length(cache64, tiny, pair_records):
