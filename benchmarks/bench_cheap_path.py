@@ -37,7 +37,7 @@ def main() -> None:
     model = lensattr.load_model(args.model)
     train, pairs = bundled("demo/train.jsonl"), bundled("demo/query.jsonl")
     labels = {ex.id: int(ex.extra.get("label", -1)) for ex in lensattr.load_examples(train)}
-    kw = {"max_length": args.max_length}
+    kw = {"config": lensattr.CaptureConfig(max_length=args.max_length)}  # both paths alike
     out: dict = {"n_train": len(labels), "sample": args.sample}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

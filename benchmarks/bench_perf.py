@@ -206,7 +206,7 @@ def synthetic_cache(
     d: int,
     shard_rows: int = 131072,
     layers: tuple[int, ...] = (0,),
-    stats: tuple[str, ...] = ("phi",),
+    stats: tuple[str, ...] = ("synthetic",),
 ) -> dict:
     """Write an n x d bf16 cache (random rows at every layer and statistic) with the store's
     writer (:func:`lensattr.store.cache.write_cache`); return the model fingerprint it records."""
@@ -257,8 +257,8 @@ def bench_ranking(n: int, d: int, workdir: Path) -> dict:
     t = time.perf_counter()
     model = synthetic_cache(path, n, d)
     write_s = time.perf_counter() - t
-    psi = F.normalize(torch.randn(d), dim=0)
-    q = Query(vectors={0: psi}, psi="synthetic", stat="phi", model=model, n_pairs=1)
+    vec = F.normalize(torch.randn(d), dim=0)
+    q = Query(vectors={0: vec}, rule="synthetic", stat="synthetic", model=model, n_pairs=1)
     out = {
         "n": n,
         "d_model": d,

@@ -6,13 +6,14 @@
     python -m benchmarks.choice_study ... --fold-in        # each fold's held-out sides only
     python -m benchmarks.choice_study ... --cells OUT.json --layer-sets   # reuse --out's cells
 
-For every candidate ``psi|stat|score`` at every cached layer this scores the held-out folds exactly
-as :func:`lensattr.select` does (:func:`lensattr.criterion.fold_scores`, pairs and unlabelled pool
-only) and computes several criteria from the same fold scores, each a registered criterion
-(:func:`lensattr.register_criterion`) that ``select(criterion=name)`` could choose by; then, for
-diagnosis only, it ranks the pool with the candidate fitted on all pairs and reads the plant
-labels for precision@k. Each rule chooses as ``select`` does (the method with the best criterion
-averaged over layers, then its best layer) and the table prints the precision@k of what it chose.
+For every candidate ``query|stat|score`` at every cached layer this scores the held-out folds
+exactly as :func:`lensattr.select` does (:func:`lensattr.criterion.fold_scores`, pairs and
+unlabelled pool only) and computes several criteria from the same fold scores, each a registered
+criterion (:func:`lensattr.register_criterion`) that ``select(criterion=name)`` could choose by;
+then, for diagnosis only, it ranks the pool with the candidate fitted on all pairs and reads the
+plant labels for precision@k. Each rule chooses as ``select`` does (the method with the best
+criterion averaged over layers, then its best layer) and the table prints the precision@k of what
+it chose.
 
 ``--bench`` reads a ``lensattr bench`` output directory (``cache/``, ``pairs/{b}.safetensors``,
 ``pool-labels.json``: each behaviour ranked in the clean corpus plus its own plants);
@@ -210,7 +211,7 @@ def study(
         m = Method.parse(cell["method"])
         if cell["method"] not in queries:
             queries[cell["method"]] = lensattr.behavior_query(
-                None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
+                None, ps, query=m.query, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
             )
         r = lensattr.rank(cache, queries[cell["method"]], layer=cell["layer"], rows=idx, top_k=None)
         cell.update(
@@ -233,7 +234,7 @@ def layer_sets(cache: Any, ps: Any, rows: Any, labels: torch.Tensor, method: str
     by_crit = sorted(key, key=key.__getitem__, reverse=True)
     idx = torch.arange(len(cache)) if rows is None else torch.as_tensor(rows).long()
     q = lensattr.behavior_query(
-        None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
+        None, ps, query=m.query, stat=m.stat, score=m.score, pool=cache, layers=cache.layers
     )
     out = {}
     for name, layers in {

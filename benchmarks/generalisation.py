@@ -221,7 +221,7 @@ def score_pool(
         m = lensattr.Method.parse(row["method"])
         if row["method"] not in queries:
             queries[row["method"]] = lensattr.behavior_query(
-                None, ps, psi=m.psi, stat=m.stat, pool=cache, score=m.score
+                None, ps, query=m.query, stat=m.stat, pool=cache, score=m.score
             )
         s = _all_scores(cache, queries[row["method"]], row["layer"])
         scores[row["method"], row["layer"]] = s
@@ -249,13 +249,13 @@ def score_pool(
     layers = list(cache.layers)
     authors_layer = min(layers, key=lambda la: abs(la - AUTHORS_DEPTH * model.n_layers))
     baselines: dict[str, Any] = {}
-    paper = lensattr.behavior_query(None, ps, psi="residual_change")  # their stat, query, cosine
+    paper = lensattr.behavior_query(None, ps, query="residual_change")  # their stat, query, cosine
     for tag, layer in (("paper", paper.best_layer()), ("paper_at_authors_depth", authors_layer)):
         baselines[tag] = {
             "layer": layer,
             "p_at_k": _p_at_k(_all_scores(cache, paper, layer), labels),
         }
-    old = lensattr.behavior_query(None, ps, psi="contrast", stat="residual_change_printed")
+    old = lensattr.behavior_query(None, ps, query="contrast", stat="residual_change_printed")
     baselines["old_paper"] = {
         "layer": old.best_layer(),
         "p_at_k": _p_at_k(_all_scores(cache, old, old.best_layer()), labels),

@@ -1,9 +1,10 @@
 """Why did ``auto`` choose what it chose? Its criterion next to precision among the pool.
 
     python benchmarks/why_auto.py --cache CACHE --pairs PAIRS.jsonl --labels PLANTS.jsonl \
-        [--prefix medhallu/] [--max-length 1024] [--top 12]
+        [--prefix medhallu/] [--top 12]
 
-``select`` runs on the cache and the pairs exactly as ``rank(..., method="auto")`` would (no
+The pairs are captured with the cache's own settings (``cache.capture_config``). ``select``
+runs on the cache and the pairs exactly as ``rank(..., method="auto")`` would (no
 labels). Then, for diagnosis only, every candidate is ranked at every cached layer and judged
 with the plant labels (``label`` of each record of ``--labels``, matched by ``--prefix`` + id;
 rows without a label count as clean): per candidate, its criterion averaged over layers (what
@@ -27,7 +28,6 @@ def main() -> None:
     ap.add_argument("--labels", required=True, help="jsonl records with id and label (1 / 0)")
     ap.add_argument("--prefix", default="", help="prefix of the cache ids of the labelled rows")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--top", type=int, default=12, help="candidates to print")
     args = ap.parse_args()
 
@@ -43,8 +43,9 @@ def main() -> None:
     if args.pairs.endswith(".safetensors"):
         stats = lensattr.PairStats.load(args.pairs)
     else:
+        # the pairs captured as the cache was (layers, max_length, padding side)
         stats = lensattr.pair_stats(
-            model, args.pairs, stats=cache.stats, layers=cache.layers, max_length=args.max_length
+            model, args.pairs, stats=cache.stats, config=cache.capture_config
         )
     sel = lensattr.select(model, cache, stats)
     print(sel.summary(top=5))
@@ -53,8 +54,8 @@ def main() -> None:
     chosen = best_rows(sel.table)  # each method's layer, as select picks it
     table = []
     for name in means:
-        psi, stat, score = name.split("|")
-        query = lensattr.behavior_query(None, stats, psi=psi, stat=stat, score=score, pool=cache)
+        rule, stat, score = name.split("|")
+        query = lensattr.behavior_query(None, stats, query=rule, stat=stat, score=score, pool=cache)
         p_at_k = {}
         for row in sel.table:
             if row["method"] == name:

@@ -41,7 +41,7 @@ from lensattr.ensemble import Ensemble
 from lensattr.metrics import pool_metrics, pool_metrics_difference
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.rank import Ranking, explain, rank
-from lensattr.registry import register_criterion, register_phi, register_psi, register_score
+from lensattr.registry import register_criterion, register_query, register_score, register_stat
 from lensattr.select import PAPER, Method, Selection, candidates, select, select_then_cache
 from lensattr.store.cache import Cache, CacheError, open_cache
 
@@ -79,7 +79,7 @@ __all__ = [
     "open_cache",
     "rank",
     "register_criterion",
-    "register_phi",
-    "register_psi",
+    "register_stat",
+    "register_query",
     "register_score",
 ]

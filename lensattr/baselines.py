@@ -56,7 +56,7 @@ LEXICAL = ("tfidf_treatment", "tfidf_contrast", "tfidf_pool_contrast", "bm25_tre
 REPSIM = Method("repsim", "resid_post", "cosine")
 """Representation similarity (DATE-LM's strongest method on toxicity filtering): the cached
 ``resid_post`` statistic (the pooled hidden state after a block), the query ``repsim``
-(``psi = norm(mean_j norm(s(x'_j)))``, the treatment replies only) and cosine."""
+(``q = norm(mean_j norm(s(x'_j)))``, the treatment replies only) and cosine."""
 
 TOKENS = r"(?u)\b\w+\b"
 """The token pattern of both representations: words of one character count."""

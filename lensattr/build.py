@@ -23,11 +23,11 @@ from lensattr.backends.capture import capture
 from lensattr.backends.models import Model, load_model
 from lensattr.backends.prefix import openings_kept
 from lensattr.checks import positive_int
-from lensattr.config import CaptureConfig
+from lensattr.config import CaptureConfig, resolve_config
 from lensattr.data import DataError, Example, load_examples, source_fingerprint
 from lensattr.layers import parse_layers
 from lensattr.progress import Progress
-from lensattr.registry import get_phi, pooling_of
+from lensattr.registry import get_stat, pooling_of
 from lensattr.render import Encoded, TruncationError, collate, encode, length_batches
 from lensattr.store.cache import (
     ELSEWHERE,
@@ -170,7 +170,14 @@ def build_cache(
     """
     from lensattr import distributed
 
-    cfg = _capture_config(config, layers, max_length, padding_side, storage_dtype)
+    cfg = resolve_config(
+        config,
+        "build_cache",
+        layers=layers,
+        max_length=max_length,
+        padding_side=padding_side,
+        storage_dtype=storage_dtype,
+    )
     stats = _check_arguments(stats, batch_size, shard_size, on_error)
     if rank is None or world_size is None:
         env_rank, env_world = distributed.world()
@@ -190,8 +197,8 @@ def build_cache(
         raise DataError(where, None, why or "no examples (empty, or only blank lines)")
     cfg = dataclasses.replace(cfg, layers=sorted(parse_layers(cfg.layers, model.n_layers)))
     layer_list, max_length, padding_side = list(cfg.layers), cfg.max_length, cfg.padding_side
-    phis = [get_phi(s) for s in stats]
-    pooling = pooling_of(phis)  # the statistics' own; a config naming another is refused
+    specs = [get_stat(s) for s in stats]
+    pooling = pooling_of(specs)  # the statistics' own; a config naming another is refused
     if cfg.pooling not in (pooling, CaptureConfig().pooling):
         raise ValueError(f"config pooling {cfg.pooling!r}, but the statistics pool by {pooling!r}")
     cfg = dataclasses.replace(cfg, pooling=pooling)
@@ -219,8 +226,8 @@ def build_cache(
         chunks = [examples[i : i + shard_size] for i in range(0, len(examples), shard_size)]
         mine = [i for i in range(len(chunks)) if i % world_size == rank]
         plan_sha = plan_sha256(plan)
-        needs_grad = any(p.needs_grad for p in phis)
-        sites = sorted({s for p in phis for s in p.sites})
+        needs_grad = any(p.needs_grad for p in specs)
+        sites = sorted({s for p in specs for s in p.sites})
         reused = manifest_sha256(reuse.manifest) if reuse is not None else None
         sides = {
             i: {"chunk_sha256": chunk_sha256(chunks[i]), "plan_sha256": plan_sha}
@@ -244,7 +251,7 @@ def build_cache(
                     i,
                     encoded,
                     layer_list,
-                    phis,
+                    specs,
                     store_dtype,
                     batch_size,
                     padding_side,
@@ -303,36 +310,6 @@ def _reusable(reuse: Cache, plan: dict[str, Any], examples: Sequence[Example]) -
     return {ex.id: row_of[ex.id] for ex in held if stored[ex.id] == [dict(m) for m in ex.messages]}
 
 
-def _capture_config(
-    config: CaptureConfig | None,
-    layers: Any,
-    max_length: Any,
-    padding_side: Any,
-    storage_dtype: Any,
-) -> CaptureConfig:
-    """build_cache's capture settings: ``config``, or one made of its keywords (not both)."""
-    given = CaptureConfig(
-        layers=layers,
-        max_length=max_length,
-        padding_side=padding_side,
-        storage_dtype=storage_dtype,
-    )
-    if config is None:
-        return given
-    if not isinstance(config, CaptureConfig):
-        raise TypeError(f"config must be a CaptureConfig, not {type(config).__name__}")
-    changed = [
-        f.name
-        for f in dataclasses.fields(given)
-        if getattr(given, f.name) != getattr(CaptureConfig(), f.name)
-    ]
-    if changed:
-        raise ValueError(
-            f"build_cache got config= and {', '.join(changed)}=: give the capture settings once"
-        )
-    return config
-
-
 def _plan(
     model: Model,
     train: Any,
@@ -351,7 +328,7 @@ def _plan(
         "n_layers": model.n_layers,
         "stats": list(stats),
         # the module of each statistic's function: a query computed by another is refused
-        "stat_modules": {s: get_phi(s).module for s in stats},
+        "stat_modules": {s: get_stat(s).module for s in stats},
         **config.to_manifest(),
         "shard_size": shard_size,
         "batch_size": batch_size,
@@ -367,7 +344,7 @@ def _build_chunk(
     index: int,
     chunk: Sequence[Encoded],
     layers: list[int],
-    phis: list[Any],
+    specs: list[Any],
     store_dtype: torch.dtype,
     batch_size: int,
     padding_side: str,
@@ -380,11 +357,11 @@ def _build_chunk(
 ) -> None:
     n, d = len(chunk), model.d_model
     rows = {
-        (p.name, layer): torch.zeros((n, d), dtype=store_dtype) for p in phis for layer in layers
+        (p.name, layer): torch.zeros((n, d), dtype=store_dtype) for p in specs for layer in layers
     }
     bad: dict[int, str] = {}
     dname = str(store_dtype).removeprefix("torch.")
-    keep_prompt = any(p.reads_prompt for p in phis)
+    keep_prompt = any(p.reads_prompt for p in specs)
     todo = list(range(n))
     if reuse is not None:  # rows another cache already holds are copied, not captured
         src, known = reuse
@@ -406,7 +383,7 @@ def _build_chunk(
                 model, batch, layers, grad=needs_grad, sites=sites, keep_prompt=keep_prompt
             )
             for layer in layers:
-                for p in phis:
+                for p in specs:
                     vec = p.apply(acts[layer]).float().cpu().to(store_dtype)  # checked as stored
                     finite = torch.isfinite(vec).all(1) & torch.isfinite(vec.float().norm(dim=1))
                     for j in (~finite).nonzero()[:, 0].tolist():

@@ -72,17 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="build a behaviour query from treatment/control pairs")
     _model_args(p)
     _capture_args(p)
-    p.add_argument("--pairs", required=True, help="pair file (or a trait spec for --psi persona)")
+    p.add_argument("--pairs", required=True, help="pair file (or a trait spec for --query persona)")
     p.add_argument(
-        "--psi", default="residual_change", help=f"registered query: {', '.join(names('psi'))}"
+        "--query",
+        dest="rule",
+        metavar="NAME",
+        default="residual_change",
+        help=f"registered query rule: {', '.join(names('query'))}",
     )
-    p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('phi'))}")
+    p.add_argument("--stat", default=None, help=f"statistic: {', '.join(names('stat'))}")
     p.add_argument("--score", default="cosine", help=f"score: {', '.join(names('score'))}")
     p.add_argument(
         "--method",
         default=None,
-        help="'auto': choose statistic, psi, score and layer from the pairs and --cache "
-        "(no labels); 'psi|stat|score': that method; overrides --psi/--stat/--score/--layers",
+        help="'auto': choose statistic, query, score and layer from the pairs and --cache "
+        "(no labels); 'query|stat|score': that method; overrides --query/--stat/--score/--layers",
     )
     p.add_argument(
         "--cache",
@@ -274,7 +278,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         from lensattr.select import Method
 
         m = Method.parse(args.method)
-        args.psi, args.stat, args.score = m.psi, m.stat, m.score
+        args.rule, args.stat, args.score = m.query, m.stat, m.score
     if args.method == "auto":
         if not args.cache:
             raise ValueError("--method auto chooses against the cache to be ranked: pass --cache")
@@ -302,19 +306,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     q = behavior_query(
         _load(args),
         args.pairs,
-        psi=args.psi,
+        query=args.rule,
         stat=args.stat,
-        layers=args.layers,
         pool=args.cache,
         score=args.score,
         batch_size=args.batch_size,
-        max_length=args.max_length,
-        padding_side=args.padding_side,
         progress=False if args.quiet else None,
+        config=from_arguments(args),
     )
     q.save(args.out)
     print(
-        f"query {q.psi} (stat {q.stat}) from {q.n_pairs} pairs at {len(q.layers)} layers: "
+        f"query {q.rule} (stat {q.stat}) from {q.n_pairs} pairs at {len(q.layers)} layers: "
         f"{args.out}"
     )
     _print_choice(q)
@@ -356,7 +358,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
                 "rank": i + 1,
                 "method": r.method,
                 "layer": r.layer,
-                "psi": r.psi,
+                "rule": r.rule,
                 "stat": r.stat,
                 "score_name": r.score,
                 "example": {k: v for k, v in rec.items() if k != "id"},

@@ -8,6 +8,9 @@ manifest; :func:`~lensattr.pair_stats` records one for the query pairs, and a sa
 ``rank`` (query against cache) and ``explain`` (query against its own capture) call it, and a
 mismatch names the field and both values. The command line's flags, help and defaults for these
 settings are generated from the fields (:func:`add_arguments`), so they cannot drift apart.
+Every step that captures takes one as ``config=`` (:func:`~lensattr.build_cache`,
+:func:`~lensattr.pair_stats`, :func:`~lensattr.behavior_query`,
+:func:`~lensattr.select_then_cache`), with the same rule (:func:`resolve_config`).
 """
 
 import argparse
@@ -22,7 +25,7 @@ from lensattr.store.names import STORAGE_DTYPES, dtype_name
 
 POOLINGS = ("mean_response",)
 """The built-in statistics' pooling: the mean over the reply's token positions. A statistic
-registered with another ``pooling=`` name brings its own (``register_phi``)."""
+registered with another ``pooling=`` name brings its own (``register_stat``)."""
 PADDING_SIDES = ("right", "left")
 
 
@@ -112,9 +115,9 @@ class CaptureConfig:
     def from_manifest(cls, manifest: Mapping[str, Any]) -> "CaptureConfig":
         """The capture settings a manifest (or a saved query's record) holds.
 
-        Every manifest lensattr writes has every field; a record written before a field existed
-        (a query saved before ``pooling`` and ``layers`` were recorded) gets the field's default,
-        the only value it could have had.
+        Every manifest and record lensattr writes has every field (:meth:`to_manifest`); a key a
+        hand-written manifest leaves out gets the field's default. A saved query's reader refuses
+        an incomplete record (:meth:`lensattr.query.Query.load`).
         """
         kw = {}
         for f in dataclasses.fields(cls):
@@ -160,6 +163,45 @@ def check_capture(
         want, have = getattr(recorded, name), getattr(used, name)
         if want != have:
             raise error(f"{what} were captured with {name}={want!r}, {other} with {name}={have!r}")
+
+
+def resolve_config(config: "CaptureConfig | None", caller: str, **keywords: Any) -> CaptureConfig:
+    """A step's capture settings: ``config``, or the settings its ``keywords`` give (``layers``,
+    ``max_length``, ...; the fields they leave out at their defaults), not both.
+
+    With ``config``, each keyword must be at its default: the settings are given once, and a
+    keyword next to ``config=`` raises ``ValueError`` naming it and ``caller`` (the step).
+
+    Raises:
+        TypeError: ``config`` is not a :class:`CaptureConfig`.
+        ValueError: ``config`` and a keyword off its default.
+
+    Examples:
+        >>> resolve_config(None, "pair_stats", max_length=256).max_length
+        256
+        >>> resolve_config(CaptureConfig(max_length=256), "pair_stats", max_length=512).max_length
+        256
+        >>> resolve_config(CaptureConfig(), "pair_stats", max_length=256)
+        Traceback (most recent call last):
+        ...
+        ValueError: pair_stats got config= and max_length=: give the capture settings once
+    """
+    given = CaptureConfig(**keywords)
+    if config is None:
+        return given
+    if not isinstance(config, CaptureConfig):
+        raise TypeError(f"config must be a CaptureConfig, not {type(config).__name__}")
+    default = CaptureConfig()
+    changed = [
+        f.name
+        for f in dataclasses.fields(given)
+        if f.name in keywords and getattr(given, f.name) != getattr(default, f.name)
+    ]
+    if changed:
+        raise ValueError(
+            f"{caller} got config= and {', '.join(changed)}=: give the capture settings once"
+        )
+    return config
 
 
 def names_list(text: str) -> list[str]:
@@ -235,4 +277,5 @@ __all__ = [
     "from_arguments",
     "ints_list",
     "names_list",
+    "resolve_config",
 ]

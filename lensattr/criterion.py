@@ -1,6 +1,6 @@
 """How ``auto`` judges a candidate: the candidates and the held-out criterion.
 
-A candidate is a :class:`Method` (``psi|stat|score``) at a layer. :func:`fold_scores` scores it on
+A candidate is a :class:`Method` (``query|stat|score``) at a layer. :func:`fold_scores` scores it on
 interleaved folds of the query pairs, each fold's query fitted on the other folds, together with
 the unlabelled pool; :class:`FoldScores` turns those scores into the criterion and the held-out
 accuracy; :func:`choose` picks the row of a criterion table. :func:`lensattr.select` runs them
@@ -36,12 +36,12 @@ from lensattr.metrics import average_precision
 from lensattr.moments import Moments, ScoreContext, pool_moments
 from lensattr.query import FOLDS, PairStats, fit, interleaved_folds
 from lensattr.registry import (
-    PSI,
+    QUERY,
     SCORE,
-    Psi,
+    QueryRule,
     Score,
     get_criterion,
-    get_psi,
+    get_query,
     get_score,
     load_plugins,
     register_criterion,
@@ -54,9 +54,9 @@ POOL_SAMPLE = 20_000
 
 @dataclass(frozen=True)
 class Method:
-    """A ranking method: a psi, the cached statistic it is built from and a score.
+    """A ranking method: a query rule, the cached statistic it is built from and a score.
 
-    Written ``"psi|stat|score"``, e.g. ``"residual_change|residual_change|cosine"`` (the
+    Written ``"query|stat|score"``, e.g. ``"residual_change|residual_change|cosine"`` (the
     paper's).
 
     Examples:
@@ -64,12 +64,12 @@ class Method:
         'centered_cosine'
     """
 
-    psi: str
+    query: str
     stat: str
     score: str
 
     def __str__(self) -> str:
-        return f"{self.psi}|{self.stat}|{self.score}"
+        return f"{self.query}|{self.stat}|{self.score}"
 
     @classmethod
     def parse(cls, text: "str | Method") -> "Method":
@@ -77,29 +77,30 @@ class Method:
             return text
         parts = str(text).split("|")
         if len(parts) != 3 or not all(parts):
-            raise ValueError(f"method {text!r}: write it as 'psi|stat|score'")
+            raise ValueError(f"method {text!r}: write it as 'query|stat|score'")
         return cls(*parts)
 
 
 PAPER = Method("residual_change", "residual_change", "cosine")
 """The paper's method as its authors ran it: their residual change over the whole sequence
 (``residual_change``), their per-pair normalised treatment-minus-control query
-(``norm(mean_j norm(t(x'_j) - t(x_j)))``, the psi ``residual_change``) and cosine."""
+(``norm(mean_j norm(t(x'_j) - t(x_j)))``, the query rule ``residual_change``) and cosine."""
 
 
 def candidates(stats: Sequence[str]) -> list[Method]:
-    """Every registered ``(psi, stat, score)`` usable with the cached ``stats`` (plugins included).
+    """Every registered ``(query, stat, score)`` usable with the cached ``stats`` (plugins
+    included).
 
-    A psi that names its statistics is paired with those only; a generic one (``contrast``,
-    ``pool_contrast``) with every cached statistic, except where a named psi already covers the
-    same function and statistic (the psi ``residual_change`` is ``unit_contrast`` of the
-    statistic ``residual_change``).
-    psis that build their own pairs (``persona``) are not candidates: they do not fit on folds.
+    A query rule that names its statistics is paired with those only; a generic one
+    (``contrast``, ``pool_contrast``) with every cached statistic, except where a named rule
+    already covers the same function and statistic (the rule ``residual_change`` is
+    ``unit_contrast`` of the statistic ``residual_change``). Rules that build their own pairs
+    (``persona``) are not candidates: they do not fit on folds.
     """
     load_plugins()
     seen: set[tuple[int, str]] = set()
     out: list[Method] = []
-    named = sorted(PSI.values(), key=lambda p: p.stats is None)  # named statistics first
+    named = sorted(QUERY.values(), key=lambda p: p.stats is None)  # named statistics first
     for p in named:
         if p.pairs_from is not None:
             continue
@@ -215,15 +216,16 @@ def heldout_auroc(treatment: torch.Tensor, control: torch.Tensor) -> float:
 
 
 def score_columns(
-    score: Score, x: torch.Tensor, psis: torch.Tensor, ctx: ScoreContext
+    score: Score, x: torch.Tensor, queries: torch.Tensor, ctx: ScoreContext
 ) -> torch.Tensor:
-    """``[n, q]`` scores of rows ``x`` against the query columns ``psis`` ``[d, q]`` (a
+    """``[n, q]`` scores of rows ``x`` against the query columns ``queries`` ``[d, q]`` (a
     non-finite score becomes ``-inf``, ranked last)."""
     norms = x.norm(dim=1)
     if score.batched:
-        out = score.apply(x, norms, psis, ctx)
+        out = score.apply(x, norms, queries, ctx)
     else:
-        out = torch.stack([score.apply(x, norms, psis[:, j], ctx) for j in range(psis.shape[1])], 1)
+        columns = [score.apply(x, norms, queries[:, j], ctx) for j in range(queries.shape[1])]
+        out = torch.stack(columns, 1)
     return out.float().nan_to_num(nan=-torch.inf, posinf=-torch.inf)
 
 
@@ -326,20 +328,20 @@ def fold_scores(
         for layer in layers:
             x = cache.stat(stat, layer)[pool_rows].float()
             t, c = ps.sides(stat, layer)
-            psis: dict[str, Psi] = {m.psi: get_psi(m.psi) for m in ms}
-            names = list(psis)
+            rules: dict[str, QueryRule] = {m.query: get_query(m.query) for m in ms}
+            names = list(rules)
             if moments is None:
                 ctxs = [ScoreContext(cache, stat, layer)]
                 pool = (
                     pool_moments(cache, stat, layer)
-                    if any(p.uses_pool for p in psis.values())
+                    if any(p.uses_pool for p in rules.values())
                     else None
                 )
-                fitted = {  # {psi: [d, folds]}
+                fitted = {  # {rule: [d, folds]}
                     name: torch.stack(
                         [fit(p, t[tr], c[tr], pool if p.uses_pool else None) for tr in trains], 1
                     )
-                    for name, p in psis.items()
+                    for name, p in rules.items()
                 }
                 blocks = [torch.cat([fitted[nm] for nm in names], 1)]
             else:
@@ -348,18 +350,18 @@ def fold_scores(
                 blocks = [
                     torch.stack(
                         [
-                            fit(psis[nm], t[tr], c[tr], mom if psis[nm].uses_pool else None)
+                            fit(rules[nm], t[tr], c[tr], mom if rules[nm].uses_pool else None)
                             for nm in names
                         ],
                         1,
-                    )  # [d, psis] of fold f
+                    )  # [d, rules] of fold f
                     for tr, mom in zip(trains, fold_moments, strict=True)
                 ]
             for name in dict.fromkeys(m.score for m in ms):
                 score = get_score(name)
                 pairs = list(zip(blocks, ctxs, strict=True))
                 sx, st, sc = (
-                    _psi_major([score_columns(score, a, q, ctx) for q, ctx in pairs], len(names))
+                    _rule_major([score_columns(score, a, q, ctx) for q, ctx in pairs], len(names))
                     for a in (x, t, c)
                 )
                 for j, nm in enumerate(names):
@@ -370,12 +372,12 @@ def fold_scores(
                     yield FoldScores(method, layer, sx[:, sl], st[:, sl], sc[:, sl], tests)
 
 
-def _psi_major(parts: list[torch.Tensor], n_psis: int) -> torch.Tensor:
-    """The ``[n, psis * folds]`` scores, psi-major (column ``j * folds + f``), from one block
-    that is already in that order or from one ``[n, psis]`` block per fold."""
+def _rule_major(parts: list[torch.Tensor], n_rules: int) -> torch.Tensor:
+    """The ``[n, rules * folds]`` scores, rule-major (column ``j * folds + f``), from one block
+    that is already in that order or from one ``[n, rules]`` block per fold."""
     if len(parts) == 1:
         return parts[0]
-    return torch.stack(parts, 2).reshape(len(parts[0]), n_psis * len(parts))
+    return torch.stack(parts, 2).reshape(len(parts[0]), n_rules * len(parts))
 
 
 def mean_over_layers(scored: Sequence[FoldScores]) -> FoldScores:

@@ -21,6 +21,7 @@ import torch
 
 from lensattr import (
     PAPER,
+    CaptureConfig,
     behavior_query,
     build_cache,
     load_examples,
@@ -119,10 +120,9 @@ def run_demo(
         m,
         train_path,
         out=out / "cache",
-        layers="all",
         batch_size=batch_size,
-        max_length=max_length,
         progress=progress,
+        config=CaptureConfig(layers="all", max_length=max_length),
     )
     times["cache"] = time.perf_counter() - t0
     assert cache is not None  # a single-process build returns the cache
@@ -135,10 +135,9 @@ def run_demo(
         m,
         bundled("demo/query.jsonl"),
         stats=cache.stats,
-        layers=cache.layers,
         batch_size=batch_size,
-        max_length=max_length,
         progress=progress,
+        config=cache.capture_config,  # the pairs captured as the cache was
     )
     times["query pairs"] = time.perf_counter() - t0
     print(f"captured {stats.n_pairs} query pairs at every layer ({times['query pairs']:.1f}s)")
@@ -168,7 +167,9 @@ def run_demo(
     )
 
     t0 = time.perf_counter()
-    paper = behavior_query(m, stats, psi=PAPER.psi, stat=PAPER.stat, pool=cache, score=PAPER.score)
+    paper = behavior_query(
+        m, stats, query=PAPER.query, stat=PAPER.stat, pool=cache, score=PAPER.score
+    )
     p_layer = paper.best_layer()
     assert isinstance(p_layer, int)  # no layer set: the query's best by held-out accuracy
     p_top = rank(cache, paper, layer=p_layer, top_k=10)
@@ -215,7 +216,7 @@ def run_demo(
             "method": str(sel.method),
             "layer": sel.layer,
             "members": [
-                {"method": f"{q.psi}|{q.stat}|{q.score}", "layer": q.layer}
+                {"method": f"{q.rule}|{q.stat}|{q.score}", "layer": q.layer}
                 for q in sel.ensemble.members
             ]
             if sel.ensemble is not None

@@ -51,7 +51,7 @@ class Ensemble:
             if not isinstance(q, Query):
                 raise QueryError(f"ensemble member {i} is a {type(q).__name__}, not a Query")
             if q.layer is None:
-                raise QueryError(f"ensemble member {i} ({q.psi}|{q.stat}|{q.score}) has no layer")
+                raise QueryError(f"ensemble member {i} ({q.rule}|{q.stat}|{q.score}) has no layer")
             q.best_layer()  # its layer is one of its vectors
 
     @property

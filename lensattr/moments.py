@@ -1,6 +1,6 @@
 """Moments of a cached statistic over the training pool: mean, covariance and its eigenbasis.
 
-Pool-aware queries (``psi = mean_j s(x'_j) - mu``) and scores (centered, whitened and deflated
+Pool-aware queries (``q = norm(mean_j s(x'_j) - mu)``) and scores (centered, whitened and deflated
 cosine) read the pool's moments of a statistic at a layer. They are computed in one streaming
 pass over the cached rows (fp64 sums), then kept
 

@@ -1,12 +1,13 @@
-"""Behaviour queries psi: one unit vector per layer, built from treatment/control pairs.
+"""Behaviour queries: one unit vector per layer, built from treatment/control pairs.
 
 Building a query has two steps. :func:`pair_stats` runs the model once over every pair's
 treatment and control reply and keeps the cached statistics of both sides at every layer (the
-only model work). :func:`behavior_query` then applies a registered psi to those rows (and, for a
-pool-aware psi, to the training pool's moments): a query for any psi, statistic or layer costs a
-mean over pairs, and the held-out accuracy a few matrix-vector products.
+only model work). :func:`behavior_query` then applies a registered query rule to those rows (and,
+for a pool-aware rule, to the training pool's moments): a query for any rule, statistic or layer
+costs a mean over pairs, and the held-out accuracy a few matrix-vector products.
 """
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -23,12 +24,12 @@ from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.backends.prefix import openings_kept
 from lensattr.checks import positive_int
-from lensattr.config import CaptureConfig, check_capture
+from lensattr.config import CaptureConfig, check_capture, resolve_config
 from lensattr.data import Pair, load_pairs
 from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import Moments, ScoreContext, content_digest, pool_moments
 from lensattr.progress import Progress
-from lensattr.registry import Psi, Score, get_phi, get_psi, get_score, pooling_of
+from lensattr.registry import QueryRule, Score, get_query, get_score, get_stat, pooling_of
 from lensattr.render import Encoded, collate, encode, length_batches
 from lensattr.store.cache import Cache, CacheError, open_cache
 from lensattr.store.reader import name_ids
@@ -120,8 +121,8 @@ class PairStats:
                 side, stat, layer = key.split("/")
                 sides[side].setdefault(plain_name(stat, "statistic"), {})[int(layer)] = v
             ps = cls(sides["t"], sides["c"], json.loads(meta["model"]))
-            ps.capture = _capture_of(meta, ps.layers)
-            ps.sources = _sources_of(json.loads(meta.get("sources", "null")))
+            ps.capture = _capture_of(meta)
+            ps.sources = _sources_of(json.loads(meta["sources"]))
         except (KeyError, ValueError, TypeError, AttributeError, SafetensorError) as err:
             raise QueryError(
                 f"{path}: not lensattr pair statistics ({type(err).__name__}: {err})"
@@ -167,17 +168,16 @@ def _capture_json(config: CaptureConfig | None) -> str:
     return json.dumps({} if config is None else config.to_manifest())
 
 
-def _capture_of(meta: dict[str, str], layers: list[int]) -> CaptureConfig | None:
-    """The capture settings a saved query or pair statistics record (``None``: none recorded).
-
-    Records saved before :class:`~lensattr.config.CaptureConfig` hold only ``max_length`` and
-    ``padding_side``: the rest is what they were then (the pairs' layers, fp32 rows, the one
-    pooling).
-    """
-    record = json.loads(meta.get("capture", "{}"))
+def _capture_of(meta: dict[str, str]) -> CaptureConfig | None:
+    """The capture settings a saved query or pair statistics record (``{}``: ``None``, none
+    recorded), every field of :class:`~lensattr.config.CaptureConfig` (:func:`_capture_json`)."""
+    record = json.loads(meta["capture"])
     if not record:
         return None
-    return CaptureConfig.from_manifest({"layers": layers, "dtype": "float32", **record})
+    missing = [k for k in CaptureConfig().to_manifest() if k not in record]
+    if missing:
+        raise ValueError(f"field 'capture' lacks {', '.join(map(repr, missing))}")
+    return CaptureConfig.from_manifest(record)
 
 
 def pair_stats(
@@ -190,6 +190,7 @@ def pair_stats(
     max_length: int | None = 512,
     padding_side: str = "right",
     progress: bool | None = None,
+    config: CaptureConfig | None = None,
 ) -> PairStats:
     """Capture the statistics ``stats`` of every pair's two replies at ``layers`` (one pass).
 
@@ -197,32 +198,44 @@ def pair_stats(
     ``batch_size // 2`` pairs, grouped by length to limit padding (by reply length where the
     backend starts each row's backward at its own prompt's end, as :func:`~lensattr.build_cache`).
 
+    ``config``: the capture settings as one :class:`~lensattr.config.CaptureConfig` (a cache's
+    own, ``cache.capture_config``, captures the pairs as the cache was), instead of ``layers``,
+    ``max_length`` and ``padding_side``, which then stay at their defaults
+    (:func:`~lensattr.config.resolve_config`, as in :func:`~lensattr.build_cache`). Its
+    ``storage_dtype`` is the cache's: pair statistics are kept in fp32.
+
     Examples:
         >>> pairs = [{"prompt": "Is 2+2=5?", "treatment": "Yes!", "control": "No, 4."}]
         >>> s = pair_stats("tiny-random", pairs, stats=["resid_post"], layers=[1, 3])
         >>> s.n_pairs, s.layers, tuple(s.sides("resid_post", 3)[0].shape)
         (1, [1, 3], (1, 32))
     """
+    cfg = resolve_config(
+        config, "pair_stats", layers=layers, max_length=max_length, padding_side=padding_side
+    )
     model = load_model(model)
     pair_list = load_pairs(pairs) if not _is_pair_list(pairs) else list(pairs)
     if not pair_list:
         raise QueryError("no pairs to build the query from")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    phis = [get_phi(s) for s in dict.fromkeys(stats)]
-    pooling = pooling_of(phis)  # before any work: statistics captured together share one
-    layer_list = sorted(parse_layers(layers, model.n_layers))
+    specs = [get_stat(s) for s in dict.fromkeys(stats)]
+    pooling = pooling_of(specs)  # before any work: statistics captured together share one
+    if cfg.pooling not in (pooling, CaptureConfig().pooling):
+        raise ValueError(f"config pooling {cfg.pooling!r}, but the statistics pool by {pooling!r}")
+    layer_list = sorted(parse_layers(cfg.layers, model.n_layers))
+    max_length, padding_side = cfg.max_length, cfg.padding_side
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
     _check_distinct(pair_list, encs, max_length)
     per = max(1, batch_size // 2)
     n, d = len(pair_list), model.d_model
     out = {
-        side: {p.name: {la: torch.empty((n, d)) for la in layer_list} for p in phis}
+        side: {p.name: {la: torch.empty((n, d)) for la in layer_list} for p in specs}
         for side in ("t", "c")
     }
-    sites = tuple(dict.fromkeys(s for p in phis for s in p.sites))
-    need_grad = any(p.needs_grad for p in phis)
-    keep_prompt = any(p.reads_prompt for p in phis)
+    sites = tuple(dict.fromkeys(s for p in specs for s in p.sites))
+    need_grad = any(p.needs_grad for p in specs)
+    keep_prompt = any(p.reads_prompt for p in specs)
     # a pair's two sides share their prompt, so its longer side is its longer reply: batches of
     # similar reply length where each row's graph starts at its own prompt's end, as in a build
     by_reply = need_grad and not keep_prompt and model.cuts_prompt
@@ -238,7 +251,7 @@ def pair_stats(
             )
             for layer, a in acts.items():
                 for side, rows in zip(("t", "c"), _split(a), strict=True):
-                    for p in phis:
+                    for p in specs:
                         out[side][p.name][layer][idx] = p.apply(rows).float().cpu()
             bar.update(len(idx))
     bar.close()
@@ -253,7 +266,7 @@ def pair_stats(
             pooling=pooling,
             storage_dtype="float32",
         ),
-        {p.name: p.module for p in phis},
+        {p.name: p.module for p in specs},
     )
 
 
@@ -274,22 +287,23 @@ class Query:
     """A behaviour query: a unit vector per layer, and what it was built from.
 
     Attributes:
-        vectors: ``{layer: psi}`` with ``||psi|| = 1`` (fp32).
-        psi: the registered psi name; ``stat``: the cached statistic it is compared with.
+        vectors: ``{layer: q}`` with ``||q|| = 1`` (fp32).
+        rule: the registered query rule it was built by (``query=`` of :func:`behavior_query`);
+            ``stat``: the cached statistic it is compared with.
         model: the model fingerprint (checked against a cache's manifest when ranking).
         n_pairs: how many pairs went in.
         cv: per-layer held-out accuracy on the query pairs (see :func:`heldout_accuracy`).
         score: the registered score it is ranked with by default.
         layer: the layer chosen for it (by :func:`lensattr.select`), if any: a tuple when
             the query is ranked by the mean of its scores at several layers.
-        pool: content digest of the cache whose moments a pool-aware psi used (``None``: none).
+        pool: content digest of the cache whose moments a pool-aware rule used (``None``: none).
         capture: the capture settings of the pairs (``None``: not recorded, nothing checked).
         stat_module: the module of the function that computed the statistic (checked against
             the cache's record; ``None``: not recorded, nothing checked).
     """
 
     vectors: dict[int, torch.Tensor]
-    psi: str
+    rule: str
     stat: str
     model: dict[str, str]
     n_pairs: int
@@ -309,7 +323,7 @@ class Query:
         cv = ", ".join(f"L{k} {v:.2f}" for k, v in sorted((self.cv or {}).items())[:8])
         cv += ", ..." if len(self.cv or {}) > 8 else ""
         return (
-            f"Query({self.psi}|{self.stat}|{self.score} from {self.n_pairs} pairs, layers "
+            f"Query({self.rule}|{self.stat}|{self.score} from {self.n_pairs} pairs, layers "
             f"{layers_text(self.layers)}{chosen}, model {self.model.get('name', '?')}"
             + (f", held-out accuracy {cv})" if cv else ")")
         )
@@ -353,7 +367,7 @@ class Query:
     def metadata(self) -> dict[str, str]:
         """What :meth:`save` writes beside the vectors: every field but ``vectors``, as text."""
         return {
-            "psi": self.psi,
+            "rule": self.rule,
             "stat": self.stat,
             "model": json.dumps(self.model),
             "n_pairs": str(self.n_pairs),
@@ -377,16 +391,16 @@ class Query:
         before the dataclass sees them: :func:`check_fields`)."""
         fields = {
             "vectors": vectors,
-            "psi": meta["psi"],
+            "rule": meta["rule"],
             "stat": meta["stat"],
             "model": json.loads(meta["model"]),
             "n_pairs": int(meta["n_pairs"]),
-            "cv": _cv_of(json.loads(meta.get("cv", "null"))),
+            "cv": _cv_of(json.loads(meta["cv"])),
             "score": meta["score"],
-            "layer": _layer_of(json.loads(meta.get("layer", "null"))),
-            "pool": json.loads(meta.get("pool", "null")),
-            "capture": _capture_of(meta, sorted(vectors)),
-            "stat_module": json.loads(meta.get("stat_module", "null")),
+            "layer": _layer_of(json.loads(meta["layer"])),
+            "pool": json.loads(meta["pool"]),
+            "capture": _capture_of(meta),
+            "stat_module": json.loads(meta["stat_module"]),
         }
         check_fields(fields)
         return cls(**fields)
@@ -449,7 +463,7 @@ def check_fields(fields: dict[str, Any]) -> None:
     def bad(field: str, want: str) -> QueryError:
         return QueryError(f"field {field!r}: {fields.get(field)!r} is not {want}")
 
-    for field in ("psi", "stat", "score"):
+    for field in ("rule", "stat", "score"):
         try:
             plain_name(fields.get(field), field)
         except ValueError as err:
@@ -527,10 +541,10 @@ def unit(v: torch.Tensor) -> torch.Tensor:
     return (v.double() / n).float()
 
 
-def fit(psi: Psi, t: torch.Tensor, c: torch.Tensor, pool: Moments | None) -> torch.Tensor:
-    """The unnormalised query ``mean_j psi.fn(t, c, pool)_j`` (fp32); the function's output is
-    checked to be one contribution per pair (:meth:`~lensattr.registry.Psi.apply`)."""
-    return psi.apply(t, c, pool).double().mean(0).float()
+def fit(rule: QueryRule, t: torch.Tensor, c: torch.Tensor, pool: Moments | None) -> torch.Tensor:
+    """The unnormalised query ``mean_j rule.fn(t, c, pool)_j`` (fp32); the function's output is
+    checked to be one contribution per pair (:meth:`~lensattr.registry.QueryRule.apply`)."""
+    return rule.apply(t, c, pool).double().mean(0).float()
 
 
 def interleaved_folds(n: int, folds: int = FOLDS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -556,20 +570,20 @@ def interleaved_folds(n: int, folds: int = FOLDS) -> list[tuple[torch.Tensor, to
 def heldout_accuracy(
     t: torch.Tensor,
     c: torch.Tensor,
-    psi: Psi,
+    rule: QueryRule,
     score: Score,
     ctx: ScoreContext | None = None,
     folds: int = FOLDS,
 ) -> float:
     """The held-out accuracy of a method on its own query pairs (the one definition lensattr
-    uses everywhere): for each of ``folds`` interleaved folds, fit psi on the other folds and
-    count the held-out pairs whose treatment scores above its control, ``score(phi(x'_j), psi) >
-    score(phi(x_j), psi)``. NaN with fewer than 2 pairs.
+    uses everywhere): for each of ``folds`` interleaved folds, fit the query ``q`` by ``rule`` on
+    the other folds and count the held-out pairs whose treatment scores above its control,
+    ``score(s(x'_j), q) > score(s(x_j), q)``. NaN with fewer than 2 pairs.
 
     Examples:
-        >>> from lensattr.registry import get_psi, get_score
+        >>> from lensattr.registry import get_query, get_score
         >>> t = torch.tensor([[1.0, 0.1], [2.0, 0.0], [1.5, -0.1], [0.5, 0.0]])
-        >>> heldout_accuracy(t, torch.zeros(4, 2) + 0.1, get_psi("contrast"), get_score("dot"))
+        >>> heldout_accuracy(t, torch.zeros(4, 2) + 0.1, get_query("contrast"), get_score("dot"))
         1.0
     """
     n = len(t)
@@ -577,7 +591,7 @@ def heldout_accuracy(
         return float("nan")
     hits = 0
     for test, train in interleaved_folds(n, folds):
-        p = fit(psi, t[train], c[train], ctx.moments() if psi.uses_pool and ctx else None)
+        p = fit(rule, t[train], c[train], ctx.moments() if rule.uses_pool and ctx else None)
         st, sc = (score.apply(x[test], x[test].norm(dim=1), p, ctx) for x in (t, c))
         hits += int((st > sc).sum())
     return hits / n
@@ -587,7 +601,7 @@ def behavior_query(
     model: Any,
     pairs: Any,
     *,
-    psi: str = "residual_change",
+    query: str = "residual_change",
     stat: str | None = None,
     layers: Any = "all",
     pool: Any = None,
@@ -596,11 +610,12 @@ def behavior_query(
     max_length: int | None = 512,
     padding_side: str = "right",
     progress: bool | None = None,
-    **psi_kwargs: Any,
+    config: CaptureConfig | None = None,
+    **options: Any,
 ) -> Query:
-    """Build the query ``psi = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
+    """Build the query ``q = norm(mean_j f(x'_j, x_j))`` at each layer from contrastive pairs.
 
-    ``psi="residual_change"`` is the paper's query as its authors ran it
+    ``query="residual_change"`` is the paper's query as its authors ran it
     (``f = norm(t(x') - t(x))``, ``t`` their residual change), ``"residual_diff"``
     the residual difference (pooled ``z_out``), ``"contrast", stat=NAME`` the contrast of any
     registered statistic, ``"pool_contrast"`` contrasts the treatment replies with the mean of the
@@ -612,16 +627,18 @@ def behavior_query(
             :func:`~lensattr.load_model` takes.
         pairs: pair records (path, dataset, list), a :class:`PairStats`, or for ``persona`` a
             trait spec.
-        psi: registered psi name.
-        stat: the statistic (default: the psi's own, e.g. ``residual_change``).
+        query: the registered query rule (``f`` above).
+        stat: the statistic (default: the rule's own, e.g. ``residual_change``).
         layers: ``"all"``, an int, a list or ``"a:b"``.
-        pool: the cache to be ranked (or its path): required by a pool-aware psi, and gives the
+        pool: the cache to be ranked (or its path): required by a pool-aware rule, and gives the
             pool's moments to the held-out accuracy of pool-aware scores.
         score: the registered score the query is ranked with by default (and its held-out
             accuracy measured in).
         batch_size, max_length, padding_side: as in :func:`~lensattr.build_cache`.
         progress: as in :func:`~lensattr.build_cache` (``False``: silent).
-        **psi_kwargs: passed to the psi's pair builder (e.g. ``max_new_tokens`` for persona).
+        config: the capture settings as one :class:`~lensattr.config.CaptureConfig`, instead
+            of ``layers``, ``max_length`` and ``padding_side``, as in :func:`pair_stats`.
+        **options: passed to the rule's pair builder (e.g. ``max_new_tokens`` for persona).
 
     Examples:
         >>> pairs = [{"prompt": "Is 2+2=5?", "treatment": "Yes!", "control": "No, 4."}]
@@ -629,39 +646,42 @@ def behavior_query(
         >>> q.layers, round(float(q.vector(3).norm()), 4)
         ([1, 3], 1.0)
     """
-    spec = get_psi(psi)
+    cfg = resolve_config(
+        config, "behavior_query", layers=layers, max_length=max_length, padding_side=padding_side
+    )
+    spec = get_query(query)
     stat_name = stat or spec.stat
     if spec.stats is not None and stat_name not in spec.stats:
         raise QueryError(
-            f"psi {psi!r} is defined for statistics {list(spec.stats)}, not {stat_name!r}; "
-            f"use psi='contrast' (or 'pool_contrast') with stat={stat_name!r}"
+            f"query {query!r} is defined for statistics {list(spec.stats)}, not {stat_name!r}; "
+            f"use query='contrast' (or 'pool_contrast') with stat={stat_name!r}"
         )
-    rule = get_score(score)
+    scorer = get_score(score)
     cache = None if pool is None else pool if isinstance(pool, Cache) else open_cache(pool)
     if spec.uses_pool and cache is None:
-        raise QueryError(f"psi {psi!r} contrasts with the training pool: pass pool=cache")
+        raise QueryError(f"query {query!r} contrasts with the training pool: pass pool=cache")
     if isinstance(pairs, PairStats):
-        if psi_kwargs:
-            raise TypeError(f"options {sorted(psi_kwargs)} need pairs, not PairStats")
+        if options:
+            raise TypeError(f"options {sorted(options)} need pairs, not PairStats")
         ps = pairs
         n_layers = max(ps.layers) + 1
-        layer_list = ps.layers if layers == "all" else sorted(parse_layers(layers, n_layers))
+        layer_list = (
+            ps.layers if cfg.layers == "all" else sorted(parse_layers(cfg.layers, n_layers))
+        )
     else:
         model = load_model(model)
         if spec.pairs_from is not None:
-            pairs = spec.pairs_from(model, pairs, **psi_kwargs)
-        elif psi_kwargs:
-            raise TypeError(f"psi {psi!r} takes no options {sorted(psi_kwargs)}")
-        layer_list = sorted(parse_layers(layers, model.n_layers))
+            pairs = spec.pairs_from(model, pairs, **options)
+        elif options:
+            raise TypeError(f"query {query!r} takes no options {sorted(options)}")
+        layer_list = sorted(parse_layers(cfg.layers, model.n_layers))
         ps = pair_stats(
             model,
             pairs,
             stats=[stat_name],
-            layers=layer_list,
             batch_size=batch_size,
-            max_length=max_length,
-            padding_side=padding_side,
             progress=progress,
+            config=dataclasses.replace(cfg, layers=layer_list),
         )
     if cache is not None:
         check_fits(cache, ps.model, ps.capture, "the pairs", ps.sources)
@@ -671,10 +691,10 @@ def behavior_query(
         ctx = None if cache is None else ScoreContext(cache, stat_name, layer)
         moments = pool_moments(cache, stat_name, layer) if spec.uses_pool and cache else None
         vectors[layer] = unit(fit(spec, t, c, moments))
-        cv[layer] = heldout_accuracy(t, c, spec, rule, ctx)
+        cv[layer] = heldout_accuracy(t, c, spec, scorer, ctx)
     return Query(
         vectors=vectors,
-        psi=psi,
+        rule=query,
         stat=stat_name,
         model=ps.model,
         n_pairs=ps.n_pairs,

@@ -17,7 +17,7 @@ from lensattr.ensemble import Ensemble, as_ranked, standardised
 from lensattr.layers import layer_text, parse_layers
 from lensattr.moments import ScoreContext, content_digest
 from lensattr.query import Query, QueryError, as_query, check_fits
-from lensattr.registry import get_phi, get_score
+from lensattr.registry import get_score, get_stat
 from lensattr.render import collate, encode
 from lensattr.store.cache import Cache, CacheError, open_cache
 from lensattr.tables import excerpt, html_table, tokens_html, tokens_text
@@ -36,8 +36,8 @@ class Ranking:
     Ordered by score (highest first; lowest first for ``bottom=True``), ties by row index;
     non-finite scores always come last and are counted in ``n_nonfinite``. ``stat`` is the
     cached statistic ranked and ``score`` the registered score that gave ``scores``; ``layer``
-    is a tuple when the scores are the mean over several layers; ``psi`` names the query's
-    psi, and ``cache`` is the cache ranked (for the replies in :meth:`table` and
+    is a tuple when the scores are the mean over several layers; ``rule`` names the query's
+    rule, and ``cache`` is the cache ranked (for the replies in :meth:`table` and
     :meth:`to_pandas`). In a notebook a ranking shows as a table of its first 20 examples.
     """
 
@@ -48,7 +48,7 @@ class Ranking:
     stat: str
     score: str
     n_nonfinite: int = 0
-    psi: str | None = None
+    rule: str | None = None
     cache: Cache | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -56,8 +56,8 @@ class Ranking:
 
     @property
     def method(self) -> str:
-        """The method that ranked, as ``"psi|stat|score"`` (``?`` for an unknown psi)."""
-        return f"{self.psi or '?'}|{self.stat}|{self.score}"
+        """The method that ranked, as ``"query|stat|score"`` (``?`` for an unknown rule)."""
+        return f"{self.rule or '?'}|{self.stat}|{self.score}"
 
     def describe(self) -> str:
         """One line: how many examples, the method and the layer (or layers)."""
@@ -65,7 +65,7 @@ class Ranking:
         if self.score == ENSEMBLE_SCORE:  # each member at its own layer
             return (
                 f"{len(self)}{n} examples ranked by the mean standardised score of an "
-                f"{self.psi} (statistics {self.stat}, layers {layer_text(self.layer)})"
+                f"{self.rule} (statistics {self.stat}, layers {layer_text(self.layer)})"
             )
         where = f"layer {self.layer}" if isinstance(self.layer, int) else "the mean of layers "
         where += "" if isinstance(self.layer, int) else layer_text(self.layer)
@@ -190,7 +190,7 @@ def rank(
         bottom: keep the lowest scores instead.
         rows: rank only these cache rows: indices (``0 <= r < len(cache)``) or a boolean mask
             of ``len(cache)`` (default: all).
-        method: ``"auto"``: choose statistic, psi, score and layer with :func:`~lensattr.select`
+        method: ``"auto"``: choose statistic, query, score and layer with :func:`~lensattr.select`
             from the pairs given as ``query`` and this cache (needs ``model``).
         model: the model, for ``method="auto"``.
         chunk_rows: rows converted to fp32 at a time (default: about 32 MiB worth; rounded up
@@ -239,8 +239,8 @@ def rank(
         )
     stat = query.stat
     score = score or query.score
-    rule = get_score(score)
-    psis = [query.vector(la).float() for la in layers]
+    scorer = get_score(score)
+    vectors = [query.vector(la).float() for la in layers]
     ctxs = [ScoreContext(cache=cache, stat=stat, layer=la) for la in layers]
     views = [cache.stat(stat, la) for la in layers]
     n_rows = len(views[0])
@@ -265,13 +265,13 @@ def rank(
         if sel is not None and not sel.any():
             continue
         s = torch.zeros(stop - start)
-        for view, psi, ctx in zip(views, psis, ctxs, strict=True):
+        for view, vec, ctx in zip(views, vectors, ctxs, strict=True):
             rows_, norms = view.span(start, stop)
             rows_ = rows_.to(torch.float32, copy=True)  # a fresh buffer: blocks stay aligned
             for b in range(0, stop - start, block):  # every row in its own block of row 0's grid
                 if sel is None or sel[b : b + block].any():
                     part = slice(b, b + block)
-                    s[part] += rule.apply(rows_[part], norms[part], psi, ctx).float()
+                    s[part] += scorer.apply(rows_[part], norms[part], vec, ctx).float()
         s /= len(layers)
         if sel is not None:
             s, idx = s[sel], idx[sel]
@@ -298,7 +298,7 @@ def rank(
         stat=stat,
         score=score,
         n_nonfinite=nonfinite,
-        psi=query.psi,
+        rule=query.rule,
         cache=cache,
     )
 
@@ -333,7 +333,7 @@ def _rank_ensemble(
         stat="+".join(ensemble.stats),
         score=ENSEMBLE_SCORE,
         n_nonfinite=int(bad.sum()),
-        psi=f"ensemble of {len(ensemble.members)}",
+        rule=f"ensemble of {len(ensemble.members)}",
         cache=cache,
     )
 
@@ -368,8 +368,8 @@ class Explanation:
     """Per-token contributions of one example's response to its score."""
 
     tokens: list[str]
-    contributions: torch.Tensor  # [n_response] = s_token . psi
-    total: float  # mean of contributions = <phi(x), psi>
+    contributions: torch.Tensor  # [n_response] = s_token . q
+    total: float  # mean of contributions = <s(x), q>
 
     def __repr__(self) -> str:
         return f"Explanation({len(self.tokens)} tokens, total {self.total:+.4g}: {self.text()!r})"
@@ -393,11 +393,12 @@ def explain(
     stat: str | None = None,
     max_length: int | None = 512,
 ) -> Explanation:
-    """Which response tokens of ``example`` drive its score: each token's statistic dotted with psi.
+    """Which response tokens of ``example`` drive its score: each token's statistic dotted with
+    the query.
 
     The statistic of token ``p`` is the statistic (``stat``, default: the query's) evaluated
     with the response mask restricted to ``p``; for the mean-pooled built-ins the contributions
-    average exactly to ``<phi(x), psi>``. At a layer set (``layer`` a list, or a query whose
+    average exactly to ``<s(x), q>``. At a layer set (``layer`` a list, or a query whose
     chosen layer is one) each token's contribution is the mean of its contributions at those
     layers.
 
@@ -416,7 +417,7 @@ def explain(
     model = load_model(model)
     query = as_query(query)
     layers = _layers_arg(layer, query, model.n_layers)
-    spec = get_phi(stat or query.stat)
+    spec = get_stat(stat or query.stat)
     if spec.pooling != POOLINGS[0]:  # each reply token's term is the statistic at a one-hot mask
         raise QueryError(
             f"explain splits a mean over the reply tokens; {spec.name} pools by {spec.pooling!r}"

@@ -1,5 +1,5 @@
-"""Plain dict registries of training-side statistics (phi), behaviour queries (psi), scores
-and the criteria ``auto`` chooses a method by.
+"""Plain dict registries of the statistics (``STAT``), the behaviour queries' rules (``QUERY``),
+the scores (``SCORE``) and the criteria ``auto`` chooses a method by (``CRITERION``).
 
 Register your own with the decorators. A name is a plain name (letters, digits, ``.``, ``_``
 and ``-``, not starting with ``.``: it becomes part of tensor and file names). A name belongs to
@@ -15,18 +15,18 @@ name in the environment variable ``LENSATTR_PLUGIN_OVERRIDES`` (comma-separated 
 for any); otherwise the built-in stays and a warning says so. Either way the replacement is
 logged.
 
-What a registered function returns is checked where lensattr calls it (:meth:`Phi.apply`,
-:meth:`Psi.apply`, :meth:`Score.apply`): a float tensor of the documented shape, else a
+What a registered function returns is checked where lensattr calls it (:meth:`Stat.apply`,
+:meth:`QueryRule.apply`, :meth:`Score.apply`): a float tensor of the documented shape, else a
 :class:`MethodError` naming the function.
 
 Examples:
     >>> import torch
-    >>> from lensattr.registry import register_phi, PHI
-    >>> @register_phi("last_token_resid", needs_grad=False)
+    >>> from lensattr.registry import register_stat, STAT
+    >>> @register_stat("last_token_resid", needs_grad=False)
     ... def last_token_resid(acts):
     ...     idx = acts.mask.int().cumsum(1).argmax(1)  # last response position
     ...     return acts.z_out[torch.arange(len(idx)), idx]
-    >>> "last_token_resid" in PHI
+    >>> "last_token_resid" in STAT
     True
 """
 
@@ -74,24 +74,24 @@ def _checked(kind: str, item: Any, out: Any, shape: tuple[int, ...], meaning: st
 
 
 @runtime_checkable
-class PhiFn(Protocol):
+class StatFn(Protocol):
     def __call__(self, acts: Any, /) -> torch.Tensor: ...
 
 
 @runtime_checkable
-class PsiFn(Protocol):
+class QueryFn(Protocol):
     def __call__(self, treatment: torch.Tensor, control: torch.Tensor, pool: Any, /) -> Any: ...
 
 
 @runtime_checkable
 class ScoreFn(Protocol):
     def __call__(
-        self, rows: torch.Tensor, norms: torch.Tensor, psi: torch.Tensor, ctx: Any, /
+        self, rows: torch.Tensor, norms: torch.Tensor, query: torch.Tensor, ctx: Any, /
     ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
-class Phi:
+class Stat:
     """A training-side statistic: ``fn(acts: LayerActs) -> Float[Tensor, "batch d_model"]``.
 
     ``needs_grad``: whether it reads ``acts.grad`` (else the capture skips the backward);
@@ -103,7 +103,7 @@ class Phi:
     """
 
     name: str
-    fn: PhiFn
+    fn: StatFn
     needs_grad: bool = True
     sites: tuple[str, ...] = ()
     module: str = ""
@@ -114,7 +114,7 @@ class Phi:
         """``fn(acts)``, checked to be a float ``[batch, d_model]`` tensor (:class:`MethodError`
         naming the function otherwise)."""
         shape = (acts.mask.shape[0], acts.z_out.shape[-1])
-        return _checked("phi", self, self.fn(acts), shape, "one row per example")
+        return _checked("statistic", self, self.fn(acts), shape, "one row per example")
 
     @property
     def reads_prompt(self) -> bool:
@@ -126,14 +126,15 @@ class Phi:
 
 
 @dataclass(frozen=True)
-class Psi:
-    """A behaviour query: ``fn(treatment, control, pool) -> Float[Tensor, "pairs d_model"]``.
+class QueryRule:
+    """A behaviour query's rule: ``fn(treatment, control, pool) -> Float[Tensor, "pairs d_model"]``.
 
     ``fn`` receives the statistic of the treatment replies and of their controls
     (``[n_pairs, d_model]`` each, row ``j`` of both from pair ``j``) and, for a pool-aware
     query, the :class:`~lensattr.moments.Moments` of the statistic over the training pool (else
     ``None``). It returns one contribution per pair; lensattr averages them and normalises
-    (``psi = norm(mean_j fn(...)_j)``), and refits them on folds of the pairs to choose a method.
+    (the :class:`~lensattr.query.Query` ``q = norm(mean_j fn(...)_j)``), and refits them on
+    folds of the pairs to choose a method.
 
     ``stat``: the statistic it is compared with by default; ``stats``: the statistics it may be
     used with (``None``: any). ``uses_pool``: it needs the training pool's moments (a cache).
@@ -141,7 +142,7 @@ class Psi:
     """
 
     name: str
-    fn: PsiFn
+    fn: QueryFn
     stat: str
     stats: tuple[str, ...] | None = None
     uses_pool: bool = False
@@ -152,17 +153,18 @@ class Psi:
         """``fn(treatment, control, pool)``, checked to be a float ``[n_pairs, d_model]`` tensor
         (:class:`MethodError` naming the function otherwise)."""
         out = self.fn(treatment, control, pool)
-        return _checked("psi", self, out, tuple(treatment.shape), "one contribution per pair")
+        return _checked("query", self, out, tuple(treatment.shape), "one contribution per pair")
 
 
 @dataclass(frozen=True)
 class Score:
-    """A scoring rule ``fn(rows, norms, psi, ctx) -> scores``; higher = more like the treatment.
+    """A scoring rule ``fn(rows, norms, query, ctx) -> scores``; higher = more like the treatment.
 
     ``rows`` is a ``[n, d_model]`` fp32 block of cached rows, ``norms`` their ``[n]`` norms,
-    ``psi`` one query ``[d_model]`` or, when ``batched``, several as columns ``[d_model, q]``
-    (the scores are then ``[n, q]``); ``ctx`` is a :class:`~lensattr.rank.ScoreContext` that
-    gives the pool's moments of the statistic (``ctx.moments()``). ``full_rank``: the rule
+    ``query`` one query vector ``[d_model]`` or, when ``batched``, several as columns
+    ``[d_model, q]`` (the scores are then ``[n, q]``); ``ctx`` is a
+    :class:`~lensattr.rank.ScoreContext` that gives the pool's moments of the statistic
+    (``ctx.moments()``). ``full_rank``: the rule
     inverts the pool's covariance, so it needs many more pool rows than the statistic has
     dimensions (``auto`` leaves it out of its default candidates below
     :data:`~lensattr.select.ROWS_PER_DIMENSION` rows a dimension).
@@ -175,14 +177,14 @@ class Score:
     full_rank: bool = False
 
     def apply(
-        self, rows: torch.Tensor, norms: torch.Tensor, psi: torch.Tensor, ctx: Any
+        self, rows: torch.Tensor, norms: torch.Tensor, query: torch.Tensor, ctx: Any
     ) -> torch.Tensor:
-        """``fn(rows, norms, psi, ctx)``, checked to be a float tensor of one score per row
-        (``[n]``) or, for several queries ``psi`` ``[d, q]``, ``[n, q]`` (:class:`MethodError`
+        """``fn(rows, norms, query, ctx)``, checked to be a float tensor of one score per row
+        (``[n]``) or, for several queries ``query`` ``[d, q]``, ``[n, q]`` (:class:`MethodError`
         naming the function otherwise: a scalar would give every row the same score)."""
-        shape = (rows.shape[0],) if psi.ndim == 1 else (rows.shape[0], psi.shape[1])
-        meaning = "one score per row" if psi.ndim == 1 else "one score per row and query"
-        return _checked("score", self, self.fn(rows, norms, psi, ctx), shape, meaning)
+        shape = (rows.shape[0],) if query.ndim == 1 else (rows.shape[0], query.shape[1])
+        meaning = "one score per row" if query.ndim == 1 else "one score per row and query"
+        return _checked("score", self, self.fn(rows, norms, query, ctx), shape, meaning)
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,8 @@ class Criterion:
     module: str = ""
 
 
-PHI: dict[str, Phi] = {}
-PSI: dict[str, Psi] = {}
+STAT: dict[str, Stat] = {}
+QUERY: dict[str, QueryRule] = {}
 SCORE: dict[str, Score] = {}
 CRITERION: dict[str, Criterion] = {}
 _loaded = False
@@ -253,7 +255,7 @@ def _add(table: dict[str, Any], kind: str, item: Any, override: bool) -> None:
     table[item.name] = item
 
 
-def register_phi(
+def register_stat(
     name: str,
     *,
     needs_grad: bool = True,
@@ -270,36 +272,36 @@ def register_phi(
     keeps them, gradients included). A name taken by another module raises ``ValueError`` unless
     ``override=True``; the same module registering it again replaces it.
     """
-    plain_name(name, "phi")
+    plain_name(name, "statistic")
     if not isinstance(pooling, str) or not pooling:
         raise ValueError(f"pooling must be a non-empty name, not {pooling!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        item = Phi(name, fn, needs_grad, tuple(sites), fn.__module__, pooling, reads_prompt)
-        _add(PHI, "phi", item, override)
+        item = Stat(name, fn, needs_grad, tuple(sites), fn.__module__, pooling, reads_prompt)
+        _add(STAT, "statistic", item, override)
         return fn
 
     return deco
 
 
-def pooling_of(phis: Sequence[Phi]) -> str:
+def pooling_of(stats: Sequence[Stat]) -> str:
     """The one pooling of statistics captured together (a cache, a query's pairs).
 
     Raises:
         ValueError: they pool differently (the message names each statistic's pooling).
 
     Examples:
-        >>> pooling_of([get_phi("residual_change"), get_phi("resid_post")])
+        >>> pooling_of([get_stat("residual_change"), get_stat("resid_post")])
         'mean_response'
     """
-    kinds = {p.pooling for p in phis}
+    kinds = {p.pooling for p in stats}
     if len(kinds) > 1:
-        each = ", ".join(f"{p.name} ({p.pooling})" for p in phis)
+        each = ", ".join(f"{p.name} ({p.pooling})" for p in stats)
         raise ValueError(f"statistics captured together must share a pooling; got {each}")
-    return kinds.pop() if kinds else Phi.pooling
+    return kinds.pop() if kinds else Stat.pooling
 
 
-def register_psi(
+def register_query(
     name: str,
     *,
     stat: str,
@@ -308,14 +310,15 @@ def register_psi(
     pairs_from: Callable[..., Any] | None = None,
     override: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a behaviour query (decorator); ``stat`` names the phi it is compared with."""
-    plain_name(name, "psi")
+    """Register a behaviour query's rule (decorator); ``stat`` names the statistic it is compared
+    with."""
+    plain_name(name, "query")
     for s in (stat, *(stats or ())):
         plain_name(s, "statistic")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        item = Psi(name, fn, stat, stats, uses_pool, pairs_from, fn.__module__)
-        _add(PSI, "psi", item, override)
+        item = QueryRule(name, fn, stat, stats, uses_pool, pairs_from, fn.__module__)
+        _add(QUERY, "query", item, override)
         return fn
 
     return deco
@@ -384,12 +387,12 @@ def _lookup(table: dict[str, Any], kind: str, name: str) -> Any:
     return table[name]
 
 
-def get_phi(name: str) -> Phi:
-    return _lookup(PHI, "phi", name)
+def get_stat(name: str) -> Stat:
+    return _lookup(STAT, "statistic", name)
 
 
-def get_psi(name: str) -> Psi:
-    return _lookup(PSI, "psi", name)
+def get_query(name: str) -> QueryRule:
+    return _lookup(QUERY, "query", name)
 
 
 def get_score(name: str) -> Score:
@@ -401,12 +404,12 @@ def get_criterion(name: str) -> Criterion:
 
 
 def names(kind: str) -> list[str]:
-    """The registered names of ``"phi"``, ``"psi"``, ``"score"`` or ``"criterion"`` (plugins
+    """The registered names of ``"stat"``, ``"query"``, ``"score"`` or ``"criterion"`` (plugins
     included)."""
     load_plugins()
     tables: dict[str, dict[str, Any]] = {
-        "phi": PHI,
-        "psi": PSI,
+        "stat": STAT,
+        "query": QUERY,
         "score": SCORE,
         "criterion": CRITERION,
     }

@@ -2,9 +2,9 @@
 
 Ranking a behaviour's training examples inside a mostly unrelated corpus is what lensattr is for,
 so a method is judged by how it does exactly that, on data whose answer is known without labels:
-the query pairs themselves. For every candidate ``(psi, stat, score)`` and layer, :func:`select`
+the query pairs themselves. For every candidate ``(query, stat, score)`` and layer, :func:`select`
 
-1. fits psi on all but one of ``folds`` interleaved folds of the pairs,
+1. fits the query on all but one of ``folds`` interleaved folds of the pairs,
 2. scores the held-out treatment replies, the held-out control replies and the training pool
    (the cache, unlabelled) with the score,
 3. measures how high the held-out treatment replies rank: their *log-rank* among the pool and
@@ -34,6 +34,7 @@ each candidate is then a few matrix products over the cache rows, with every fol
 (statistic, layer) scored in one batched call.
 """
 
+import dataclasses
 import html
 import logging
 import math
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lensattr.checks import positive_int, row_indices
+from lensattr.config import CaptureConfig, resolve_config
 from lensattr.criterion import (
     DEFAULT_CRITERION,
     LAYER_SET,
@@ -71,7 +73,7 @@ from lensattr.query import (
     heldout_accuracy,
     pair_stats,
 )
-from lensattr.registry import get_criterion, get_psi, get_score
+from lensattr.registry import get_criterion, get_query, get_score
 from lensattr.store.cache import Cache, open_cache
 
 logger = logging.getLogger(__name__)
@@ -221,7 +223,7 @@ def select(
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> Selection:
-    """Choose statistic, psi, score and layer for a behaviour from its pairs and the unlabelled
+    """Choose statistic, query, score and layer for a behaviour from its pairs and the unlabelled
     cache alone, and return the chosen query, ready to rank.
 
     Args:
@@ -229,8 +231,8 @@ def select(
             takes); unused when ``pairs`` is a :class:`~lensattr.query.PairStats`.
         cache: the cache to rank (or its directory): the pool.
         pairs: the behaviour's query pairs (path, dataset, list) or their :class:`PairStats`.
-        methods: candidate methods (``"psi|stat|score"`` strings or :class:`Method`; default:
-            :func:`candidates` of the cached statistics: every registered psi and score, less
+        methods: candidate methods (``"query|stat|score"`` strings or :class:`Method`; default:
+            :func:`candidates` of the cached statistics: every registered query rule and score, less
             the scores that invert the pool's covariance when the cache has fewer than
             :data:`ROWS_PER_DIMENSION` rows a dimension; see :attr:`Selection.left_out`).
         layers: candidate layers, as :func:`~lensattr.layers.parse_layers` reads them
@@ -292,7 +294,7 @@ def select(
     if missing:
         raise QueryError(f"statistics {missing} are not in the cache (it has {cache.stats})")
     for m in method_list:  # unknown names fail before any work
-        get_psi(m.psi)
+        get_query(m.query)
         get_score(m.score)
     get_criterion(criterion)
     layer_list = list(cache.layers) if layers is None else parse_layers(layers, cache.n_layers)
@@ -309,11 +311,9 @@ def select(
             model,
             pairs,
             stats=sorted({m.stat for m in method_list}),
-            layers=layer_list,
             batch_size=batch_size,
-            max_length=cache.capture_config.max_length,
-            padding_side=cache.capture_config.padding_side,
             progress=progress,
+            config=dataclasses.replace(cache.capture_config, layers=layer_list),
         )
     if ps.n_pairs < MIN_PAIRS:
         raise QueryError(
@@ -338,7 +338,7 @@ def select(
     query = behavior_query(
         None,
         ps,
-        psi=method.psi,
+        query=method.query,
         stat=method.stat,
         layers=layer_list,
         pool=cache,
@@ -369,7 +369,13 @@ def _member(ps: PairStats, cache: Cache, method: Method, layer: int | tuple[int,
     moments."""
     layers = [layer] if isinstance(layer, int) else list(layer)
     q = behavior_query(
-        None, ps, psi=method.psi, stat=method.stat, layers=layers, pool=cache, score=method.score
+        None,
+        ps,
+        query=method.query,
+        stat=method.stat,
+        layers=layers,
+        pool=cache,
+        score=method.score,
     )
     q.layer = layer
     return q
@@ -389,6 +395,7 @@ def select_then_cache(
     max_length: int | None = 512,
     ensemble: int = ENSEMBLE,
     progress: bool | None = None,
+    config: CaptureConfig | None = None,
 ) -> tuple[Cache, "Query | Ensemble", Selection]:
     """The cheap path for one behaviour: choose on a sample, then cache the corpus for the choice.
 
@@ -403,6 +410,10 @@ def select_then_cache(
     refitted against the full cache (its pool moments), ready for :func:`rank`. A sample of
     fewer than :data:`ROWS_PER_DIMENSION` rows a dimension leaves ``whitened_cosine`` out of
     the choice (see :func:`select`, whose registered ``criterion`` it chooses by).
+
+    ``config``: the capture settings of the pairs, the sample and the corpus as one
+    :class:`~lensattr.config.CaptureConfig`, instead of ``max_length`` (as in
+    :func:`~lensattr.build_cache`); its ``layers`` are the candidate layers (default: all).
 
     When the sample is the whole corpus (``sample=None`` or ``sample >= len(train)``) there is
     one build, of ``stats`` at every layer into ``out``: the choice is then exactly
@@ -432,13 +443,14 @@ def select_then_cache(
     from lensattr.data import load_examples
 
     positive_int("sample", sample, none=True)
+    cfg = resolve_config(config, "select_then_cache", max_length=max_length)
     model = load_model(model)
     examples = load_examples(train)
-    kw: dict[str, Any] = {"batch_size": batch_size, "max_length": max_length}
+    kw: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
     stat_list = list(stats)
-    ps = pair_stats(model, pairs, stats=stat_list, layers="all", progress=progress, **kw)
+    ps = pair_stats(model, pairs, stats=stat_list, config=cfg, **kw)
     if sample is None or sample >= len(examples):
-        cache = build_cache(model, examples, out=out, stats=stat_list, progress=progress, **kw)
+        cache = build_cache(model, examples, out=out, stats=stat_list, config=cfg, **kw)
         assert cache is not None  # a single-process build returns its cache
         sel = select(model, cache, ps, criterion=criterion, ensemble=ensemble)
         return cache, sel.ensemble or sel.query, sel
@@ -449,7 +461,7 @@ def select_then_cache(
             [examples[i] for i in picked],
             out=tmp,
             stats=stat_list,
-            progress=progress,
+            config=cfg,
             **kw,
         )
         assert small is not None
@@ -458,23 +470,22 @@ def select_then_cache(
             model,
             examples,
             out=out,
-            layers=sorted(sel.layers),
             stats=list(sel.stats),
-            progress=progress,
+            config=dataclasses.replace(cfg, layers=sorted(sel.layers)),
             reuse=small,
             **kw,
         )
         assert cache is not None
     if sel.ensemble is not None:  # each member refitted against the full cache's moments
         members = [
-            _member(ps, cache, Method(q.psi, q.stat, q.score), q.best_layer())
+            _member(ps, cache, Method(q.rule, q.stat, q.score), q.best_layer())
             for q in sel.ensemble.members
         ]
         return cache, Ensemble(members), sel
     query = behavior_query(
         None,
         ps,
-        psi=sel.method.psi,
+        query=sel.method.query,
         stat=sel.method.stat,
         layers=sorted(sel.layers),
         pool=cache,

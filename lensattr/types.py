@@ -16,9 +16,9 @@ TokenIds = Int[Tensor, "batch pos"]
 Vecs = Float[Tensor, "batch d_model"]
 """One pooled vector per example."""
 Vec = Float[Tensor, " d_model"]
-"""One vector, e.g. a behaviour query psi at one layer."""
+"""One vector, e.g. a behaviour query at one layer."""
 Queries = Float[Tensor, "d_model *q"]
-"""One query psi ``[d_model]``, or several as columns ``[d_model, q]`` (batched scores)."""
+"""One query vector ``[d_model]``, or several as columns ``[d_model, q]`` (batched scores)."""
 QueryScores = Float[Tensor, "n *q"]
 """Scores of ``n`` rows against one query ``[n]`` or several ``[n, q]``."""
 Scores = Float[Tensor, " n"]

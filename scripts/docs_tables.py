@@ -71,7 +71,7 @@ def table(head: list[str], rows: list[list[str]], align: str = "") -> str:
     """A markdown table; ``align`` gives one of ``l``/``r`` per column (default: left)."""
     align = align or "l" * len(head)
     rule = ["---:" if a == "r" else "---" for a in align]
-    # a method's name is psi|stat|score: a bare "|" would split the cell
+    # a method's name is query|stat|score: a bare "|" would split the cell
     lines = [[c.replace("|", " / ") for c in r] for r in [head, *rows]]
     return "\n".join("| " + " | ".join(r) + " |" for r in [lines[0], rule, *lines[1:]])
 

@@ -33,7 +33,7 @@ def ranked_at(out, behaviour, method, layers):
     labels = torch.tensor([owner[cache.ids[k]][1] for k in idx])
     m = lensattr.Method.parse(method)
     ps = lensattr.PairStats.load(out / "pairs" / f"{behaviour}.safetensors")
-    q = lensattr.behavior_query(None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache)
+    q = lensattr.behavior_query(None, ps, query=m.query, stat=m.stat, score=m.score, pool=cache)
     r = lensattr.rank(cache, q, layer=list(layers), rows=idx, top_k=None)
     return lensattr.pool_metrics(r.scores_of(idx), labels, coding="planted")
 
@@ -94,7 +94,7 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
     z = torch.zeros(len(idx), dtype=torch.float64)
     for member in auto["members"]:
         m = lensattr.Method.parse(member["method"])
-        q = lensattr.behavior_query(None, ps, psi=m.psi, stat=m.stat, score=m.score, pool=cache)
+        q = lensattr.behavior_query(None, ps, query=m.query, stat=m.stat, score=m.score, pool=cache)
         s = lensattr.rank(cache, q, layer=member["layer"], rows=idx, top_k=None).scores_of(idx)
         z += (s.double() - s.double().mean()) / s.double().std()
     want = lensattr.pool_metrics((z / len(auto["members"])).float(), labels, coding="planted")
@@ -144,13 +144,13 @@ def test_smoke_run_writes_every_output(tiny, data_root, tmp_path):
 
 
 def test_bench_methods_take_any_registered_name(tiny, data_root, tmp_path):
-    """A user's registered psi and score are benchmarked by name, like a built-in."""
+    """A user's registered query rule and score are benchmarked by name, like a built-in."""
     from lensattr import registry
     from lensattr.bench import run_bench
 
     @registry.register_score("test_bench_abs_cos")
-    def abs_cos(rows, norms, psi, ctx=None):
-        return ((rows @ psi) / (norms * psi.norm()).clamp(min=1e-12)).abs()
+    def abs_cos(rows, norms, query, ctx=None):
+        return ((rows @ query) / (norms * query.norm()).clamp(min=1e-12)).abs()
 
     try:
         cfg = smoke_config(data_root)
@@ -248,18 +248,18 @@ def _np_cos(a, b):
 def test_centered_and_whitened_cosine_match_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6)) + np.array([50.0, 0, 0, 0, 0, 0])  # an outlier dimension
-    psi = rng.normal(size=6)
-    rows, v = torch.tensor(x, dtype=torch.float32), torch.tensor(psi, dtype=torch.float32)
+    vec = rng.normal(size=6)
+    rows, v = torch.tensor(x, dtype=torch.float32), torch.tensor(vec, dtype=torch.float32)
     mu, w = _np_moments(x)
     np.testing.assert_allclose(
         centered_cosine(rows, rows.norm(dim=1), v).numpy(),
-        _np_cos(x - mu, psi),
+        _np_cos(x - mu, vec),
         rtol=1e-4,
         atol=1e-5,
     )
     np.testing.assert_allclose(
         whitened_cosine(rows, rows.norm(dim=1), v).numpy(),
-        _np_cos((x - mu) @ w, w @ psi),
+        _np_cos((x - mu) @ w, w @ vec),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -281,16 +281,16 @@ def test_scores_read_moments_from_the_cache(tiny, train_records, tmp_path, monke
         storage_dtype="fp32",
     )
     x = cache.stat("resid_post", 2)[:].double().numpy()
-    psi = torch.randn(x.shape[1])
+    vec = torch.randn(x.shape[1])
     mu, w = _np_moments(x)
     ctx = ScoreContext(cache=cache, stat="resid_post", layer=2)
     rows = torch.tensor(x[:5], dtype=torch.float32)  # a block of rows: moments still from all
-    got = whitened_cosine(rows, rows.norm(dim=1), psi, ctx).numpy()
+    got = whitened_cosine(rows, rows.norm(dim=1), vec, ctx).numpy()
     np.testing.assert_allclose(
-        got, _np_cos((x[:5] - mu) @ w, w @ psi.double().numpy()), rtol=1e-3, atol=1e-4
+        got, _np_cos((x[:5] - mu) @ w, w @ vec.double().numpy()), rtol=1e-3, atol=1e-4
     )
-    got = centered_cosine(rows, rows.norm(dim=1), psi, ctx).numpy()
-    np.testing.assert_allclose(got, _np_cos(x[:5] - mu, psi.double().numpy()), rtol=1e-4, atol=1e-5)
+    got = centered_cosine(rows, rows.norm(dim=1), vec, ctx).numpy()
+    np.testing.assert_allclose(got, _np_cos(x[:5] - mu, vec.double().numpy()), rtol=1e-4, atol=1e-5)
     assert (tmp_path / "c" / "moments-resid_post-2.safetensors").exists()
 
 

@@ -66,7 +66,7 @@ def cli_error(capsys, code: int, *needles: str) -> str:  # noqa: ANN001
     return lines[0]
 
 
-def hand_cache(path: Path, rows: dict[int, torch.Tensor], *, stat: str = "phi", shard_rows=5):
+def hand_cache(path: Path, rows: dict[int, torch.Tensor], *, stat: str = "hand", shard_rows=5):
     """A float32 cache of the given rows (``{layer: [n, d]}``), in shards of ``shard_rows``."""
     path.mkdir(parents=True)
     n, d = next(iter(rows.values())).shape
@@ -131,7 +131,7 @@ def hcache(tmp_path_factory, hrows):
 def hquery():
     gen = torch.Generator().manual_seed(1)
     vecs = {la: unit(torch.randn(D, generator=gen)) for la in LAYERS}
-    return Query(vectors=vecs, psi="contrast", stat="phi", model=MODEL, n_pairs=6)
+    return Query(vectors=vecs, rule="contrast", stat="hand", model=MODEL, n_pairs=6)
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +151,18 @@ def built(tmp_path_factory, tiny, train_records, pair_records):
 # ------------------------------------------------- registered test scores (row-local or broken)
 
 
-def _rowcos(rows, norms, psi, ctx=None):  # noqa: ANN001, ANN202
+def _rowcos(rows, norms, query, ctx=None):  # noqa: ANN001, ANN202
     """A row-local cosine: NaN for a zero row (0 / 0), so non-finite scores are exercised."""
-    return (rows * psi).sum(1) / (norms * psi.norm())
+    return (rows * query).sum(1) / (norms * query.norm())
 
 
 BAD_SHAPES = {
-    "bnd_scalar": lambda rows, norms, psi, ctx=None: (rows @ psi).sum(),
-    "bnd_one": lambda rows, norms, psi, ctx=None: (rows @ psi)[:1],
-    "bnd_column": lambda rows, norms, psi, ctx=None: (rows @ psi)[:, None],
-    "bnd_longer": lambda rows, norms, psi, ctx=None: torch.cat([rows @ psi, torch.zeros(1)]),
-    "bnd_int": lambda rows, norms, psi, ctx=None: (rows @ psi).long(),
-    "bnd_list": lambda rows, norms, psi, ctx=None: (rows @ psi).tolist(),
+    "bnd_scalar": lambda rows, norms, query, ctx=None: (rows @ query).sum(),
+    "bnd_one": lambda rows, norms, query, ctx=None: (rows @ query)[:1],
+    "bnd_column": lambda rows, norms, query, ctx=None: (rows @ query)[:, None],
+    "bnd_longer": lambda rows, norms, query, ctx=None: torch.cat([rows @ query, torch.zeros(1)]),
+    "bnd_int": lambda rows, norms, query, ctx=None: (rows @ query).long(),
+    "bnd_list": lambda rows, norms, query, ctx=None: (rows @ query).tolist(),
 }
 GOOD_SCORES = ["cosine", "dot", "projection", "centered_cosine", "whitened_cosine",
                "deflated_cosine", "bnd_rowcos"]  # fmt: skip
@@ -185,9 +185,9 @@ def reference(cache, q, layers, score, keep, top_k, bottom, block=1024):  # noqa
     rule = get_score(score)
     s = torch.zeros(len(cache))
     for la in layers:
-        view = cache.stat("phi", la)
+        view = cache.stat("hand", la)
         x, norms = view[:].to(torch.float32, copy=True), view.norms
-        ctx = ScoreContext(cache, "phi", la)
+        ctx = ScoreContext(cache, "hand", la)
         s += torch.cat(
             [
                 rule.fn(x[a : a + block], norms[a : a + block], q.vector(la), ctx).float()
@@ -220,7 +220,7 @@ def test_a_build_whose_every_record_is_dropped_is_an_error(tmp_path, tiny, train
     one_line(err.value, "all 12 examples were skipped", "max_length")
     assert not (tmp_path / "a" / "manifest.json").exists()
 
-    @registry.register_phi("bnd_inf", needs_grad=False)
+    @registry.register_stat("bnd_inf", needs_grad=False)
     def bnd_inf(acts):  # noqa: ANN001, ANN202
         return torch.full((acts.mask.shape[0], acts.z_out.shape[-1]), torch.inf)
 
@@ -230,7 +230,7 @@ def test_a_build_whose_every_record_is_dropped_is_an_error(tmp_path, tiny, train
                         stats=["bnd_inf"], on_error="skip", progress=False)  # fmt: skip
         one_line(err.value, "all 3 examples were skipped", "non-finite bnd_inf")
     finally:
-        registry.PHI.pop("bnd_inf")
+        registry.STAT.pop("bnd_inf")
 
 
 def test_the_cli_does_not_report_a_cache_of_0_examples(tmp_path, built, capsys):
@@ -324,31 +324,31 @@ def test_a_score_of_the_wrong_shape_is_refused_naming_it(hcache, hquery, name):
     one_line(err.value, f"score {name!r}", "test_boundary.<lambda>", "one score per row")
 
 
-def test_a_psi_or_phi_of_the_wrong_shape_is_refused_naming_it(
+def test_a_query_rule_or_statistic_of_the_wrong_shape_is_refused_naming_it(
     tmp_path, tiny, train_records, pair_records
 ):
-    @registry.register_psi("bnd_flat", stat="resid_post")
+    @registry.register_query("bnd_flat", stat="resid_post")
     def bnd_flat(treatment, control, pool):  # noqa: ANN001, ANN202
         return (treatment - control).mean(0)  # [d], not one contribution per pair
 
-    @registry.register_phi("bnd_one_row", needs_grad=False)
+    @registry.register_stat("bnd_one_row", needs_grad=False)
     def bnd_one_row(acts):  # noqa: ANN001, ANN202
         return pool(acts.z_out, acts.mask)[:1]  # would broadcast to every row
 
     try:
         ps = pair_stats(tiny, pair_records, stats=["resid_post"], layers=[1])
         with pytest.raises(MethodError) as err:
-            behavior_query(tiny, ps, psi="bnd_flat")
-        one_line(err.value, "psi 'bnd_flat'", "bnd_flat", "(6, 32)", "one contribution per pair")
+            behavior_query(tiny, ps, query="bnd_flat")
+        one_line(err.value, "query 'bnd_flat'", "bnd_flat", "(6, 32)", "one contribution per pair")
         with pytest.raises(MethodError) as err:
             build_cache(tiny, train_records[:4], out=tmp_path / "c", layers=[1],
                         stats=["bnd_one_row"], progress=False)  # fmt: skip
-        one_line(err.value, "phi 'bnd_one_row'", "shape (1, 32)", "one row per example")
+        one_line(err.value, "statistic 'bnd_one_row'", "shape (1, 32)", "one row per example")
         with pytest.raises(MethodError):
             pair_stats(tiny, pair_records, stats=["bnd_one_row"], layers=[1])
     finally:
-        registry.PSI.pop("bnd_flat")
-        registry.PHI.pop("bnd_one_row")
+        registry.QUERY.pop("bnd_flat")
+        registry.STAT.pop("bnd_one_row")
 
 
 # ======================================================================== 6. plugins
@@ -363,8 +363,8 @@ def test_a_plugin_replaces_a_builtin_only_when_the_user_allows_it(tmp_path, monk
         from lensattr import register_score
 
         @register_score("cosine", batched=True, override=True)
-        def cosine(rows, norms, psi, ctx=None):
-            return rows @ psi
+        def cosine(rows, norms, query, ctx=None):
+            return rows @ query
         """,
     )
     builtin = registry.SCORE["cosine"]
@@ -409,20 +409,20 @@ def test_pairs_whose_two_sides_are_the_same_are_refused_naming_them(tiny, pair_r
 
 
 @pytest.mark.parametrize("name", [None, 5, "", "a/b", "..", ".hidden", "x/../../escaped", "a|b"])
-@pytest.mark.parametrize("kind", ["phi", "psi", "score"])
+@pytest.mark.parametrize("kind", ["statistic", "query", "score"])
 def test_registry_names_are_plain_names(kind, name):
     deco = {
-        "phi": lambda: unchecked(registry.register_phi)(name),
-        "psi": lambda: unchecked(registry.register_psi)(name, stat="resid_post"),
+        "statistic": lambda: unchecked(registry.register_stat)(name),
+        "query": lambda: unchecked(registry.register_query)(name, stat="resid_post"),
         "score": lambda: unchecked(registry.register_score)(name),
     }[kind]
     with pytest.raises(ValueError) as err:
         deco()(lambda *a: None)
     one_line(err.value, f"{kind} name {name!r} is not a plain name")
-    assert name not in registry.PHI and name not in registry.PSI and name not in registry.SCORE
+    assert name not in registry.STAT and name not in registry.QUERY and name not in registry.SCORE
     with pytest.raises(ValueError, match="statistic name 'a/b' is not a plain name"):
-        registry.register_psi("bnd_ok", stat="a/b")(lambda *a: None)
-    assert "bnd_ok" not in registry.PSI
+        registry.register_query("bnd_ok", stat="a/b")(lambda *a: None)
+    assert "bnd_ok" not in registry.QUERY
 
 
 def test_a_crafted_statistic_name_never_reaches_a_path(tmp_path, hcache, monkeypatch):
@@ -444,8 +444,8 @@ def test_a_crafted_statistic_name_never_reaches_a_path(tmp_path, hcache, monkeyp
         pool_moments(hcache, "x/../../escaped", 0)
     assert not list(tmp_path.rglob("*escaped*"))
     assert not list(hcache.path.parent.glob("*escaped*"))
-    pool_moments(hcache, "phi", 0)  # a plain one persists, inside the cache
-    assert (hcache.path / "moments-phi-0.safetensors").exists()
+    pool_moments(hcache, "hand", 0)  # a plain one persists, inside the cache
+    assert (hcache.path / "moments-hand-0.safetensors").exists()
 
 
 # ===================================================== 10. another statistic than the query's
@@ -500,13 +500,13 @@ def test_a_boolean_id_is_refused(tmp_path, value):
 def test_a_query_from_another_statistic_function_is_refused(
     tmp_path, tiny, train_records, pair_records
 ):
-    builtin = registry.PHI["resid_post"]
+    builtin = registry.STAT["resid_post"]
     assert lensattr.build_cache(tiny, train_records[:4], out=tmp_path / "b", layers=[1],
                                 stats=["resid_post"], progress=False).manifest["stat_modules"] == {
         "resid_post": "lensattr.methods.statistics"
     }  # fmt: skip
     try:  # an overridden built-in: the same name, another function
-        registry.register_phi("resid_post", needs_grad=False, override=True)(
+        registry.register_stat("resid_post", needs_grad=False, override=True)(
             lambda acts: 2 * pool(acts.z_out, acts.mask)
         )
         cache = build_cache(tiny, train_records[:4], out=tmp_path / "c", layers=[1],
@@ -517,17 +517,17 @@ def test_a_query_from_another_statistic_function_is_refused(
                         progress=False)  # fmt: skip
         one_line(err.value, "cannot be reused", "computed by lensattr.methods.statistics")
     finally:
-        registry.PHI["resid_post"] = builtin
+        registry.STAT["resid_post"] = builtin
     assert cache.manifest["stat_modules"] == {"resid_post": "test_boundary"}
     assert cache.manifest["lensattr_version"] == lensattr.__version__
-    q = behavior_query(tiny, pair_records, psi="residual_diff", layers=[1])
+    q = behavior_query(tiny, pair_records, query="residual_diff", layers=[1])
     assert q.stat_module == "lensattr.methods.statistics"
     with pytest.raises(CacheError) as err:
         lensattr.rank(cache, q, layer=1)
     one_line(err.value, "'resid_post' rows were computed by test_boundary",
              "by lensattr.methods.statistics")  # fmt: skip
     with pytest.raises(CacheError, match="computed by test_boundary"):
-        behavior_query(tiny, pair_records, psi="pool_contrast", layers=[1], pool=cache)
+        behavior_query(tiny, pair_records, query="pool_contrast", layers=[1], pool=cache)
     q.save(tmp_path / "q.safetensors")  # recorded in a saved query too
     assert Query.load(tmp_path / "q.safetensors").stat_module == "lensattr.methods.statistics"
 
@@ -537,8 +537,8 @@ def test_a_query_from_another_statistic_function_is_refused(
 
 def test_rank_writes_null_for_a_non_finite_score(built, tmp_path, capsys):
     @registry.register_score("bnd_nan")
-    def bnd_nan(rows, norms, psi, ctx=None):  # noqa: ANN001, ANN202
-        return torch.where(norms == norms.max(), torch.nan, rows @ psi)
+    def bnd_nan(rows, norms, query, ctx=None):  # noqa: ANN001, ANN202
+        return torch.where(norms == norms.max(), torch.nan, rows @ query)
 
     try:
         out = tmp_path / "r.jsonl"
@@ -572,7 +572,7 @@ def test_a_lock_planted_as_a_symlink_is_not_followed(tmp_path, tiny, train_recor
 
 def test_saved_queries_and_pair_statistics_respect_the_umask(tmp_path, tiny, pair_records):
     ps = pair_stats(tiny, pair_records, stats=["resid_post"], layers=[1])
-    q = behavior_query(tiny, ps, psi="residual_diff")
+    q = behavior_query(tiny, ps, query="residual_diff")
     old = os.umask(0o002)
     try:
         q.save(tmp_path / "q.safetensors")
@@ -658,7 +658,9 @@ def test_a_corrupt_build_record_is_named(tmp_path, tiny, train_records):
 
 
 def test_a_query_of_another_dimension_is_refused(hcache):
-    q = Query(vectors={0: unit(torch.ones(8))}, psi="contrast", stat="phi", model=MODEL, n_pairs=2)
+    q = Query(
+        vectors={0: unit(torch.ones(8))}, rule="contrast", stat="hand", model=MODEL, n_pairs=2
+    )
     with pytest.raises(CacheError) as err:
         lensattr.rank(hcache, q, layer=0)
     one_line(err.value, "the query's vectors have 8 dimensions, the cache's rows 16")
@@ -673,7 +675,7 @@ def test_a_query_of_another_dimension_is_refused(hcache):
         ("pool", "5", "field 'pool'"),
         ("capture", "[1]", "not a lensattr query"),
         ("n_pairs", "x", "not a lensattr query"),
-        ("psi", "a/b", "field 'psi'"),
+        ("rule", "a/b", "field 'rule'"),
         ("stat", "", "field 'stat'"),
         ("stat_module", "7", "field 'stat_module'"),
         ("layer", '"best"', "field 'layer'"),
@@ -844,7 +846,7 @@ def hpairs(hrows):
     gen = torch.Generator().manual_seed(2)
     t = {la: hrows[la][:6] + torch.randn(6, D, generator=gen) for la in LAYERS}
     c = {la: torch.randn(6, D, generator=gen) for la in LAYERS}
-    return PairStats({"phi": t}, {"phi": c}, MODEL)
+    return PairStats({"hand": t}, {"hand": c}, MODEL)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -864,7 +866,7 @@ def test_select_chooses_or_refuses_in_one_line(
     )
     valid = valid and score in GOOD_SCORES and (keep is None or len(keep) >= 2)
     try:
-        sel = unchecked(lensattr.select)(None, hcache, hpairs, methods=[f"contrast|phi|{score}"],
+        sel = unchecked(lensattr.select)(None, hcache, hpairs, methods=[f"contrast|hand|{score}"],
                               rows=rows, folds=folds, pool_sample=pool_sample,
                               set_size=set_size)  # fmt: skip
     except ValueError as err:
@@ -872,12 +874,12 @@ def test_select_chooses_or_refuses_in_one_line(
         assert not valid or "fewer than a held-out fold" in text, text
         return
     assert valid, "a bad argument was accepted"
-    assert str(sel.method) == f"contrast|phi|{score}"
+    assert str(sel.method) == f"contrast|hand|{score}"
     assert all(math.isfinite(r["criterion"]) for r in sel.table)
     if isinstance(keep, torch.Tensor):  # the same pool given as indices or as a mask
         mask = torch.zeros(N, dtype=torch.bool)
         mask[keep] = True
-        again = lensattr.select(None, hcache, hpairs, methods=[f"contrast|phi|{score}"],
+        again = lensattr.select(None, hcache, hpairs, methods=[f"contrast|hand|{score}"],
                                 rows=mask, folds=folds, pool_sample=pool_sample,
                                 set_size=set_size)  # fmt: skip
         assert again.table == sel.table and again.layer == sel.layer
@@ -885,7 +887,7 @@ def test_select_chooses_or_refuses_in_one_line(
 
 @settings(max_examples=120, deadline=None)
 @given(
-    kind=st.sampled_from(["phi", "psi", "score"]),
+    kind=st.sampled_from(["statistic", "query", "score"]),
     shape=st.lists(st.integers(0, 5), max_size=3),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.int64, torch.bool]),
     n=st.integers(1, 4),
@@ -898,8 +900,8 @@ def test_registered_outputs_are_right_or_refused_naming_the_function(kind, shape
     out = torch.zeros(shape, dtype=dtype)
     fn = lambda *args: out  # noqa: E731
     fn.__qualname__ = "bnd_fn"
-    if kind == "phi":
-        item = registry.Phi("bnd_p", fn, module="tests")
+    if kind == "statistic":
+        item = registry.Stat("bnd_p", fn, module="tests")
         z = torch.zeros(n, 2, d)
         call, want = (
             (lambda: item.apply(LayerActs(z, z, None, torch.ones(n, 2, dtype=bool)))),
@@ -908,14 +910,14 @@ def test_registered_outputs_are_right_or_refused_naming_the_function(kind, shape
                 d,
             ],
         )
-    elif kind == "psi":
-        item = registry.Psi("bnd_p", fn, stat="phi", module="tests")
+    elif kind == "query":
+        item = registry.QueryRule("bnd_p", fn, stat="hand", module="tests")
         call, want = (lambda: item.apply(torch.zeros(n, d), torch.zeros(n, d), None)), [n, d]
     else:
         item = registry.Score("bnd_p", fn, module="tests")
-        psi = torch.zeros(d) if q is None else torch.zeros(d, q)
+        vec = torch.zeros(d) if q is None else torch.zeros(d, q)
         call, want = (
-            (lambda: item.apply(torch.zeros(n, d), torch.zeros(n), psi, None)),
+            (lambda: item.apply(torch.zeros(n, d), torch.zeros(n), vec, None)),
             ([n] if q is None else [n, q]),
         )
     ok = shape == want and dtype.is_floating_point

@@ -8,7 +8,7 @@ from reference import reference_capture, reference_stats
 
 from lensattr import build_cache, capture, load_examples
 from lensattr.data import Example
-from lensattr.registry import get_phi
+from lensattr.registry import get_stat
 from lensattr.render import collate, encode
 
 REPLY_STATS = (
@@ -71,7 +71,7 @@ def test_statistics_match_definitions_before_and_after_storage(tiny, train_recor
         for layer in layers:
             want = reference_stats(*ref[layer], batch.mask)
             for stat in STATS:
-                fp32 = get_phi(stat).fn(acts[layer])
+                fp32 = get_stat(stat).fn(acts[layer])
                 assert rel(fp32, want[stat]) < 1e-5, (stat, layer)
                 stored = cache.stat(stat, layer)[order].float()
                 assert rel(stored, want[stat]) < tol, (stat, layer, dtype)
@@ -95,7 +95,7 @@ def test_example_alone_equals_batched(tiny, train_records, padding_side):
     )
     for layer in layers:
         for stat in STATS:
-            fn = get_phi(stat).fn
+            fn = get_stat(stat).fn
             a, b = fn(alone[layer])[0], fn(mixed[layer])[1]
             assert float((a - b).norm() / a.norm()) < 1e-5, (stat, layer)
 
@@ -106,7 +106,7 @@ def test_all_layer_pass_equals_single_layer_passes(tiny, train_records):
     for layer in range(4):
         single = capture(tiny, batch, [layer])[layer]
         for stat in STATS:
-            fn = get_phi(stat).fn
+            fn = get_stat(stat).fn
             assert rel(fn(together[layer]), fn(single)) < 1e-5, (stat, layer)
 
 
@@ -122,7 +122,7 @@ def test_forward_only_capture_has_no_grad(tiny, train_records):
     acts = capture(tiny, batch, [1], grad=False)[1]
     assert acts.grad is None
     with pytest.raises(ValueError, match="needs gradients"):
-        get_phi("grad").fn(acts)
+        get_stat("grad").fn(acts)
 
 
 def test_sites_map_to_the_modules_that_hooks_see(tiny, train_records):
@@ -285,7 +285,7 @@ def test_capture_after_the_prompt_prefix_matches_hooks_and_autograd(
         assert rel(a.grad[a.mask], g[m]) < 1e-5 and g[m].abs().max() > 0
         want = reference_stats(zi, zo, g, m)
         for stat in REPLY_STATS:
-            assert rel(get_phi(stat).fn(a), want[stat]) < 1e-5, (stat, layer)
+            assert rel(get_stat(stat).fn(a), want[stat]) < 1e-5, (stat, layer)
     whole = capture(tiny, batch, layers)  # the default keeps every position
     assert whole[0].z_in.shape[1] == m.shape[1]
     fwd = capture(tiny, batch, layers, grad=False, keep_prompt=False)  # forward-only: one cut
@@ -337,15 +337,15 @@ def test_prompt_cuts_and_call_groups():
 def test_a_statistic_that_reads_the_prompt_is_captured_whole(tiny, train_records, tmp_path):
     """Statistics pooled over the response let ``build_cache`` skip the prompt's backward; one
     with another pooling gets every position, and its cached rows match a one-pass reference."""
-    from lensattr.registry import PHI, register_phi
+    from lensattr.registry import STAT, register_stat
 
-    @register_phi("prompt_grad", pooling="first_token")
+    @register_stat("prompt_grad", pooling="first_token")
     def prompt_grad(acts):  # g at the first token, a prompt token with right padding
         return acts.grad[:, 0]
 
     recs = train_records[:4]
     try:
-        assert PHI["prompt_grad"].reads_prompt and not PHI["grad"].reads_prompt
+        assert STAT["prompt_grad"].reads_prompt and not STAT["grad"].reads_prompt
         cache = build_cache(tiny, recs, out=tmp_path / "c", layers=[1], stats=["prompt_grad"])
         batch = collate(encoded(tiny, recs), tiny.pad_id)
         ref = reference_capture(
@@ -355,7 +355,7 @@ def test_a_statistic_that_reads_the_prompt_is_captured_whole(tiny, train_records
         got = cache.stat("prompt_grad", 1)[[cache.ids.index(i) for i in batch.ids]].float()
         assert want.norm(dim=1).min() > 0 and rel(got, want) < 1e-2  # bf16 storage
     finally:
-        PHI.pop("prompt_grad", None)
+        STAT.pop("prompt_grad", None)
 
 
 def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
@@ -389,7 +389,7 @@ def test_a_pairs_replies_share_one_prefix_pass(tiny, pair_records):
     whole = capture(tiny, batch, [1, 3])  # every position, one pass
     for layer in (1, 3):
         for stat in REPLY_STATS:
-            want = get_phi(stat).fn(whole[layer])
+            want = get_stat(stat).fn(whole[layer])
             t, c = got.sides(stat, layer)
             assert rel(t, want[0::2]) < 1e-5 and rel(c, want[1::2]) < 1e-5, (stat, layer)
 

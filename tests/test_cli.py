@@ -274,7 +274,7 @@ def test_explain_prints_highlighted_tokens(ranked, capsys, tiny):
     cache, _, by_id = ranked
     q = str(Path(cache).parent / "contrast.st")  # a statistic pooled over the reply alone
     common = ["--model", "tiny-random", "--device", "cpu", "--quiet", "--layers", "1:3"]
-    pairs = ["--pairs", str(Path(cache).parent / "pairs.jsonl"), "--psi", "contrast"]
+    pairs = ["--pairs", str(Path(cache).parent / "pairs.jsonl"), "--query", "contrast"]
     assert main(["query", *common, *pairs, "--stat", "resid_post", "--out", q]) == 0
     capsys.readouterr()
     base = ["explain", "--model", "tiny-random", "--device", "cpu", "--cache", cache]

@@ -78,18 +78,25 @@ def _rewrite_meta(path, **meta):
     save_file(load_file(str(path)), str(path), new)
 
 
-def test_old_saved_queries_map_into_the_config(tiny, pair_records, tmp_path):
+def test_a_saved_query_records_every_capture_field(tiny, pair_records, tmp_path):
     path = tmp_path / "q.safetensors"
-    behavior_query(tiny, pair_records, layers=LAYERS, max_length=64).save(path)
-    # before CaptureConfig, a query recorded max_length and padding_side only
+    q = behavior_query(tiny, pair_records, layers=LAYERS, max_length=64)
+    q.save(path)
+    record = json.loads(Query.load(path).metadata()["capture"])
+    assert record == CaptureConfig(layers=LAYERS, max_length=64, storage_dtype="fp32").to_manifest()
+    # nothing was released: a record missing a field (or the record itself) is refused, not filled
     _rewrite_meta(path, capture=json.dumps({"max_length": 64, "padding_side": "right"}))
-    old = Query.load(path)
-    assert old.capture == CaptureConfig(layers=LAYERS, max_length=64, storage_dtype="float32")
-    _rewrite_meta(path, capture=None)  # and before that, nothing (checked against nothing)
-    assert Query.load(path).capture is None
-    _rewrite_meta(path, capture=json.dumps({"max_length": 64, "padding_side": "middle"}))
+    with pytest.raises(QueryError, match="field 'capture' lacks 'layers', 'pooling', 'dtype'"):
+        Query.load(path)
+    _rewrite_meta(path, capture=None)
+    with pytest.raises(QueryError, match="not a lensattr query \\(KeyError: 'capture'\\)"):
+        Query.load(path)
+    _rewrite_meta(path, capture=json.dumps({**record, "padding_side": "middle"}))
     with pytest.raises(QueryError, match="padding_side must be 'right' or 'left'"):
         Query.load(path)
+    q.capture = None  # not recorded: saved as {}, read back as None (checked against nothing)
+    q.save(path)
+    assert Query.load(path).capture is None
 
 
 def test_rank_refuses_a_query_at_another_max_length(cache64, tiny, pair_records):
@@ -168,12 +175,12 @@ def test_bad_settings_are_refused_naming_the_field():
 
 
 def test_a_statistic_brings_its_own_pooling(tiny, train_records, pair_records, tmp_path):
-    """Pooling is an attribute of a statistic (``register_phi(pooling=...)``): the cache and the
+    """Pooling is an attribute of a statistic (``register_stat(pooling=...)``): the cache and the
     query record it, statistics that pool differently are not captured together, ``rank``
     refuses a query of another pooling and ``explain`` a statistic it cannot split by token."""
-    from lensattr.registry import PHI, register_phi
+    from lensattr.registry import STAT, register_stat
 
-    @register_phi("last_reply_token", needs_grad=False, pooling="last_token")
+    @register_stat("last_reply_token", needs_grad=False, pooling="last_token")
     def last_reply_token(acts):
         last = acts.mask.float().cumsum(1).argmax(1)  # the last reply position of each row
         return acts.z_out[torch.arange(len(last)), last]
@@ -194,17 +201,17 @@ def test_a_statistic_brings_its_own_pooling(tiny, train_records, pair_records, t
             )
         last = pair_stats(tiny, pair_records, stats=["last_reply_token"], layers=[2])
         assert last.capture.pooling == "last_token"
-        query = behavior_query(None, last, psi="contrast", stat="last_reply_token")
+        query = behavior_query(None, last, query="contrast", stat="last_reply_token")
         assert len(rank(cache, query, layer=2, top_k=3)) == 3  # same pooling: ranked
         mean = pair_stats(tiny, pair_records, stats=["resid_post"], layers=[2])
-        other = behavior_query(None, mean, psi="contrast", stat="resid_post")
+        other = behavior_query(None, mean, query="contrast", stat="resid_post")
         refused = "pooling='mean_response', the cache with pooling='last_token'"
         with pytest.raises(CacheError, match=refused):
             rank(cache, other, layer=2, stat="last_reply_token")
         with pytest.raises(QueryError, match="pools by 'last_token'"):
             explain(tiny, train_records[0], query, 2)
     finally:
-        PHI.pop("last_reply_token", None)
+        STAT.pop("last_reply_token", None)
 
 
 def test_bench_config_generates_the_bench_cli():
@@ -232,3 +239,55 @@ def test_bench_config_generates_the_bench_cli():
         ft_behaviours=["medhallu"],
         methods=["contrast|grad|dot"],
     )
+
+
+def test_pair_stats_takes_a_config(tiny, pair_records):
+    cfg = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left")
+    stats = ["resid_post", "residual_change"]
+    by_config = pair_stats(tiny, pair_records, stats=stats, config=cfg, progress=False)
+    by_keywords = pair_stats(
+        tiny,
+        pair_records,
+        stats=stats,
+        layers=LAYERS,
+        max_length=64,
+        padding_side="left",
+        progress=False,
+    )
+    assert (
+        by_config.capture
+        == by_keywords.capture
+        == dataclasses.replace(cfg, storage_dtype="float32")
+    )
+    for stat in stats:
+        for layer in LAYERS:
+            for a, b in zip(
+                by_config.sides(stat, layer), by_keywords.sides(stat, layer), strict=True
+            ):
+                assert torch.equal(a, b), (stat, layer)  # bitwise
+    q_config = behavior_query(tiny, pair_records, config=cfg, progress=False)
+    q_keywords = behavior_query(
+        tiny, pair_records, layers=LAYERS, max_length=64, padding_side="left", progress=False
+    )
+    assert q_config.capture == q_keywords.capture
+    assert all(torch.equal(q_config.vector(la), q_keywords.vector(la)) for la in LAYERS)
+
+
+@pytest.mark.parametrize("step", [pair_stats, behavior_query])
+def test_a_config_and_a_keyword_conflict_as_in_build_cache(step, tiny, pair_records):
+    cfg = CaptureConfig(layers=LAYERS, max_length=64)
+    name = step.__name__
+    with pytest.raises(ValueError, match=f"^{name} got config= and max_length=: give the capture"):
+        step(tiny, pair_records, config=cfg, max_length=32)
+    with pytest.raises(ValueError, match=f"^{name} got config= and layers, padding_side=: give"):
+        step(tiny, pair_records, config=cfg, layers=[1], padding_side="left")
+    # a keyword left at its default (spelled out or not) defers to the config, as in build_cache
+    got = step(tiny, pair_records, config=cfg, max_length=512, progress=False)
+    assert got.capture is not None and got.capture.max_length == 64
+
+
+def test_select_then_cache_takes_a_config(tmp_path):
+    from lensattr import select_then_cache
+
+    with pytest.raises(ValueError, match="^select_then_cache got config= and max_length="):
+        select_then_cache(None, [], [], out=tmp_path, config=CaptureConfig(), max_length=32)

@@ -25,8 +25,8 @@ def setup(tiny, train_records, pair_records, tmp_path_factory):
     return cache, ps
 
 
-def _member(ps, psi, stat, score, layer, pool=None):
-    q = behavior_query(None, ps, psi=psi, stat=stat, score=score, layers=[1, 3], pool=pool)
+def _member(ps, rule, stat, score, layer, pool=None):
+    q = behavior_query(None, ps, query=rule, stat=stat, score=score, layers=[1, 3], pool=pool)
     q.layer = layer
     return q
 
@@ -62,7 +62,7 @@ def test_an_ensemble_is_saved_and_loaded_whole(setup, tmp_path):
     ens.save(tmp_path / "e.safetensors")
     back = Ensemble.load(tmp_path / "e.safetensors")
     for m, n in zip(ens.members, back.members, strict=True):
-        assert (m.psi, m.stat, m.score, m.layer) == (n.psi, n.stat, n.score, n.layer)
+        assert (m.rule, m.stat, m.score, m.layer) == (n.rule, n.stat, n.score, n.layer)
         assert all(torch.equal(m.vector(la), n.vector(la)) for la in m.layers)
     via_path = rank(cache, tmp_path / "e.safetensors", top_k=None)
     assert torch.equal(via_path.scores, rank(cache, ens, top_k=None).scores)
@@ -77,7 +77,7 @@ def test_an_ensemble_refuses_a_layer_and_a_member_without_one(setup):
     with pytest.raises(ValueError, match="its own layer"):
         rank(cache, ens, layer=1)
     with pytest.raises(QueryError, match="has no layer"):
-        Ensemble([behavior_query(None, ps, psi="contrast", stat="grad", layers=[1])])
+        Ensemble([behavior_query(None, ps, query="contrast", stat="grad", layers=[1])])
     with pytest.raises(QueryError, match="at least one"):
         Ensemble([])
 
@@ -88,7 +88,7 @@ def test_select_ranks_with_its_top_methods_together(setup):
     assert sel.ensemble is not None and len(sel.ensemble.members) == 4
     means, best = method_scores(sel.table), best_rows(sel.table)
     top = sorted(means, key=lambda m: means[m], reverse=True)[:4]
-    got = [f"{q.psi}|{q.stat}|{q.score}" for q in sel.ensemble.members]
+    got = [f"{q.rule}|{q.stat}|{q.score}" for q in sel.ensemble.members]
     assert got == top
     assert [q.layer for q in sel.ensemble.members] == [best[m]["layer"] for m in top]
     assert torch.equal(rank(cache, sel, top_k=None).scores,

@@ -1,6 +1,6 @@
-"""Extending lensattr through its public registries only: a toy backend (``register_backend``)
-and a toy choice criterion (``register_criterion``), each checked against an independent
-computation."""
+"""Extending lensattr through its public registries only: a toy backend (``register_backend``),
+a toy choice criterion (``register_criterion``) and a toy statistic and query rule
+(``register_stat``, ``register_query``), each checked against an independent computation."""
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ import torch
 
 import lensattr
 from lensattr.backends.backend import BACKENDS, Model, register_backend
-from lensattr.registry import CRITERION
+from lensattr.registry import CRITERION, QUERY, STAT
 from lensattr.types import LayerActs
 
 
@@ -123,3 +123,33 @@ def test_select_chooses_by_a_registered_criterion(toy_criterion, tiny, train_rec
     assert sel.layer == max(rows, key=lambda r: (r["accuracy"], r["accuracy"], r["layer"]))["layer"]
     with pytest.raises(KeyError, match="unknown criterion 'nope'; registered: .*toy_accuracy"):
         lensattr.select(tiny, cache, ps, criterion="nope")
+
+
+def test_a_statistic_and_a_query_rule_join_by_name(tiny, train_records, pair_records, tmp_path):
+    @lensattr.register_stat("toy_last_input", needs_grad=False)
+    def toy_last_input(acts: LayerActs) -> torch.Tensor:
+        last = acts.mask.int().cumsum(1).argmax(1)  # the last reply position
+        return acts.z_in[torch.arange(len(last)), last]
+
+    @lensattr.register_query("toy_treatment", stat="toy_last_input", stats=("toy_last_input",))
+    def toy_treatment(treatment: torch.Tensor, control: torch.Tensor, pool: Any) -> torch.Tensor:
+        return treatment
+
+    try:
+        cache = lensattr.build_cache(
+            tiny, train_records, out=tmp_path, layers=[2], stats=["toy_last_input"], progress=False
+        )
+        assert lensattr.Method("toy_treatment", "toy_last_input", "dot") in lensattr.candidates(
+            cache.stats
+        )
+        q = lensattr.behavior_query(tiny, pair_records, query="toy_treatment", layers=[2])
+        assert (q.rule, q.stat, q.score) == ("toy_treatment", "toy_last_input", "cosine")
+        q.save(tmp_path / "q.safetensors")
+        assert lensattr.Query.load(tmp_path / "q.safetensors").rule == "toy_treatment"
+        # independent: the mean of the treatment replies' rows, normalised, is the query
+        ps = lensattr.pair_stats(tiny, pair_records, stats=["toy_last_input"], layers=[2])
+        t = ps.sides("toy_last_input", 2)[0].double().mean(0)
+        assert torch.allclose(q.vector(2), (t / t.norm()).float(), atol=1e-6)
+    finally:
+        STAT.pop("toy_last_input", None)
+        QUERY.pop("toy_treatment", None)

@@ -18,7 +18,7 @@ from lensattr import (
 )
 from lensattr.query import Query, QueryError
 from lensattr.rank import Ranking
-from lensattr.registry import get_phi
+from lensattr.registry import get_stat
 from lensattr.render import collate, encode
 
 
@@ -32,7 +32,7 @@ def stat_of(model, examples, stat, layer):
 
 
 @pytest.mark.parametrize(
-    ("psi", "stat"),
+    ("rule", "stat"),
     [
         ("residual_change", "residual_change"),
         ("residual_diff", "resid_post"),
@@ -40,16 +40,16 @@ def stat_of(model, examples, stat, layer):
         ("contrast", "grad"),
     ],
 )
-def test_contrast_query_equals_direct_computation(tiny, pair_records, psi, stat):
-    kwargs = {"stat": stat} if psi == "contrast" else {}
-    q = behavior_query(tiny, pair_records, psi=psi, layers=[1, 3], batch_size=4, **kwargs)
+def test_contrast_query_equals_direct_computation(tiny, pair_records, rule, stat):
+    kwargs = {"stat": stat} if rule == "contrast" else {}
+    q = behavior_query(tiny, pair_records, query=rule, layers=[1, 3], batch_size=4, **kwargs)
     assert q.stat == stat and q.n_pairs == len(pair_records)
     pairs = load_pairs(pair_records)
     for layer in (1, 3):
         t = stat_of(tiny, [p.sides()[0] for p in pairs], stat, layer)
         c = stat_of(tiny, [p.sides()[1] for p in pairs], stat, layer)
         diff = t - c
-        if psi == "residual_change":  # the authors' query: each pair normalised first
+        if rule == "residual_change":  # the authors' query: each pair normalised first
             diff = diff / diff.norm(dim=1, keepdim=True)
         want = diff.mean(0) / diff.mean(0).norm()
         assert torch.allclose(q.vector(layer), want, atol=1e-5)
@@ -60,7 +60,7 @@ def test_query_save_load_round_trip(tiny, pair_records, tmp_path):
     q = behavior_query(tiny, pair_records, layers=[0, 2])
     q.save(tmp_path / "q.safetensors")
     back = Query.load(tmp_path / "q.safetensors")
-    assert back.layers == [0, 2] and back.psi == q.psi and back.model == q.model
+    assert back.layers == [0, 2] and back.rule == q.rule and back.model == q.model
     assert back.cv == q.cv
     assert torch.equal(back.vector(2), q.vector(2))
 
@@ -83,11 +83,11 @@ def built(tiny, train_records, pair_records, tmp_path_factory):
 def test_rank_streams_to_the_same_order_as_a_full_sort(built, g):
     cache, q = built
     rows = cache.stat("residual_change", 2)[:].float()
-    psi = q.vector(2)
+    vec = q.vector(2)
     direct = {
-        "dot": rows @ psi,
-        "projection": rows @ psi / psi.norm(),
-        "cosine": torch.nn.functional.cosine_similarity(rows, psi[None], dim=1),
+        "dot": rows @ vec,
+        "projection": rows @ vec / vec.norm(),
+        "cosine": torch.nn.functional.cosine_similarity(rows, vec[None], dim=1),
     }[g]
     r = rank(cache, q, layer=2, score=g, top_k=5, chunk_rows=3)
     assert r.ids == [cache.ids[i] for i in torch.topk(direct, 5).indices.tolist()]
@@ -105,11 +105,11 @@ def test_rank_over_several_layers_is_the_mean_of_their_scores(built, g):
     cos = torch.nn.functional.cosine_similarity
 
     def direct(layer):
-        x, psi = cache.stat("residual_change", layer)[:].double(), q.vector(layer).double()
+        x, vec = cache.stat("residual_change", layer)[:].double(), q.vector(layer).double()
         if g == "centered_cosine":
             mu = x.mean(0)
-            return cos(x - mu, psi[None], dim=1)
-        return cos(x, psi[None], dim=1)
+            return cos(x - mu, vec[None], dim=1)
+        return cos(x, vec[None], dim=1)
 
     mean = (direct(1) + direct(2)) / 2
     r = rank(cache, q, layer=[1, 2], score=g, top_k=None, chunk_rows=3)
@@ -169,13 +169,13 @@ def test_explain_contributions_average_to_the_score(tiny, built, train_records):
     _, q = built
     ex = load_examples(train_records)[4]
     e = explain(tiny, ex, q, 2)
-    phi = get_phi("residual_change")
+    spec = get_stat("residual_change")
     full = stat_of(tiny, [ex], "residual_change", 2)[0]
     assert len(e.tokens) == encode(tiny.tokenizer, ex).n_response
     assert abs(e.total - float(full @ q.vector(2))) < 1e-5 * max(1.0, float(full.norm()))
-    assert phi.name == q.stat
+    assert spec.name == q.stat
     # at a layer set, as rank scores it: each token's mean over the layers, so the total is the
-    # mean of the layers' <phi(x), psi>
+    # mean of the layers' <s(x), q>
     both = explain(tiny, ex, q, [2, 1])
     one = explain(tiny, ex, q, 1)
     assert torch.allclose(both.contributions, (e.contributions + one.contributions) / 2, atol=1e-6)

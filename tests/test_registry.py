@@ -14,22 +14,22 @@ from lensattr.methods import pool
 def test_builtins_are_registered_eagerly():
     # no lookup has to happen first: importing the registry registers the built-ins
     builtins = {"residual_change", "residual_change_reply", "resid_post", "grad"}
-    assert builtins <= set(registry.PHI)
+    assert builtins <= set(registry.STAT)
     assert {"contrast", "residual_change", "residual_diff", "persona", "pool_contrast"} <= set(
-        registry.PSI
+        registry.QUERY
     )
     assert {"cosine", "dot", "projection", "centered_cosine", "deflated_cosine"} <= set(
         registry.SCORE
     )
-    assert "pool_contrast" in registry.names("psi")
+    assert "pool_contrast" in registry.names("query")
 
 
-@pytest.mark.parametrize("deco", [registry.register_phi, registry.register_score])
+@pytest.mark.parametrize("deco", [registry.register_stat, registry.register_score])
 def test_duplicate_names_from_another_module_are_refused(deco):
     with pytest.raises(ValueError, match="already registered"):
-        deco("resid_post" if deco is registry.register_phi else "cosine")(lambda *a: None)
+        deco("resid_post" if deco is registry.register_stat else "cosine")(lambda *a: None)
     with pytest.raises(ValueError, match="already registered"):
-        registry.register_psi("residual_diff", stat="resid_post")(lambda *a: None)
+        registry.register_query("residual_diff", stat="resid_post")(lambda *a: None)
     assert registry.SCORE["cosine"].module == "lensattr.methods.scores"  # nothing half-replaced
 
 
@@ -41,14 +41,14 @@ def test_re_registering_from_the_same_module_replaces_and_override_replaces_any(
         return acts.z_in.mean(1)
 
     try:
-        registry.register_phi("test_rerun", needs_grad=False)(first)
-        registry.register_phi("test_rerun", needs_grad=False)(second)  # a re-run notebook cell
-        assert registry.PHI["test_rerun"].fn is second
+        registry.register_stat("test_rerun", needs_grad=False)(first)
+        registry.register_stat("test_rerun", needs_grad=False)(second)  # a re-run notebook cell
+        assert registry.STAT["test_rerun"].fn is second
         plain = registry.SCORE["dot"]
         registry.register_score("dot", override=True)(lambda *a: None)
         assert registry.SCORE["dot"].fn is not plain.fn
     finally:
-        registry.PHI.pop("test_rerun", None)
+        registry.STAT.pop("test_rerun", None)
         registry.SCORE["dot"] = plain
 
 
@@ -66,21 +66,23 @@ def install_plugin(tmp_path, monkeypatch, name: str, source: str) -> None:
 def test_a_broken_plugin_is_logged_and_skipped(tmp_path, monkeypatch, caplog):
     install_plugin(tmp_path, monkeypatch, "brokenplugin", "raise ImportError('boom')\n")
     with caplog.at_level("WARNING", logger="lensattr.registry"):
-        assert registry.get_phi("resid_post").name == "resid_post"
+        assert registry.get_stat("resid_post").name == "resid_post"
     assert "brokenplugin" in caplog.text and "boom" in caplog.text
 
 
 def test_unknown_name_lists_the_registered_ones():
     with pytest.raises(KeyError, match="residual_change"):
-        registry.get_phi("nope")
+        registry.get_stat("nope")
 
 
-def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_records, tmp_path):
-    @lensattr.register_phi("test_attn_pooled", needs_grad=False, sites=("attn_out",))
+def test_custom_statistic_and_query_by_decorator_end_to_end(
+    tiny, train_records, pair_records, tmp_path
+):
+    @lensattr.register_stat("test_attn_pooled", needs_grad=False, sites=("attn_out",))
     def attn_pooled(acts):
         return pool(acts.attn_out, acts.mask)
 
-    @lensattr.register_psi("test_treatment_only", stat="test_attn_pooled")
+    @lensattr.register_query("test_treatment_only", stat="test_attn_pooled")
     def treatment_only(treatment, control, pool):
         return treatment
 
@@ -93,7 +95,7 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
             stats=["test_attn_pooled", "resid_post"],
             progress=False,
         )
-        q = lensattr.behavior_query(tiny, pair_records, psi="test_treatment_only", layers=[1])
+        q = lensattr.behavior_query(tiny, pair_records, query="test_treatment_only", layers=[1])
         assert q.stat == "test_attn_pooled"
         r = lensattr.rank(cache, q, layer=1, top_k=3)
         # independent: cosine of the stored rows with the query vector
@@ -101,8 +103,8 @@ def test_custom_phi_and_psi_by_decorator_end_to_end(tiny, train_records, pair_re
         cos = torch.nn.functional.cosine_similarity(rows, q.vector(1)[None], dim=1)
         assert r.ids == [cache.ids[i] for i in torch.topk(cos, 3).indices.tolist()]
     finally:
-        registry.PHI.pop("test_attn_pooled")
-        registry.PSI.pop("test_treatment_only")
+        registry.STAT.pop("test_attn_pooled")
+        registry.QUERY.pop("test_treatment_only")
 
 
 def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, train_records):
@@ -111,17 +113,17 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
         monkeypatch,
         "myplugin",
         """
-        from lensattr import register_phi
+        from lensattr import register_stat
         from lensattr.methods import pool
         LOADS = [1]
 
-        @register_phi("plugin_zin")
+        @register_stat("plugin_zin")
         def plugin_zin(acts):
             return pool(acts.z_in, acts.mask)
         """,
     )
     try:
-        assert registry.get_phi("plugin_zin").name == "plugin_zin"
+        assert registry.get_stat("plugin_zin").name == "plugin_zin"
         registry.load_plugins()  # a second load is a no-op, not a duplicate error
         assert sys.modules["myplugin"].LOADS == [1]
         cache = lensattr.build_cache(
@@ -134,5 +136,5 @@ def test_entry_point_plugin_is_loaded_lazily_once(tmp_path, monkeypatch, tiny, t
         )
         assert cache.stat("plugin_zin", 2).shape == (3, tiny.d_model)
     finally:
-        registry.PHI.pop("plugin_zin", None)
+        registry.STAT.pop("plugin_zin", None)
         sys.modules.pop("myplugin", None)

@@ -197,15 +197,15 @@ def test_batched_scores_equal_one_query_at_a_time_and_the_direct_formula(g):
     scale = torch.cat([torch.full((10,), 5.0), torch.ones(14)])  # 10 dominant directions
     basis = torch.linalg.qr(torch.randn(24, 24, generator=gen))[0]
     x = (torch.randn(60, 24, generator=gen) * scale) @ basis.T + 3.0
-    psis = torch.randn(24, 3, generator=gen)
+    queries = torch.randn(24, 3, generator=gen)
     ctx = ScoreContext(pool=Moments.of_rows(x))
     fn = registry.get_score(g).fn
-    both = fn(x, x.norm(dim=1), psis, ctx)
+    both = fn(x, x.norm(dim=1), queries, ctx)
     for j in range(3):
-        assert torch.allclose(both[:, j], fn(x, x.norm(dim=1), psis[:, j], ctx), atol=1e-5)
+        assert torch.allclose(both[:, j], fn(x, x.norm(dim=1), queries[:, j], ctx), atol=1e-5)
     m = ctx.moments()
     xc = x.double() - x.double().mean(0)
-    p = psis[:, 0].double()
+    p = queries[:, 0].double()
     cos = torch.nn.functional.cosine_similarity
     if g == "centered_cosine":
         want = cos(xc, p[None], dim=1)
@@ -228,20 +228,20 @@ def test_batched_scores_equal_one_query_at_a_time_and_the_direct_formula(g):
 
 
 def test_pool_contrast_is_treatment_mean_minus_pool_mean(tiny, pool, stats):
-    q = lensattr.behavior_query(tiny, stats, psi="pool_contrast", stat="resid_post", pool=pool)
+    q = lensattr.behavior_query(tiny, stats, query="pool_contrast", stat="resid_post", pool=pool)
     for layer in (1, 3):
         t, _ = stats.sides("resid_post", layer)
         want = t.double().mean(0) - pool.stat("resid_post", layer)[:].double().mean(0)
         assert torch.allclose(q.vector(layer).double(), want / want.norm(), atol=1e-5)
     assert q.pool is not None
     with pytest.raises(QueryError, match="pool"):
-        lensattr.behavior_query(tiny, stats, psi="pool_contrast")
+        lensattr.behavior_query(tiny, stats, query="pool_contrast")
     with pytest.raises(QueryError, match="contrast"):
-        lensattr.behavior_query(tiny, stats, psi="residual_change", stat="grad")
+        lensattr.behavior_query(tiny, stats, query="residual_change", stat="grad")
 
 
 def test_a_pool_aware_query_is_refused_on_another_cache(tiny, pool, stats, train_records, tmp_path):
-    q = lensattr.behavior_query(tiny, stats, psi="pool_contrast", pool=pool)
+    q = lensattr.behavior_query(tiny, stats, query="pool_contrast", pool=pool)
     other = lensattr.build_cache(tiny, train_records[:6], out=tmp_path, layers=[1, 3])
     with pytest.raises(lensattr.CacheError, match="another pool"):
         lensattr.rank(other, q, layer=1)
@@ -257,7 +257,7 @@ def test_rank_breaks_ties_by_row_and_never_ranks_a_nonfinite_score_first(pool, s
     first = pool.stat("residual_change", 1)[0].float()
 
     @registry.register_score("test_ties")
-    def ties(rows, norms, psi, ctx=None):
+    def ties(rows, norms, query, ctx=None):
         s = (rows[:, 0] > 0).float()  # two values only: ties everywhere
         s[(rows == first).all(1)] = float("nan")  # cache row 0
         return s
@@ -331,7 +331,7 @@ def test_held_out_accuracy_is_one_definition(pool, stats):
         m = Method.parse(row["method"])
         t, c = stats.sides(m.stat, row["layer"])
         ctx = ScoreContext(pool, m.stat, row["layer"])
-        acc = heldout_accuracy(t, c, registry.get_psi(m.psi), registry.get_score(m.score), ctx)
+        acc = heldout_accuracy(t, c, registry.get_query(m.query), registry.get_score(m.score), ctx)
         assert row["accuracy"] == pytest.approx(acc)
 
 
@@ -349,10 +349,10 @@ def direct_criterion(pool, stats, layers):
             t, c = stats.sides("resid_post", layer)
             x = pool.stat("resid_post", layer)[:].double()
             mu = x.mean(0)
-            psi = t[train].double().mean(0) - mu
+            q = t[train].double().mean(0) - mu
             for out, rows in ((pool_s, x), (ctrl_s, c[test].double()), (treat_s, t[test].double())):
                 for i, v in enumerate(rows):
-                    out[i] += float(cos(v[None] - mu, psi[None])) / len(layers)
+                    out[i] += float(cos(v[None] - mu, q[None])) / len(layers)
         neg = pool_s + ctrl_s  # recall in the top q of the negatives, averaged over log q
         ranks = [(1 + sum(v >= s for v in neg)) / (len(neg) + 1) for s in treat_s]
         log_ranks.append(sum(math.log(1 / r) for r in ranks) / len(ranks) / math.log(len(neg) + 1))
@@ -525,7 +525,7 @@ def test_select_refuses_bad_input(tiny, pool, stats, pair_records):
 
 def test_a_constant_score_earns_no_credit(pool, stats):
     @registry.register_score("test_const")
-    def const(rows, norms, psi, ctx=None):
+    def const(rows, norms, query, ctx=None):
         return torch.zeros(len(rows))
 
     try:
@@ -537,14 +537,14 @@ def test_a_constant_score_earns_no_credit(pool, stats):
         registry.SCORE.pop("test_const")
 
 
-def test_a_plugin_psi_and_score_are_candidates_by_name(pool, stats):
-    @registry.register_psi("test_treatment_only", stat="resid_post", stats=("resid_post",))
+def test_a_plugin_query_and_score_are_candidates_by_name(pool, stats):
+    @registry.register_query("test_treatment_only", stat="resid_post", stats=("resid_post",))
     def treatment_only(t, c, pool=None):
         return t
 
     @registry.register_score("test_neg_cos")
-    def neg(rows, norms, psi, ctx=None):
-        return -(rows @ psi) / norms.clamp(min=1e-12)
+    def neg(rows, norms, query, ctx=None):
+        return -(rows @ query) / norms.clamp(min=1e-12)
 
     try:
         names = {str(m) for m in candidates(pool.stats)}
@@ -554,23 +554,23 @@ def test_a_plugin_psi_and_score_are_candidates_by_name(pool, stats):
         )
         assert 0 <= table[0]["criterion"] <= 1
     finally:
-        registry.PSI.pop("test_treatment_only")
+        registry.QUERY.pop("test_treatment_only")
         registry.SCORE.pop("test_neg_cos")
 
 
-def test_candidates_cover_every_psi_stat_score_once():
+def test_candidates_cover_every_query_stat_score_once():
     ms = candidates(["residual_change", "resid_post", "grad"])
-    keys = [(m.psi, m.stat, m.score) for m in ms]
+    keys = [(m.query, m.stat, m.score) for m in ms]
     assert len(keys) == len(set(keys))
     assert ("residual_change", "residual_change", "cosine") in keys
     assert not any(p == "unit_contrast" and s == "residual_change" for p, s, _ in keys)  # PAPER
     assert not any(p == "persona" for p, _, _ in keys)
-    stats_by_psi = {p: {s for q, s, _ in keys if q == p} for p, _, _ in keys}
-    assert stats_by_psi["pool_contrast"] == {"residual_change", "resid_post", "grad"}
+    stats_by_query = {p: {s for q, s, _ in keys if q == p} for p, _, _ in keys}
+    assert stats_by_query["pool_contrast"] == {"residual_change", "resid_post", "grad"}
     assert all(
         len({g for q, s, g in keys if (q, s) == k}) == len(registry.SCORE)
-        for k in itertools.product(stats_by_psi, ["resid_post"])
-        if k[1] in stats_by_psi[k[0]]
+        for k in itertools.product(stats_by_query, ["resid_post"])
+        if k[1] in stats_by_query[k[0]]
     )
 
 
@@ -595,7 +595,7 @@ def test_select_then_cache_ranks_as_the_full_cache_would(
     full = lensattr.build_cache(tiny, train_records, out=tmp_path / "all", progress=False)
     m = sel.method
     ref = lensattr.behavior_query(
-        tiny, pair_records, psi=m.psi, stat=m.stat, pool=full, score=m.score
+        tiny, pair_records, query=m.query, stat=m.stat, pool=full, score=m.score
     )
     got = lensattr.rank(cache, q, top_k=None)
     want = lensattr.rank(full, ref, layer=sel.layer, top_k=None)
@@ -611,7 +611,7 @@ def test_select_then_cache_ranks_as_the_full_cache_would(
     refs = []
     for member in sel.ensemble.members:
         ref = lensattr.behavior_query(
-            tiny, pair_records, psi=member.psi, stat=member.stat, pool=full, score=member.score
+            tiny, pair_records, query=member.rule, stat=member.stat, pool=full, score=member.score
         )
         ref.layer = member.layer
         refs.append(ref)

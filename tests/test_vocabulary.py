@@ -1,6 +1,8 @@
-"""One vocabulary: the cached vector is the statistic (``stat``), the scoring rule the score
-(``score``). Nothing was released, so no old spelling (``phi=``, ``g=``, ``.g``, ``.phi``,
-``--phi``, ``--g``, ``dtype=``, a moved module path) is kept: each is refused."""
+"""One vocabulary: the cached vector is the statistic (``stat``), the rule that builds a query
+from pairs the query (``query``; a built query names it as its ``rule``), the scoring rule the
+score (``score``). Nothing was released, so no old spelling (the paper's symbols ``phi``, ``psi``
+and ``g`` as ``phi=``, ``psi=``, ``g=``, ``.phi``, ``.psi``, ``.g``, ``--phi``, ``--psi``,
+``--g``, ``register_phi``, ``PSI``; ``dtype=``; a moved module path) is kept: each is refused."""
 
 import json
 from pathlib import Path
@@ -26,7 +28,7 @@ def cq(tiny, train_records, pair_records, tmp_path_factory):
         progress=False,
     )
     # built on resid_post, ranked against resid_post: a query ranks only its own statistic
-    q = behavior_query(tiny, pair_records, psi="residual_diff", layers=[1, 2], score="dot")
+    q = behavior_query(tiny, pair_records, query="residual_diff", layers=[1, 2], score="dot")
     q.save(out / "q.safetensors")
     return cache, q, out
 
@@ -36,7 +38,7 @@ def test_rank_takes_stat_and_score_only(cq):
     r = rank(cache, q, layer=2, stat="resid_post", score="projection", top_k=None)
     assert (r.stat, r.score) == ("resid_post", "projection")
     x = cache.stat("resid_post", 2)[:].float()
-    want = x @ q.vector(2)  # projection: <x, psi>
+    want = x @ q.vector(2)  # projection: <x, q>
     assert torch.allclose(r.scores_of(range(len(cache))), want, atol=1e-5)
     for old in ({"phi": "resid_post"}, {"g": "dot"}):
         with pytest.raises(TypeError, match="unexpected keyword"):
@@ -45,6 +47,9 @@ def test_rank_takes_stat_and_score_only(cq):
         _ = r.phi  # type: ignore[attr-defined]
     with pytest.raises(AttributeError):
         _ = r.g  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        _ = r.psi  # type: ignore[attr-defined]
+    assert r.rule == q.rule == "residual_diff"
 
 
 def test_query_method_explain_and_build_cache_have_one_name_each(tiny, pair_records, cq, tmp_path):
@@ -54,11 +59,20 @@ def test_query_method_explain_and_build_cache_have_one_name_each(tiny, pair_reco
         behavior_query(tiny, pair_records, layers=[2], g="dot")
     with pytest.raises(AttributeError):
         _ = q.g  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match=r"takes no options \['psi'\]"):
+        behavior_query(tiny, pair_records, layers=[2], psi="contrast")
+    with pytest.raises(AttributeError):
+        _ = q.psi  # type: ignore[attr-defined]
+    meta = Query.load(out / "q.safetensors").metadata()
+    assert meta["rule"] == "residual_diff" and "psi" not in meta
     m = Method.parse("pool_contrast|resid_post|centered_cosine")
     assert m == Method("pool_contrast", "resid_post", "centered_cosine")
     with pytest.raises(AttributeError):
         _ = m.g  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="write it as 'psi|stat|score'"):
+    with pytest.raises(AttributeError):
+        _ = m.psi  # type: ignore[attr-defined]
+    assert m.query == "pool_contrast"
+    with pytest.raises(ValueError, match="write it as 'query|stat|score'"):
         Method.parse("a|b")
     with pytest.raises(TypeError, match="unexpected keyword"):
         explain(tiny, EX, q, 2, phi="resid_post")
@@ -90,7 +104,26 @@ def test_cli_stat_and_score(cq, tmp_path, capsys):
     assert {(r["stat"], r["score_name"]) for r in rows} == {("resid_post", "cosine")}
     ref = rank(cache, q, layer=2, stat="resid_post", score="cosine", top_k=3)
     assert [r["id"] for r in rows] == ref.ids
-    for flag in ("--phi", "--g"):
+    for flag in ("--phi", "--psi", "--g"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["query", "--pairs", "p", "--out", "q", flag, "dot"])
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_the_registries_have_one_name_each():
+    import lensattr
+    from lensattr import registry
+
+    for old in ("register_phi", "register_psi"):
+        assert not hasattr(lensattr, old) and not hasattr(registry, old)
+    for old in ("get_phi", "get_psi", "PHI", "PSI", "Phi", "Psi", "PhiFn", "PsiFn"):
+        assert not hasattr(registry, old)
+    assert callable(lensattr.register_stat) and callable(lensattr.register_query)
+    assert "contrast" in registry.names("query") and "resid_post" in registry.names("stat")
+    for old in ("phi", "psi"):
+        with pytest.raises(KeyError):
+            registry.names(old)
+    with pytest.raises(KeyError, match="unknown query 'nope'"):
+        registry.get_query("nope")
+    with pytest.raises(KeyError, match="unknown statistic 'nope'"):
+        registry.get_stat("nope")

@@ -50,11 +50,11 @@ PERSONA_PROMPTS: dict[str, tuple[str, str]] = {
 
 @dataclass
 class Behaviour:
-    """One behaviour: query pairs (psi), held-out pairs (trait score), labelled plants.
+    """One behaviour: query pairs (the query), held-out pairs (trait score), labelled plants.
 
     Attributes:
         name: short name.
-        query: pairs used to build psi (and to choose layers/methods).
+        query: pairs used to build the query (and to choose layers/methods).
         heldout: pairs used only to measure the behaviour after fine-tuning.
         plants: training examples with ``extra["label"]`` 1 (behaviour) or 0 (decoy).
         persona: a trait-spec-like dict (``positive_system_prompts``, ``negative_system_prompts``,

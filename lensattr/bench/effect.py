@@ -16,7 +16,7 @@ from lensattr.data import load_examples
 from lensattr.registry import get_score
 
 BASELINES = ("auto", "paper", "random", "trak", "persona")
-"""Fine-tuning methods besides any ``psi|stat|score`` of the grid."""
+"""Fine-tuning methods besides any ``query|stat|score`` of the grid."""
 
 
 def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]) -> Query:
@@ -30,7 +30,7 @@ def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]
     q = behavior_query(
         None,
         h["pairs"][name],
-        psi=m.psi,
+        query=m.query,
         stat=m.stat,
         layers=h["layers"],
         pool=h["cache"],
@@ -69,7 +69,7 @@ def top_ids(
     seed: int,
 ) -> list[str]:
     """Pool ids of the top-``cfg.k`` of ``method`` in behaviour ``name``'s pool (``random``: a
-    seeded sample; ``auto``: its selection, ensemble included); ``psi|stat|score`` methods use
+    seeded sample; ``auto``: its selection, ensemble included); ``query|stat|score`` methods use
     the layer their own query pairs choose."""
     idx, _ = subpools(h)[name]
     cache, k = h["cache"], cfg.k

@@ -5,14 +5,14 @@ behaviour, label 0: decoys with the same prompts). Everything is computed throug
 public API:
 
 - ``auto``: :func:`lensattr.select` on ``b``'s query pairs and the unlabelled pool;
-- every method of the grid (``psi|stat|score``, default every registered candidate) at every layer:
-  :func:`lensattr.behavior_query` + :func:`lensattr.rank` over the pool rows;
+- every method of the grid (``query|stat|score``, default every registered candidate) at every
+  layer: :func:`lensattr.behavior_query` + :func:`lensattr.rank` over the pool rows;
 - the paper's method as its authors ran it at the layer its own held-out accuracy chooses
   (``Query.best_layer``);
 - baselines: text search (:mod:`lensattr.baselines`: every lexical kind of the replies against
   the query pairs' replies, and ``lexical``, the kind chosen without labels by ``auto``'s
   criterion), RepSim (:data:`~lensattr.baselines.REPSIM` at the layer ``auto``'s criterion
-  chooses for it), persona vectors (``psi="persona"``), TRAK (projected weight gradients
+  chooses for it), persona vectors (``query="persona"``), TRAK (projected weight gradients
   scored with the registered cosine), random selection.
 
 Every ranking is judged by :func:`lensattr.pool_metrics` (precision@k of label-1 plants against
@@ -94,12 +94,12 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
     grid: dict[str, dict[str, Any]] = {}
     queries: dict[tuple[str, str, str], Any] = {}
     for m in methods:
-        q = queries.get((m.psi, m.stat, m.score))
+        q = queries.get((m.query, m.stat, m.score))
         if q is None:
             q = behavior_query(
-                None, ps, psi=m.psi, stat=m.stat, layers=layers, pool=cache, score=m.score
+                None, ps, query=m.query, stat=m.stat, layers=layers, pool=cache, score=m.score
             )
-            queries[(m.psi, m.stat, m.score)] = q
+            queries[(m.query, m.stat, m.score)] = q
         grid[str(m)] = {
             "layers": {
                 str(la): pool_metrics(_scores(cache, q, la, m.score, idx), labels, coding="planted")
@@ -122,7 +122,7 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
     }
     if sel.ensemble is not None:  # auto ranks with its ensemble of top methods
         out["auto"]["members"] = [
-            {"method": f"{q.psi}|{q.stat}|{q.score}", "layer": q.layer}
+            {"method": f"{q.rule}|{q.stat}|{q.score}", "layer": q.layer}
             for q in sel.ensemble.members
         ]
     out["auto"].update(
@@ -134,7 +134,7 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         )
     )
     paper = grid[str(PAPER)]
-    q_paper = queries[(PAPER.psi, PAPER.stat, PAPER.score)]
+    q_paper = queries[(PAPER.query, PAPER.stat, PAPER.score)]
     out["paper"] = {
         "method": str(PAPER),
         "layer": paper["query_layer"],
@@ -161,8 +161,8 @@ def rank_behaviour(cfg: BenchConfig, h: dict[str, Any], name: str) -> dict[str, 
         tr = h["trak"]
         q = tr["queries"][name]
         rows = tr["pool"][idx]
-        psi = (q["t"] - q["c"]).mean(0)
-        s = get_score("cosine").fn(rows, rows.norm(dim=1), psi, None)
+        vec = (q["t"] - q["c"]).mean(0)
+        s = get_score("cosine").fn(rows, rows.norm(dim=1), vec, None)
         out["baselines"]["trak"] = pool_metrics(s, labels, coding="planted")
     rand = []
     for seed in range(cfg.random_seeds):

@@ -17,8 +17,8 @@ from lensattr.select import PAPER
 
 
 def _n(method: str) -> str:
-    """A method name fit for a markdown table cell (``psi|stat|score`` ->
-    ``psi / stat / score``)."""
+    """A method name fit for a markdown table cell (``query|stat|score`` ->
+    ``query / stat / score``)."""
     return method.replace("|", " / ")
 
 
@@ -53,7 +53,7 @@ def markdown(results: dict[str, Any]) -> str:
         "precision@k of the label-1 plants against every other example (k = their number), "
         "95% bootstrap interval in brackets; AP = their average precision; 'clean above' = "
         "clean examples ranked above the median label-1 plant; AUROC = label 1 vs label 0 "
-        "plants (secondary). `auto` chooses statistic, psi, score and layer from the query pairs "
+        "plants (secondary). `auto` chooses statistic, query, score and layer from the query pairs "
         "and the unlabelled pool (several layers, e.g. L18,17,15: each example scored by the "
         "mean of its scores at them); the authors' method uses the layer its own held-out "
         "accuracy chooses; hindsight = the best fixed method and layer by P@k (it peeks at the "

@@ -13,7 +13,7 @@ run rerun with the same command resumes. Layout::
     cost.json                        seconds per step
 
 The bench uses lensattr's public API only (``pair_stats``, ``behavior_query``, ``select``,
-``rank``, the registries), so any registered psi, statistic or score is benchmarked by name.
+``rank``, the registries), so any registered query rule, statistic or score is benchmarked by name.
 """
 
 import json
@@ -38,7 +38,7 @@ from lensattr import (
 )
 from lensattr.backends.models import Model
 from lensattr.bench.behaviors import Behaviour, clean_subsample, default_sources, load_behaviour
-from lensattr.config import ints_list, names_list
+from lensattr.config import CaptureConfig, ints_list, names_list
 from lensattr.data import Example
 from lensattr.layers import parse_layers
 
@@ -64,10 +64,10 @@ class BenchConfig:
         behaviours: names to run (default: all under ``data``).
         n_clean: clean examples in the pool (default: the whole clean corpus).
         max_plants: cap on plants per behaviour, class-balanced (50 label-1 + 50 label-0).
-        n_query: query pairs per behaviour (psi and every choice made without labels).
+        n_query: query pairs per behaviour (the query and every choice made without labels).
         layers: layer spec (default every 3rd block from 9).
         max_length, batch_size: truncation and batch size of every capture.
-        methods: ``psi|stat|score`` methods of the grid (default: every registered candidate).
+        methods: ``query|stat|score`` methods of the grid (default: every registered candidate).
         k: top-k of the fine-tuning selection.
         persona_tokens, persona_questions: persona-vector generation settings.
         trak, trak_dim, trak_blocks: run the TRAK baseline, its projection dimension and how many
@@ -100,7 +100,7 @@ class BenchConfig:
     methods: list[str] | None = field(
         default=None,
         metadata={
-            "help": "comma-separated 'psi|stat|score' methods of the grid (None: every "
+            "help": "comma-separated 'query|stat|score' methods of the grid (None: every "
             "registered candidate)",
             "type": _names,
         },
@@ -133,7 +133,7 @@ class BenchConfig:
         default_factory=lambda: ["auto", "paper", "residual_diff|resid_post|cosine", "random"],
         metadata={
             "help": "methods to fine-tune on: auto, paper, random, trak, persona or "
-            "'psi|stat|score'",
+            "'query|stat|score'",
             "type": names_list,
         },
     )
@@ -312,14 +312,16 @@ def prepare(
     layers = pool_layers(cfg, model)
     behaviours = load_behaviours(cfg)
     owner = build_pool(cfg, behaviours, out)
-    kw: dict[str, Any] = {"batch_size": cfg.batch_size, "max_length": cfg.max_length}
+    # one set of capture settings for the pool, the query pairs and the personas
+    kw: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "config": CaptureConfig(layers=layers, max_length=cfg.max_length),
+    }
     say(f"pool: {len(owner)} examples, layers {layers}, behaviours {[b.name for b in behaviours]}")
     say("caching the pool (forward + activation backward, every default statistic)")
     cache = costs.timed(
         "cache_pool",
-        lambda: build_cache(
-            model, out / "pool.jsonl", out=out / "cache", layers=layers, on_error="skip", **kw
-        ),
+        lambda: build_cache(model, out / "pool.jsonl", out=out / "cache", on_error="skip", **kw),
     )
     pairs: dict[str, PairStats] = {}
     personas: dict[str, Query | None] = {}
@@ -339,7 +341,7 @@ def prepare(
             f,
             f"{b.name}: query-pair statistics ({n} pairs)",
             f"pairs_{b.name}",
-            lambda: pair_stats(model, query, stats=cache.stats, layers=layers, **kw),  # noqa: B023
+            lambda: pair_stats(model, query, stats=cache.stats, **kw),  # noqa: B023
         )
         pairs[b.name] = PairStats.load(f)
         personas[b.name] = None
@@ -353,8 +355,7 @@ def prepare(
                 lambda: behavior_query(
                     model,
                     spec,  # noqa: B023  (step calls it at once)
-                    psi="persona",
-                    layers=layers,
+                    query="persona",
                     max_new_tokens=cfg.persona_tokens,
                     **kw,
                 ),

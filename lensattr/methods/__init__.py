@@ -1,10 +1,10 @@
-"""The registered methods: the built-in statistics, behaviour queries and scores.
+"""The registered methods: the built-in statistics, query rules and scores.
 
-:mod:`~lensattr.methods.statistics` (phi: one vector per example and layer, and the poolings
-:func:`pool` and :func:`pool_weighted`), :mod:`~lensattr.methods.queries` (psi: the query from
-pairs) and :mod:`~lensattr.methods.scores` (how a cached row compares with a query). Importing
-this package registers them (``lensattr/__init__.py`` does, before anything else); every name
-stays importable from here (``lensattr.methods.pool_weighted``).
+:mod:`~lensattr.methods.statistics` (one vector per example and layer, and the poolings
+:func:`pool` and :func:`pool_weighted`), :mod:`~lensattr.methods.queries` (the rules that
+build a query from pairs) and :mod:`~lensattr.methods.scores` (how a cached row compares with
+a query). Importing this package registers them (``lensattr/__init__.py`` does, before
+anything else); every name stays importable from here (``lensattr.methods.pool_weighted``).
 """
 
 from lensattr.methods.queries import contrast, pool_contrast, repsim, unit_contrast

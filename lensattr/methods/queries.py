@@ -1,20 +1,20 @@
-"""The built-in behaviour queries (psi).
+"""The built-in query rules: how a behaviour query is built from its pairs.
 
-A psi maps the statistic of each pair's treatment and control reply (and, when it is
-pool-aware, the pool's moments of that statistic) to one contribution per pair; the query is
-psi = norm(mean_j contribution_j).
+A rule maps the statistic ``s`` of each pair's treatment reply ``x'_j`` and control reply
+``x_j`` (and, when it is pool-aware, the pool's moments of that statistic) to one contribution
+per pair; the query is ``q = norm(mean_j contribution_j)``.
 """
 
 from typing import Any
 
 from lensattr.moments import Moments
-from lensattr.registry import register_psi
+from lensattr.registry import register_query
 from lensattr.types import Vecs
 
 
-@register_psi("contrast", stat="residual_change")
+@register_query("contrast", stat="residual_change")
 def contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
-    """Treatment-minus-control contrast: ``psi = norm(mean_j s(x'_j) - s(x_j))``.
+    """Treatment-minus-control contrast: ``q = norm(mean_j s(x'_j) - s(x_j))``.
 
     With ``s`` = pooled ``z_out`` this is the residual-difference query (``residual_diff``);
     ``contrast`` takes any cached statistic.
@@ -27,12 +27,12 @@ def contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vec
     return treatment - control
 
 
-register_psi("residual_diff", stat="resid_post", stats=("resid_post",))(contrast)
+register_query("residual_diff", stat="resid_post", stats=("resid_post",))(contrast)
 
 
-@register_psi("unit_contrast", stat="residual_change")
+@register_query("unit_contrast", stat="residual_change")
 def unit_contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
-    """Per-pair normalised contrast: ``psi = norm(mean_j norm(s(x'_j) - s(x_j)))``.
+    """Per-pair normalised contrast: ``q = norm(mean_j norm(s(x'_j) - s(x_j)))``.
 
     Each pair weighs the same, however large its difference: the authors' query (their
     ``cos_sim`` selection normalises every evaluation row before the mean). With ``s`` the
@@ -48,12 +48,12 @@ def unit_contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -
     return diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-register_psi("residual_change", stat="residual_change", stats=("residual_change",))(unit_contrast)
+register_query("residual_change", stat="residual_change", stats=("residual_change",))(unit_contrast)
 
 
-@register_psi("repsim", stat="resid_post", stats=("resid_post",))
+@register_query("repsim", stat="resid_post", stats=("resid_post",))
 def repsim(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
-    """Representation similarity (RepSim): ``psi = norm(mean_j norm(s(x'_j)))``.
+    """Representation similarity (RepSim): ``q = norm(mean_j norm(s(x'_j)))``.
 
     The treatment replies alone, each normalised, the controls unused: scored by cosine, a row's
     score is its cosine to the mean direction of the treatment replies' representations, the
@@ -67,9 +67,9 @@ def repsim(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
     return treatment / treatment.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-@register_psi("pool_contrast", stat="resid_post", uses_pool=True)
+@register_query("pool_contrast", stat="resid_post", uses_pool=True)
 def pool_contrast(treatment: Vecs, control: Vecs, pool: Moments | None = None) -> Vecs:
-    """Treatment-minus-pool contrast: ``psi = norm(mean_j s(x'_j) - mu)``, with ``mu`` the mean
+    """Treatment-minus-pool contrast: ``q = norm(mean_j s(x'_j) - mu)``, with ``mu`` the mean
     of ``s`` over the training pool (the cache being ranked).
 
     The control replies do not enter: what sets the behaviour's examples apart from the rest of
@@ -93,4 +93,4 @@ def _persona_pairs(model: Any, source: Any, **kwargs: Any) -> Any:
     return persona_pairs(model, source, **kwargs)
 
 
-register_psi("persona", stat="resid_post", pairs_from=_persona_pairs)(contrast)
+register_query("persona", stat="resid_post", pairs_from=_persona_pairs)(contrast)

@@ -1,6 +1,6 @@
-"""The built-in scores (sigma in the math): how a cached statistic row compares with a query.
+"""The built-in scores: how a cached statistic row ``s`` compares with a query ``q``.
 
-Every built-in score takes one query psi ``[d]`` or several as columns ``[d, q]`` (batched).
+Every built-in score takes one query vector ``[d]`` or several as columns ``[d, q]`` (batched).
 """
 
 from typing import Any
@@ -20,27 +20,27 @@ def _cos(x: torch.Tensor, x_norms: torch.Tensor, p: torch.Tensor) -> torch.Tenso
 
 
 @register_score("dot", batched=True)
-def dot(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
-    """``<phi, psi>``."""
-    return rows @ psi
+def dot(rows: Vecs, norms: Scores, query: Queries, ctx: Any = None) -> QueryScores:
+    """``<s, q>``."""
+    return rows @ query
 
 
 @register_score("cosine", batched=True)
-def cosine(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
-    """``<phi, psi> / (||phi|| ||psi||)`` (0 for a zero row). The default.
+def cosine(rows: Vecs, norms: Scores, query: Queries, ctx: Any = None) -> QueryScores:
+    """``<s, q> / (||s|| ||q||)`` (0 for a zero row). The default.
 
     Examples:
         >>> rows = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
         >>> cosine(rows, rows.norm(dim=1), torch.tensor([2.0, 0.0]))
         tensor([1.0000, 0.7071])
     """
-    return _cos(rows, norms, psi)
+    return _cos(rows, norms, query)
 
 
 @register_score("projection", batched=True)
-def projection(rows: Vecs, norms: Scores, psi: Queries, ctx: Any = None) -> QueryScores:
-    """``<phi, psi> / ||psi||``."""
-    return (rows @ psi) / psi.norm(dim=0)
+def projection(rows: Vecs, norms: Scores, query: Queries, ctx: Any = None) -> QueryScores:
+    """``<s, q> / ||q||``."""
+    return (rows @ query) / query.norm(dim=0)
 
 
 def _pool(rows: torch.Tensor, ctx: ScoreContext | None) -> Moments:
@@ -50,9 +50,9 @@ def _pool(rows: torch.Tensor, ctx: ScoreContext | None) -> Moments:
 
 @register_score("centered_cosine", batched=True)
 def centered_cosine(
-    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+    rows: Vecs, norms: Scores, query: Queries, ctx: ScoreContext | None = None
 ) -> QueryScores:
-    """``cos(phi - mu, psi)`` with ``mu`` the pool mean of phi. Removes the shared offset that the
+    """``cos(s - mu, q)`` with ``mu`` the pool mean of ``s``. Removes the shared offset that the
     few huge outlier dimensions of the residual stream put into every row.
 
     Examples:
@@ -61,17 +61,17 @@ def centered_cosine(
         tensor([-1.,  1.])
     """
     x = rows - _pool(rows, ctx).mean32
-    return _cos(x, x.norm(dim=1), psi)
+    return _cos(x, x.norm(dim=1), query)
 
 
 @register_score("whitened_cosine", batched=True, full_rank=True)
 def whitened_cosine(
-    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+    rows: Vecs, norms: Scores, query: Queries, ctx: ScoreContext | None = None
 ) -> QueryScores:
-    """``cos(W (phi - mu), W psi)`` with ``W = (Sigma + lam I)^(-1/2)``, ``Sigma`` the pool
-    covariance of phi and ``lam = 0.01 trace(Sigma) / d`` (ridge).
+    """``cos(W (s - mu), W q)`` with ``W = (Sigma + lam I)^(-1/2)``, ``Sigma`` the pool
+    covariance of ``s`` and ``lam = 0.01 trace(Sigma) / d`` (ridge).
 
-    The inner product is ``(phi - mu)^T (Sigma + lam I)^(-1) psi``: the activation-space analogue
+    The inner product is ``(s - mu)^T (Sigma + lam I)^(-1) q``: the activation-space analogue
     of TRAK's ``(X^T X)^(-1)`` preconditioner, so no single high-variance direction dominates.
 
     It needs a pool of many more rows than dimensions: a covariance of ``n <= d`` rows is
@@ -82,15 +82,15 @@ def whitened_cosine(
     :data:`~lensattr.select.ROWS_PER_DIMENSION` rows a dimension).
     """
     m = _pool(rows, ctx)
-    x = (rows - m.mean32) @ m.whitener.T  # W (phi - mu), row by row
-    return _cos(x, x.norm(dim=1), m.whitener @ psi)
+    x = (rows - m.mean32) @ m.whitener.T  # W (s - mu), row by row
+    return _cos(x, x.norm(dim=1), m.whitener @ query)
 
 
 @register_score("deflated_cosine", batched=True)
 def deflated_cosine(
-    rows: Vecs, norms: Scores, psi: Queries, ctx: ScoreContext | None = None
+    rows: Vecs, norms: Scores, query: Queries, ctx: ScoreContext | None = None
 ) -> QueryScores:
-    """``cos(P (phi - mu), P psi)`` with ``P = I - U U^T`` removing the pool's ``m = 10`` leading
+    """``cos(P (s - mu), P q)`` with ``P = I - U U^T`` removing the pool's ``m = 10`` leading
     principal directions ``U`` (see :data:`lensattr.moments.DEFLATE`).
 
     What every training example varies along (length, format, topic) is taken out before the
@@ -106,5 +106,5 @@ def deflated_cosine(
     u = m.top
     x = rows - m.mean32
     x = x - (x @ u) @ u.T
-    p = psi - u @ (u.T @ psi)
+    p = query - u @ (u.T @ query)
     return _cos(x, x.norm(dim=1), p)

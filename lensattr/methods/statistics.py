@@ -1,4 +1,4 @@
-"""The built-in statistics (phi in the math): one vector per example and layer from a
+"""The built-in statistics: one vector per example and layer from a
 :class:`~lensattr.types.LayerActs`, and the poolings they are built from.
 
 Notation (per layer ``l``, token position ``p`` of example ``x``): ``z_in`` is the block input,
@@ -11,7 +11,7 @@ the prompt positions.
 import torch
 from einops import einsum
 
-from lensattr.registry import register_phi
+from lensattr.registry import register_stat
 from lensattr.types import Acts, LayerActs, Mask, Vecs
 
 
@@ -39,7 +39,7 @@ def _gram_weights(acts: LayerActs) -> torch.Tensor:
     return einsum(acts.z_in, m, "b p d, b d -> b p")
 
 
-@register_phi("residual_change", reads_prompt=True)
+@register_stat("residual_change", reads_prompt=True)
 def residual_change(acts: LayerActs) -> Vecs:
     """The residual change as the paper's authors ran it (``residual_change_treatment``):
 
@@ -63,7 +63,7 @@ def residual_change(acts: LayerActs) -> Vecs:
     return -einsum(_gram_weights(acts), _grad(acts), "b p, b p d -> b d")
 
 
-@register_phi("residual_change_reply")
+@register_stat("residual_change_reply")
 def residual_change_reply(acts: LayerActs) -> Vecs:
     """:func:`residual_change` with ``s`` over the reply positions only (the authors'
     ``residual_change_treatment_with_mask_corrected``):
@@ -83,7 +83,7 @@ def residual_change_reply(acts: LayerActs) -> Vecs:
     return -einsum(w, _grad(acts), "b p, b p d -> b d")
 
 
-@register_phi("residual_change_printed")
+@register_stat("residual_change_printed")
 def residual_change_printed(acts: LayerActs) -> Vecs:
     """Ablation: the writeup's printed last line, ``mean_{p in R(x)} -z_in,p <z_in,p, g_p>``.
 
@@ -102,7 +102,7 @@ def residual_change_printed(acts: LayerActs) -> Vecs:
     return pool_weighted(acts.z_in, -dot, acts.mask)
 
 
-@register_phi("residual_change_diagonal")
+@register_stat("residual_change_diagonal")
 def residual_change_diagonal(acts: LayerActs) -> Vecs:
     """Ablation: the ``s = t`` terms of :func:`residual_change`,
     ``mean_{p in R(x)} -||z_in,p||^2 g_p`` (each reply position's own contribution only)."""
@@ -110,14 +110,14 @@ def residual_change_diagonal(acts: LayerActs) -> Vecs:
     return pool_weighted(_grad(acts), -sq, acts.mask)
 
 
-@register_phi("resid_post", needs_grad=False)
+@register_stat("resid_post", needs_grad=False)
 def resid_post(acts: LayerActs) -> Vecs:
     """Pooled block output ``mean_{p in R(x)} z_out,p`` (the activation that persona-vector
     filtering projects)."""
     return pool(acts.z_out, acts.mask)
 
 
-@register_phi("grad")
+@register_stat("grad")
 def grad(acts: LayerActs) -> Vecs:
     """Pooled output gradient ``mean_{p in R(x)} g_p``."""
     return pool(_grad(acts), acts.mask)

@@ -47,7 +47,7 @@ def plain_name(name: Any, what: str = "file") -> str:
         ValueError: anything else (``None``, a number, ``""``, ``"a/b"``, ``".."``).
 
     Examples:
-        >>> plain_name("residual_change", "phi")
+        >>> plain_name("residual_change", "statistic")
         'residual_change'
     """
     if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name.strip(".") == "":
