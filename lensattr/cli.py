@@ -394,9 +394,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     examples = cache.examples(ids)
     model = _load(args)
     color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty())
-    max_length = cache.capture_config.max_length
     for ex in examples:
-        e = explain(model, ex, query, args.layer, max_length=max_length)
+        e = explain(model, ex, query, args.layer, config=cache.capture_config)
         print(f"{ex.id}: mean token contribution {e.total:+.4g} ({len(e.tokens)} reply tokens)")
         print("  " + e.text(color=color).replace("\n", "\n  "))
     if not color:

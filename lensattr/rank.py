@@ -10,7 +10,7 @@ import torch
 from lensattr.backends.capture import capture
 from lensattr.backends.models import load_model
 from lensattr.checks import positive_int, row_indices
-from lensattr.config import POOLINGS, CaptureConfig, check_capture
+from lensattr.config import POOLINGS, CaptureConfig, check_capture, resolve_config
 from lensattr.data import Example, load_examples
 from lensattr.ensemble import SCORE as ENSEMBLE_SCORE
 from lensattr.ensemble import Ensemble, as_ranked, standardised
@@ -392,6 +392,7 @@ def explain(
     *,
     stat: str | None = None,
     max_length: int | None = 512,
+    config: CaptureConfig | None = None,
 ) -> Explanation:
     """Which response tokens of ``example`` drive its score: each token's statistic dotted with
     the query.
@@ -402,9 +403,13 @@ def explain(
     chosen layer is one) each token's contribution is the mean of its contributions at those
     layers.
 
+    ``config`` (e.g. the cache's ``capture_config``) gives the truncation as the build and the
+    pairs took it, instead of ``max_length`` (:func:`~lensattr.config.resolve_config`).
+
     Raises:
         QueryError: the query's pairs were captured with another ``max_length`` or pooling
             (:func:`~lensattr.config.check_capture`); a single example has no padding.
+        ValueError: ``config=`` next to a ``max_length`` off its default.
 
     Examples:
         >>> from lensattr import behavior_query, load_model
@@ -414,6 +419,7 @@ def explain(
         >>> len(e.tokens) == len(e.contributions)
         True
     """
+    max_length = resolve_config(config, "explain", max_length=max_length).max_length
     model = load_model(model)
     query = as_query(query)
     layers = _layers_arg(layer, query, model.n_layers)

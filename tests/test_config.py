@@ -115,7 +115,13 @@ def test_explain_refuses_a_query_at_another_max_length(tiny, pair_records):
     ex = {"id": "x", "prompt": "Q", "response": "Sure"}
     with pytest.raises(QueryError, match="max_length=128, this explain with max_length=512"):
         explain(tiny, ex, q, 2)
-    assert len(explain(tiny, ex, q, 2, max_length=128).tokens) > 0
+    by_keyword = explain(tiny, ex, q, 2, max_length=128)
+    by_config = explain(tiny, ex, q, 2, config=CaptureConfig(max_length=128))
+    assert len(by_keyword.tokens) > 0 and torch.equal(
+        by_keyword.contributions, by_config.contributions
+    )
+    with pytest.raises(ValueError, match="explain got config= and max_length="):
+        explain(tiny, ex, q, 2, max_length=128, config=CaptureConfig(max_length=128))
 
 
 def test_check_capture_names_field_and_both_values():
