@@ -207,7 +207,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data", default="demo", help="demo, or a shared behaviour: medhallu, ...")
     ap.add_argument("--n-examples", type=int, default=264, help="demo examples (24 to 264)")
-    ap.add_argument("--shared", default="/work/shared/data", help="the shared data")
+    ap.add_argument("--shared", default="../shared/data", help="the shared data")
     ap.add_argument("--clean", type=int, default=600, help="a behaviour's pool: clean examples")
     ap.add_argument("--plants", type=int, default=50, help="a behaviour's pool: plants per label")
     ap.add_argument("--pairs", type=int, default=None, help="query pairs (default: all)")

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="a finished bench_peers working directory")
     ap.add_argument("--bergson", help="where bergson's round 0 ran (default: --work)")
     ap.add_argument("--data", help="the shared behaviour, for a run without labels.json")
-    ap.add_argument("--shared", default="/work/shared/data")
+    ap.add_argument("--shared", default="../shared/data")
     ap.add_argument("--select", action="store_true", help="also rank with auto as it now chooses")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the run's (with --select)")
     ap.add_argument(
