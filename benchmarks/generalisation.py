@@ -13,9 +13,9 @@ fitted on the other behaviours, scored on the one left out. The in-sample number
 is printed beside it. Labels are read for metrics and for fitting a rule's constants on the
 *other* behaviours only.
 
-    python benchmarks/generalisation.py build --data ../shared/data --work runs/gen
-    python benchmarks/generalisation.py score --work runs/gen --seeds 0,1,2
-    python benchmarks/generalisation.py report --work runs/gen
+    python -m benchmarks.generalisation build --data ../shared/data --work runs/gen
+    python -m benchmarks.generalisation score --work runs/gen --seeds 0,1,2
+    python -m benchmarks.generalisation report --work runs/gen
 
 ``build`` captures (resumable); ``score`` writes ``cells.json`` (every candidate's criterion and
 P@k, and the baselines') per pool; ``report`` fits and scores the rules and writes

@@ -16,7 +16,7 @@ and this script rewrites the block from the file its name reads (``TABLES``)::
 ``tests/test_docs.py`` runs the check. The runs that write the files (each resumable):
 
     lensattr demo --out runs/demo                               # runs/demo/summary.json, .png
-    python benchmarks/generalisation.py build --data DATA --work runs/gen   # then score, report
+    python -m benchmarks.generalisation build --data DATA --work runs/gen   # then score, report
     python benchmarks/bench_perf.py --out runs/perf.json
     python benchmarks/bench_peers.py --data demo --out runs/peers-demo.json
 
@@ -46,6 +46,7 @@ SOURCES = {
     "gen-small/report.json": "docs/results/generalisation-small.json",
     "perf.json": "docs/results/performance.json",
     "peers-demo.json": "docs/results/peers-demo.json",
+    "ft3/results.json": "docs/results/finetune.json",
 }
 
 OPEN = re.compile(r"^<!-- generated: ([a-z0-9-]+) -->$")
@@ -162,6 +163,46 @@ def render_generalisation_rules(d: dict[str, Any]) -> str:
         rows.append(row)
     head = ["column"] + [f"mean P@k, {g}" for g in groups] + ["within 0.05 of hindsight"]
     return table(head, rows, "l" + "r" * (len(groups) + 1))
+
+
+FT_NAMES = {"auto": "`auto`", "paper": "the authors' method", "random": "random"}
+T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}  # Student t quantile, by number of seeds
+
+
+def seed_interval(xs: list[float]) -> str:
+    """``+0.12 [+0.05, +0.19]``: a mean over seeds and its 95% t interval (n <= 5 seeds)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return f"{mean:+.3f}"
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = T_975.get(n, 1.96) * sd / math.sqrt(n)
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+
+
+def render_finetune(d: dict[str, Any]) -> str:
+    """The fine-tuning effect: the trait score's change after LoRA on each method's top-k, and
+    ``auto`` minus the authors' method paired by seed."""
+    rows = []
+    for name, r in d["finetune"].items():
+        ms = r["methods"]
+        for m, v in ms.items():
+            picked = "/".join(map(str, v["n_label1_selected"]))
+            delta = [x - r["base"] for x in v["scores"]]
+            vs = ""
+            if m == "auto" and "paper" in ms:
+                vs = seed_interval(
+                    [a - b for a, b in zip(v["scores"], ms["paper"]["scores"], strict=True)]
+                )
+            rows.append([name, FT_NAMES.get(m, f"`{m}`"), picked, seed_interval(delta), vs])
+    head = [
+        "behaviour",
+        "top-k of",
+        "behaviour examples in the top-k, per seed",
+        "trait score change [95% CI over seeds]",
+        "`auto` minus the authors' method, paired by seed",
+    ]
+    return table(head, rows, "llrrr")
 
 
 WHOLE_SEQUENCE = "(c) build_cache, reply statistics only"  # the slot for the extra cost
@@ -281,10 +322,14 @@ def render_peers_precision(d: dict[str, Any]) -> str:
     return table(["method", "P@k", "AP"], rows, "lrr")
 
 
-GEN = "python benchmarks/generalisation.py report --work runs/gen"
-GEN_SMALL = "python benchmarks/generalisation.py report --work runs/gen-small"
+GEN = "python -m benchmarks.generalisation report --work runs/gen"
+GEN_SMALL = "python -m benchmarks.generalisation report --work runs/gen-small"
 PERF = "python benchmarks/bench_perf.py --out runs/perf.json"
 PEERS_RUN = "python benchmarks/bench_peers.py --data demo --out runs/peers-demo.json"
+FT = (
+    "lensattr bench --behaviours medhallu,sycophancy,empathy --n-clean 1000 --no-persona "
+    "--ft-behaviours medhallu,sycophancy,empathy --ft-methods auto,paper,random --out runs/ft3"
+)
 
 # name -> (results file, renderer, the command that regenerates the file)
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
@@ -298,6 +343,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "query": ("performance.json", render_query, PERF),
     "peers": ("peers-demo.json", render_peers, PEERS_RUN),
     "peers-precision": ("peers-demo.json", render_peers_precision, PEERS_RUN),
+    "finetune": ("finetune.json", render_finetune, FT),
 }
 
 
