@@ -156,8 +156,9 @@ m = lensattr.load_model(spec, device="cpu", compute_dtype="float32")
 marks, res = {}, {}
 def scores(cache, r):
     return r.scores_of(range(len(cache))).float().tolist()
-def choice(sel):
-    return f"{sel.method} @ L{layer_text(sel.layer)}"
+def choice(sel):  # auto ranks with its ensemble when it has one: say so
+    one = f"{sel.method} @ L{layer_text(sel.layer)}"
+    return f"mean of {len(sel.ensemble.members)}, best {one}" if sel.ensemble else one
 if mode == "full":
     cache = lensattr.build_cache(m, train, out=out, progress=False, **kw)
     marks["build"] = time.time()
