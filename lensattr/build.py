@@ -287,7 +287,8 @@ def _read_build(build_file: Path) -> dict[str, Any]:
 def _reusable(reuse: Cache, plan: dict[str, Any], examples: Sequence[Example]) -> dict[str, int]:
     """``{example id: row of reuse}`` for the examples ``reuse`` holds with the same messages,
     after checking that its rows are what this build would compute."""
-    keys = ("model", "pooling", "max_length", "dtype", "padding_side")  # what the rows depend on
+    # what the rows depend on
+    keys = ("model", "pooling", "max_length", "storage_dtype", "padding_side")
     problems = diff_fields({k: reuse.manifest.get(k) for k in keys}, {k: plan[k] for k in keys})
     problems += [
         f"its {stat} was computed by {module}, this build's by {plan['stat_modules'][stat]}"

@@ -42,13 +42,16 @@ class CaptureConfig:
     ``torch.dtype``) and holds its name; a list of ``layers`` is held as a tuple.
 
     Field metadata drives the rest: ``help`` is the CLI help, ``match`` marks the settings that
-    change the numbers (a query's pairs and the cache must agree on them), ``manifest`` the
-    manifest key when it is not the field name, ``cli`` whether the CLI has a flag for it.
+    change the numbers (a query's pairs and the cache must agree on them), ``cli`` whether the
+    CLI has a flag for it. A manifest and a saved query record the fields under their own names.
 
     Examples:
         >>> CaptureConfig(max_length=256, storage_dtype="bf16").storage_dtype
         'bfloat16'
-        >>> CaptureConfig.from_manifest(CaptureConfig(layers=[1, 3]).to_manifest()).layers
+        >>> record = CaptureConfig(layers=[1, 3]).to_manifest()
+        >>> list(record)
+        ['layers', 'max_length', 'padding_side', 'pooling', 'storage_dtype']
+        >>> CaptureConfig.from_manifest(record, what="the manifest").layers
         (1, 3)
     """
 
@@ -84,7 +87,6 @@ class CaptureConfig:
             "small gradients) or fp32/float32",
             "metavar": "DTYPE",
             "choices": tuple(STORAGE_DTYPES),
-            "manifest": "dtype",
         },
     )
 
@@ -104,29 +106,34 @@ class CaptureConfig:
             object.__setattr__(self, "layers", tuple(self.layers))
 
     def to_manifest(self) -> dict[str, Any]:
-        """The fields as manifest entries (``storage_dtype`` is the manifest's ``dtype``)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.metadata.get("manifest", f.name)] = list(value) if f.name == "layers" else value
-        return out
+        """The fields as manifest entries, under their own names (``layers`` as a list)."""
+        return {
+            f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> "CaptureConfig":
+    def from_manifest(cls, record: Mapping[str, Any], *, what: str) -> "CaptureConfig":
         """The capture settings a manifest (or a saved query's record) holds.
 
-        Every manifest and record lensattr writes has every field (:meth:`to_manifest`); a key a
-        hand-written manifest leaves out gets the field's default. A saved query's reader refuses
-        an incomplete record (:meth:`lensattr.query.Query.load`).
+        ``record`` must have every field under its own name (as :meth:`to_manifest` writes
+        them); other keys are ignored.
+
+        Raises:
+            ValueError: ``what`` (the record, e.g. ``"the manifest"``) lacks a field (naming
+                every missing one), or a field's value is refused.
+
+        Examples:
+            >>> CaptureConfig.from_manifest({"layers": [0]}, what="the manifest")
+            Traceback (most recent call last):
+            ...
+            ValueError: the manifest lacks 'max_length', 'padding_side', 'pooling', 'storage_dtype'
         """
-        kw = {}
-        for f in dataclasses.fields(cls):
-            key = f.metadata.get("manifest", f.name)
-            if key in manifest:
-                kw[f.name] = manifest[key]
-            elif f.name in manifest:
-                kw[f.name] = manifest[f.name]
-        return cls(**kw)
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in record]
+        if missing:
+            raise ValueError(f"{what} lacks {', '.join(map(repr, missing))}")
+        return cls(**{name: record[name] for name in names})
 
 
 def _field(name: str) -> dataclasses.Field[Any]:

@@ -172,12 +172,11 @@ def _capture_of(meta: dict[str, str]) -> CaptureConfig | None:
     """The capture settings a saved query or pair statistics record (``{}``: ``None``, none
     recorded), every field of :class:`~lensattr.config.CaptureConfig` (:func:`_capture_json`)."""
     record = json.loads(meta["capture"])
+    if not isinstance(record, dict):
+        raise ValueError(f"field 'capture': {record!r} is not a map of capture settings")
     if not record:
         return None
-    missing = [k for k in CaptureConfig().to_manifest() if k not in record]
-    if missing:
-        raise ValueError(f"field 'capture' lacks {', '.join(map(repr, missing))}")
-    return CaptureConfig.from_manifest(record)
+    return CaptureConfig.from_manifest(record, what="field 'capture'")
 
 
 def pair_stats(

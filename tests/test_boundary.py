@@ -32,7 +32,7 @@ from lensattr.methods import pool
 from lensattr.moments import ScoreContext, pool_moments
 from lensattr.query import PairStats, Query, QueryError, behavior_query, pair_stats
 from lensattr.registry import MethodError, get_score
-from lensattr.store.cache import CacheError, open_cache, write_manifest
+from lensattr.store.cache import SCHEMA_VERSION, CacheError, open_cache, write_manifest
 from lensattr.store.shards import describe_shard, tensor_key, write_shard
 
 RANK = importlib.import_module("lensattr.rank")  # the module (lensattr.rank is the function)
@@ -86,13 +86,17 @@ def hand_cache(path: Path, rows: dict[int, torch.Tensor], *, stat: str = "hand",
     write_manifest(
         path,
         {
-            "schema_version": 2,
+            "schema_version": SCHEMA_VERSION,
+            "lensattr_version": lensattr.__version__,
             "model": MODEL,
             "n_layers": max(rows) + 1,
-            "layers": sorted(rows),
             "stats": [stat],
+            "layers": sorted(rows),
+            "max_length": 512,
+            "padding_side": "right",
             "pooling": "mean_response",
-            "dtype": "float32",
+            "storage_dtype": "float32",
+            "shard_size": shard_rows,
             "d_model": d,
             "n_rows": n,
             "ids": ids,

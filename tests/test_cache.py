@@ -19,7 +19,7 @@ def test_round_trip_manifest_and_views(tiny, train_records, tmp_path):
     again = open_cache(tmp_path, expect=tiny)
     m = again.manifest
     assert m["ids"] == [r["id"] for r in train_records]  # row order = file order
-    assert m["layers"] == [0, 3] and m["pooling"] == "mean_response" and m["dtype"] == "bfloat16"
+    assert (m["layers"], m["pooling"], m["storage_dtype"]) == ([0, 3], "mean_response", "bfloat16")
     assert set(m["model"]) >= {"weights_sha256", "tokenizer_sha256", "chat_template_sha256"}
     assert m["train"]["n_examples"] == len(train_records) and len(m["shards"]) == 3
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
@@ -167,7 +167,7 @@ def test_a_train_file_of_only_bad_records_is_a_clear_error(tmp_path, tiny):
 )
 def test_storage_dtype_spellings(tmp_path, tiny, train_records, spelling, name):
     cache = build_cache(tiny, train_records[:2], out=tmp_path, layers=[1], storage_dtype=spelling)
-    assert cache.manifest["dtype"] == name
+    assert cache.manifest["storage_dtype"] == name
     assert cache.stat("grad", 1)[:].dtype == getattr(torch, name)
 
 

@@ -173,5 +173,5 @@ def test_dtype_spellings_on_the_command_line(tmp_path, train, capsys):
     out = tmp_path / "c"
     assert main(cache_cmd(train, out, "--compute-dtype", "bf16", "--storage-dtype", "fp32")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["dtype"] == "float32"
+    assert manifest["storage_dtype"] == "float32"
     assert "cached 4 examples" in capsys.readouterr().out

@@ -4,6 +4,7 @@ and the command line's flags (generated from the dataclass, so their defaults ca
 import dataclasses
 import inspect
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from lensattr import CaptureConfig, behavior_query, build_cache, explain, pair_s
 from lensattr.cli import build_parser
 from lensattr.config import MATCHED, check_capture, from_arguments
 from lensattr.query import PairStats, Query, QueryError
-from lensattr.store.cache import CacheError
+from lensattr.store.cache import CacheError, open_cache, write_manifest
 
 LAYERS = [1, 2]
 
@@ -37,15 +38,32 @@ def cache64(tiny, train_records, tmp_path_factory):
 def test_the_manifest_records_the_config(cache64):
     want = CaptureConfig(layers=LAYERS, max_length=64, padding_side="left", storage_dtype="float32")
     assert cache64.capture_config == want
-    m = cache64.manifest  # the manifest's fields, as every lensattr since schema 2 wrote them
-    assert (m["layers"], m["max_length"], m["padding_side"], m["pooling"], m["dtype"]) == (
-        [1, 2],
-        64,
-        "left",
-        "mean_response",
-        "float32",
-    )
-    assert CaptureConfig.from_manifest(json.loads((cache64.path / "manifest.json").read_text()))
+    m = json.loads((cache64.path / "manifest.json").read_text())  # under the fields' own names
+    assert {k: m[k] for k in want.to_manifest()} == {
+        "layers": [1, 2],
+        "max_length": 64,
+        "padding_side": "left",
+        "pooling": "mean_response",
+        "storage_dtype": "float32",
+    }
+    assert CaptureConfig.from_manifest(m, what="the manifest") == want
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(CaptureConfig)])
+def test_a_manifest_without_a_capture_field_is_refused_naming_it(cache64, tmp_path, name):
+    # nothing was released: no default fills a missing field, no other spelling is read
+    out = tmp_path / "c"
+    shutil.copytree(cache64.path, out)
+    m = json.loads((out / "manifest.json").read_text())
+    value = m.pop(name)
+    if name == "storage_dtype":
+        m["dtype"] = value  # its former key is not read either
+    write_manifest(out, m)  # checksum recomputed: only the missing field is wrong
+    want = rf"manifest\.json: corrupt manifest \(the manifest lacks '{name}'\)"
+    with pytest.raises(CacheError, match=want):
+        open_cache(out)
+    with pytest.raises(ValueError, match=f"the manifest lacks '{name}'$"):
+        CaptureConfig.from_manifest(m, what="the manifest")
 
 
 def test_build_cache_takes_a_config(cache64, tiny, train_records, monkeypatch):
@@ -86,7 +104,9 @@ def test_a_saved_query_records_every_capture_field(tiny, pair_records, tmp_path)
     assert record == CaptureConfig(layers=LAYERS, max_length=64, storage_dtype="fp32").to_manifest()
     # nothing was released: a record missing a field (or the record itself) is refused, not filled
     _rewrite_meta(path, capture=json.dumps({"max_length": 64, "padding_side": "right"}))
-    with pytest.raises(QueryError, match="field 'capture' lacks 'layers', 'pooling', 'dtype'"):
+    with pytest.raises(
+        QueryError, match="field 'capture' lacks 'layers', 'pooling', 'storage_dtype'"
+    ):
         Query.load(path)
     _rewrite_meta(path, capture=None)
     with pytest.raises(QueryError, match="not a lensattr query \\(KeyError: 'capture'\\)"):

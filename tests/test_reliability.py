@@ -356,7 +356,7 @@ def test_expect_another_tokenizer_or_template(built, tiny):
         ("pooling", "last_token"),
         ("max_length", 512),
         ("stats", ["grad"]),
-        ("dtype", "float32"),
+        ("storage_dtype", "float32"),
     ],
 )
 def test_expect_other_fields_are_named(built, field, value):
@@ -452,7 +452,7 @@ def test_rotated_ids_are_refused(tmp_path, built):
         ),
         (lambda m: m["shards"][1].update(n_rows=10**9), "ids, rows and shards do not agree"),
         (lambda m: m.update(n_rows=10**9), "ids, rows and shards do not agree"),
-        (lambda m: m.update(dtype="float32"), "'residual_change/1' is BF16 .* says F32"),
+        (lambda m: m.update(storage_dtype="float32"), "'residual_change/1' is BF16 .* says F32"),
         (lambda m: m.update(layers=[1, 2]), "'residual_change/2' is missing"),
         (lambda m: m["records"].update(file="../records.jsonl.gz"), "not a plain file name"),
         (lambda m: m["records"].update(size=1), "records copy missing or of the wrong size"),
@@ -470,7 +470,7 @@ def test_old_schema_is_refused_with_a_clear_message(tmp_path, built):
     _, ref = built
     out = fresh_copy(ref, tmp_path / "c")
     edit_manifest(out, lambda m: m.update(schema_version=1), rehash=True)
-    with pytest.raises(CacheError, match="schema version 1 .*reads 2.*rebuild"):
+    with pytest.raises(CacheError, match="schema version 1 .*reads 3.*rebuild"):
         open_cache(out)
 
 

@@ -86,7 +86,7 @@ IDENTITY = (
     "stats",
     "pooling",
     "max_length",
-    "dtype",
+    "storage_dtype",
     "train",
     "shard_size",
     "batch_size",

@@ -19,7 +19,7 @@ STORAGE_DTYPES = {
     "fp32": "float32",
     "float": "float32",
 }
-"""Every spelling of a storage dtype -> its name (the manifest's ``dtype``)."""
+"""Every spelling of a storage dtype -> its name (the manifest's ``storage_dtype``)."""
 SAFETENSORS_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 """Each storage dtype's name -> its code in a shard's safetensors header."""
 

@@ -32,7 +32,7 @@ from lensattr.store.shards import (
 )
 from lensattr.tables import layers_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # bumped on any change to the cache's files or manifest fields
 
 
 class CacheError(RuntimeError):
@@ -121,7 +121,7 @@ class Cache:
     @property
     def capture_config(self) -> CaptureConfig:
         """The capture settings the cache was built with (from its manifest)."""
-        return CaptureConfig.from_manifest(self.manifest)
+        return CaptureConfig.from_manifest(self.manifest, what=str(CacheFiles(self.path).manifest))
 
     @property
     def d_model(self) -> int:
@@ -135,7 +135,7 @@ class Cache:
         return (
             f"Cache({len(self)} rows, layers {layers_text(self.layers)} of {self.n_layers}, "
             f"stats {', '.join(self.stats)}, model {model}, d_model {self.d_model}, "
-            f"{self.manifest.get('dtype', '?')}, at {self.path})"
+            f"{self.manifest.get('storage_dtype', '?')}, at {self.path})"
         )
 
     def layer(self, layer: Any) -> int:
@@ -265,7 +265,9 @@ def _check_manifest(mfile: Path, m: Any) -> None:
         ok = isinstance(ids, list) and all(isinstance(i, str) for i in ids)
         ok = ok and isinstance(n, int) and n == len(ids) and len(set(ids)) == n
         ok = ok and isinstance(m["d_model"], int) and m["d_model"] > 0
-        ok = ok and m["dtype"] in SAFETENSORS_CODES and isinstance(m.get("records", {}), dict)
+        CaptureConfig.from_manifest(m, what="the manifest")  # every capture setting, valid
+        ok = ok and m["storage_dtype"] in SAFETENSORS_CODES
+        ok = ok and isinstance(m.get("records", {}), dict)
         ok = ok and all(isinstance(x, int) for x in m["layers"])
         ok = ok and all(isinstance(x, str) for x in m["stats"])
         for stat in m["stats"]:  # a statistic's name reaches file names (its pool moments)
@@ -294,7 +296,7 @@ def _check_shard(shard: MappedShard, info: dict[str, Any], m: dict[str, Any]) ->
         ids = None
     if ids != m["ids"][first : first + n]:
         raise CacheError(f"{shard.path}: holds other ids than the manifest lists for it")
-    code = SAFETENSORS_CODES[m["dtype"]]
+    code = SAFETENSORS_CODES[m["storage_dtype"]]
     for stat in m["stats"]:
         for layer in m["layers"]:
             key = tensor_key(stat, layer)
