@@ -335,22 +335,13 @@ def select(
     if together is not None and together["criterion"] > best["criterion"]:
         best = together
     seconds = time.perf_counter() - t0
-    query = behavior_query(
-        None,
-        ps,
-        query=method.query,
-        stat=method.stat,
-        layers=layer_list,
-        pool=cache,
-        score=method.score,
-    )
-    query.layer = best["layer"]
+    query = _fitted(ps, cache, method, best["layer"], layers=layer_list)
     logger.info("auto: %s at layer %s (criterion %.3f)", method, best["layer"], best["criterion"])
     members = None
     if ensemble > 1 and len(method_list) > 1:
         means, best_of = method_scores(table), best_rows(table)
         top = sorted(means, key=lambda m: means[m], reverse=True)[:ensemble]
-        members = Ensemble([_member(ps, cache, Method.parse(m), best_of[m]["layer"]) for m in top])
+        members = Ensemble([_fitted(ps, cache, Method.parse(m), best_of[m]["layer"]) for m in top])
     return Selection(
         query=query,
         method=method,
@@ -364,16 +355,23 @@ def select(
     )
 
 
-def _member(ps: PairStats, cache: Cache, method: Method, layer: int | tuple[int, ...]) -> Query:
-    """``method``'s query at ``layer`` (or layer set), fitted on every pair against ``cache``'s
-    moments."""
-    layers = [layer] if isinstance(layer, int) else list(layer)
+def _fitted(
+    ps: PairStats,
+    cache: Cache,
+    method: Method,
+    layer: int | tuple[int, ...],
+    layers: Sequence[int] | None = None,
+) -> Query:
+    """``method``'s query chosen at ``layer`` (or layer set), fitted on every pair against
+    ``cache``'s moments at ``layers`` (default: the chosen ones only)."""
+    if layers is None:
+        layers = [layer] if isinstance(layer, int) else list(layer)
     q = behavior_query(
         None,
         ps,
         query=method.query,
         stat=method.stat,
-        layers=layers,
+        layers=list(layers),
         pool=cache,
         score=method.score,
     )
@@ -478,7 +476,7 @@ def select_then_cache(
         assert cache is not None
     if sel.ensemble is not None:  # each member refitted against the full cache's moments
         members = [
-            _member(ps, cache, Method(q.rule, q.stat, q.score), q.best_layer())
+            _fitted(ps, cache, Method(q.rule, q.stat, q.score), q.best_layer())
             for q in sel.ensemble.members
         ]
         return cache, Ensemble(members), sel
