@@ -32,6 +32,7 @@ import json
 import random
 import subprocess
 from pathlib import Path
+from typing import Any
 
 MODELS = ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")
 LABELS = "evaluation/automated_evaluation_labels/xstest_v2_completions_{}_gpteval.csv"
@@ -49,7 +50,7 @@ def _read(repo: Path, path: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def _write(path: Path, rows: list[dict[str, object]]) -> None:
+def _write(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
@@ -100,8 +101,8 @@ def build(repo: Path, out: Path) -> dict[str, dict[str, int]]:
             )
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder / "query.jsonl", query)  # type: ignore[arg-type]
-        _write(folder / "heldout.jsonl", heldout)  # type: ignore[arg-type]
+        _write(folder / "query.jsonl", query)
+        _write(folder / "heldout.jsonl", heldout)
         _write(folder / "plant.jsonl", plants)
         counts[name] = {"query": len(query), "heldout": len(heldout), "plant": len(plants)}
     return counts

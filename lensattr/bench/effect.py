@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lensattr import PAPER, Method, Query, behavior_query, candidates, rank, select
+from lensattr import Ensemble, Method, Query, behavior_query, rank
 from lensattr.bench.finetune import lora_finetune, trait_score
 from lensattr.bench.report import layer_label
 from lensattr.bench.run import BenchConfig, save_json, say, subpools
@@ -19,14 +19,10 @@ BASELINES = ("auto", "paper", "random", "trak", "persona")
 """Fine-tuning methods besides any ``query|stat|score`` of the grid."""
 
 
-def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]) -> Query:
-    """The query behind a named method of one behaviour, at the layer it was ranked at."""
-    r = ranking[name]
-    if method == "persona":
-        q = h["personas"][name]
-        q.layer = r["baselines"]["persona"]["layer"]
-        return q
-    m = Method.parse(r[method]["method"] if method == "paper" else method)
+def _fitted(h: dict[str, Any], name: str, method: str, layer: Any) -> Query:
+    """``method``'s query for behaviour ``name``, fitted on its pairs against the pool, chosen at
+    ``layer`` (a saved layer set comes back from JSON as a list; ``None``: its own best)."""
+    m = Method.parse(method)
     q = behavior_query(
         None,
         h["pairs"][name],
@@ -36,20 +32,28 @@ def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]
         pool=h["cache"],
         score=m.score,
     )
-    q.layer = r[method]["layer"] if method == "paper" else q.best_layer()
+    if layer is None:
+        q.layer = q.best_layer()
+    else:
+        q.layer = tuple(layer) if isinstance(layer, list) else layer
     return q
 
 
-def _auto(cfg: BenchConfig, h: dict[str, Any], name: str) -> Any:
-    """``auto``'s choice for ``name`` as the ranking step made it (the same call, so the same
-    ensemble): what auto ranks with, not only its best single method."""
-    idx, _ = subpools(h)[name]
-    methods = (
-        [Method.parse(m) for m in cfg.methods] if cfg.methods else candidates(h["cache"].stats)
-    )
-    if PAPER not in methods:
-        methods.append(PAPER)
-    return select(None, h["cache"], h["pairs"][name], methods=methods, layers=h["layers"], rows=idx)
+def _query_of(method: str, name: str, h: dict[str, Any], ranking: dict[str, Any]) -> Any:
+    """What a named method of one behaviour ranks with, as the ranking step saved it: ``auto``
+    its ensemble (its members rebuilt at their layers) or its one method, ``paper`` at its layer,
+    ``persona`` its vector, a ``query|stat|score`` method at the layer its pairs choose."""
+    r = ranking[name]
+    if method == "persona":
+        q = h["personas"][name]
+        q.layer = r["baselines"]["persona"]["layer"]
+        return q
+    if method in ("auto", "paper"):
+        chosen = r[method]
+        if chosen.get("members"):
+            return Ensemble([_fitted(h, name, x["method"], x["layer"]) for x in chosen["members"]])
+        return _fitted(h, name, chosen["method"], chosen["layer"])
+    return _fitted(h, name, method, None)
 
 
 def _resolved(method: str, r: dict[str, Any]) -> str:
@@ -61,23 +65,13 @@ def _resolved(method: str, r: dict[str, Any]) -> str:
 
 
 def top_ids(
-    cfg: BenchConfig,
-    method: str,
-    name: str,
-    h: dict[str, Any],
-    ranking: dict[str, Any],
-    seed: int,
+    method: str, name: str, h: dict[str, Any], ranking: dict[str, Any], k: int, seed: int
 ) -> list[str]:
-    """Pool ids of the top-``cfg.k`` of ``method`` in behaviour ``name``'s pool (``random``: a
-    seeded sample; ``auto``: its selection, ensemble included); ``query|stat|score`` methods use
-    the layer their own query pairs choose."""
+    """Pool ids of the top-``k`` of ``method`` in behaviour ``name``'s pool (``random``: a seeded
+    sample; ``auto``: its ensemble); ``query|stat|score`` methods use the layer their own query
+    pairs choose."""
     idx, _ = subpools(h)[name]
-    cache, k = h["cache"], cfg.k
-    if method == "auto":
-        chosen = h.setdefault("auto", {})
-        if name not in chosen:
-            chosen[name] = _auto(cfg, h, name)
-        return rank(cache, chosen[name], rows=idx, top_k=k).ids
+    cache = h["cache"]
     if method == "random":
         ids = [cache.ids[i] for i in idx.tolist()]
         return random.Random(seed).sample(ids, min(k, len(ids)))
@@ -119,7 +113,7 @@ def finetune_effect(
             scores = []
             for seed in cfg.ft_seeds:
                 f = out / "ft" / b.name / f"{run_m.replace('|', '+')}-s{seed}.json"
-                ids = top_ids(cfg, m, b.name, h, ranking, seed)
+                ids = top_ids(m, b.name, h, ranking, cfg.k, seed)
                 saved = json.loads(f.read_text()) if f.exists() else None
                 # a saved fine-tune is reused only for the same top-k: after a change to the
                 # method (e.g. auto choosing differently) it would be a stale row
