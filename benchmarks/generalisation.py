@@ -511,7 +511,7 @@ def main() -> None:
     b.add_argument(
         "--plants", type=int, default=50, help="label-1 (and label-0) superset per behaviour"
     )
-    b.add_argument("--pairs", type=int, default=96, help="query pairs per behaviour (at most)")
+    b.add_argument("--pairs", type=int, default=192, help="query pairs per behaviour (at most)")
     b.add_argument("--layers", default="2:30:3")
     b.add_argument("--max-length", type=int, default=96)
     b.add_argument("--batch-size", type=int, default=8)
