@@ -45,3 +45,14 @@ def test_the_study_builds_scores_and_reports(tmp_path):
     scores = lensattr.rank(cache, sel, top_k=None).scores_of(range(len(cache)))
     assert res["auto"]["p_at_k"] == precision_at_k(scores, labels, int(labels.sum()))
     assert res["auto"]["members"] == len(sel.ensemble.members)
+    # the ensemble-members study rebuilds auto's ensemble from the saved criterion table: its
+    # top30 is auto's ranking of the pool, and every variant is a precision
+    cmd = [sys.executable, "-m", "benchmarks.ensemble_members", "--work", str(work)]
+    res_m = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res_m.returncode == 0, res_m.stderr[-3000:]
+    for f in sorted((work / "cells").glob("*.json")):
+        members = json.loads((work / "members" / f.name).read_text())["p_at_k"]
+        assert members["top30"] == json.loads(f.read_text())["auto"]["p_at_k"], f.name
+        assert all(0.0 <= v <= 1.0 for v in members.values())
+    shown = subprocess.run([*cmd, "--report"], cwd=ROOT, capture_output=True, text=True)
+    assert "left one behaviour out" in shown.stdout, shown.stderr[-3000:]

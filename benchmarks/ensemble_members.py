@@ -1,0 +1,141 @@
+"""Which methods should ``auto``'s ensemble average? Duplicate and near-duplicate members.
+
+    python -m benchmarks.ensemble_members --work runs/gen [--part 0 --parts 2]   # per pool
+    python -m benchmarks.ensemble_members --work runs/gen --report               # the means
+
+Reads a finished generalisation study (``benchmarks/generalisation.py``: its plan, pools,
+pairs and per-pool criterion tables, ``cells/*.json``) and ranks each pool with ensembles
+built three ways from the same criterion order (methods by criterion averaged over layers,
+each at its best layer, as ``select`` builds its ensemble):
+
+* ``topN``: the first N methods (``auto`` today is ``top30``);
+* ``noprojN``: the first N without the score ``projection``, which is ``dot`` divided by the
+  query's norm: it ranks every pool exactly as ``dot`` does, so in ``topN`` every ``dot``
+  method is counted twice;
+* ``dedupe{rho}_{N}``: greedy, without ``projection``; a method is skipped when its
+  standardised pool scores correlate above ``rho`` with a member already in.
+
+Labels (the plan's plants) are read for P@k only. ``--report`` prints the mean P@k of each
+variant over behaviours, and of each family with its constant fitted on the other behaviours
+(left one behaviour out). Public API only; per-pool results go to ``WORK/members/``.
+"""
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lensattr
+from lensattr.criterion import best_rows, method_scores
+from lensattr.ensemble import standardised
+from lensattr.metrics import precision_at_k
+
+SIZES = (20, 30, 40)
+RHOS = (0.99, 0.95, 0.9, 0.8)
+DEDUPE_SIZES = (5, 10, 15, 20, 30)
+
+
+def _pool_scores(work: Path, res: dict[str, Any]) -> tuple[Any, list[str], torch.Tensor]:
+    """A function giving each method's standardised scores of the pool, the criterion order,
+    and the pool's labels."""
+    name, seed = res["behaviour"], res["seed"]
+    plan = json.loads((work / "plan.json").read_text())
+    cache = lensattr.open_cache(work / "pools" / f"{name}-{seed}")
+    ps = lensattr.PairStats.load(work / "pairs" / f"{name}.safetensors")
+    pos = set(plan["behaviours"][name]["pos"])
+    labels = torch.tensor([int(i in pos) for i in cache.ids])
+    table = [{k: c[k] for k in ("method", "layer", "criterion", "accuracy")} for c in res["cells"]]
+    means, best = method_scores(table), best_rows(table)
+    order = sorted(means, key=lambda m: means[m], reverse=True)
+    memo: dict[str, torch.Tensor] = {}
+
+    def z(m: str) -> torch.Tensor:
+        if m not in memo:
+            meth = lensattr.Method.parse(m)
+            q = lensattr.behavior_query(
+                None, ps, query=meth.query, stat=meth.stat, pool=cache, score=meth.score
+            )
+            r = lensattr.rank(cache, q, layer=best[m]["layer"], top_k=None)
+            # a non-finite score ranks last, as in rank()
+            memo[m] = standardised(r.scores_of(range(len(cache)))).nan_to_num(nan=-10.0)
+        return memo[m]
+
+    return z, order, labels
+
+
+def score_pool(work: Path, res: dict[str, Any]) -> dict[str, float]:
+    z, order, labels = _pool_scores(work, res)
+    k = int(labels.sum())
+
+    def p_at_k(members: list[str]) -> float:
+        return precision_at_k(torch.stack([z(m) for m in members]).mean(0).float(), labels, k)
+
+    out: dict[str, float] = {}
+    noproj = [m for m in order if not m.endswith("|projection")]
+    for n in SIZES:
+        out[f"top{n}"] = p_at_k(order[:n])
+        out[f"noproj{n}"] = p_at_k(noproj[:n])
+    for rho in RHOS:
+        chosen: list[str] = []
+        for m in noproj:
+            if len(chosen) == max(DEDUPE_SIZES):
+                break
+            pairs = [torch.stack([z(m), z(c)]) for c in chosen]
+            if all(float(torch.corrcoef(p)[0, 1]) < rho for p in pairs):
+                chosen.append(m)
+        for n in DEDUPE_SIZES:
+            out[f"dedupe{rho}_{n}"] = p_at_k(chosen[:n])
+    return out
+
+
+def report(work: Path) -> None:
+    by: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for f in sorted((work / "members").glob("*.json")):
+        r = json.loads(f.read_text())
+        by[r["behaviour"]].append(r["p_at_k"])
+    per = {
+        v: {b: statistics.mean(r[v] for r in rs) for b, rs in by.items()}
+        for v in next(iter(by.values()))[0]
+    }
+    print(f"{len(by)} behaviours, {sum(len(rs) for rs in by.values())} pools")
+    for v, vals in per.items():
+        print(f"{v:16s} {statistics.mean(vals.values()):.3f}")
+    for family in ("top", "noproj", "dedupe"):
+        members = [v for v in per if v.startswith(family)]
+        left_out = []
+        for b in by:
+            fitted = max(members, key=lambda v: statistics.mean(per[v][x] for x in by if x != b))
+            left_out.append(per[fitted][b])
+        print(
+            f"{family:8s} constant fitted left one behaviour out: {statistics.mean(left_out):.3f}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="runs/gen", help="a finished generalisation study")
+    ap.add_argument("--part", type=int, default=0, help="score every --parts-th pool from this")
+    ap.add_argument("--parts", type=int, default=1)
+    ap.add_argument("--report", action="store_true", help="print the means of the scored pools")
+    args = ap.parse_args()
+    work = Path(args.work)
+    if args.report:
+        report(work)
+        return
+    (work / "members").mkdir(exist_ok=True)
+    for f in sorted((work / "cells").glob("*.json"))[args.part :: args.parts]:
+        out = work / "members" / f.name
+        if out.exists():
+            continue
+        res = json.loads(f.read_text())
+        row = {"behaviour": res["behaviour"], "seed": res["seed"], "p_at_k": score_pool(work, res)}
+        out.write_text(json.dumps(row, indent=1))
+        print(f.stem, f"top30 {row['p_at_k']['top30']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
