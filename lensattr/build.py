@@ -198,10 +198,7 @@ def build_cache(
     cfg = dataclasses.replace(cfg, layers=sorted(parse_layers(cfg.layers, model.n_layers)))
     layer_list, max_length, padding_side = list(cfg.layers), cfg.max_length, cfg.padding_side
     specs = [get_stat(s) for s in stats]
-    pooling = pooling_of(specs)  # the statistics' own; a config naming another is refused
-    if cfg.pooling not in (pooling, CaptureConfig().pooling):
-        raise ValueError(f"config pooling {cfg.pooling!r}, but the statistics pool by {pooling!r}")
-    cfg = dataclasses.replace(cfg, pooling=pooling)
+    cfg = cfg.pooled_by(pooling_of(specs))
     plan = _plan(model, train, cfg, stats, shard_size, batch_size, examples)
     known = _reusable(reuse, plan, examples) if reuse is not None else {}
     files = CacheFiles(out)

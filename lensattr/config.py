@@ -105,6 +105,25 @@ class CaptureConfig:
         if isinstance(self.layers, list):  # hashable, like the rest of a frozen record
             object.__setattr__(self, "layers", tuple(self.layers))
 
+    def pooled_by(self, pooling: str) -> "CaptureConfig":
+        """These settings with the statistics' own ``pooling``
+        (:func:`~lensattr.registry.pooling_of`): a config that leaves ``pooling`` at its default
+        takes theirs, one naming another is refused with ``ValueError``.
+
+        Examples:
+            >>> CaptureConfig().pooled_by("mean_response").pooling
+            'mean_response'
+            >>> CaptureConfig(pooling="last").pooled_by("mean_response")
+            Traceback (most recent call last):
+            ...
+            ValueError: config pooling 'last', but the statistics pool by 'mean_response'
+        """
+        if self.pooling not in (pooling, CaptureConfig().pooling):
+            raise ValueError(
+                f"config pooling {self.pooling!r}, but the statistics pool by {pooling!r}"
+            )
+        return dataclasses.replace(self, pooling=pooling)
+
     def to_manifest(self) -> dict[str, Any]:
         """The fields as manifest entries, under their own names (``layers`` as a list)."""
         return {

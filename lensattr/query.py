@@ -219,9 +219,8 @@ def pair_stats(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     specs = [get_stat(s) for s in dict.fromkeys(stats)]
-    pooling = pooling_of(specs)  # before any work: statistics captured together share one
-    if cfg.pooling not in (pooling, CaptureConfig().pooling):
-        raise ValueError(f"config pooling {cfg.pooling!r}, but the statistics pool by {pooling!r}")
+    # before any work: statistics captured together share one pooling, the config's
+    cfg = cfg.pooled_by(pooling_of(specs))
     layer_list = sorted(parse_layers(cfg.layers, model.n_layers))
     max_length, padding_side = cfg.max_length, cfg.padding_side
     encs = [[encode(model.tokenizer, ex, max_length) for ex in p.sides()] for p in pair_list]
@@ -258,13 +257,7 @@ def pair_stats(
         out["t"],
         out["c"],
         model.fingerprint(),
-        CaptureConfig(
-            layers=layer_list,
-            max_length=max_length,
-            padding_side=padding_side,
-            pooling=pooling,
-            storage_dtype="float32",
-        ),
+        dataclasses.replace(cfg, layers=layer_list, storage_dtype="float32"),
         {p.name: p.module for p in specs},
     )
 

@@ -480,17 +480,7 @@ def select_then_cache(
             for q in sel.ensemble.members
         ]
         return cache, Ensemble(members), sel
-    query = behavior_query(
-        None,
-        ps,
-        query=sel.method.query,
-        stat=sel.method.stat,
-        layers=sorted(sel.layers),
-        pool=cache,
-        score=sel.method.score,
-    )
-    query.layer = sel.layer
-    return cache, query, sel
+    return cache, _fitted(ps, cache, sel.method, sel.layer, layers=sorted(sel.layers)), sel
 
 
 __all__ = [
