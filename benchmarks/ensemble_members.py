@@ -30,20 +30,21 @@ from typing import Any
 import torch
 
 import lensattr
+from benchmarks.generalisation import _all_scores, _p_at_k
 from lensattr.criterion import best_rows, method_scores
 from lensattr.ensemble import standardised
-from lensattr.metrics import precision_at_k
 
 SIZES = (20, 30, 40)
 RHOS = (0.99, 0.95, 0.9, 0.8)
 DEDUPE_SIZES = (5, 10, 15, 20, 30)
 
 
-def _pool_scores(work: Path, res: dict[str, Any]) -> tuple[Any, list[str], torch.Tensor]:
+def _pool_scores(
+    work: Path, plan: dict[str, Any], res: dict[str, Any]
+) -> tuple[Any, list[str], torch.Tensor]:
     """A function giving each method's standardised scores of the pool, the criterion order,
     and the pool's labels."""
     name, seed = res["behaviour"], res["seed"]
-    plan = json.loads((work / "plan.json").read_text())
     cache = lensattr.open_cache(work / "pools" / f"{name}-{seed}")
     ps = lensattr.PairStats.load(work / "pairs" / f"{name}.safetensors")
     pos = set(plan["behaviours"][name]["pos"])
@@ -59,20 +60,18 @@ def _pool_scores(work: Path, res: dict[str, Any]) -> tuple[Any, list[str], torch
             q = lensattr.behavior_query(
                 None, ps, query=meth.query, stat=meth.stat, pool=cache, score=meth.score
             )
-            r = lensattr.rank(cache, q, layer=best[m]["layer"], top_k=None)
             # a non-finite score ranks last, as in rank()
-            memo[m] = standardised(r.scores_of(range(len(cache)))).nan_to_num(nan=-10.0)
+            memo[m] = standardised(_all_scores(cache, q, best[m]["layer"])).nan_to_num(nan=-10.0)
         return memo[m]
 
     return z, order, labels
 
 
-def score_pool(work: Path, res: dict[str, Any]) -> dict[str, float]:
-    z, order, labels = _pool_scores(work, res)
-    k = int(labels.sum())
+def score_pool(work: Path, plan: dict[str, Any], res: dict[str, Any]) -> dict[str, float]:
+    z, order, labels = _pool_scores(work, plan, res)
 
     def p_at_k(members: list[str]) -> float:
-        return precision_at_k(torch.stack([z(m) for m in members]).mean(0).float(), labels, k)
+        return _p_at_k(torch.stack([z(m) for m in members]).mean(0).float(), labels)
 
     out: dict[str, float] = {}
     noproj = [m for m in order if not m.endswith("|projection")]
@@ -127,12 +126,17 @@ def main() -> None:
         report(work)
         return
     (work / "members").mkdir(exist_ok=True)
+    plan = json.loads((work / "plan.json").read_text())
     for f in sorted((work / "cells").glob("*.json"))[args.part :: args.parts]:
         out = work / "members" / f.name
         if out.exists():
             continue
         res = json.loads(f.read_text())
-        row = {"behaviour": res["behaviour"], "seed": res["seed"], "p_at_k": score_pool(work, res)}
+        row = {
+            "behaviour": res["behaviour"],
+            "seed": res["seed"],
+            "p_at_k": score_pool(work, plan, res),
+        }
         out.write_text(json.dumps(row, indent=1))
         print(f.stem, f"top30 {row['p_at_k']['top30']:.2f}", flush=True)
 
