@@ -166,17 +166,18 @@ def render_generalisation_rules(d: dict[str, Any]) -> str:
 
 
 FT_NAMES = {"auto": "`auto`", "paper": "the authors' method", "random": "random"}
-T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}  # Student t quantile, by number of seeds
 
 
 def seed_interval(xs: list[float]) -> str:
-    """``+0.12 [+0.05, +0.19]``: a mean over seeds and its 95% t interval (n <= 5 seeds)."""
+    """``+0.12 [+0.05, +0.19]``: a mean over seeds and its 95% Student t interval."""
+    from scipy.stats import t as student_t  # scipy comes with the dev extras' scikit-learn
+
     n = len(xs)
     mean = sum(xs) / n
     if n < 2:
         return f"{mean:+.3f}"
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = T_975.get(n, 1.96) * sd / math.sqrt(n)
+    half = float(student_t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
