@@ -5,15 +5,16 @@
 
 Reads a finished generalisation study (``benchmarks/generalisation.py``: its plan, pools,
 pairs and per-pool criterion tables, ``cells/*.json``) and ranks each pool with ensembles
-built three ways from the same criterion order (methods by criterion averaged over layers,
+built two ways from the same criterion order (methods by criterion averaged over layers,
 each at its best layer, as ``select`` builds its ensemble):
 
 * ``topN``: the first N methods (``auto`` today is ``top30``);
-* ``noprojN``: the first N without the score ``projection``, which is ``dot`` divided by the
-  query's norm: it ranks every pool exactly as ``dot`` does, so in ``topN`` every ``dot``
-  method is counted twice;
-* ``dedupe{rho}_{N}``: greedy, without ``projection``; a method is skipped when its
-  standardised pool scores correlate above ``rho`` with a member already in.
+* ``dedupe{rho}_{N}``: greedy; a method is skipped when its standardised pool scores
+  correlate above ``rho`` with a member already in.
+
+This study found the score ``projection`` (``dot`` divided by the query's norm: it ranked every
+pool exactly as ``dot``, so ``auto`` counted each ``dot`` method twice); it is gone from the
+library, so ``topN`` no longer holds duplicates of that kind.
 
 Labels (the plan's plants) are read for P@k only. ``--report`` prints the mean P@k of each
 variant over behaviours, and of each family with its constant fitted on the other behaviours
@@ -74,13 +75,11 @@ def score_pool(work: Path, plan: dict[str, Any], res: dict[str, Any]) -> dict[st
         return _p_at_k(torch.stack([z(m) for m in members]).mean(0).float(), labels)
 
     out: dict[str, float] = {}
-    noproj = [m for m in order if not m.endswith("|projection")]
     for n in SIZES:
         out[f"top{n}"] = p_at_k(order[:n])
-        out[f"noproj{n}"] = p_at_k(noproj[:n])
     for rho in RHOS:
         chosen: list[str] = []
-        for m in noproj:
+        for m in order:
             if len(chosen) == max(DEDUPE_SIZES):
                 break
             pairs = [torch.stack([z(m), z(c)]) for c in chosen]
@@ -103,7 +102,7 @@ def report(work: Path) -> None:
     print(f"{len(by)} behaviours, {sum(len(rs) for rs in by.values())} pools")
     for v, vals in per.items():
         print(f"{v:16s} {statistics.mean(vals.values()):.3f}")
-    for family in ("top", "noproj", "dedupe"):
+    for family in ("top", "dedupe"):
         members = [v for v in per if v.startswith(family)]
         left_out = []
         for b in by:

@@ -168,7 +168,7 @@ BAD_SHAPES = {
     "bnd_int": lambda rows, norms, query, ctx=None: (rows @ query).long(),
     "bnd_list": lambda rows, norms, query, ctx=None: (rows @ query).tolist(),
 }
-GOOD_SCORES = ["cosine", "dot", "projection", "centered_cosine", "whitened_cosine",
+GOOD_SCORES = ["cosine", "dot", "centered_cosine", "whitened_cosine",
                "deflated_cosine", "bnd_rowcos"]  # fmt: skip
 
 

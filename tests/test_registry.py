@@ -18,9 +18,7 @@ def test_builtins_are_registered_eagerly():
     assert {"contrast", "residual_change", "residual_diff", "persona", "pool_contrast"} <= set(
         registry.QUERY
     )
-    assert {"cosine", "dot", "projection", "centered_cosine", "deflated_cosine"} <= set(
-        registry.SCORE
-    )
+    assert {"cosine", "dot", "centered_cosine", "deflated_cosine"} <= set(registry.SCORE)
     assert "pool_contrast" in registry.names("query")
 
 

@@ -35,10 +35,10 @@ def cq(tiny, train_records, pair_records, tmp_path_factory):
 
 def test_rank_takes_stat_and_score_only(cq):
     cache, q, _ = cq
-    r = rank(cache, q, layer=2, stat="resid_post", score="projection", top_k=None)
-    assert (r.stat, r.score) == ("resid_post", "projection")
+    r = rank(cache, q, layer=2, stat="resid_post", score="dot", top_k=None)
+    assert (r.stat, r.score) == ("resid_post", "dot")
     x = cache.stat("resid_post", 2)[:].float()
-    want = x @ q.vector(2)  # projection: <x, q>
+    want = x @ q.vector(2)  # dot: <x, q>
     assert torch.allclose(r.scores_of(range(len(cache))), want, atol=1e-5)
     for old in ({"phi": "resid_post"}, {"g": "dot"}):
         with pytest.raises(TypeError, match="unexpected keyword"):

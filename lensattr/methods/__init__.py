@@ -13,7 +13,6 @@ from lensattr.methods.scores import (
     cosine,
     deflated_cosine,
     dot,
-    projection,
     whitened_cosine,
 )
 from lensattr.methods.statistics import (
@@ -38,7 +37,6 @@ __all__ = [
     "pool_contrast",
     "pool_weighted",
     "repsim",
-    "projection",
     "resid_post",
     "residual_change",
     "residual_change_diagonal",

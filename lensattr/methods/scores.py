@@ -37,12 +37,6 @@ def cosine(rows: Vecs, norms: Scores, query: Queries, ctx: Any = None) -> QueryS
     return _cos(rows, norms, query)
 
 
-@register_score("projection", batched=True)
-def projection(rows: Vecs, norms: Scores, query: Queries, ctx: Any = None) -> QueryScores:
-    """``<s, q> / ||q||``."""
-    return (rows @ query) / query.norm(dim=0)
-
-
 def _pool(rows: torch.Tensor, ctx: ScoreContext | None) -> Moments:
     """The pool's moments from the context; without one, the moments of the rows given."""
     return ctx.moments() if ctx is not None else Moments.of_rows(rows)
