@@ -21,7 +21,8 @@ and this script rewrites the block from the file its name reads (``TABLES``)::
     python benchmarks/bench_peers.py --data demo --out runs/peers-demo.json
 
 A file whose top level holds ``"placeholder": true`` has the right layout but no measurements:
-its tables say "not measured yet". Standard library only.
+its tables say "not measured yet". Needs scipy (the Student t quantile of the fine-tuning
+intervals), a dev dependency.
 """
 
 import argparse
@@ -33,6 +34,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from scipy.stats import t as student_t
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -170,8 +173,6 @@ FT_NAMES = {"auto": "`auto`", "paper": "the authors' method", "random": "random"
 
 def seed_interval(xs: list[float]) -> str:
     """``+0.12 [+0.05, +0.19]``: a mean over seeds and its 95% Student t interval."""
-    from scipy.stats import t as student_t  # scipy comes with the dev extras' scikit-learn
-
     n = len(xs)
     mean = sum(xs) / n
     if n < 2:
