@@ -74,6 +74,13 @@ def score_pool(work: Path, plan: dict[str, Any], res: dict[str, Any]) -> dict[st
     def p_at_k(members: list[str]) -> float:
         return _p_at_k(torch.stack([z(m) for m in members]).mean(0).float(), labels)
 
+    corrs: dict[tuple[str, str], float] = {}  # each pair once, whatever the threshold
+
+    def corr(a: str, b: str) -> float:
+        if (a, b) not in corrs:
+            corrs[a, b] = float(torch.corrcoef(torch.stack([z(a), z(b)]))[0, 1])
+        return corrs[a, b]
+
     out: dict[str, float] = {}
     for n in SIZES:
         out[f"top{n}"] = p_at_k(order[:n])
@@ -82,8 +89,7 @@ def score_pool(work: Path, plan: dict[str, Any], res: dict[str, Any]) -> dict[st
         for m in order:
             if len(chosen) == max(DEDUPE_SIZES):
                 break
-            pairs = [torch.stack([z(m), z(c)]) for c in chosen]
-            if all(float(torch.corrcoef(p)[0, 1]) < rho for p in pairs):
+            if all(corr(m, c) < rho for c in chosen):
                 chosen.append(m)
         for n in DEDUPE_SIZES:
             out[f"dedupe{rho}_{n}"] = p_at_k(chosen[:n])
