@@ -168,6 +168,40 @@ def render_generalisation_rules(d: dict[str, Any]) -> str:
     return table(head, rows, "l" + "r" * (len(groups) + 1))
 
 
+def render_generalisation_targets(d: dict[str, Any]) -> str:
+    """Issue 25's targets for ``auto`` left one behaviour out, per group of behaviours, each
+    with whether it is met (``benchmarks.generalisation.targets``)."""
+    goals = d["targets"]
+    groups = list(goals)
+    ok = {True: "met", False: "**missed**"}
+
+    def count(x: dict[str, Any], n: int) -> str:
+        return f"{x['count']} of {n}: {ok[x['met']]}"
+
+    rows = [
+        ["mean P@k >= 0.80"]
+        + [
+            f"{num(goals[g]['mean']['value'], '.3f')}: {ok[goals[g]['mean']['met']]}"
+            for g in groups
+        ],
+        ["within 0.05 of hindsight on >= 80% of behaviours"]
+        + [count(goals[g]["near_hindsight"], goals[g]["behaviours"]) for g in groups],
+        ["above the best of text search and RepSim by >= 0.15, on the mean"]
+        + [
+            f"{goals[g]['margin_mean']['value']:+.3f}: {ok[goals[g]['margin_mean']['met']]}"
+            for g in groups
+        ],
+        ["... on >= 80% of behaviours"]
+        + [count(goals[g]["margin_count"], goals[g]["behaviours"]) for g in groups],
+        ["... behaviours whose best baseline is above 0.85 (no room for 0.15)"]
+        + [str(len(goals[g]["margin_count"]["ceiling"])) for g in groups],
+    ]
+    head = ["target (auto, left one behaviour out)"] + [
+        f"{g} ({goals[g]['behaviours']})" for g in groups
+    ]
+    return table(head, rows, "l" + "r" * len(groups))
+
+
 FT_NAMES = {"auto": "`auto`", "paper": "the authors' method", "random": "random"}
 
 
@@ -338,6 +372,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str], str]] = {
     "demo": ("demo.json", render_demo, "lensattr demo --out runs/demo"),
     "generalisation": ("generalisation.json", render_generalisation, GEN),
     "generalisation-rules": ("generalisation.json", render_generalisation_rules, GEN),
+    "generalisation-targets": ("generalisation.json", render_generalisation_targets, GEN),
     "generalisation-small": ("generalisation-small.json", render_generalisation, GEN_SMALL),
     "build": ("performance.json", render_build, PERF),
     "ratios": ("performance.json", render_ratios, PERF),

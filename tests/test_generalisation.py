@@ -56,3 +56,27 @@ def test_the_study_builds_scores_and_reports(tmp_path):
         assert all(0.0 <= v <= 1.0 for v in members.values())
     shown = subprocess.run([*cmd, "--report"], cwd=ROOT, capture_output=True, text=True)
     assert "left one behaviour out" in shown.stdout, shown.stderr[-3000:]
+
+
+def test_hindsight_is_one_fixed_method_and_the_targets_count_it():
+    import benchmarks.generalisation as gen
+
+    def pool(a: float, b: float) -> dict:
+        return {"cells": [{"method": "m", "layer": 3, "p_at_k": a},
+                          {"method": "n", "layer": 3, "p_at_k": b}]}  # fmt: skip
+
+    # m wins pool 0, n wins pool 1: a per-pool best would be 1.0; the best fixed method is 0.6
+    assert gen._hindsight([pool(1.0, 0.2), pool(0.2, 1.0)]) == 0.6
+    assert gen._hindsight([pool(0.5, 0.25), pool(0.75, 0.25)]) == 0.625
+    rows = {
+        "a": {"auto (LOBO)": 0.9, "hindsight": 0.92, "repsim": 0.5, "lexical:x": 0.7},
+        "b": {"auto (LOBO)": 0.7, "hindsight": 0.9, "repsim": 0.6, "lexical:x": 0.2},
+        "c": {"auto (LOBO)": 0.95, "hindsight": 1.0, "repsim": 0.9, "lexical:x": 0.95},
+    }
+    t = gen.targets(rows, ["a", "b", "c"])
+    assert t["mean"]["value"] == (0.9 + 0.7 + 0.95) / 3 and t["mean"]["met"]
+    assert t["near_hindsight"]["count"] == 2 and t["near_hindsight"]["missed_by"] == ["b"]
+    assert not t["near_hindsight"]["met"]  # 2 of 3 < 80%
+    # margins over the best baseline: +0.2, +0.1, 0.0
+    assert abs(t["margin_mean"]["value"] - 0.1) < 1e-12 and not t["margin_mean"]["met"]
+    assert t["margin_count"]["count"] == 1 and t["margin_count"]["ceiling"] == ["c"]
