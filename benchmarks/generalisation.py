@@ -561,7 +561,8 @@ def report(args: argparse.Namespace) -> None:
             "beats_baselines_by_0.15": beats,
         }
     own = {p.name for p in OWN.glob("*") if (p / "plant.jsonl").exists()}
-    target_groups = {"shared data": [n for n in names if n not in own], "all": names}
+    shared = [n for n in names if n not in own]
+    target_groups = {"shared data": shared, **({"all": names} if own & set(names) else {})}
     goals = {g: targets(rows, m) for g, m in target_groups.items() if m}
     (work / "report.md").write_text("\n".join(lines) + "\n")
     _save(
