@@ -579,9 +579,9 @@ def report(args: argparse.Namespace) -> None:
             "within_0.05_of_hindsight": near,
             "beats_baselines_by_0.15": beats,
         }
-    own = {p.name for p in OWN.glob("*") if (p / "plant.jsonl").exists()}
-    shared = [n for n in names if n not in own]
-    target_groups = {"shared data": shared, **({"all": names} if own & set(names) else {})}
+    in_data = set(_behaviours(args.data, ""))
+    shared = [n for n in names if n in in_data]
+    target_groups = {"shared data": shared, **({"all": names} if len(shared) < len(names) else {})}
     goals = {g: targets(rows, m) for g, m in target_groups.items() if m}
     (work / "report.md").write_text("\n".join(lines) + "\n")
     _save(
@@ -633,6 +633,7 @@ def main() -> None:
     s.add_argument("--redo", action="store_true")
     r = sub.add_parser("report")
     r.add_argument("--work", default="runs/gen")
+    r.add_argument("--data", default="../shared/data", help="the shared data the targets count")
     args = ap.parse_args()
     {"build": build, "score": score, "report": report}[args.cmd](args)
 

@@ -28,9 +28,10 @@ def test_the_study_builds_scores_and_reports(tmp_path):
           "--pairs", "8", "--layers", "0:4:1")  # fmt: skip
     study("score", *common, "--model", "tiny-random", "--seeds", "0,1", "--pool", "30",
           "--plants", "6")  # fmt: skip
-    study("report", "--work", str(work))
+    study("report", "--work", str(work), "--data", str(data))
     report = json.loads((work / "report.json").read_text())
     names = sorted(report["rows"])
+    assert list(report["targets"]) == ["shared data"]  # the data folder holds both behaviours
     assert len(names) == 2 and "hindsight" in report["rows"][names[0]]
     for row in report["rows"].values():
         assert all(0.0 <= v <= 1.0 for v in row.values())
