@@ -37,15 +37,19 @@ def test_users_model_is_left_as_it_was(tiny):
         torch.testing.assert_close(acts[layer].z_out, want[layer].z_out)
 
 
-def test_lazy_nnsight_model_is_dispatched(tmp_path, tiny):
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [("TransformersModel", {"task": "text-generation"}), ("LanguageModel", {})],
+)
+def test_lazy_nnsight_model_is_dispatched(cls, kwargs, tmp_path, tiny):
     import warnings
 
-    from nnsight import LanguageModel
+    import nnsight
 
     tiny_hf_model().save_pretrained(tmp_path)
-    with warnings.catch_warnings():  # nnsight 0.8 calls LanguageModel deprecated; users use it
+    with warnings.catch_warnings():  # nnsight 0.8 calls LanguageModel its deprecated alias
         warnings.simplefilter("ignore")
-        lazy = LanguageModel(str(tmp_path), tokenizer=tiny_tokenizer())  # meta weights
+        lazy = getattr(nnsight, cls)(str(tmp_path), tokenizer=tiny_tokenizer(), **kwargs)
     assert lazy.dispatched is False
     model = load_model(lazy)
     assert not any(p.is_meta for p in model.hf.parameters())

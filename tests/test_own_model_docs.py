@@ -30,9 +30,11 @@ def test_each_way_in_runs_and_loads_the_same_weights(i, tiny, tmp_path, monkeypa
     tiny_tokenizer().save_pretrained(saved)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    with warnings.catch_warnings():  # nnsight 0.8 calls LanguageModel deprecated; users use it
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         exec(block.replace("path/to/model", str(saved)), namespace)  # noqa: S102
+    deprecated = [str(w.message) for w in seen if "deprecat" in str(w.message).lower()]
+    assert not deprecated, deprecated  # the page shows each library's current API
     exec(AFTER, namespace)  # noqa: S102
     model, cache = namespace["model"], namespace["cache"]
     assert model.fingerprint()["weights_sha256"] == tiny.fingerprint()["weights_sha256"]

@@ -62,7 +62,7 @@ class Model:
         cls, obj: Any, tokenizer: Any, device: Any = None, dtype: torch.dtype | None = None
     ) -> "Model":
         """This backend's model around an object of its own library that its ``detect``
-        recognised (e.g. an ``nnsight.LanguageModel``), moved to ``device`` / ``dtype`` when
+        recognised (e.g. an ``nnsight.TransformersModel``), moved to ``device`` / ``dtype`` when
         given."""
         raise NotImplementedError(f"{cls.__name__} takes no model object of its own")
 

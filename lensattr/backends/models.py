@@ -4,7 +4,7 @@ works with.
 ``load_model`` accepts the embedded default ``"smollm2-135m-instruct"``, ``"tiny-random"`` (a
 seeded random Llama for tests), a local directory or a hub id written ``hf://owner/name`` of a
 Hugging Face causal LM, a built ``transformers`` model (+ tokenizer), or a model object a
-registered backend recognises (an ``nnsight.LanguageModel``, a TransformerLens
+registered backend recognises (an ``nnsight.TransformersModel``, a TransformerLens
 ``TransformerBridge``).
 
 The backend is chosen here, once, from the registry of :mod:`lensattr.backends.backend`
@@ -155,7 +155,7 @@ def load_model(
         spec: ``"smollm2-135m-instruct"`` (default), ``"tiny-random"``, a local directory, a
             hub id written ``"hf://owner/name"`` (a plain string is never looked up on the
             hub), a ``transformers`` model, a model object a registered backend recognises (an
-            ``nnsight.LanguageModel``, a lazy one dispatched; a ``TransformerBridge``) or a
+            ``nnsight.TransformersModel``, a lazy one dispatched; a ``TransformerBridge``) or a
             :class:`Model` (returned as is).
         tokenizer: the tokenizer, when ``spec`` is a built model that does not carry one.
         device: ``"cpu"``, ``"cuda"``, ...; default: CUDA when available.

@@ -1,7 +1,8 @@
 """The nnsight backend: :class:`NnsightModel` traces a Hugging Face model with nnsight.
 
 Registered as ``"nnsight"`` (the default of :func:`lensattr.load_model`); it also takes an
-``nnsight.LanguageModel`` the user already holds. The capture's contract is
+``nnsight.TransformersModel`` (or its alias ``LanguageModel``) the user already holds. The
+capture's contract is
 :func:`lensattr.backends.capture.capture`'s: ``z_in``, ``z_out`` and ``g`` read inside one
 ``lm.trace``, the prompt prefix run forward-only (:mod:`lensattr.backends.prefix`) and the SiLU
 outputs recomputed in the backward (:mod:`lensattr.backends.recompute`).
@@ -59,21 +60,18 @@ class NnsightModel(Model):
     @classmethod
     def from_hf(cls, name: str, hf: Any, tokenizer: Any) -> "NnsightModel":
         """Trace a Hugging Face causal LM (+ tokenizer with a chat template) with nnsight."""
-        try:  # nnsight >= 0.8 (LanguageModel is its deprecated alias)
-            from nnsight.modeling.transformers import TransformersModel as Traced
-        except ImportError:  # pragma: no cover
-            from nnsight import LanguageModel as Traced
+        from nnsight import TransformersModel
 
         if tokenizer.chat_template is None:
             raise ValueError(f"{name}: the tokenizer has no chat template; lensattr renders chats")
-        lm = Traced(hf, tokenizer=tokenizer, task="text-generation")
+        lm = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
         return cls(name=name, hf=hf, tokenizer=tokenizer, lm=lm)
 
     @classmethod
     def from_native(
         cls, lm: Any, tokenizer: Any, device: Any = None, dtype: torch.dtype | None = None
     ) -> "NnsightModel":
-        """Use an ``nnsight.LanguageModel`` the user holds (a lazy one is dispatched now); its
+        """Use an ``nnsight.TransformersModel`` the user holds (a lazy one is dispatched now); its
         Hugging Face model is moved to ``device`` / ``dtype`` in place when given."""
         if getattr(lm, "dispatched", True) is False:
             lm.dispatch()
